@@ -1,0 +1,48 @@
+"""The contract every evaluation task follows.
+
+A task is a small object with a ``name`` and a ``run(ctx) -> TaskResult``. Metric keys follow
+lm-evaluation-harness (``"acc,none"``, ``"acc_stderr,none"``, ``"exact_match,strict-match"``, ``"pass@1"``,
+``"bpb"``), so numbers can be compared with the standard harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class EvalContext:
+    """What a task needs to run: the model under test and the evaluation settings."""
+
+    model: Any
+    tokenizer: Any
+    model_spec: str = ""
+    batch_size: int = 8
+    seed: int = 0
+    limit: int | None = None
+    shots: int | None = None
+    samples: int | None = None
+    temperature: float | None = None
+    allow_code_execution: bool = False
+    reference_model: Any = None
+    """Model to compare against for KL-based forgetting proxies (usually the base)."""
+    excluded_ids: dict[str, list] = field(default_factory=dict)
+    """Per task, item ids to skip (e.g. GSM8K problems used as training templates)."""
+    out_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float]
+    samples: list[dict]
+    info: dict = field(default_factory=dict)
+    """n, shots, prompt style, split, notes on what was scored."""
+
+
+class Task(Protocol):
+    name: str
+
+    def run(self, ctx: EvalContext) -> TaskResult: ...
