@@ -81,7 +81,7 @@ def eval_cmd(model: str = typer.Argument(..., help="embedded | hub id | local di
 
 @app.command()
 @_user_errors
-def spectrum(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
+def spectrum(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT], or RUN_DIR:all for every checkpoint"),
              out: Path = typer.Option(..., "--out"),
              energy: float = typer.Option(0.9, "--energy", help="spectral energy fraction in (0, 1)"),
              top_k: int = typer.Option(10, "--top-k", help="top singular vectors checked for intruders"),

@@ -50,6 +50,9 @@ class Checkpoint:
             raise LorascopeError(f"{path}: not a lorascope checkpoint ({CKPT_META} missing)") from None
         except (json.JSONDecodeError, OSError) as e:
             raise LorascopeError(f"{meta_file}: unreadable checkpoint metadata ({e})") from None
+        missing = [k for k in ("kind", "base") if k not in meta]
+        if missing or meta["kind"] not in ("lora", "full"):
+            raise LorascopeError(f"{meta_file}: invalid checkpoint metadata (missing or bad: {missing or 'kind'})")
         return cls(path=path, kind=meta["kind"], base=meta["base"], tokens=meta.get("tokens"),
                    epoch=meta.get("epoch"), step=meta.get("step"))
 

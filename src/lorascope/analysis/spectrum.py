@@ -1,0 +1,415 @@
+"""Spectrum of W_base, W_tuned and dW for every adapted matrix: is the update low-rank?
+
+The paper's statistic (Biderman et al. 2024, sec. 4) is the rank at an energy fraction: the smallest k with
+sum_{i<=k} s_i^2 >= energy * sum_i s_i^2 (default 0.9). Next to it we report stable rank (||W||_F^2/||W||_2^2),
+effective rank (exp of the entropy of s/sum(s), Roy & Vetterli 2007), numerical rank, intruder counts, and
+two random-matrix baselines through the same statistic: an i.i.d. Gaussian matrix of dW's shape (one draw
+per shape; the statistic does not depend on the scale), and W_base + Gaussian noise with ||noise||_F = ||dW||_F.
+A square Gaussian needs ~51% of its singular values for 90% energy, so a full-FT dW near that is noise-like.
+
+SVD path, decided by size: matrices whose smaller side is <= ``EXACT_MAX`` (2048) use LAPACK
+(torch.linalg.svd / svdvals, fp32). Larger ones use the eigen-decomposition of the smaller Gram matrix in
+fp64 ("gram"): s_i^2 = eig(W W^T). Its absolute error on s_i^2 is ~1e-16 * n * s_1^2, so every energy
+statistic is exact to ~1e-10 and only singular values below ~1e-6 * s_1 lose relative accuracy. We do not
+use torch.svd_lowrank: rank@90% of a noise-like dW needs about half the spectrum, so a sketch would need
+q ~ n/2 and cost as much as the exact SVD while adding sketch error.
+
+Example::
+
+    lorascope spectrum runs/full-ft --out analysis/full-ft          # spectrum.json + singular_values.safetensors
+
+    from lorascope.analysis.spectrum import compute_spectrum, aggregate
+    res = compute_spectrum("runs/lora-r16", energy=0.9)      # a LoRA r=16 run on the embedded model
+    res.records[0]["rank_at_energy"]   # layer-0 q_proj: {'base': 68, 'tuned': 68, 'delta': 14}
+    aggregate(res.records, lora_rank=16)["by_module"]["q_proj"]["delta_rank_over_lora_rank"]   # 0.875
+
+    lorascope spectrum runs/full-ft:all --out analysis/full-ft     # every checkpoint + trajectory.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LorascopeError
+from .weights import Matrix, iter_matrices, load_pair
+
+EXACT_MAX = 2048
+EPS32 = torch.finfo(torch.float32).eps
+KINDS = ("base", "tuned", "delta")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decompositions
+
+
+@contextmanager
+def lapack_threads():
+    """Run decompositions with LORASCOPE_SVD_THREADS threads (default 1).
+
+    Why: LAPACK's SVD/eigh gain little from threads at these sizes, and with busy cores OpenMP spin-waiting
+    makes them pathological: measured on 2 shared cores, svdvals of a 1000x1000 matrix took 18.7 s with 2
+    threads and 0.2 s with 1. Threads are restored afterwards.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("LORASCOPE_SVD_THREADS", "1")))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def svd_method(shape: tuple[int, ...], method: str = "auto") -> str:
+    if method not in ("auto", "exact", "gram"):
+        raise LorascopeError(f"svd method must be auto, exact or gram (got {method!r})")
+    return ("exact" if min(shape) <= EXACT_MAX else "gram") if method == "auto" else method
+
+
+def _gram_eigh(w: torch.Tensor, vectors: bool):
+    w64 = w.double()
+    wide = w.shape[0] <= w.shape[1]
+    g = w64 @ w64.T if wide else w64.T @ w64
+    if not vectors:
+        return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt(), None, wide
+    ev, vec = torch.linalg.eigh(g)
+    return ev.flip(0).clamp_min(0).sqrt(), vec.flip(1), wide
+
+
+def singular_values(w: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """All min(m, n) singular values, descending, fp32."""
+    with lapack_threads():
+        if svd_method(tuple(w.shape), method) == "exact":
+            # LAPACK via torch is ~2x faster on tall than on wide inputs (576x1536: 0.066 s vs 0.164 s)
+            return torch.linalg.svdvals(w.float().T if w.shape[0] < w.shape[1] else w.float())
+        return _gram_eigh(w, vectors=False)[0].float()
+
+
+def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, Vh) of torch.linalg.svd(full_matrices=False), fp32, under lapack_threads."""
+    with lapack_threads():
+        if w.shape[0] < w.shape[1]:  # decompose the tall transpose (faster, see singular_values)
+            u, s, vh = torch.linalg.svd(w.float().T, full_matrices=False)
+            return vh.T, s, u.T
+        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        return u, s, vh
+
+
+def left_svd(w: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [m, min(m,n)] orthonormal columns, s descending) of w."""
+    if svd_method(tuple(w.shape), method) == "exact":
+        u, s, _ = thin_svd(w)
+        return u, s
+    with lapack_threads():
+        s, vec, wide = _gram_eigh(w, vectors=True)
+    if wide:
+        return vec.float(), s.float()
+    # tall: vec holds V; U = W V / s, then re-orthonormalise (tiny s make the division noisy)
+    with lapack_threads():
+        u = torch.linalg.qr((w.double() @ vec) / s.clamp_min(s[0] * 1e-12)).Q
+    return u.float(), s.float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics of one spectrum (s: descending singular values)
+
+
+def rank_at_energy(s: torch.Tensor, energy: float = 0.9) -> int:
+    """Smallest k with cumsum(s^2)[k-1] >= energy * sum(s^2); 0 for a zero matrix."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 0
+    # tiny slack so an exact 90% split (e.g. planted spectra) is not lost to rounding
+    return int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor([energy * (1 - 1e-12)],
+                                                                            dtype=torch.float64))) + 1
+
+
+def stable_rank(s: torch.Tensor) -> float:
+    s = s.double()
+    return 0.0 if float(s[0]) == 0.0 else float((s ** 2).sum() / s[0] ** 2)
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """exp(H(p)), p = s / sum(s) (Roy & Vetterli 2007): n for a flat spectrum, 1 for rank one."""
+    s = s.double()
+    total = float(s.sum())
+    if total == 0.0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], floor: float = 0.0) -> int:
+    """Count of s_i > max(max(m, n) * eps32 * s_1, floor) (numpy.linalg.matrix_rank's default tolerance)."""
+    if float(s[0]) == 0.0:
+        return 0
+    tol = max(max(shape) * EPS32 * float(s[0]), floor)
+    return int((s > tol).sum())
+
+
+def spectrum_stats(s: torch.Tensor, shape: tuple[int, ...], energy: float, floor: float = 0.0) -> dict:
+    return {"rank_at_energy": rank_at_energy(s, energy), "stable_rank": round(stable_rank(s), 3),
+            "effective_rank": round(effective_rank(s), 3), "numerical_rank": numerical_rank(s, shape, floor)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one matrix
+
+
+def _gaussian(shape: tuple[int, int], fro: float, seed: int) -> torch.Tensor:
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return g * (fro / float(g.norm()))
+
+
+def matrix_spectrum(m: Matrix, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
+                    method: str = "auto", seed: int = 0,
+                    gaussian_cache: dict | None = None,
+                    base_cache: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The record of one matrix and its singular values {base, tuned, delta}.
+
+    base_cache (name -> (U, s) of W_base) lets several checkpoints of one run share the base's SVD.
+    """
+    from .intruders import find_intruders  # lazy: intruders.py imports this module
+    shape = tuple(m.w_base.shape)
+    how = svd_method(shape, method)
+    if base_cache is not None and (m.name, how) in base_cache:
+        ub, sb = base_cache[(m.name, how)]
+    else:
+        ub, sb = left_svd(m.w_base, how)
+        if base_cache is not None:
+            base_cache[(m.name, how)] = (ub, sb)
+    changed = m.changed
+    if changed:
+        ut, st = left_svd(m.w_tuned, how)
+        sd = singular_values(m.delta, how)
+    else:
+        ut, st, sd = ub, sb, torch.zeros_like(sb)
+    stats = {"base": spectrum_stats(sb, shape, energy), "tuned": spectrum_stats(st, shape, energy),
+             # dW = merged - base in fp32 carries rounding noise up to eps32 * ||W_tuned||_F; the floor keeps
+             # that noise out of the numerical rank (so a LoRA dW reads as rank <= r).
+             "delta": spectrum_stats(sd, shape, energy, floor=EPS32 * float(st.double().norm()))}
+    rec = {"name": m.name, "layer": m.layer, "module": m.module, "shape": list(shape), "changed": changed,
+           "svd": how}
+    for key in ("rank_at_energy", "stable_rank", "effective_rank", "numerical_rank"):
+        rec[key] = {k: stats[k][key] for k in KINDS}
+    rec["rank_fraction_delta"] = round(rec["rank_at_energy"]["delta"] / min(shape), 4)
+    fro_d = float(sd.double().norm())
+    rec["norm"] = {"base_fro": round(float(sb.double().norm()), 6), "delta_fro": round(fro_d, 8),
+                   "delta_rel": round(fro_d / max(float(sb.double().norm()), 1e-30), 8),
+                   "delta_spectral": round(float(sd[0]), 8)}
+    if changed:
+        cache = gaussian_cache if gaussian_cache is not None else {}
+        if shape not in cache:  # scale-free statistic: one draw per shape is enough
+            cache[shape] = rank_at_energy(singular_values(_gaussian(shape, 1.0, seed), how), energy)
+        noisy = m.w_base + _gaussian(shape, fro_d, seed + 1 + (m.layer or 0))
+        rec["baseline_rank_at_energy"] = {"gaussian": cache[shape],
+                                          "base_plus_noise": rank_at_energy(singular_values(noisy, how), energy)}
+        idx, cos = find_intruders(ub, ut, top_k, epsilon)
+    else:
+        rec["baseline_rank_at_energy"] = {"gaussian": None, "base_plus_noise": None}
+        idx, cos = [], torch.ones(min(top_k, ut.shape[1]))
+    rec["intruders"] = len(idx)
+    rec["intruder_indices"] = idx
+    rec["intruder_max_cos"] = [round(float(c), 4) for c in cos]
+    return rec, {"base": sb, "tuned": st, "delta": sd}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a whole run
+
+
+@dataclass
+class SpectrumResult:
+    header: dict
+    records: list[dict]
+    singular_values: dict[str, torch.Tensor]  # "<matrix name>.<base|tuned|delta>" -> fp32 vector
+
+
+def check_energy(energy: float) -> None:
+    if not 0.0 < energy < 1.0:
+        raise LorascopeError(f"energy must be in (0, 1) (got {energy})")
+
+
+def spectrum_of_models(base: torch.nn.Module, tuned: torch.nn.Module, energy: float = 0.9, top_k: int = 10,
+                       epsilon: float = 0.5, method: str = "auto", progress: bool = True,
+                       base_cache: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Records and singular values for every adapted matrix of an in-memory (base, tuned) pair."""
+    from .intruders import check_params
+    check_energy(energy)
+    check_params(top_k, epsilon)
+    mats = list(iter_matrices(base, tuned))
+    records, svals, cache = [], {}, {}
+    for m in tqdm(mats, desc="spectrum", unit="matrix", disable=not progress):
+        rec, sv = matrix_spectrum(m, energy, top_k, epsilon, method, gaussian_cache=cache, base_cache=base_cache)
+        records.append(rec)
+        # clone: an unchanged matrix shares one spectrum for base and tuned, which safetensors refuses
+        svals.update({f"{m.name}.{k}": v.float().clone() for k, v in sv.items()})
+    return records, svals
+
+
+def compute_spectrum(run: str, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
+                     method: str = "auto", progress: bool = True) -> SpectrumResult:
+    """Load RUN[:CHECKPOINT] and its base, and analyse every adapted matrix."""
+    from .intruders import check_params
+    check_energy(energy)
+    check_params(top_k, epsilon)
+    t0 = time.time()
+    pair = load_pair(run)
+    t1 = time.time()
+    records, svals = spectrum_of_models(pair.base, pair.tuned, energy, top_k, epsilon, method, progress)
+    header = _header(pair.run_dir, pair.checkpoint, pair.meta, records, energy, top_k, epsilon,
+                     {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)})
+    return SpectrumResult(header=header, records=records, singular_values=svals)
+
+
+def _header(run_dir: Path, ck, meta: dict, records: list[dict], energy: float, top_k: int, epsilon: float,
+            timing: dict) -> dict:
+    method = meta.get("method") or {}
+    lora_rank = int(method["rank"]) if ck.kind == "lora" and method.get("rank") else None
+    return {"run": str(run_dir), "checkpoint": ck.path.name, "kind": ck.kind, "base": ck.base,
+            "method": meta.get("method"), "lora_rank": lora_rank, "tokens": ck.tokens, "epoch": ck.epoch,
+            "step": ck.step, "energy": energy, "top_k": top_k, "epsilon": epsilon, "matrices": len(records),
+            "changed_matrices": sum(r["changed"] for r in records), "timing": timing}
+
+
+def compute_spectra_all(run_dir: str | Path, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
+                        method: str = "auto", progress: bool = True) -> Iterator[SpectrumResult]:
+    """One SpectrumResult per checkpoint of a run, in training order; the base is loaded and decomposed once."""
+    from ..models import list_checkpoints, load_base, load_checkpoint
+    from .intruders import check_params
+    from .weights import resolve_checkpoint
+
+    check_energy(energy)
+    check_params(top_k, epsilon)
+    run_dir, _, _ = resolve_checkpoint(str(run_dir))  # validates every checkpoint's metadata
+    cks = list_checkpoints(run_dir)
+    if len({c.base for c in cks}) > 1:
+        raise LorascopeError(f"{run_dir}: checkpoints name different base models; analyse them one by one")
+    base, _ = load_base(cks[0].base)
+    base_cache: dict = {}
+    for ck in cks:
+        t0 = time.time()
+        tuned, _ = load_checkpoint(ck, merge=True)
+        t1 = time.time()
+        records, svals = spectrum_of_models(base, tuned, energy, top_k, epsilon, method, progress, base_cache)
+        meta = json.loads((ck.path / "lorascope.json").read_text())
+        header = _header(run_dir, ck, meta, records, energy, top_k, epsilon,
+                         {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)})
+        del tuned
+        yield SpectrumResult(header=header, records=records, singular_values=svals)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def aggregate(records: list[dict], lora_rank: int | None = None) -> dict:
+    """Means over CHANGED matrices, by module type and by layer; rank as a multiple of the LoRA rank."""
+    groups: dict[str, dict] = {"by_module": defaultdict(list), "by_layer": defaultdict(list)}
+    for r in records:
+        if r["changed"]:
+            groups["by_module"][r["module"]].append(r)
+            groups["by_layer"][str(r["layer"]) if r["layer"] is not None else "none"].append(r)
+    out: dict[str, dict] = {}
+    for gname, g in groups.items():
+        out[gname] = {}
+        for key, rs in g.items():
+            row = {"n": len(rs), "intruders_total": sum(r["intruders"] for r in rs)}
+            for k in KINDS:
+                row[f"{k}_rank_at_energy"] = _mean([r["rank_at_energy"][k] for r in rs])
+            row["delta_rank_fraction"] = _mean([r["rank_fraction_delta"] for r in rs])
+            row["delta_stable_rank"] = _mean([r["stable_rank"]["delta"] for r in rs])
+            row["delta_effective_rank"] = _mean([r["effective_rank"]["delta"] for r in rs])
+            row["gaussian_rank_at_energy"] = _mean([r["baseline_rank_at_energy"]["gaussian"] for r in rs])
+            row["base_plus_noise_rank_at_energy"] = _mean([r["baseline_rank_at_energy"]["base_plus_noise"]
+                                                           for r in rs])
+            row["intruders_mean"] = _mean([r["intruders"] for r in rs])
+            if lora_rank:
+                row["delta_rank_over_lora_rank"] = round(row["delta_rank_at_energy"] / lora_rank, 3)
+            out[gname][key] = row
+    return out
+
+
+def write_spectrum(res: SpectrumResult, out: Path) -> Path:
+    """out/singular_values.safetensors, then out/spectrum.json last (its presence marks completion)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # fp32, not fp16: singular values of a young LoRA dW sit near 1e-6, inside fp16's subnormal range.
+    tmp = out / "singular_values.safetensors.tmp"
+    save_file(res.singular_values, str(tmp), metadata={"energy": str(res.header["energy"])})
+    tmp.rename(out / "singular_values.safetensors")
+    doc = {**res.header, "aggregate": aggregate(res.records, res.header.get("lora_rank")), "records": res.records}
+    tmp = out / "spectrum.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.rename(out / "spectrum.json")
+    return out / "spectrum.json"
+
+
+def spectrum_cli(run: str, out: Path, energy: float, top_k: int, epsilon: float) -> Path:
+    """Write OUT/spectrum.json (header, aggregate, one record per matrix) and OUT/singular_values.safetensors.
+
+    'RUN:all' analyses every checkpoint into OUT/<checkpoint>/ and writes OUT/trajectory.json (per-checkpoint
+    means by module type), the rank of dW tracked over training.
+    """
+    from ..models import split_spec
+    from .intruders import check_params
+
+    check_energy(energy)
+    check_params(top_k, epsilon)
+    path, ck_name = split_spec(run)
+    if ck_name == "all":
+        return _spectrum_all(path, Path(out), energy, top_k, epsilon)
+    res = compute_spectrum(run, energy=energy, top_k=top_k, epsilon=epsilon)
+    path = write_spectrum(res, out)
+    agg = aggregate(res.records, res.header.get("lora_rank"))["by_module"]
+    pct = int(round(energy * 100))
+    print(f"{res.header['changed_matrices']}/{res.header['matrices']} matrices changed; "
+          f"mean rank@{pct}% of dW (gaussian baseline) by module:")
+    for mod, row in agg.items():
+        extra = f"  = {row['delta_rank_over_lora_rank']} x r" if "delta_rank_over_lora_rank" in row else ""
+        print(f"  {mod:14s} {row['delta_rank_at_energy']:>9} ({row['gaussian_rank_at_energy']})"
+              f"  intruders {row['intruders_total']}{extra}")
+    print(str(path))
+    return path
+
+
+def _spectrum_all(run_dir: str, out: Path, energy: float, top_k: int, epsilon: float) -> Path:
+    rows = []
+    for res in compute_spectra_all(run_dir, energy, top_k, epsilon):
+        write_spectrum(res, out / res.header["checkpoint"])
+        agg = aggregate(res.records, res.header.get("lora_rank"))
+        h = res.header
+        rows.append({k: h[k] for k in ("checkpoint", "tokens", "epoch", "step", "kind", "lora_rank")}
+                    | {"intruders_total": sum(r["intruders"] for r in res.records), "by_module": agg["by_module"]})
+        print(f"{h['checkpoint']}: tokens {h['tokens']}, mean rank@{energy:.0%} of dW "
+              f"{_mean([r['rank_at_energy']['delta'] for r in res.records if r['changed']])}, "
+              f"intruders {rows[-1]['intruders_total']}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "trajectory.json.tmp"
+    tmp.write_text(json.dumps({"run": str(run_dir), "energy": energy, "checkpoints": rows}, indent=1) + "\n")
+    tmp.rename(out / "trajectory.json")
+    print(str(out / "trajectory.json"))
+    return out / "trajectory.json"
+
+
+def load_spectrum(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(spectrum.json as dict, singular values) from a directory written by spectrum_cli."""
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    if not (out / "spectrum.json").exists():
+        raise LorascopeError(f"{out}: no spectrum.json (run `lorascope spectrum` first)")
+    return json.loads((out / "spectrum.json").read_text()), load_file(str(out / "singular_values.safetensors"))
+
