@@ -1,0 +1,195 @@
+"""Methods as data: one MethodConfig -> full fine-tuning or a peft LoRA variant (LoRA is never re-implemented).
+
+    model = apply_method(base_model, MethodConfig(kind="lora", rank=16, targets="all"), work_dir=run / "init")
+    groups = param_groups(model, method, lr=2e-4, weight_decay=0.0)   # LoRA+ / embedding LRs as param groups
+    save_checkpoint(model, method, run / "checkpoints/tok-000000008192", "embedded", {"tokens": 8192})
+
+Variants map to peft.LoraConfig fields: init gaussian|pissa|olora|loftq -> init_lora_weights, use_dora,
+use_rslora; LoRA+ is a param-group rule (B matrices get lr * ratio, as peft's create_loraplus_optimizer).
+
+Tied embeddings (SmolLM2 ties embed_tokens and lm_head): ``train_embed_tokens`` or ``train_lm_head`` trains the
+ONE shared matrix as a full copy (peft modules_to_save on embed_tokens with ensure_weight_tying), so lm_head stays
+identical to embed_tokens after training, saving, reloading and merging. The adapter then carries that whole
+matrix (28M parameters for SmolLM2, ~113 MB in fp32): a warning says so.
+
+Inits that move the base weights (PiSSA, OLoRA) are saved through peft's
+``path_initial_model_for_weight_conversion``: the saved adapter (rank 2r) applies to the ORIGINAL base, so
+``PeftModel.from_pretrained(original_base, ckpt)`` and dW = merged - original base are both right.
+LoftQ replaces the base weights by their quantised copy, which no adapter conversion can express; LoftQ
+checkpoints are therefore saved as merged full models (kind "full", with ``adapter_init: loftq`` in the metadata).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import MethodConfig
+from .errors import ConfigError, LorascopeError
+
+log = logging.getLogger(__name__)
+CKPT_META = "lorascope.json"
+_INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
+_MOVES_BASE = ("pissa", "olora")
+
+
+def _linear_leaf_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def is_tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
+    """Return the model to train: the model itself (full FT) or a PeftModel (LoRA variants)."""
+    if m.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if m.attention_dropout:
+            # Llama copies config.attention_dropout into each attention module at construction time.
+            model.config.attention_dropout = m.attention_dropout
+            for mod in model.modules():
+                if hasattr(mod, "attention_dropout"):
+                    mod.attention_dropout = m.attention_dropout
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    known = _linear_leaf_names(model)
+    missing = [t for t in m.target_modules if t not in known]
+    if missing:
+        raise ConfigError(f"method.targets: module '{missing[0]}' not found in the model "
+                          f"(linear modules: {', '.join(sorted(known))})")
+    modules_to_save, tie = [], False
+    if m.train_embed_tokens or m.train_lm_head:
+        if is_tied(model):
+            modules_to_save, tie = ["embed_tokens"], True
+        else:
+            modules_to_save = (["embed_tokens"] if m.train_embed_tokens else []) + \
+                              (["lm_head"] if m.train_lm_head else [])
+        n = sum(p.numel() for name, p in model.named_parameters()
+                if any(name.endswith(f"{s}.weight") for s in modules_to_save))
+        log.warning("training %s adds %.1f MB (fp32) to every adapter checkpoint%s", "+".join(modules_to_save),
+                    n * 4 / 2**20, " (tied with lm_head: one shared matrix)" if tie else "")
+    extra = {}
+    if m.init == "loftq":
+        # peft's LoftQ quantises with bitsandbytes' 4-bit kernels, which run on CUDA only.
+        if not torch.cuda.is_available():
+            raise LorascopeError("method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
+                                 "on CUDA); this machine has none. Use pissa/olora/gaussian here.")
+        try:
+            from peft import LoftQConfig
+        except ImportError as e:  # pragma: no cover - depends on peft build
+            raise LorascopeError(f"method.init: loftq unavailable in this peft ({e})") from None
+        extra["loftq_config"] = LoftQConfig(loftq_bits=m.loftq_bits)
+    cfg = LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
+                     use_rslora=m.use_rslora, use_dora=m.use_dora, init_lora_weights=_INIT[m.init],
+                     modules_to_save=modules_to_save or None, ensure_weight_tying=tie, task_type="CAUSAL_LM",
+                     **extra)
+    try:
+        pm = get_peft_model(model, cfg)
+    except (ValueError, ImportError, RuntimeError) as e:
+        raise LorascopeError(f"method: peft could not build {m.label()}: {str(e).splitlines()[0]}") from None
+    if m.init in _MOVES_BASE:
+        if work_dir is None:
+            raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
+        # peft's documented recipe: save the initial adapter as a plain LoRA, for conversion at save time.
+        init_dir = Path(work_dir) / "initial_adapter"
+        pm.peft_config["default"].init_lora_weights = True
+        pm.save_pretrained(str(init_dir))
+        pm.peft_config["default"].init_lora_weights = _INIT[m.init]
+        pm._lorascope_init_dir = str(init_dir)
+    return pm
+
+
+def param_groups(model, m: MethodConfig, lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups with their own lr: LoRA+ (B at lr*ratio), trained embeddings (embedding_lr), no decay
+    on vectors (norms, biases, DoRA magnitudes)."""
+    groups: dict[str, dict] = {}
+
+    def add(key: str, p, g_lr: float, wd: float) -> None:
+        groups.setdefault(key, {"params": [], "lr": g_lr, "weight_decay": wd, "name": key})["params"].append(p)
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        if m.kind == "lora" and ("modules_to_save" in name or "embed_tokens" in name or "lm_head" in name):
+            add("embedding", p, m.embedding_lr or lr, decay)
+        elif m.kind == "lora" and m.loraplus_lr_ratio and ("lora_B" in name or "lora_magnitude" in name):
+            add("lora_B" if p.ndim >= 2 else "lora_B_vec", p, lr * m.loraplus_lr_ratio, decay)
+        else:
+            add("decay" if decay else "no_decay", p, lr, decay)
+    return list(groups.values())
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def total_parameters(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _plain(model):
+    """The underlying transformers model (unwrapped from DDP/PeftModel wrappers) for saving full weights."""
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None) -> None:
+    """Write HF artifacts then lorascope.json, into a temp dir renamed at the end (never a half checkpoint)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = _plain(model)
+    kind = m.kind
+    extra = {}
+    if m.kind == "lora" and m.init == "loftq":
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp / "adapter"))
+        kind, extra = "full", {"adapter_init": "loftq"}
+    elif m.kind == "lora":
+        init_dir = getattr(model, "_lorascope_init_dir", None)
+        model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir)
+    else:
+        model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    record = {"kind": kind, "base": base_spec, **meta, **extra}
+    (tmp / CKPT_META).write_text(json.dumps(record, indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def checkpoint_size_bytes(path: Path) -> int:
+    """Bytes of weights on disk (adapter or model), the number users pay per checkpoint."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """Weights with adapters merged (DoRA magnitude included), keyed as in the plain base model; `model` is
+    not modified."""
+    model = _plain(model)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def weight_deltas(base_state: dict, tuned_state: dict, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """dW = merged tuned - ORIGINAL base for 2-D weights that changed (or exactly `names`)."""
+    keys = names if names is not None else [k for k, v in base_state.items() if v.ndim == 2 and k in tuned_state]
+    out = {}
+    for k in keys:
+        d = tuned_state[k].float() - base_state[k].float()
+        if names is not None or torch.count_nonzero(d):
+            out[k] = d
+    return out
