@@ -122,7 +122,7 @@ def study(ctx: typer.Context,
           config: Path = typer.Argument(..., help="study YAML (see configs/)"),
           out: Path = typer.Option(..., "--out", help="study directory (resumed if it exists)"),
           jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
-          executor: str = typer.Option("local", "--executor", help="local | ray")):
+          executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline")):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
     from .study import run_study
 

@@ -1,0 +1,181 @@
+"""Evaluate a model on named tasks and write OUT/results.json plus OUT/samples/TASK.jsonl.
+
+``results.json`` (written last, atomically; progress goes to ``results.partial.json`` meanwhile)::
+
+    {"model": spec, "settings": {...}, "versions": {...}, "elapsed_s": ..., "complete": true,
+     "tasks": {"hellaswag": {"metrics": {"acc,none": .., "acc_stderr,none": .., ...}, "n": 500, "shots": 0,
+                             "info": {...}, "elapsed_s": ..}, ...},
+     "derived": {"forgetting_mean": {"value": .., "stderr": .., "definition": "...", "parts": {...}}}}
+
+Example::
+
+    >>> from lorascope.evals.api import evaluate
+    >>> res = evaluate("embedded", ["hellaswag", "english_bpb"], Path("out/base"), limit=100)
+    >>> res["tasks"]["hellaswag"]["metrics"]["acc_norm,none"]
+
+A LoRA checkpoint of a run is evaluated unmerged (PEFT forward), which scores like the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LorascopeError
+from . import registry
+from .base import EvalContext
+from .results import forgetting_mean, write_json, write_samples
+
+_SETTINGS = ("limit", "shots", "samples", "temperature", "seed", "batch_size", "allow_code_execution")
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from .. import __version__ as lv
+
+    return {"lorascope": lv, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def samples_filename(task: str) -> str:
+    """samples/<task>.jsonl; ':' of parametric names (heldout_bpb:code) becomes '_'."""
+    return task.replace(":", "_").replace("/", "_") + ".jsonl"
+
+
+def _excluded_ids(spec: str) -> dict[str, list]:
+    """A run dir's data manifest lists eval items its training data was built from; they are skipped."""
+    from ..models import is_run_dir, split_spec
+
+    path, _ = split_spec(spec)
+    if not is_run_dir(path):
+        return {}
+    mf = Path(path) / "data_manifest.json"
+    if not mf.exists():
+        return {}
+    try:
+        data = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise LorascopeError(f"{mf}: not valid JSON ({e.msg})") from None
+    ex = data.get("excluded_eval_ids") or {}
+    if not isinstance(ex, dict):
+        raise LorascopeError(f"{mf}: 'excluded_eval_ids' must be an object of task -> list of ids")
+    return ex
+
+
+def _check_settings(tasks: list[str], limit, shots, batch_size) -> None:
+    if not tasks:
+        raise LorascopeError(f"no tasks given; known tasks: {', '.join(registry.names())}")
+    for t in tasks:
+        registry.validate(t)
+    if len(set(tasks)) != len(tasks):
+        raise LorascopeError(f"task list has duplicates: {tasks}")
+    if limit is not None and limit <= 0:
+        raise LorascopeError(f"limit must be a positive number of items, got {limit}")
+    if shots is not None and shots < 0:
+        raise LorascopeError(f"shots must be >= 0, got {shots}")
+    if batch_size <= 0:
+        raise LorascopeError(f"batch_size must be positive, got {batch_size}")
+
+
+def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: int | None = None,
+             shots: int | None = None, samples: int | None = None, temperature: float | None = None,
+             seed: int = 0, batch_size: int = 8, allow_code_execution: bool = False, reference: Any = None,
+             excluded_ids: dict[str, list] | None = None, progress: bool = True) -> dict:
+    """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
+
+    ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
+    ``excluded_ids``: task -> ids to skip; default: a run dir's data_manifest.json ``excluded_eval_ids``.
+    """
+    from ..models import base_of, load_model
+
+    _check_settings(tasks, limit, shots, batch_size)
+    out = Path(out)
+    t0 = time.time()
+    if isinstance(model, str):
+        spec = model
+        model, tokenizer = load_model(spec)
+        if excluded_ids is None:
+            excluded_ids = _excluded_ids(spec)
+    else:
+        spec = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+        if tokenizer is None:
+            raise LorascopeError("evaluate() got a loaded model without tokenizer=")
+    ref_model = None
+    if "kl_base" in tasks:
+        if reference is None and spec.startswith("<"):
+            raise LorascopeError("kl_base on an in-memory model needs reference= (the base model)")
+        if reference is None:
+            reference = base_of(spec)
+        if isinstance(reference, str):
+            # the base evaluated against itself: reuse the loaded model instead of loading it twice
+            ref_model = model if reference == spec else load_model(reference)[0]
+        else:
+            ref_model = reference
+    settings = {"limit": limit, "shots": shots, "samples": samples, "temperature": temperature, "seed": seed,
+                "batch_size": batch_size, "allow_code_execution": allow_code_execution,
+                "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>"}
+    result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
+    built = [registry.build(t) for t in tasks]  # import errors surface before any long run
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for name, task in zip(tasks, built):
+        torch.manual_seed(seed)
+        ctx = EvalContext(model=model, tokenizer=tokenizer, model_spec=spec, batch_size=batch_size, seed=seed,
+                          limit=limit, shots=shots, samples=samples, temperature=temperature,
+                          allow_code_execution=allow_code_execution, reference_model=ref_model,
+                          excluded_ids=dict(excluded_ids or {}), out_dir=out / "artifacts" / samples_filename(name)[:-6],
+                          progress=progress)
+        ts = time.time()
+        res = task.run(ctx)
+        write_samples(out / "samples" / samples_filename(name), res.samples)
+        result["tasks"][name] = {"metrics": res.metrics, "n": res.info.get("n", len(res.samples)),
+                                 "shots": res.info.get("shots", shots), "info": res.info,
+                                 "elapsed_s": round(time.time() - ts, 2)}
+        result["elapsed_s"] = round(time.time() - t0, 2)
+        write_json(out / "results.partial.json", result)
+    fm = forgetting_mean(result["tasks"])
+    result["derived"] = {"forgetting_mean": fm} if fm else {}
+    result["elapsed_s"] = round(time.time() - t0, 2)
+    result["complete"] = True
+    write_json(out / "results.json", result)
+    (out / "results.partial.json").unlink(missing_ok=True)
+    return result
+
+
+def _summary_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']}")
+    for col in ("task", "metric", "value", "stderr", "n"):
+        table.add_column(col)
+    for name, t in result["tasks"].items():
+        for k, v in t["metrics"].items():
+            if "stderr" in k or v is None:
+                continue
+            se = t["metrics"].get(k.replace(",", "_stderr,", 1) if "," in k else f"{k}_stderr")
+            table.add_row(name, k, f"{v:.4f}", f"{se:.4f}" if isinstance(se, float) else "", str(t["n"]))
+    fm = result.get("derived", {}).get("forgetting_mean")
+    if fm:
+        table.add_row("forgetting_mean", "mean", f"{fm['value']:.4f}", f"{fm['stderr']:.4f}", "")
+    Console(stderr=True).print(table)
+
+
+def evaluate_cli(model: str, tasks: str, out: Path, limit: int | None = None, shots: int | None = None,
+                 samples: int | None = None, temperature: float | None = None, seed: int = 0,
+                 batch_size: int = 8, allow_code_execution: bool = False, reference: str | None = None) -> dict:
+    """`lorascope eval MODEL --tasks t1,t2 --out DIR ...`: evaluate and print a summary table."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    _check_settings(names, limit, shots, batch_size)  # before loading a model
+    result = evaluate(model, names, out, limit=limit, shots=shots, samples=samples, temperature=temperature,
+                      seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
+                      reference=reference)
+    _summary_table(result)
+    print(str(Path(out) / "results.json"))
+    return result

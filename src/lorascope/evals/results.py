@@ -1,0 +1,123 @@
+"""Metric aggregation and the on-disk result files (results.json, samples/TASK.jsonl), written atomically.
+
+Example::
+
+    >>> mean_stderr([1.0, 0.0, 1.0, 1.0])
+    (0.75, 0.25)
+    >>> forgetting_mean({"hellaswag": {"metrics": {"acc_norm,none": 0.4}},
+    ...                  "arc_challenge": {"metrics": {"acc_norm,none": 0.3}},
+    ...                  "winogrande": {"metrics": {"acc,none": 0.5}}})["value"]
+    0.4
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..errors import LorascopeError
+
+# The paper's forgetting score: mean of these (task, metric) pairs.
+FORGETTING_PARTS = (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and lm-eval's stderr of the mean: sample std (n-1) / sqrt(n); NaN stderr when n < 2."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mu = sum(values) / n
+    if n < 2:
+        return mu, float("nan")
+    var = sum((v - mu) ** 2 for v in values) / (n - 1)
+    return mu, math.sqrt(var) / math.sqrt(n)
+
+
+def select_items(docs: list[dict], excluded: Iterable, limit: int | None) -> list[dict]:
+    """Drop excluded ids (compared as strings, so JSON round-trips match), then keep the first ``limit``."""
+    ex = {str(e) for e in excluded}
+    kept = [d for d in docs if str(d["id"]) not in ex] if ex else docs
+    return kept[:limit] if limit is not None else kept
+
+
+def forgetting_mean(tasks: dict) -> dict | None:
+    """The paper's forgetting score when all three forgetting tasks ran: mean of hellaswag acc_norm,
+    arc_challenge acc_norm and winogrande acc; stderr from the parts assuming independence."""
+    parts = {}
+    for task, key in FORGETTING_PARTS:
+        m = tasks.get(task, {}).get("metrics", {})
+        if key not in m:
+            return None
+        parts[task] = (m[key], m.get(key.replace(",", "_stderr,", 1), float("nan")))
+    value = sum(v for v, _ in parts.values()) / 3
+    stderr = math.sqrt(sum(se ** 2 for _, se in parts.values())) / 3
+    return {"value": value, "stderr": stderr,
+            "definition": "mean(hellaswag acc_norm, arc_challenge acc_norm, winogrande acc)",
+            "parts": {t: v for t, (v, _) in parts.items()}}
+
+
+def _json_safe(x):
+    # NaN is not JSON; undefined numbers (e.g. stderr of one item) are written as null
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same dir, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_samples(path: Path, samples: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(_json_safe(s), ensure_ascii=False) + "\n" for s in samples))
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Per-item records of a task; LorascopeError naming the file and line if it is corrupt."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise LorascopeError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                    if not isinstance(rec, dict):
+                        raise LorascopeError(f"{path}: line {lineno} is not a JSON object")
+                    out.append(rec)
+    except FileNotFoundError:
+        raise LorascopeError(f"samples file '{path}' does not exist") from None
+    return out
+
+
+def read_results(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LorascopeError(f"results file '{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise LorascopeError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or "tasks" not in data:
+        raise LorascopeError(f"{path}: not a lorascope results file (no 'tasks')")
+    return data

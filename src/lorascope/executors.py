@@ -1,0 +1,146 @@
+"""Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current()``.
+
+    ex = LocalExecutor(study_dir, jobs=2)       # subprocesses on this machine (the default)
+    ex = RayExecutor(study_dir, jobs=8)         # Ray tasks across a cluster (RAY_ADDRESS) or Ray's local mode
+    ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
+    ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
+
+Local and Ray jobs are the command ``python -m lorascope.study job DIR JOB_ID``: a job killed half-way leaves
+only its own partial files (which the next attempt redoes or resumes) and never the parent's state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # A killed study must not leave orphan jobs writing into the directory a re-run is now using.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def job_cmd(d: Path, job_id: str) -> list[str]:
+    return [sys.executable, "-m", "lorascope.study", "job", str(d), job_id]
+
+
+def job_env(jobs: int) -> dict:
+    """Split the cores between parallel jobs (models.load_base reads LORASCOPE_THREADS)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    return {**os.environ, "LORASCOPE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+
+
+def log_path(d: Path, job_id: str) -> Path:
+    return d / "logs" / (job_id.replace(":", "_") + ".log")
+
+
+class LocalExecutor:
+    """Up to `jobs` subprocesses at once; each job's output in DIR/logs/<job>.log."""
+
+    def __init__(self, d: Path, jobs: int):
+        self.d, self.jobs, self.running = d, jobs, {}
+
+    def slots(self) -> int:
+        return self.jobs - len(self.running)
+
+    def current(self) -> list[str]:
+        return list(self.running)
+
+    def submit(self, job_id: str) -> None:
+        log = open(log_path(self.d, job_id), "w")
+        p = subprocess.Popen(job_cmd(self.d, job_id), stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs),
+                             preexec_fn=_die_with_parent)
+        self.running[job_id] = (p, log)
+
+    def poll(self) -> list[tuple[str, int]]:
+        done = []
+        for jid, (p, log) in list(self.running.items()):
+            if p.poll() is not None:
+                log.close()
+                done.append((jid, p.returncode))
+                del self.running[jid]
+        if not done:
+            time.sleep(0.2)
+        return done
+
+
+class InlineExecutor:
+    """Runs each job in this process as it is submitted (no parallelism, no import cost per job)."""
+
+    def __init__(self, d: Path, jobs: int = 1):
+        self.d, self.done, self.running = d, [], {}
+
+    def slots(self) -> int:
+        return 1
+
+    def current(self) -> list[str]:
+        return []
+
+    def submit(self, job_id: str) -> None:
+        from .errors import LorascopeError
+        from .study import run_job
+
+        rc = 0
+        with open(log_path(self.d, job_id), "w") as log:
+            try:
+                run_job(self.d, job_id)
+            except LorascopeError as e:
+                log.write(f"error: {e}\n")
+                rc = 2
+            except Exception:  # a failed job must not stop the others; its log says why
+                log.write(traceback.format_exc())
+                rc = 1
+        self.done.append((job_id, rc))
+
+    def poll(self) -> list[tuple[str, int]]:
+        done, self.done = self.done, []
+        return done
+
+
+class RayExecutor:
+    """The same job graph on a Ray cluster (RAY_ADDRESS) or on this machine: each job is a remote task running
+    the job command; the study directory must be on a filesystem every node sees. Dependencies are resolved by
+    the scheduler in lorascope.study (a job is submitted once its inputs are done), so a killed driver loses
+    nothing that a re-run cannot redo."""
+
+    def __init__(self, d: Path, jobs: int):
+        import ray
+
+        if not ray.is_initialized():
+            addr = os.environ.get("RAY_ADDRESS")
+            ray.init(address=addr, num_cpus=None if addr else jobs, include_dashboard=False, log_to_driver=False)
+        self.ray, self.d, self.jobs, self.running = ray, d, jobs, {}
+
+        @ray.remote(num_cpus=1)
+        def _run(cmd: list[str], env: dict, log: str) -> int:
+            with open(log, "w") as f:
+                return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+        self._run = _run
+
+    def slots(self) -> int:
+        return self.jobs - len(self.running)
+
+    def current(self) -> list[str]:
+        return list(self.running.values())
+
+    def submit(self, job_id: str) -> None:
+        ref = self._run.remote(job_cmd(self.d, job_id), job_env(self.jobs), str(log_path(self.d, job_id)))
+        self.running[ref] = job_id
+
+    def poll(self) -> list[tuple[str, int]]:
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=0.5)
+        return [(self.running.pop(r), self.ray.get(r)) for r in ready]
+
+
+EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor, "inline": InlineExecutor}

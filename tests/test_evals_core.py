@@ -1,0 +1,324 @@
+"""Eval core: data readers, scoring engine vs lm-eval's naive method, prompt formats, metrics, BPB/KL, API."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.evals import sources
+from lorascope.evals.base import EvalContext
+from lorascope.evals.engine import Request, encode_pair, score, score_naive
+
+# --------------------------------------------------------------------------------------------- data readers
+
+
+@pytest.mark.parametrize("name,n,fields", [
+    ("humaneval", 164, {"prompt", "canonical_solution", "test", "entry_point", "task_id"}),
+    ("mbpp", 500, {"text", "code", "test_list", "olmes_prompt"}),
+    ("gsm8k", 1319, {"question", "answer", "short_answer"}),
+    ("math500", 500, {"problem", "solution", "answer", "level"}),
+    ("hellaswag", 10042, {"activity_label", "ctx_a", "ctx_b", "endings", "label"}),
+    ("arc_challenge", 1172, {"question", "choices", "gold"}),
+    ("arc_easy", 2376, {"question", "choices", "gold"}),
+    ("winogrande", 1267, {"sentence", "option1", "option2", "answer"}),
+])
+def test_reader_counts_fields_and_unique_ids(name, n, fields):
+    items = sources.READERS[name]()
+    assert len(items) == n
+    assert fields <= set(items[0])
+    assert len({str(i["id"]) for i in items}) == n
+
+
+def test_reader_values():
+    assert sources.humaneval()[0]["id"] == "HumanEval/0"
+    g = sources.gsm8k()[0]
+    assert g["id"] == 0 and g["short_answer"] == "18" and g["answer"].endswith("#### 18")
+    shots = sources.gsm8k_fewshot()
+    assert len(shots) == 8 and shots[0]["answer"].endswith("So the answer is 6.")
+    m = sources.math500_fewshot()
+    assert len(m) == 4 and "Final Answer" in m[0]["solution"]
+    h = sources.hellaswag()[0]
+    assert h["label"] == 3 and len(h["endings"]) == 4
+    a = sources.arc("ARC-Challenge", "test")[0]
+    assert a["question"].startswith("An astronomer") and a["gold"] == 2 and len(a["choices"]) == 4
+    v = sources.arc("ARC-Challenge", "validation")
+    assert len(v) == 299 and v[0]["choices"][v[0]["gold"]] == "Record the details of the investigation."
+    assert sources.winogrande()[0]["answer"] == 2
+    assert sources.mbpp()[0]["id"] == 11
+
+
+def test_reader_bad_arguments():
+    with pytest.raises(LorascopeError, match="split"):
+        sources.arc("ARC-Challenge", "train")
+    with pytest.raises(LorascopeError, match="subset"):
+        sources.arc("ARC-Hard")
+    items = sources.hellaswag()
+    items[0]["label"] = 99  # callers get copies: the cache stays intact
+    assert sources.hellaswag()[0]["label"] == 3
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+SHOTS = ("Question: What is the capital of France?\nAnswer: Paris\n\n"
+         "Question: Which is bigger, a cat or a mouse?\nAnswer: a cat\n\n")
+
+
+def _requests():
+    reqs = [Request("Question: Is water wet?\nAnswer:", [" yes", " no", " maybe so, indeed"]),
+            Request("", [" hello world"]),
+            Request("A", [" b", "c d e"]),
+            Request("The quick brown fox  ", ["jumps", " over the lazy dog"])]
+    reqs += [Request(SHOTS + f"Question: item {i} asks something{'?' * i}\nAnswer:",
+                     [f" choice {j}" * (j + 1) for j in range(3 + i % 3)], shared_prefix=SHOTS) for i in range(6)]
+    return reqs
+
+
+def test_encode_pair_moves_trailing_whitespace(tokenizer):
+    ctx, cont = encode_pair(tokenizer, "Answer:  ", "yes")
+    assert tokenizer.decode(ctx) == "Answer:"
+    assert tokenizer.decode(cont) == "  yes"
+
+
+def test_engine_matches_naive(tiny_model, tokenizer):
+    reqs = _requests()
+    fast = score(tiny_model, tokenizer, reqs, batch_size=3)
+    ref = score_naive(tiny_model, tokenizer, reqs, batch_size=5)
+    assert [len(r) for r in fast] == [len(r.continuations) for r in reqs]
+    diffs = [abs(a[0] - b[0]) for fa, fb in zip(fast, ref) for a, b in zip(fa, fb)]
+    assert max(diffs) <= 1e-4
+    assert [g for r in fast for _, g in r] == [g for r in ref for _, g in r]
+    assert all(ll < 0 for r in fast for ll, _ in r)
+
+
+def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer):
+    reqs = [r for r in _requests() if r.shared_prefix]
+    plain = [Request(r.context, r.continuations) for r in reqs]
+    seen = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    with_cache = score(tiny_model, tokenizer, reqs, batch_size=2)
+    n_cached = sum(seen)
+    seen.clear()
+    without = score(tiny_model, tokenizer, plain, batch_size=2)
+    n_plain = sum(seen)
+    hook.remove()
+    diffs = [abs(a[0] - b[0]) for fa, fb in zip(with_cache, without) for a, b in zip(fa, fb)]
+    assert max(diffs) <= 1e-4
+    assert n_cached < n_plain  # the few-shot block was computed once, not per batch
+
+
+def test_engine_deterministic_and_batch_size_independent(tiny_model, tokenizer):
+    reqs = _requests()
+    a = score(tiny_model, tokenizer, reqs, batch_size=1)
+    b = score(tiny_model, tokenizer, reqs, batch_size=8)
+    assert max(abs(x[0] - y[0]) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 1e-4
+    assert score(tiny_model, tokenizer, reqs, batch_size=8) == b
+
+
+def test_unmerged_lora_scores_like_merged(tiny_model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                      init_lora_weights=False))
+    reqs = _requests()
+    unmerged = score(peft_model, tokenizer, reqs)
+    merged_model = peft_model.merge_and_unload()
+    merged = score(merged_model, tokenizer, reqs)
+    assert max(abs(x[0] - y[0]) for ra, rb in zip(unmerged, merged) for x, y in zip(ra, rb)) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------- prompt formats
+
+
+def test_prompt_formats_match_lm_eval():
+    from lorascope.evals.multiple_choice import ArcChallenge, HellaSwag, WinoGrande, hellaswag_preprocess
+
+    h = HellaSwag().to_item(sources.hellaswag()[0])
+    assert h.contexts == ["Roof shingle removal: A man is sitting on a roof. He"]
+    assert h.continuations[3] == " starts pulling up roofing on a roof." and h.gold == 3
+    assert hellaswag_preprocess(" Intro [title] How to x [step] do it  now ") == "Intro. How to x do it now"
+    a = ArcChallenge().to_item(sources.arc("ARC-Challenge", "test")[0])
+    assert a.contexts == ["Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
+                          "Which is the most likely effect of this increase in rotation?\nAnswer:"]
+    assert a.continuations[2] == " Planetary days will become shorter." and a.choices[2] == a.continuations[2][1:]
+    w = WinoGrande().to_item(sources.winogrande()[0])
+    assert w.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
+                          "Sarah was a much better surgeon than Maria so Maria"]
+    assert w.continuations == [" always got the easier cases."] and w.gold == 1
+
+
+def test_fewshot_shared_block_and_self_exclusion():
+    from lorascope.evals.multiple_choice import HellaSwag
+
+    t = HellaSwag()
+    items = [t.to_item(d) for d in sources.hellaswag()[:40]]
+    blocks = t._fewshot(items, 3, seed=0)
+    assert all(b.count("\n\n") == 3 for b in blocks.values())
+    assert all(it.fewshot_text not in blocks[it.id] for it in items)
+    assert len(set(blocks.values())) <= 1 + sum(it.fewshot_text in t._fewshot(items, 3, 0)[items[0].id] for it in items)
+    assert t._fewshot(items, 3, seed=0) == blocks and t._fewshot(items, 3, seed=1) != blocks
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_mean_stderr_and_forgetting_mean():
+    from lorascope.evals.results import forgetting_mean, mean_stderr
+
+    assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == (0.75, 0.25)
+    m, se = mean_stderr([1.0])
+    assert m == 1.0 and math.isnan(se)
+    tasks = {"hellaswag": {"metrics": {"acc_norm,none": 0.4, "acc_norm_stderr,none": 0.03}},
+             "arc_challenge": {"metrics": {"acc_norm,none": 0.3, "acc_norm_stderr,none": 0.04}},
+             "winogrande": {"metrics": {"acc,none": 0.5, "acc_stderr,none": 0.0}}}
+    fm = forgetting_mean(tasks)
+    assert fm["value"] == pytest.approx(0.4) and fm["stderr"] == pytest.approx(0.05 / 3)
+    del tasks["winogrande"]
+    assert forgetting_mean(tasks) is None
+
+
+def test_acc_and_acc_norm_on_known_toy(monkeypatch):
+    from lorascope.evals import multiple_choice as mc
+
+    class Toy(mc.MultipleChoiceTask):
+        name, split = "toy", "validation"
+
+        def load(self, split):
+            return [{"id": 0, "gold": 0, "choices": ["a", "bbbbbbbbbb"]},
+                    {"id": 1, "gold": 1, "choices": ["a", "bbbbbbbbbb"]},
+                    {"id": 2, "gold": 1, "choices": ["ccc", "d"]}]
+
+        def to_item(self, d):
+            return mc.MCItem(d["id"], ["Q:"], [" " + c for c in d["choices"]], d["choices"], d["gold"])
+
+    # raw argmax: choice 0 for items 0,1 (ll -1 vs -5); per char: -1/1 vs -5/10 -> choice 1; item 2: -6/3 vs -1/1
+    fake = {" a": -1.0, " bbbbbbbbbb": -5.0, " ccc": -6.0, " d": -1.0}
+    monkeypatch.setattr(mc, "score", lambda m, t, reqs, **kw: [[(fake[c], False) for c in r.continuations]
+                                                               for r in reqs])
+    res = Toy().run(EvalContext(model=None, tokenizer=None, progress=False))
+    assert res.metrics["acc,none"] == pytest.approx(2 / 3)  # items 0 and 2
+    assert res.metrics["acc_norm,none"] == pytest.approx(2 / 3)  # items 1 and 2
+    assert res.metrics["acc_stderr,none"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert [s["pred"] for s in res.samples] == [0, 0, 1] and [s["pred_norm"] for s in res.samples] == [1, 1, 1]
+
+
+# --------------------------------------------------------------------------------------------- BPB / KL
+
+
+def test_bpb_matches_manual_computation(tiny_model, tokenizer):
+    from lorascope.evals.perplexity import bits_per_byte, text_nll
+
+    text = "The cat sat on the mat. Ünïcödé bytes count too."
+    toks = [tokenizer.bos_token_id or tokenizer.eos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(torch.tensor([toks])).logits[0], -1)
+    manual = -sum(logp[i, toks[i + 1]].item() for i in range(len(toks) - 1))
+    (nll, n), (nll2, _) = text_nll(tiny_model, tokenizer, [text, "short"])
+    assert n == len(toks) - 1 and nll == pytest.approx(manual, abs=1e-3)
+    assert bits_per_byte(nll, len(text.encode())) == pytest.approx(manual / math.log(2) / 52, rel=1e-5)
+    # sliding window: every token scored once; disjoint windows equal the manual chunked computation
+    (wnll, wn), = text_nll(tiny_model, tokenizer, [text], window=5, stride=5)
+    chunked = 0.0
+    with torch.no_grad():
+        for s in range(1, len(toks), 5):
+            e = min(s + 5, len(toks))
+            inp = toks[max(0, e - 6): e - 1]
+            lp = torch.log_softmax(tiny_model(torch.tensor([inp])).logits[0], -1)
+            chunked -= sum(lp[len(inp) - (e - s) + j, toks[s + j]].item() for j in range(e - s))
+    assert wn == n and wnll == pytest.approx(chunked, abs=1e-3)
+
+
+def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
+    from conftest import make_tiny_llama
+    from lorascope.evals.perplexity import kl_per_text
+
+    texts = ["A first sentence for the test.", "Another, somewhat longer sentence to score here."]
+    same = kl_per_text(tiny_model, tiny_model, tokenizer, texts)
+    assert all(abs(s) < 1e-5 and n > 0 for s, n in same)
+    other = make_tiny_llama(len(tokenizer), seed=3)
+    assert all(s > 0 for s, _ in kl_per_text(tiny_model, other, tokenizer, texts))
+
+
+def test_gsm8k_cot_answer():
+    from lorascope.evals.perplexity import gsm8k_cot_answer
+
+    assert gsm8k_cot_answer("She has 2 + 3 = <<2+3=5>>5 apples.\nThen 5 * 2 = <<5*2=10>>10.\n#### 10") == \
+        "She has 2 + 3 = 5 apples. Then 5 * 2 = 10. So the answer is 10."
+
+
+# --------------------------------------------------------------------------------------------- API
+
+
+def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
+    from lorascope.evals.api import evaluate
+    from lorascope.evals.results import read_samples
+
+    out = tmp_path / "ev"
+    res = evaluate(str(tiny_model_dir), ["hellaswag", "arc_challenge", "winogrande", "humaneval_bpb", "kl_base"],
+                   out, limit=3, progress=False, excluded_ids={"hellaswag": [0]})
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] and not (out / "results.partial.json").exists()
+    hs = data["tasks"]["hellaswag"]
+    assert hs["n"] == 3 and {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"} <= set(hs["metrics"])
+    samples = read_samples(out / "samples" / "hellaswag.jsonl")
+    assert [s["id"] for s in samples] == [1, 2, 3]  # id 0 excluded
+    assert len(samples[0]["loglikelihoods"]) == 4 and samples[0]["gold"] in range(4)
+    assert data["tasks"]["kl_base"]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)  # reference = itself
+    assert data["derived"]["forgetting_mean"]["value"] == pytest.approx(
+        (hs["metrics"]["acc_norm,none"] + data["tasks"]["arc_challenge"]["metrics"]["acc_norm,none"]
+         + data["tasks"]["winogrande"]["metrics"]["acc,none"]) / 3)
+    assert data["tasks"]["humaneval_bpb"]["metrics"]["bpb"] > 0
+    assert res["tasks"].keys() == data["tasks"].keys()
+
+
+def test_evaluate_errors(tiny_model_dir, tmp_path, tiny_model, tokenizer):
+    from lorascope.evals.api import evaluate, evaluate_cli
+    from lorascope.evals.results import read_samples
+
+    with pytest.raises(LorascopeError, match="unknown task 'hellaswg'.*known tasks:.*hellaswag"):
+        evaluate_cli(str(tiny_model_dir), "hellaswg", tmp_path)
+    with pytest.raises(LorascopeError, match="limit"):
+        evaluate_cli(str(tiny_model_dir), "hellaswag", tmp_path, limit=0)
+    with pytest.raises(LorascopeError, match="does not exist"):
+        evaluate_cli(str(tmp_path / "no" / "such-model"), "hellaswag", tmp_path)
+    with pytest.raises(LorascopeError, match="heldout_bpb:<dataset>"):
+        evaluate_cli(str(tiny_model_dir), "heldout_bpb", tmp_path)
+    with pytest.raises(LorascopeError, match="reference"):
+        evaluate(tiny_model, ["kl_base"], tmp_path, tokenizer=tokenizer, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{not json\n')
+    with pytest.raises(LorascopeError, match="bad.jsonl: line 2"):
+        read_samples(bad)
+
+
+def test_cli_eval_runs(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "winogrande", "--out", str(tmp_path),
+                                 "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["winogrande"]["n"] == 2
+    r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "nope", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown task 'nope'" in r.output
+
+
+# --------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.integration
+def test_embedded_model_forgetting_tasks_plausible(tmp_path):
+    from lorascope.evals.api import evaluate
+
+    res = evaluate("embedded", ["hellaswag", "arc_challenge", "winogrande"], tmp_path, limit=50, progress=False)
+    m = {t: r["metrics"] for t, r in res["tasks"].items()}
+    # SmolLM2-135M: HellaSwag ~0.4-0.5, ARC-C ~0.3, WinoGrande ~0.5 (chance 0.25 / 0.25 / 0.5)
+    assert 0.3 <= m["hellaswag"]["acc_norm,none"] <= 0.65
+    assert 0.15 <= m["arc_challenge"]["acc_norm,none"] <= 0.5
+    assert 0.35 <= m["winogrande"]["acc,none"] <= 0.7
+    assert 0.25 < res["derived"]["forgetting_mean"]["value"] < 0.6
