@@ -111,8 +111,8 @@ def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer
 
 
 def test_engine_deterministic_and_batch_size_independent(tiny_model, tokenizer):
-    reqs = _requests()
-    a = score(tiny_model, tokenizer, reqs, batch_size=1)
+    reqs = _requests()[:6]
+    a = score(tiny_model, tokenizer, reqs, batch_size=2)
     b = score(tiny_model, tokenizer, reqs, batch_size=8)
     assert max(abs(x[0] - y[0]) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 1e-4
     assert score(tiny_model, tokenizer, reqs, batch_size=8) == b
@@ -159,7 +159,10 @@ def test_fewshot_shared_block_and_self_exclusion():
     blocks = t._fewshot(items, 3, seed=0)
     assert all(b.count("\n\n") == 3 for b in blocks.values())
     assert all(it.fewshot_text not in blocks[it.id] for it in items)
-    assert len(set(blocks.values())) <= 1 + sum(it.fewshot_text in t._fewshot(items, 3, 0)[items[0].id] for it in items)
+    shared = max(set(blocks.values()), key=list(blocks.values()).count)
+    in_shared = [it for it in items if it.fewshot_text in shared]
+    # everyone uses the one shared draw except items that are part of it (each gets its own redraw)
+    assert sum(b != shared for b in blocks.values()) == len(in_shared)
     assert t._fewshot(items, 3, seed=0) == blocks and t._fewshot(items, 3, seed=1) != blocks
 
 

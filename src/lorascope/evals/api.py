@@ -104,7 +104,8 @@ def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: 
         if excluded_ids is None:
             excluded_ids = _excluded_ids(spec)
     else:
-        spec = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+        name = getattr(getattr(model, "config", None), "_name_or_path", "")
+        spec = f"<in-memory model {name}>" if name else "<in-memory model>"
         if tokenizer is None:
             raise LorascopeError("evaluate() got a loaded model without tokenizer=")
     ref_model = None

@@ -1,0 +1,332 @@
+"""The report on a synthetic study directory written here (no model, no torch): page, figures, parquet, verdicts.
+
+Synthetic truth: in code-cpt full FT learns far more than LoRA (held-out BPB -0.30 vs -0.10 per item), so the
+recommendation must be full FT; in math-ift full FT and LoRA learn exactly as much on average (per-item
+differences alternate +-0.05) and LoRA forgets less, so the learning difference is not significant and LoRA
+is recommended.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+N = 120  # items per task
+FULL = {"kind": "full", "rank": 16, "init": "gaussian", "use_dora": False}
+LORA16 = {"kind": "lora", "rank": 16, "alpha": "2r", "init": "gaussian", "use_dora": False, "targets": "all"}
+
+
+def _mean_se(v):
+    v = np.asarray(v, float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def _write_eval(d: Path, tasks: dict[str, list[dict]]) -> int:
+    """results.json + samples from per-item records; returns the number of parquet rows it yields."""
+    res, nrows = {"model": "x", "tasks": {}, "derived": {}, "complete": True,
+                  "versions": {"lorascope": "0.1.0", "python": "3.11"}}, 0
+    (d / "samples").mkdir(parents=True, exist_ok=True)
+    for task, items in tasks.items():
+        if task in ("hellaswag", "arc_challenge", "winogrande"):
+            key = "acc" if task == "winogrande" else "acc_norm"
+            m, se = _mean_se([i[key] for i in items])
+            metrics = {f"{key},none": m, f"{key}_stderr,none": se}
+        elif task == "humaneval":
+            m, se = _mean_se([i["passed"] for i in items])
+            metrics = {"pass@1": m, "pass@1_stderr": se, "unique_mean": 3.0, "unique_passed_mean": 1.5,
+                       "unique_failed_mean": 1.5}
+        else:
+            key = "kl" if task == "kl_base" else "bpb"
+            m, se = _mean_se([i[key] for i in items])
+            metrics = {key: m, f"{key}_stderr": se}
+        res["tasks"][task] = {"metrics": metrics, "n": len(items)}
+        nrows += sum("_stderr" not in k for k in metrics)
+        fname = task.replace(":", "_").replace("/", "_") + ".jsonl"
+        (d / "samples" / fname).write_text("".join(json.dumps(i) + "\n" for i in items))
+    if all(t in tasks for t in ("hellaswag", "arc_challenge", "winogrande")):
+        parts = [res["tasks"][t]["metrics"][k] for t, k in
+                 (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))]
+        res["derived"]["forgetting_mean"] = {"value": sum(parts) / 3, "stderr": 0.02, "definition": "mean"}
+        nrows += 1
+    (d / "results.json").write_text(json.dumps(res))
+    return nrows
+
+
+def _bpb(vals):
+    return [{"id": f"i{j}", "nll": 1.0, "bytes": 10, "bpb": float(v)} for j, v in enumerate(vals)]
+
+
+def _mc(vals, key):
+    return [{"id": f"q{j}", key: float(v)} for j, v in enumerate(vals)]
+
+
+def _spectrum(rid: str, ck: str, tokens: int, kind: str, scale: int) -> dict:
+    recs, mods = [], ["q_proj", "v_proj", "up_proj"]
+    for layer in range(3):
+        for mod in mods:
+            recs.append({"name": f"model.layers.{layer}.{mod}", "layer": layer, "module": mod, "shape": [64, 64],
+                         "changed": True, "rank_at_energy": {"base": 33, "tuned": 33, "delta": scale + layer},
+                         "rank_fraction_delta": (scale + layer) / 64,
+                         "baseline_rank_at_energy": {"gaussian": 33, "base_plus_noise": 33},
+                         "intruders": 1 if kind == "lora" else 0})
+    agg = {m: {"n": 3, "intruders_total": 3 if kind == "lora" else 0, "delta_rank_at_energy": scale + 1.0,
+               "gaussian_rank_at_energy": 33.0, "delta_rank_fraction": 0.1} for m in mods}
+    return {"run": rid, "checkpoint": ck, "kind": kind, "tokens": tokens, "epoch": None, "step": 1, "energy": 0.9,
+            "lora_rank": 16 if kind == "lora" else None, "matrices": 9, "changed_matrices": 9,
+            "aggregate": {"by_module": agg, "by_layer": {}}, "records": recs}
+
+
+def build_study(d: Path) -> int:
+    """Write the synthetic study; returns the expected number of parquet rows."""
+    rng = np.random.default_rng(1)
+    base_code = rng.uniform(0.8, 1.2, N)
+    base_math = rng.uniform(0.8, 1.2, N)
+    base_eng = rng.uniform(0.9, 1.1, N)
+    base_mc = {t: rng.integers(0, 2, N) for t in ("hellaswag", "arc_challenge", "winogrande")}
+    base_he = rng.integers(0, 2, N)
+    alt = np.where(np.arange(N) % 2 == 0, 0.05, -0.05)
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text("name: synth\nmodel: embedded\nseeds: [0, 1]\n")
+    (d / "commands.txt").write_text("lorascope study synth.yaml --out synth\n")
+    runs, nrows = [], 0
+
+    def mc_tasks(flip: float):
+        out = {}
+        for t, v in base_mc.items():
+            key = "acc" if t == "winogrande" else "acc_norm"
+            w = v.copy()
+            w[: int(flip * N)] = 0  # forget: some correct items become wrong
+            out[t] = _mc(w, key)
+        return out
+
+    def add_run(rid, setting, dataset, regime, mname, method, lr, seed, cks, per_ck):
+        nonlocal nrows
+        label = f"{setting}/{mname}/lr{lr:g}/s{seed}"
+        runs.append({"run_id": rid, "label": label, "setting": setting, "method_name": mname, "method": method,
+                     "lr": lr, "seed": seed, "regime": regime, "dataset": dataset, "budget": None, "config": {}})
+        rd = d / "runs" / rid
+        for ck, tok, ep in cks:
+            (rd / "checkpoints" / ck).mkdir(parents=True)
+            (rd / "checkpoints" / ck / "lorascope.json").write_text(
+                json.dumps({"kind": method["kind"], "base": "embedded", "step": 1, "tokens": tok, "epoch": ep}))
+            nrows += _write_eval(d / "evals" / rid / ck, per_ck(ck, ck == cks[-1][0]))
+        (rd / "loss.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 128 * s, "loss": 3 - 0.1 * s - lr,
+                                                           "tokens_per_s": 100.0}) + "\n" for s in range(1, 9)))
+        (rd / "summary.json").write_text(json.dumps({
+            "method": mname, "tokens": 1024, "steps": 8, "tokens_per_s": 120.0 if method["kind"] == "full" else 100.0,
+            "peak_memory_bytes": 2 ** 31, "trainable_parameters": 1000 if method["kind"] == "full" else 20,
+            "total_parameters": 1000, "checkpoint_size_bytes": 2 ** 22, "final_loss": 2.1, "precision": "fp32",
+            "processes": 1}))
+        (rd / "meta.json").write_text(json.dumps({"python": "3.11.7", "platform": "Linux", "cpu_count": 2,
+                                                  "torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2",
+                                                  "accelerate": "1.15.0", "command": f"lorascope train {rid}"}))
+        (rd / "data_manifest.json").write_text(json.dumps({
+            "name": dataset, "regime": regime, "sources": [{"name": "synthetic-corpus", "licence": "CC0-1.0"}],
+            "documents": {"train": 10, "heldout": 2}, "tokens": {"train": 1000, "heldout": 200},
+            "content_hash": f"hash-{dataset}", "decontamination": {"rule": "10-gram", "dropped_train": {"humaneval": 2}},
+            "excluded_eval_ids": {}}))
+        (rd / "COMPLETE").write_text("ok\n")
+
+    cpt_cks = [("tok-000000000512", 512, None), ("tok-000000001024", 1024, None)]
+
+    def code(learn, forget, flip):
+        def per_ck(ck, final):
+            frac = 0.5 if ck.endswith("512") else 1.0
+            t = {"heldout_bpb:code-cpt": _bpb(base_code - learn * frac + rng.normal(0, 0.01, N)),
+                 "english_bpb": _bpb(base_eng + forget * frac + rng.normal(0, 0.005, N))}
+            if final:
+                t.update(mc_tasks(flip))
+            return t
+        return per_ck
+
+    add_run("full0", "code-cpt", "code-cpt", "cpt", "full", FULL, 2e-5, 0, cpt_cks, code(0.30, 0.05, 0.2))
+    add_run("lora0", "code-cpt", "code-cpt", "cpt", "lora-r16", LORA16, 2e-4, 0, cpt_cks, code(0.10, 0.01, 0.05))
+    add_run("lora1", "code-cpt", "code-cpt", "cpt", "lora-r16", LORA16, 2e-4, 1, cpt_cks, code(0.11, 0.01, 0.05))
+
+    ift_cks = [("epoch-001", 4096, 1), ("epoch-002", 8192, 2)]
+    full_math = base_math - 0.2 + rng.normal(0, 0.03, N)
+
+    def math(lora: bool):
+        def per_ck(ck, final):
+            frac = 0.5 if ck == "epoch-001" else 1.0
+            vals = base_math + (full_math - base_math) * frac + (alt if lora else 0)
+            t = {"heldout_bpb:math-ift": _bpb(vals),
+                 "english_bpb": _bpb(base_eng + (0.0 if lora else 0.08) * frac + rng.normal(0, 0.005, N))}
+            if final:
+                t["humaneval"] = [{"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)}
+                                  for j, v in enumerate(base_he)]
+            return t
+        return per_ck
+
+    add_run("mfull0", "math-ift", "math-ift", "ift", "full", FULL, 1e-5, 0, ift_cks, math(False))
+    add_run("mlora0", "math-ift", "math-ift", "ift", "lora-r16", LORA16, 1e-4, 0, ift_cks, math(True))
+
+    base_tasks = {"heldout_bpb:code-cpt": _bpb(base_code), "heldout_bpb:math-ift": _bpb(base_math),
+                  "english_bpb": _bpb(base_eng), **mc_tasks(0.0),
+                  "humaneval": [{"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)}
+                                for j, v in enumerate(base_he)]}
+    nrows += _write_eval(d / "evals" / "base", base_tasks)
+    (d / "runs.json").write_text(json.dumps(runs))
+    for rid, kind, scale in (("full0", "full", 20), ("lora0", "lora", 3)):
+        for ck, tok, _ in cpt_cks:
+            sp = _spectrum(rid, ck, tok, kind, scale if tok == 1024 else scale // 2)
+            (d / "analysis" / rid / ck).mkdir(parents=True)
+            (d / "analysis" / rid / ck / "spectrum.json").write_text(json.dumps(sp))
+    (d / "analysis" / "full0" / "truncate" / "r16").mkdir(parents=True)
+    (d / "analysis" / "full0" / "truncate" / "r16" / "truncation.json").write_text(json.dumps(
+        {"run": "full0", "checkpoint": "tok-000000001024", "rank": "16", "mean_rel_frobenius_error": 0.4,
+         "matrices": {}}))
+    nrows += _write_eval(d / "evals" / "full0" / "truncate-r16", {
+        "heldout_bpb:code-cpt": _bpb(base_code - 0.15), "english_bpb": _bpb(base_eng + 0.02)})
+    return nrows
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The synthetic study, reported once in a fresh interpreter that also checks torch was never imported."""
+    d = tmp_path_factory.mktemp("report") / "synth"
+    nrows = build_study(d)
+    code = f"import sys; from lorascope.report import write_report; write_report({str(d)!r}); " \
+           "assert 'torch' not in sys.modules, 'the report imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    return d, d / "report.html", nrows
+
+
+def test_report_written_offline_and_images_decode(study):
+    import matplotlib.image as mpimg
+
+    d, html, _ = study
+    assert html == d / "report.html" and html.exists()
+    text = html.read_text()
+    imgs = re.findall(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(imgs) >= 10  # curves x2 settings, pareto x2, spectrum (4), truncation, diversity, losses
+    for b in imgs:
+        arr = mpimg.imread(io.BytesIO(base64.b64decode(b)), format="png")
+        assert arr.ndim == 3 and arr.std() > 0
+    # nothing fetched from the network: no external src/href, no script at all
+    assert not re.search(r'(src|href)\s*=\s*"?(https?:)?//', text)
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    assert not [f for f in d.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_parquet_rows(study):
+    import pyarrow.parquet as pq
+
+    d, _, nrows = study
+    t = pq.read_table(d / "results.parquet").to_pylist()
+    assert len(t) == nrows
+    assert set(t[0]) == {"run_id", "label", "method", "kind", "rank", "lr", "seed", "setting", "checkpoint",
+                         "tokens", "epoch", "task", "metric", "value", "stderr"}
+    base = [r for r in t if r["run_id"] == "base" and r["task"] == "english_bpb" and r["metric"] == "bpb"]
+    assert len(base) == 1 and base[0]["checkpoint"] == "base" and base[0]["stderr"] > 0
+    full = [r for r in t if r["run_id"] == "full0" and r["checkpoint"] == "tok-000000000512"
+            and r["task"] == "heldout_bpb:code-cpt" and r["metric"] == "bpb"]
+    assert full[0]["tokens"] == 512 and full[0]["kind"] == "full" and full[0]["rank"] is None
+    assert full[0]["method"] == "full" and full[0]["lr"] == 2e-5 and full[0]["setting"] == "code-cpt"
+    lora = [r for r in t if r["run_id"] == "lora1" and r["task"] == "forgetting_mean"]
+    assert lora and lora[0]["rank"] == 16 and lora[0]["seed"] == 1 and lora[0]["checkpoint"] == "tok-000000001024"
+    ep = {r["epoch"] for r in t if r["run_id"] == "mfull0"}
+    assert ep == {1, 2}
+    tr = [r for r in t if r["checkpoint"] == "truncate-r16"]
+    assert tr and all(r["tokens"] == 1024 for r in tr)
+
+
+def _section(text: str, anchor: str) -> str:
+    m = re.search(rf'<section id="{anchor}">(.*?)</section>', text, re.S)
+    assert m, anchor
+    return m.group(1)
+
+
+def test_recommendation_follows_the_data(study):
+    _, html, _ = study
+    head = _section(html.read_text(), "headline")
+    code = head.split("<h3>math-ift</h3>")[0]
+    math = head.split("<h3>math-ift</h3>")[1]
+    assert "Recommended for code-cpt: full lr=2e-05" in code
+    assert "Best LoRA (lora-r16 lr=0.0002) vs best full fine-tuning (full lr=2e-05): learning -" in code
+    assert "Recommended for math-ift: lora-r16 lr=0.0001" in math
+    assert "The difference in learning between" in math and "is not significant" in math
+    assert "not significant" not in code.split("Best LoRA")[0]  # code-cpt: the gap is real
+
+
+def test_headline_numbers_are_paired_bootstrap(study):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import headline, points
+
+    d, _, _ = study
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    h = headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
+    assert h.learning.task == "heldout_bpb:code-cpt" and h.forgetting.task == "forgetting_mean"
+    by = {r["point"].name: r for r in h.table}
+    full = by["full lr=2e-05"]["learning"]
+    assert full.method == "paired bootstrap" and full.n == N
+    assert abs(full.estimate - 0.30) < 0.01 and full.lo > 0.28  # per-item noise 0.01: a tight interval
+    lora = by["lora-r16 lr=0.0002"]
+    assert abs(lora["learning"].estimate - 0.105) < 0.01  # two seeds averaged (0.10, 0.11)
+    assert lora["forgetting"].estimate < by["full lr=2e-05"]["forgetting"].estimate
+
+
+def test_missing_parts_say_not_run(tmp_path):
+    # the sections are built directly: with these parts gone they draw no figure, so this stays fast
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+    from lorascope.report.sections import diversity_section, headline_section, headlines, spectrum_section
+
+    d = tmp_path / "synth"
+    build_study(d)
+    shutil.rmtree(d / "analysis")
+    for f in (d / "evals").rglob("humaneval.jsonl"):
+        f.unlink()
+    for f in (d / "evals").rglob("results.json"):
+        res = json.loads(f.read_text())
+        res["tasks"].pop("humaneval", None)
+        f.write_text(json.dumps(res))
+
+    def build():
+        st = load_study_dir(d)
+        rows = metric_rows(st)
+        ps = points(st, rows)
+        return st, rows, ps, headlines(st, ps, rows)
+
+    st, rows, ps, hs = build()
+    spec_html = spectrum_section(st, ps, rows, hs)
+    assert "Not run: no analysis/" in spec_html and "Not run: no evaluated rank-r truncations" in spec_html
+    assert "Not run: no HumanEval/MBPP samples" in diversity_section(st, ps, rows)
+    assert "Recommended for code-cpt" in headline_section(st, hs)
+    # without the base model nothing can be measured against it
+    shutil.rmtree(d / "evals" / "base")
+    st, rows, ps, hs = build()
+    assert "Not run: the base model was not evaluated" in headline_section(st, hs)
+
+
+def test_bad_dir_is_a_user_error(tmp_path):
+    from lorascope.errors import LorascopeError
+    from lorascope.report import write_report
+
+    with pytest.raises(LorascopeError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    with pytest.raises(LorascopeError, match="not a study directory"):
+        write_report(tmp_path)
+
+
+def test_headless_screenshot_non_blank(study, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("no chromium on PATH")
+    import matplotlib.image as mpimg
+
+    _, html, _ = study
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,2000", html.as_uri()], check=True, timeout=120, capture_output=True)
+    assert mpimg.imread(shot).std() > 0
