@@ -1,21 +1,34 @@
-"""Every method variant trains, saves, reloads and yields the right dW (tiny random Llama)."""
+"""Every method variant trains, saves, reloads and yields the right dW (tiny random Llama, vocab 1000)."""
 
 import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from lorascope.config import MethodConfig
-from lorascope.errors import ConfigError
-from lorascope.methods import (apply_method, merged_state_dict, param_groups, save_checkpoint,
-                               trainable_parameters, weight_deltas)
+from lorascope.errors import ConfigError, LorascopeError
+from lorascope.methods import (adapted_matrix_names, apply_method, checkpoint_size_bytes, merged_state_dict,
+                               param_groups, save_checkpoint, trainable_parameters, weight_deltas)
 
-BATCH = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+VOCAB = 1000
+BATCH = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-def _load(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """{tied: dir} of a saved tiny Llama, so that 'the ORIGINAL base' can be reloaded any time."""
+    out = {}
+    for tie in (True, False):
+        d = tmp_path_factory.mktemp(f"tiny-{'tied' if tie else 'untied'}")
+        make_tiny_llama(VOCAB, seed=1, tie=tie).save_pretrained(str(d))
+        out[tie] = d
+    return out
+
+
+def _load(d):
+    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
 
 
 def _train(model, m, steps=2, lr=1e-2):
@@ -37,83 +50,185 @@ def _logits(model):
         return model(input_ids=BATCH).logits
 
 
+def _maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
 VARIANTS = {
     "gaussian": dict(rank=4),
     "rslora": dict(rank=4, use_rslora=True),
     "dora": dict(rank=4, use_dora=True),
     "loraplus": dict(rank=4, loraplus_lr_ratio=16),
     "pissa": dict(rank=4, init="pissa"),
-    "olora": dict(rank=4, init="olora"),
+    "olora": dict(rank=4, init="olora", use_rslora=True),
     "emb": dict(rank=4, train_embed_tokens=True, embedding_lr=1e-3),
     "attention-v1": dict(rank=4, targets="all-v1"),
 }
+LOW_RANK = ("gaussian", "rslora", "loraplus", "attention-v1", "emb")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_trains_saves_reloads(variant, tiny_model_dir, tmp_path):
+def test_variant_trains_saves_reloads(variant, model_dirs, tmp_path):
     from peft import PeftModel
 
-    base = _load(tiny_model_dir)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    base = _load(model_dirs[True])
+    original = {k: v.clone() for k, v in base.state_dict().items()}
     m = MethodConfig(kind="lora", **VARIANTS[variant])
     model = apply_method(base, m, work_dir=tmp_path / "work")
+    if m.init in ("pissa", "olora"):  # these inits move the base weights: dW must not be taken against them
+        moved = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        assert not torch.allclose(moved, original["model.layers.0.self_attn.q_proj.weight"])
     losses = _train(model, m)
     assert all(torch.isfinite(torch.tensor(losses)))
     ref = _logits(model)
+
     ck = tmp_path / "ck"
-    save_checkpoint(model, m, ck, str(tiny_model_dir), {"tokens": 64, "step": 2})
+    save_checkpoint(model, m, ck, str(model_dirs[True]), {"tokens": 64, "step": 2})
     meta = json.loads((ck / "lorascope.json").read_text())
-    if meta["kind"] == "lora":
-        reloaded = PeftModel.from_pretrained(_load(tiny_model_dir), str(ck))
-    else:  # loftq: merged full model
-        assert meta["adapter_init"] == "loftq"
-        reloaded = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
-    reloaded.eval()
-    assert (_logits(reloaded) - ref).abs().max().item() <= 1e-4
-    # dW = merged - ORIGINAL base (right also for inits that move the base)
+    assert meta == {"kind": "lora", "base": str(model_dirs[True]), "tokens": 64, "step": 2}
+    assert not (tmp_path / "ck.tmp").exists()
+    if m.init in ("pissa", "olora"):  # converted to a plain LoRA of rank 2r on the original base
+        assert json.loads((ck / "adapter_config.json").read_text())["r"] == 2 * m.rank
+    reloaded = PeftModel.from_pretrained(_load(model_dirs[True]), str(ck)).eval()
+    assert _maxdiff(_logits(reloaded), ref) <= 1e-4
+
+    # merged weights (DoRA magnitude included) in the plain namespace reproduce the unmerged logits
     merged = merged_state_dict(model)
-    dws = weight_deltas(base_state, merged)
-    assert dws, "training changed nothing"
+    assert _maxdiff(_logits(model), ref) == 0.0  # merging did not touch `model`
+    plain = _load(model_dirs[True])
+    plain.load_state_dict(merged)
+    assert _maxdiff(_logits(plain), ref) <= 1e-4
+
+    dws = weight_deltas(original, merged)
+    assert set(dws) <= set(adapted_matrix_names(model)) | {"lm_head.weight"}
     for name, dw in dws.items():
-        assert torch.allclose(base_state[name] + dw, merged[name])
-        if variant in ("gaussian", "rslora", "loraplus", "attention-v1"):
+        assert torch.allclose(original[name] + dw, merged[name])
+        if variant in LOW_RANK and "embed_tokens" not in name and "lm_head" not in name:
             assert torch.linalg.matrix_rank(dw, rtol=1e-5).item() <= m.rank, name
+        if m.init in ("pissa", "olora"):
+            assert torch.linalg.matrix_rank(dw, rtol=1e-5).item() <= 2 * m.rank, name
+    n_layers = 2
     if variant == "attention-v1":
-        assert not any("gate_proj" in n for n in dws)
-    if variant == "emb":
-        sd = merged
-        assert torch.equal(sd["model.embed_tokens.weight"], sd["lm_head.weight"]) or "lm_head.weight" not in sd
-        assert reloaded.get_output_embeddings().weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr() \
-            or torch.equal(reloaded.get_output_embeddings().weight, reloaded.get_input_embeddings().weight)
+        assert {n.split(".")[-2] for n in dws} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    elif variant != "emb":
+        assert len(dws) == 7 * n_layers
+    if variant == "emb":  # tied: the one shared matrix is trained and stays shared everywhere
+        assert "model.embed_tokens.weight" in dws
+        assert torch.equal(merged["model.embed_tokens.weight"], merged["lm_head.weight"])
+        assert torch.equal(reloaded.get_output_embeddings().weight, reloaded.get_input_embeddings().weight)
+        with_emb = checkpoint_size_bytes(ck)
+        assert with_emb > VOCAB * 64 * 4  # the adapter carries the full matrix
 
 
-def test_full_and_counts(tiny_model, tiny_model_dir, tmp_path):
-    total = sum(p.numel() for p in {id(p): p for p in tiny_model.parameters()}.values())
-    full = apply_method(tiny_model, MethodConfig(kind="full", attention_dropout=0.1))
-    assert trainable_parameters(full) == total
-    assert all(getattr(mod, "attention_dropout", 0.1) == 0.1 for mod in full.modules())
-    lora = apply_method(_load(tiny_model_dir), MethodConfig(kind="lora", rank=16, targets="all"))
+@pytest.mark.parametrize("flags", [dict(train_embed_tokens=True), dict(train_lm_head=True),
+                                   dict(train_embed_tokens=True, train_lm_head=True)])
+def test_untied_embedding_flags_each_add_their_module(flags, model_dirs, tmp_path):
+    from peft import PeftModel
+
+    base = _load(model_dirs[False])
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    m = MethodConfig(kind="lora", rank=2, targets=["q_proj"], **flags)
+    model = apply_method(base, m)
+    _train(model, m)
+    dws = weight_deltas(original, merged_state_dict(model))
+    assert ("model.embed_tokens.weight" in dws) == bool(flags.get("train_embed_tokens"))
+    assert ("lm_head.weight" in dws) == bool(flags.get("train_lm_head"))
+    save_checkpoint(model, m, tmp_path / "ck", "x", {})
+    reloaded = PeftModel.from_pretrained(_load(model_dirs[False]), str(tmp_path / "ck")).eval()
+    assert _maxdiff(_logits(reloaded), _logits(model)) <= 1e-4
+
+
+def test_full_finetuning_groups_save_reload(model_dirs, tmp_path):
+    model = _load(model_dirs[True])
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    m = MethodConfig(kind="full", attention_dropout=0.1)
+    model = apply_method(model, m)
+    assert trainable_parameters(model) == total
+    assert model.config.attention_dropout == 0.1
+    assert all(mod.attention_dropout == 0.1 for mod in model.modules() if hasattr(mod, "attention_dropout"))
+    groups = {g["name"]: g for g in param_groups(model, m, 1e-3, 0.1)}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups["no_decay"]["params"])  # norms (and biases) are not decayed
+    assert len(groups["no_decay"]["params"]) == 2 * 2 + 1
+    assert all(torch.isfinite(torch.tensor(_train(model, m))))
+    ref = _logits(model)
+    save_checkpoint(model, m, tmp_path / "ck", "embedded", {"tokens": 8})
+    assert json.loads((tmp_path / "ck/lorascope.json").read_text())["kind"] == "full"
+    reloaded = _load(tmp_path / "ck")
+    assert _maxdiff(_logits(reloaded), ref) <= 1e-5
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert checkpoint_size_bytes(tmp_path / "ck") >= total * 4
+
+
+def test_rank16_counts(model_dirs):
+    lora = apply_method(_load(model_dirs[True]), MethodConfig(kind="lora", rank=16, targets="all"))
     # per block: q(64->64) k,v(64->32) o(64->64) gate,up(64->128) down(128->64); r*(in+out) each
     per_block = 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
     assert trainable_parameters(lora) == 2 * per_block
+    assert len(adapted_matrix_names(lora)) == 14
 
 
-def test_loraplus_groups(tiny_model):
-    m = MethodConfig(kind="lora", rank=4, loraplus_lr_ratio=16)
-    model = apply_method(tiny_model, m)
-    groups = {g["name"]: g for g in param_groups(model, m, 1e-4, 0.0)}
+def test_loraplus_groups(model_dirs):
+    m = MethodConfig(kind="lora", rank=4, loraplus_lr_ratio=16, use_dora=True, train_embed_tokens=True,
+                     embedding_lr=5e-5)
+    model = apply_method(_load(model_dirs[True]), m)
+    groups = {g["name"]: g for g in param_groups(model, m, 1e-4, 0.01)}
     assert groups["lora_B"]["lr"] == pytest.approx(16e-4)
-    assert groups["decay" if "decay" in groups else "no_decay"]["lr"] == pytest.approx(1e-4)
+    assert all("lora_B" in n for n, p in model.named_parameters() if any(p is q for q in groups["lora_B"]["params"]))
+    assert groups["lora_B_vec"]["lr"] == pytest.approx(16e-4)  # DoRA magnitudes, as peft's LoRA+ does
+    assert groups["embedding"]["lr"] == pytest.approx(5e-5)
+    a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    assert a and all(any(p is q for q in groups["decay"]["params"]) for p in a) and groups["decay"]["lr"] == 1e-4
+    n_grouped = sum(len(g["params"]) for g in groups.values())
+    assert n_grouped == sum(1 for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error path")
-def test_loftq_says_why_on_cpu(tiny_model):
-    from lorascope.errors import LorascopeError
-
+def test_loftq_says_why_on_cpu(model_dirs):
     with pytest.raises(LorascopeError, match="loftq needs a CUDA GPU"):
-        apply_method(tiny_model, MethodConfig(kind="lora", rank=4, init="loftq"))
+        apply_method(_load(model_dirs[True]), MethodConfig(kind="lora", rank=4, init="loftq"))
 
 
-def test_unknown_target_names_field(tiny_model):
+def test_bad_inputs_name_the_field(model_dirs, tmp_path):
+    base = _load(model_dirs[True])
     with pytest.raises(ConfigError, match="method.targets: module 'qkv_proj'"):
-        apply_method(tiny_model, MethodConfig(kind="lora", targets=["qkv_proj"]))
+        apply_method(base, MethodConfig(kind="lora", targets=["qkv_proj"]))
+    with pytest.raises(ConfigError, match="method.use_dora: cannot be combined with method.init=pissa"):
+        apply_method(base, MethodConfig(kind="lora", init="pissa", use_dora=True), work_dir=tmp_path)
+    with pytest.raises(ConfigError, match="method.train_lm_head: cannot be combined with method.init=olora"):
+        apply_method(base, MethodConfig(kind="lora", init="olora", train_lm_head=True), work_dir=tmp_path)
+    with pytest.raises(LorascopeError, match="needs a work_dir"):
+        apply_method(base, MethodConfig(kind="lora", init="pissa"))
+
+
+@pytest.mark.integration
+def test_embedded_lora_r16_all_reloads(tmp_path):
+    from peft import PeftModel
+
+    from lorascope.models import load_base
+
+    base, _ = load_base("embedded")
+    base.eval()
+    m = MethodConfig(kind="lora", rank=16, targets="all")
+    model = apply_method(base, m)
+    assert not model.training  # the base's eval mode is kept (peft's new dropouts start in training mode)
+    # a non-zero B so that the check is not trivially base == base
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3, generator=torch.Generator().manual_seed(len(n)))
+    x = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        with model.disable_adapter():
+            assert _maxdiff(model(input_ids=x).logits, ref) > 1e-3
+    save_checkpoint(model, m, tmp_path / "ck", "embedded", {"tokens": 0})
+    fresh, _ = load_base("embedded")
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ck")).eval()
+    with torch.no_grad():
+        assert _maxdiff(reloaded(input_ids=x).logits, ref) <= 1e-4
+    reloaded.merge_and_unload().save_pretrained(str(tmp_path / "merged"))
+    del reloaded, fresh
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _maxdiff(plain(input_ids=x).logits, ref) <= 1e-4

@@ -10,13 +10,16 @@ use_rslora; LoRA+ is a param-group rule (B matrices get lr * ratio, as peft's cr
 Tied embeddings (SmolLM2 ties embed_tokens and lm_head): ``train_embed_tokens`` or ``train_lm_head`` trains the
 ONE shared matrix as a full copy (peft modules_to_save on embed_tokens with ensure_weight_tying), so lm_head stays
 identical to embed_tokens after training, saving, reloading and merging. The adapter then carries that whole
-matrix (28M parameters for SmolLM2, ~113 MB in fp32): a warning says so.
+matrix (28M parameters for SmolLM2, ~113 MB in fp32), written by peft under both names (~226 MB): a warning says
+so. Untied models: each flag adds its own module (embed_tokens and/or lm_head).
 
 Inits that move the base weights (PiSSA, OLoRA) are saved through peft's
 ``path_initial_model_for_weight_conversion``: the saved adapter (rank 2r) applies to the ORIGINAL base, so
-``PeftModel.from_pretrained(original_base, ckpt)`` and dW = merged - original base are both right.
-LoftQ replaces the base weights by their quantised copy, which no adapter conversion can express; LoftQ
-checkpoints are therefore saved as merged full models (kind "full", with ``adapter_init: loftq`` in the metadata).
+``PeftModel.from_pretrained(original_base, ckpt)`` and dW = merged - original base are both right. That
+conversion keeps only the LoRA matrices, so PiSSA/OLoRA with DoRA or trained embeddings is refused up front.
+LoftQ (peft 0.21) needs CUDA and bitsandbytes; elsewhere it is refused with a one-line reason. LoftQ replaces
+the base weights by their quantised copy, which no adapter conversion can express; LoftQ checkpoints are
+therefore saved as merged full models (kind "full", with ``adapter_init: loftq`` in the metadata).
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
     if missing:
         raise ConfigError(f"method.targets: module '{missing[0]}' not found in the model "
                           f"(linear modules: {', '.join(sorted(known))})")
+    if m.init in _MOVES_BASE and (m.use_dora or m.train_embed_tokens or m.train_lm_head):
+        # peft's PiSSA/OLoRA -> LoRA conversion at save time keeps only lora_A/lora_B: a DoRA magnitude or a
+        # trained embedding would be dropped from the checkpoint without a word.
+        field = "use_dora" if m.use_dora else ("train_embed_tokens" if m.train_embed_tokens else "train_lm_head")
+        raise ConfigError(f"method.{field}: cannot be combined with method.init={m.init} (peft's conversion of "
+                          f"{m.init} checkpoints to a plain adapter keeps only the LoRA matrices)")
+    if m.init in _MOVES_BASE and work_dir is None:
+        raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
     modules_to_save, tie = [], False
     if m.train_embed_tokens or m.train_lm_head:
         if is_tied(model):
@@ -76,14 +87,22 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
                               (["lm_head"] if m.train_lm_head else [])
         n = sum(p.numel() for name, p in model.named_parameters()
                 if any(name.endswith(f"{s}.weight") for s in modules_to_save))
+        # peft writes a tied matrix under both names (safetensors cannot alias), so it costs twice on disk.
         log.warning("training %s adds %.1f MB (fp32) to every adapter checkpoint%s", "+".join(modules_to_save),
-                    n * 4 / 2**20, " (tied with lm_head: one shared matrix)" if tie else "")
+                    n * 4 * (2 if tie else 1) / 2**20,
+                    " (tied with lm_head: one shared matrix, stored under both names)" if tie else "")
     extra = {}
     if m.init == "loftq":
-        # peft's LoftQ quantises with bitsandbytes' 4-bit kernels, which run on CUDA only.
+        # peft 0.21's loftq_init quantises with bitsandbytes' NF4 kernels on a hard-coded "cuda" device (its pure
+        # torch quantiser was removed in peft 0.20), so there is no CPU path.
+        from peft.import_utils import is_bnb_4bit_available
+
         if not torch.cuda.is_available():
             raise LorascopeError("method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
                                  "on CUDA); this machine has none. Use pissa/olora/gaussian here.")
+        if not is_bnb_4bit_available():
+            raise LorascopeError("method.init: loftq needs bitsandbytes (pip install 'lorascope[gpu]'); "
+                                 "peft's LoftQ quantises with it")
         try:
             from peft import LoftQConfig
         except ImportError as e:  # pragma: no cover - depends on peft build
@@ -93,13 +112,13 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
                      use_rslora=m.use_rslora, use_dora=m.use_dora, init_lora_weights=_INIT[m.init],
                      modules_to_save=modules_to_save or None, ensure_weight_tying=tie, task_type="CAUSAL_LM",
                      **extra)
+    was_training = model.training
     try:
         pm = get_peft_model(model, cfg)
     except (ValueError, ImportError, RuntimeError) as e:
         raise LorascopeError(f"method: peft could not build {m.label()}: {str(e).splitlines()[0]}") from None
+    pm.train(was_training)  # peft's new dropout modules start in training mode whatever the model's mode
     if m.init in _MOVES_BASE:
-        if work_dir is None:
-            raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
         # peft's documented recipe: save the initial adapter as a plain LoRA, for conversion at save time.
         init_dir = Path(work_dir) / "initial_adapter"
         pm.peft_config["default"].init_lora_weights = True
@@ -107,6 +126,21 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
         pm.peft_config["default"].init_lora_weights = _INIT[m.init]
         pm._lorascope_init_dir = str(init_dir)
     return pm
+
+
+def adapted_matrix_names(model) -> list[str]:
+    """Names (plain base-model namespace, e.g. 'model.layers.0.self_attn.q_proj.weight') of the matrices a
+    method trains: LoRA-wrapped linears and modules_to_save for a PeftModel; every 2-D weight otherwise."""
+    model = _plain(model)
+    if not hasattr(model, "peft_config"):
+        return [n for n, p in model.named_parameters() if p.ndim == 2]
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    prefix = "base_model.model."
+    names = [n.removeprefix(prefix) + ".weight" for n, mod in model.named_modules()
+             if isinstance(mod, (LoraLayer, ModulesToSaveWrapper))]
+    return sorted(set(names))
 
 
 def param_groups(model, m: MethodConfig, lr: float, weight_decay: float) -> list[dict]:
