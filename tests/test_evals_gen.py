@@ -110,6 +110,8 @@ def test_math_normalisation_and_extraction():
     assert math_prediction("blah\nFinal Answer: The final answer is $24$. I hope it is correct.") == ("$24$",
                                                                                                      "final_answer_line")
     assert math_prediction(r"thus \boxed{7}.") == ("7", "boxed")
+    boxed_line = r"The final answer is $\boxed{\dfrac{1}{2}}$. I hope it is correct."
+    assert math_prediction(boxed_line) == (r"\dfrac{1}{2}", "final_answer_line")
     assert math_prediction("nothing") == (None, "none")
 
 

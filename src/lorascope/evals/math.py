@@ -206,7 +206,9 @@ def math_prediction(completion: str) -> tuple[str | None, str]:
     """(answer, how): Minerva's "The final answer is X" if present, else the last \\boxed{}."""
     m = _FINAL.search(completion)
     if m:
-        return m.group(1).strip(), "final_answer_line"
+        ans = m.group(1).strip()
+        # "The final answer is $\\boxed{5}$": the box is markup, not part of the answer (as Minerva's normaliser)
+        return (last_boxed(ans) or ans), "final_answer_line"
     b = last_boxed(completion)
     return (b, "boxed") if b is not None else (None, "none")
 
