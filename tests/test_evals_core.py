@@ -246,6 +246,18 @@ def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     assert all(s > 0 for s, _ in kl_per_text(tiny_model, other, tokenizer, texts))
 
 
+def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
+    import lorascope.data
+    from lorascope.evals.perplexity import HeldoutBPB, bits_per_byte, text_nll
+
+    texts = ["def f(x):\n    return x + 1\n", "", "print('held out')\n"]
+    monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: texts[:limit])
+    res = HeldoutBPB("code-cpt").run(EvalContext(model=tiny_model, tokenizer=tokenizer, progress=False))
+    assert res.info["n"] == 2  # the empty document is skipped (no bytes to normalise by)
+    (nll, _), = text_nll(tiny_model, tokenizer, [texts[0]])
+    assert res.samples[0]["bpb"] == pytest.approx(bits_per_byte(nll, len(texts[0].encode())), rel=1e-5)
+
+
 def test_gsm8k_cot_answer():
     from lorascope.evals.perplexity import gsm8k_cot_answer
 
@@ -266,7 +278,8 @@ def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and not (out / "results.partial.json").exists()
     hs = data["tasks"]["hellaswag"]
-    assert hs["n"] == 3 and {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"} <= set(hs["metrics"])
+    assert hs["n"] == 3
+    assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"} <= set(hs["metrics"])
     samples = read_samples(out / "samples" / "hellaswag.jsonl")
     assert [s["id"] for s in samples] == [1, 2, 3]  # id 0 excluded
     assert len(samples[0]["loglikelihoods"]) == 4 and samples[0]["gold"] in range(4)

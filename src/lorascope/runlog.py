@@ -2,13 +2,16 @@
 
 RUN/
   config.yaml          resolved RunConfig
-  meta.json            versions, hardware, seed, command, data manifest hash
+  meta.json            versions, hardware, seed, data manifest hash; one entry per session (command, start step)
   data_manifest.json   the training data's manifest (sources, licences, counts, hash, excluded eval ids)
-  loss.jsonl           one line per optimizer step: step, tokens, loss, lr, grad_norm, tokens_per_s, elapsed_s
+  loss.jsonl           one line per optimizer step of the main run: step, tokens, loss, lr (of the first param
+                       group), grad_norm (before clipping), tokens_per_s (this session), elapsed_s (all sessions)
   summary.json         tokens, tokens/s, peak memory, trainable/total parameters, checkpoint size, wall time
   checkpoints/<name>/  HF artifacts + lorascope.json
-  state/               resumable training state (accelerate save_state + progress.json)
+  state/               resumable training state (accelerate save_state + progress.json); removed once COMPLETE
   COMPLETE             written last: the run finished
+
+    runlog.read_loss(run / "loss.jsonl")[-1]["loss"]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +45,24 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def write_meta(path: Path, **fields) -> None:
+    """meta.json: this session's environment and fields, plus the list of sessions (first run, resumes)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    env = environment()
+    session = {"command": env["command"], "start_step": fields.get("start_step", 0),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": fields.get("processes", 1)}
+    write_json(path, {**env, **fields, "sessions": old.get("sessions", []) + [session]})
+
+
+def first_difference(a, b, prefix: str = "") -> str:
+    """Dotted path of the first differing field of two config dicts, e.g. 'train.lr: 0.001 != 0.0005'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} != {b!r}"
 
 
 def peak_memory_bytes() -> int:
@@ -72,3 +94,34 @@ def truncate_loss(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
+
+
+# --- resumable state (RUN/state): accelerate's save_state files + progress.json, replaced atomically
+
+def promote_state(run: Path) -> None:
+    """A kill between 'old state removed' and 'new state renamed' leaves a complete state.tmp: use it."""
+    state, tmp = run / "state", run / "state.tmp"
+    if not (state / "progress.json").exists() and (tmp / "progress.json").exists():
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
+        tmp.rename(state)
+
+
+def first_unreadable(state: Path) -> tuple[Path, str] | None:
+    """The first file of a saved state that cannot be read, with the reason (to name it in the error)."""
+    from safetensors import safe_open
+
+    for f in sorted(p for p in state.rglob("*") if p.is_file()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        h.get_slice(k)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any failure means "unreadable"; the reason is reported
+            return f, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None

@@ -3,27 +3,35 @@
     cfg = load_run_config("configs/train-quick.yaml", ["method.kind=full", "train.lr=2e-5"])
     train(cfg, Path("runs/full"))     # resumes by itself if runs/full holds an unfinished run
 
-Fair comparison by construction: the data order is a function of (seed, step) only — row indices come from a
-seeded permutation per epoch — and the schedule and token budget come from TrainConfig, so swapping the method
-changes nothing else. ``batch_size`` is the GLOBAL micro-batch (split across processes under
-``accelerate launch``), so 1 and N processes see the same rows per optimizer step.
+Fair comparison by construction: the data order is a function of (seed, step) only (trainplan.Plan), the
+schedule and token budget come from TrainConfig, so swapping the method changes nothing else.
+``batch_size`` is the GLOBAL micro-batch, split across processes under ``accelerate launch``; the loss is the
+mean over every predicted token of the optimizer step (``num_items_in_batch``, as HF Trainer does), so 1 and N
+processes, and any ``grad_accum``, optimise the same objective on the same rows.
 
-Checkpoints: at each budget in ``train.checkpoints`` (tokens for CPT, epochs for IFT) and at the end. With
-``cooldown_per_checkpoint`` (CPT + wsd) each intermediate budget B gets its own cooldown, as in the paper: the
-main run stays at the stable LR; when it reaches 80% of B, its state is kept, a branch decays the LR over the
-same data up to B and is saved as checkpoint B, then the kept state is restored and the main run continues.
-The final budget uses the main run's own cooldown. Branches cost 20% extra compute per intermediate budget.
+Budget: CPT counts tokens (``max_tokens``: ceil(max_tokens / tokens_per_step) optimizer steps); with ``epochs``
+set the budget is epochs x steps-per-epoch (IFT). Checkpoints fall at each ``train.checkpoints`` budget
+(tokens, or epochs) and at the end, in RUN/checkpoints/tok-{tokens:012d} or epoch-{e:03d}.
 
-Resume: state is saved (atomically) every ``save_state_every`` steps, at each checkpoint and before each branch;
-a killed run started again with the same command continues from it and reproduces the uninterrupted loss curve
-(same data order, restored RNG states).
+Per-budget cooldowns (``cooldown_per_checkpoint``, CPT + wsd), as in the paper: the main run stays at the stable
+LR; when it reaches 80% of an intermediate budget B (the last ``cooldown_frac``), its resumable state is saved,
+a branch decays the LR to ``min_lr_ratio`` over the same data up to B and is saved as checkpoint B (its LR and
+loss trace go into the checkpoint's lorascope.json under "cooldown"), then the saved state (model, optimizer,
+RNG; the data position and schedule are functions of the step) is loaded back and the main run continues as
+if the branch never happened. The final budget uses the main run's own cooldown. Each branch costs
+cooldown_frac x B extra tokens of compute.
+
+Resume: state is saved atomically (temp dir + rename) every ``save_state_every`` steps, at each checkpoint and
+before each branch; the same command on a killed run continues from it and reproduces the uninterrupted loss
+curve. A finished run (COMPLETE) with the same config returns at once; a different config is refused.
 """
 
 from __future__ import annotations
 
-import copy
+import inspect
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,16 +40,18 @@ import torch
 from tqdm import tqdm
 
 from . import runlog
-from .config import RunConfig, dump
+from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
-from .schedules import cooldown_start, decay, multiplier
+from .schedules import branch_multiplier, cooldown_start, multiplier
+from .trainplan import Plan
 
 
-def _optimizer(groups: list[dict], t) -> torch.optim.Optimizer:
+def _optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or Lion over methods.param_groups; each group keeps its own base lr ("initial_lr")."""
     for g in groups:
         g["initial_lr"] = g["lr"]
     if t.optimizer == "lion":
-        from lion_pytorch import Lion  # decoupled weight decay, like the paper's LionW
+        from lion_pytorch import Lion  # decoupled weight decay (p *= 1 - lr*wd), like the paper's LionW
 
         return Lion(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -53,48 +63,41 @@ def _set_lr(opt: torch.optim.Optimizer, mult: float) -> float:
     return opt.param_groups[0]["lr"]
 
 
-class Plan:
-    """Step arithmetic: budgets in optimizer steps and which rows each step reads."""
+def _accelerator(t: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
-    def __init__(self, cfg: RunConfig, n_rows: int):
-        t = cfg.train
-        self.rows_per_step = t.batch_size * t.grad_accum
-        self.n_rows = n_rows
-        self.seed = t.seed
-        if cfg.data.regime == "ift" and t.epochs:
-            self.steps_per_epoch = max(1, n_rows // self.rows_per_step)
-            self.total = t.epochs * self.steps_per_epoch
-            self.ckpt_steps = {e * self.steps_per_epoch: ("epoch", e) for e in t.checkpoints if e < t.epochs}
-            self.ckpt_steps[self.total] = ("epoch", t.epochs)
-        else:
-            if t.max_tokens is None:
-                raise LorascopeError("train.max_tokens: CPT needs a token budget")
-            self.steps_per_epoch = max(1, n_rows // self.rows_per_step)
-            self.total = math.ceil(t.max_tokens / t.tokens_per_step)
-            self.ckpt_steps = {math.ceil(b / t.tokens_per_step): ("tokens", b) for b in t.checkpoints
-                               if b < t.max_tokens}
-            self.ckpt_steps[self.total] = ("tokens", t.max_tokens)
-        self._perm_cache: dict[int, torch.Tensor] = {}
-
-    def rows(self, step: int) -> list[int]:
-        """Global row indices of optimizer step `step` (independent of method and process count)."""
-        start = step * self.rows_per_step
-        out = []
-        for k in range(start, start + self.rows_per_step):
-            epoch, i = divmod(k, self.steps_per_epoch * self.rows_per_step)
-            if epoch not in self._perm_cache:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._perm_cache = {epoch: torch.randperm(self.n_rows, generator=g)}
-            out.append(int(self._perm_cache[epoch][i % self.n_rows]))
-        return out
+    # Several runs in one process (a study, the tests) may differ in precision/accumulation; accelerate keeps
+    # these in process-wide singletons that refuse a second, different setup, so start them afresh (the
+    # distributed setup itself, PartialState, is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate selects gloo (MULTI_CPU) for a multi-process launch only when told cpu=True.
+    cpu = world_env > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if t.precision == "bf16" else "no",
+                      gradient_accumulation_steps=t.grad_accum)
+    if acc.num_processes != world_env:
+        raise LorascopeError(f"launched as {world_env} processes but accelerate set up {acc.num_processes}; "
+                             "see configs/accelerate/ for working launch configs")
+    if t.batch_size % acc.num_processes:
+        raise LorascopeError(f"train.batch_size: {t.batch_size} is not divisible by {acc.num_processes} processes "
+                             "(it is the global micro-batch)")
+    return acc
 
 
-def _checkpoint_name(kind: str, value: int) -> str:
-    return f"tok-{value:012d}" if kind == "tokens" else f"epoch-{value:03d}"
+def _check_run_dir(out: Path, resolved: dict) -> None:
+    try:
+        old = runlog.read_config(out / "config.yaml")
+    except Exception as e:  # noqa: BLE001 - a damaged record must be named, whatever the parser says
+        raise LorascopeError(f"{out / 'config.yaml'}: unreadable run config ({str(e).splitlines()[0]})") from None
+    if old is not None and old != resolved:
+        diff = runlog.first_difference(old, resolved)
+        raise LorascopeError(f"{out}: holds a run with a different config ({diff}); use another --out")
 
 
 def train(cfg: RunConfig, out: Path, *, progress: bool = True) -> Path:
-    from accelerate import Accelerator
+    """Train `cfg` into run directory `out` (created, resumed, or returned as is when COMPLETE); returns `out`."""
     from accelerate.utils import set_seed
 
     from .data import dataset_manifest, load_dataset
@@ -102,183 +105,192 @@ def train(cfg: RunConfig, out: Path, *, progress: bool = True) -> Path:
         trainable_parameters
     from .models import load_base
 
-    out = Path(out)
-    t = cfg.train
+    out, t = Path(out), cfg.train
     resolved = dump(cfg)
-    old = runlog.read_config(out / "config.yaml")
-    if old is not None and old != resolved:
-        raise LorascopeError(f"{out}: holds a run with a different config (use another --out)")
+    _check_run_dir(out, resolved)
     if (out / "COMPLETE").exists():
         return out
 
-    acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
-    world = acc.num_processes
-    if t.batch_size % world:
-        raise LorascopeError(f"train.batch_size: {t.batch_size} is not divisible by {world} processes")
-    set_seed(t.seed)
+    acc = _accelerator(t)
+    world, main = acc.num_processes, acc.is_main_process
+    set_seed(t.seed)  # same seed -> same LoRA init and dropout masks, whatever the method
 
-    # Everything that can fail on user input happens before the run directory is written.
+    # Everything that can fail on user input happens before the run record is written.
     model, tok = load_base(cfg.model)
     data = load_dataset(cfg.data, tok, t.seq_len, "train")
     manifest = dataset_manifest(cfg.data, tok)
-    plan = Plan(cfg, len(data))
-    if plan.rows_per_step > len(data):
-        raise LorascopeError(f"data.dataset: only {len(data)} sequences, fewer than one step's "
-                             f"{plan.rows_per_step} (train.batch_size x train.grad_accum)")
+    plan = Plan(t, len(data))
+    model = apply_method(model, cfg.method, work_dir=out / "init")
+    opt = _optimizer(param_groups(model, cfg.method, t.lr, t.weight_decay), t)
+    n_trainable, n_total = trainable_parameters(model), total_parameters(model)
+    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if sharded and "state_dict" not in inspect.signature(save_checkpoint).parameters:
+        raise LorascopeError(f"{acc.distributed_type.name}: saving checkpoints of sharded models needs "
+                             "methods.save_checkpoint(state_dict=...), which this version lacks; use DDP")
+    model, opt = acc.prepare(model, opt)
+    trained = [p for p in model.parameters() if p.requires_grad]
 
-    if acc.is_main_process:
+    state_dir = out / "state"
+    if main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         runlog.write_config(out / "config.yaml", resolved)
         runlog.write_json(out / "data_manifest.json", manifest)
-        runlog.write_json(out / "meta.json", {**runlog.environment(), "seed": t.seed, "processes": world,
-                                              "data_manifest_hash": manifest["content_hash"]})
+        runlog.promote_state(out)
     acc.wait_for_everyone()
 
-    model = apply_method(model, cfg.method, work_dir=out / "init")
-    opt = _optimizer(param_groups(model, cfg.method, t.lr, t.weight_decay), t)
-    model, opt = acc.prepare(model, opt)
-    n_trainable, n_total = trainable_parameters(model), total_parameters(model)
-
-    warmup = int(round(t.warmup_frac * plan.total))
-    branches = cfg.data.regime == "cpt" and t.schedule == "wsd" and t.cooldown_per_checkpoint
-    lr_mult = multiplier(t.schedule, plan.total, warmup, t.cooldown_frac, t.min_lr_ratio)
-
     # --- resume
-    step, done_ckpts = 0, set()
-    state_dir = out / "state"
+    prog = {"step": 0, "checkpoints": [], "elapsed_s": 0.0, "tokens_processed": 0, "sessions": 0}
     if (state_dir / "progress.json").exists():
         try:
-            prog = json.loads((state_dir / "progress.json").read_text())
+            prog.update(json.loads((state_dir / "progress.json").read_text()))
             acc.load_state(str(state_dir))
-        except Exception as e:
-            raise LorascopeError(f"{state_dir}: unreadable training state ({str(e).splitlines()[0]})") from None
-        step, done_ckpts = prog["step"], set(prog["checkpoints"])
-        if acc.is_main_process:
-            runlog.truncate_loss(out / "loss.jsonl", step)
+        except Exception as e:  # noqa: BLE001 - name the damaged file, whatever the loader raised
+            bad = runlog.first_unreadable(state_dir)
+            where, why = bad if bad else (state_dir, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise LorascopeError(f"{where}: unreadable training state ({why}); delete {state_dir} to restart "
+                                 "from the beginning") from None
+    step, done = prog["step"], set(prog["checkpoints"])
+    prog["sessions"] += 1
+    if main:
+        runlog.truncate_loss(out / "loss.jsonl", step)  # drop lines logged after the state we resume from
+        runlog.write_meta(out / "meta.json", seed=t.seed, processes=world, start_step=step,
+                          data_manifest_hash=manifest["content_hash"])
 
-    def save_state():
+    t_start, elapsed0, processed0 = time.time(), prog["elapsed_s"], prog["tokens_processed"]
+    processed = processed0
+
+    def elapsed() -> float:
+        return elapsed0 + time.time() - t_start
+
+    def save_state(at: int) -> None:
         acc.wait_for_everyone()
         tmp = out / "state.tmp"
-        if acc.is_main_process:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        if acc.is_main_process:
-            runlog.write_json(tmp / "progress.json", {"step": step, "checkpoints": sorted(done_ckpts)})
+        if main:  # progress.json last: a state dir without it is incomplete
+            runlog.write_json(tmp / "progress.json", {**prog, "step": at, "checkpoints": sorted(done),
+                                                      "elapsed_s": elapsed(), "tokens_processed": processed})
             shutil.rmtree(state_dir, ignore_errors=True)
             tmp.rename(state_dir)
         acc.wait_for_everyone()
 
     def run_step(s: int, mult: float) -> dict:
+        nonlocal processed
         lr = _set_lr(opt, mult)
-        rows = plan.rows(s)
-        per = t.batch_size // world
-        total_loss = torch.zeros((), device=acc.device)
+        rows, per, rank = plan.rows(s), t.batch_size // world, acc.process_index
+        # Token-weighted mean over the whole optimizer step (all micro-batches, all processes): each micro
+        # loss is sum/n_items; x(world*grad_accum) undoes accelerate's /grad_accum and DDP's mean over ranks.
+        n_items = max(1, sum(int((data[i]["labels"][1:] != -100).sum()) for i in rows))
+        local = torch.zeros((), device=acc.device)
+        gn = None
         model.train()
-        for micro in range(t.grad_accum):
-            base = micro * t.batch_size + acc.process_index * per
-            batch = [data[i] for i in rows[base: base + per]]
-            inputs = {k: torch.stack([b[k] for b in batch]).to(acc.device) for k in batch[0]}
-            sync = micro == t.grad_accum - 1
-            ctx = acc.no_sync(model) if not sync and world > 1 else _nullctx()
-            with ctx, acc.autocast():
-                loss = model(**inputs).loss / t.grad_accum
-                acc.backward(loss)
-            total_loss += loss.detach()
-        gn = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_v = acc.reduce(total_loss, reduction="mean").item()
+        for m in range(t.grad_accum):
+            mine = rows[m * t.batch_size + rank * per: m * t.batch_size + (rank + 1) * per]
+            inputs = {k: torch.stack([data[i][k] for i in mine]).to(acc.device) for k in data[mine[0]]}
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss = model(**inputs, num_items_in_batch=n_items).loss
+                acc.backward(loss * (world * t.grad_accum))
+                if acc.sync_gradients:
+                    gn = acc.clip_grad_norm_(trained, t.grad_clip or float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            local += loss.detach().float()
+        processed += t.tokens_per_step
+        loss_v = acc.reduce(local, reduction="sum").item()
         return {"loss": loss_v, "lr": lr, "grad_norm": float(gn) if gn is not None else None}
 
-    def save_ckpt(s: int):
-        kind, value = plan.ckpt_steps[s]
-        name = _checkpoint_name(kind, value)
+    def save_ckpt(s: int, mult: float, cooldown: dict | None = None) -> None:
+        kind, value = plan.checkpoints[s]
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            meta = {"step": s, "tokens": (s * t.tokens_per_step), "epoch": value if kind == "epoch" else None,
-                    "budget": {kind: value}, "method": dump(cfg.method), "lr": t.lr, "seed": t.seed}
-            save_checkpoint(acc.unwrap_model(model), cfg.method, out / "checkpoints" / name, cfg.model, meta,
-                            tokenizer=tok if cfg.method.kind == "full" else None)
-        done_ckpts.add(name)
+        # sharded weights (FSDP / ZeRO-3) are gathered by every rank together; DDP weights are whole on rank 0
+        full_sd = {"state_dict": acc.get_state_dict(model)} if sharded else {}
+        if main:
+            meta = {"step": s, "tokens": s * t.tokens_per_step, "epoch": value if kind == "epoch" else None,
+                    "budget": {kind: value}, "method": dump(cfg.method), "lr": t.lr, "final_lr": t.lr * mult,
+                    "schedule": t.schedule, "seed": t.seed}
+            if cooldown:
+                meta["cooldown"] = cooldown
+            save_checkpoint(acc.unwrap_model(model), cfg.method, out / "checkpoints" / plan.name(s), cfg.model,
+                            meta, tokenizer=tok if cfg.method.kind == "full" else None, **full_sd)
+        done.add(plan.name(s))
         acc.wait_for_everyone()
 
-    def branch(b_step: int):
-        """Cooldown branch for an intermediate budget ending at optimizer step b_step."""
+    lr_mult = multiplier(t.schedule, plan.total, int(round(t.warmup_frac * plan.total)), t.cooldown_frac,
+                         t.min_lr_ratio)
+
+    def branch(b_step: int) -> None:
+        """Cooldown branch for the intermediate budget ending at optimizer step b_step (see module docstring)."""
         start = cooldown_start(b_step, t.cooldown_frac)
-        unwrapped = acc.unwrap_model(model)
-        keep = (copy.deepcopy(unwrapped.state_dict()), copy.deepcopy(opt.state_dict()),
-                torch.get_rng_state())
+        f = branch_multiplier(lr_mult, b_step, t.cooldown_frac, t.min_lr_ratio)
+        save_state(start)  # the snapshot the main run comes back to
+        trace = {"from_step": start, "lr": [], "loss": []}
         for s in range(start, b_step):
-            run_step(s, decay(s, b_step, t.cooldown_frac, t.min_lr_ratio))
-        save_ckpt(b_step)
-        unwrapped.load_state_dict(keep[0])
-        opt.load_state_dict(keep[1])
-        torch.set_rng_state(keep[2])
+            rec = run_step(s, f(s))
+            trace["lr"].append(rec["lr"])
+            trace["loss"].append(rec["loss"])
+        save_ckpt(b_step, f(b_step - 1), trace)
+        acc.load_state(str(state_dir))
+        if main:  # record that this branch is done, so a resume from the snapshot skips it
+            p = json.loads((state_dir / "progress.json").read_text())
+            runlog.write_json(state_dir / "progress.json", {**p, "checkpoints": sorted(done)})
+        acc.wait_for_everyone()
 
-    # --- the loop
-    branch_at = {}
-    if branches:
-        for s_b, (kind, value) in plan.ckpt_steps.items():
+    branch_at: dict[int, list[int]] = {}
+    if plan.branches:
+        for s_b in plan.checkpoints:
             if s_b < plan.total:
                 branch_at.setdefault(cooldown_start(s_b, t.cooldown_frac), []).append(s_b)
-        main_mult = lambda s: (s + 1) / warmup if s < warmup else decay(s, plan.total, t.cooldown_frac,
-                                                                        t.min_lr_ratio)
-    else:
-        main_mult = lr_mult
 
-    bar = tqdm(total=plan.total, initial=step, disable=not (progress and acc.is_main_process), unit="step",
-               desc=f"train {cfg.method.label()}", dynamic_ncols=True)
-    t0, tokens_t0 = time.time(), step * t.tokens_per_step
-    loss_file = open(out / "loss.jsonl", "a") if acc.is_main_process else None
+    # --- the loop
+    tps = t.tokens_per_step
+    bar = tqdm(total=plan.total * tps, initial=step * tps, disable=not (progress and main), unit="tok",
+               unit_scale=True, desc=f"train {cfg.method.label()}", dynamic_ncols=True)
+    loss_file = open(out / "loss.jsonl", "a") if main else None
     try:
         while step < plan.total:
             for s_b in branch_at.get(step, []):
-                if _checkpoint_name(*plan.ckpt_steps[s_b]) not in done_ckpts:
-                    save_state()
+                if plan.name(s_b) not in done:
+                    bar.set_description(f"cooldown {plan.name(s_b)}")
                     branch(s_b)
-            rec = run_step(step, main_mult(step))
+                    bar.set_description(f"train {cfg.method.label()}")
+            rec = run_step(step, lr_mult(step))
             step += 1
-            tokens = step * t.tokens_per_step
-            elapsed = time.time() - t0
-            tps = (tokens - tokens_t0) / max(elapsed, 1e-9)
-            if loss_file and (step % t.log_every == 0 or step == plan.total):
-                loss_file.write(json.dumps({"step": step, "tokens": tokens, **rec, "tokens_per_s": round(tps, 2),
-                                            "elapsed_s": round(elapsed, 3)}) + "\n")
-                loss_file.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
+            session = time.time() - t_start
             if not math.isfinite(rec["loss"]):
                 raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
-            if step in plan.ckpt_steps and not branches or step == plan.total:
-                save_ckpt(step)
-                save_state()
-            elif step % t.save_state_every == 0:
-                save_state()
+            if loss_file and (step % t.log_every == 0 or step == plan.total):
+                loss_file.write(json.dumps({"step": step, "tokens": step * tps, **rec,
+                                            "tokens_per_s": round((processed - processed0) / max(session, 1e-9), 2),
+                                            "elapsed_s": round(elapsed(), 3)}) + "\n")
+                loss_file.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+            bar.update(tps)
+            if step in plan.checkpoints and (not plan.branches or step == plan.total):
+                save_ckpt(step, lr_mult(step - 1))
+            # no state after the last step: it would only serve a crash before COMPLETE, which the last saved
+            # state also covers (by recomputing), and a full-FT state weighs 3x the model
+            if step < plan.total and (step in plan.checkpoints or step % t.save_state_every == 0):
+                save_state(step)
     finally:
         bar.close()
         if loss_file:
             loss_file.close()
 
-    if acc.is_main_process:
+    if main:
         curve = runlog.read_loss(out / "loss.jsonl")
-        wall = sum(r.get("elapsed_s", 0) for r in curve[-1:])
-        final = out / "checkpoints" / _checkpoint_name(*plan.ckpt_steps[plan.total])
+        wall = elapsed()
         runlog.write_json(out / "summary.json", {
-            "method": cfg.method.label(), "tokens": plan.total * t.tokens_per_step, "steps": plan.total,
-            "tokens_per_s": curve[-1]["tokens_per_s"] if curve else None, "peak_memory_bytes": runlog.peak_memory_bytes(),
-            "trainable_parameters": n_trainable, "total_parameters": n_total,
-            "checkpoint_size_bytes": checkpoint_size_bytes(final), "wall_s_last_session": wall,
+            "method": cfg.method.label(), "tokens": plan.total * tps, "steps": plan.total,
+            "tokens_processed": processed, "wall_s": round(wall, 3), "tokens_per_s": round(processed / wall, 2),
+            "peak_memory_bytes": runlog.peak_memory_bytes(), "trainable_parameters": n_trainable,
+            "total_parameters": n_total,
+            "checkpoint_size_bytes": checkpoint_size_bytes(out / "checkpoints" / plan.name(plan.total)),
             "first_loss": curve[0]["loss"] if curve else None, "final_loss": curve[-1]["loss"] if curve else None,
-            "processes": world, "precision": t.precision})
+            "processes": world, "precision": t.precision, "sessions": prog["sessions"]})
         (out / "COMPLETE").write_text("ok\n")
+        shutil.rmtree(state_dir, ignore_errors=True)  # only needed to resume; a full-FT state is 3x the model
     acc.wait_for_everyone()
     return out
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -130,8 +130,8 @@ def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: 
         ctx = EvalContext(model=model, tokenizer=tokenizer, model_spec=spec, batch_size=batch_size, seed=seed,
                           limit=limit, shots=shots, samples=samples, temperature=temperature,
                           allow_code_execution=allow_code_execution, reference_model=ref_model,
-                          excluded_ids=dict(excluded_ids or {}), out_dir=out / "artifacts" / samples_filename(name)[:-6],
-                          progress=progress)
+                          excluded_ids=dict(excluded_ids or {}),
+                          out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")], progress=progress)
         ts = time.time()
         res = task.run(ctx)
         write_samples(out / "samples" / samples_filename(name), res.samples)

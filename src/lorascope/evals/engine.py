@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 MIN_SHARED = 8  # tokens; a shorter common prefix is not worth a separate cache
+CHOICE_ROWS = 16  # choice rows per forward pass
 
 
 @dataclass
@@ -114,8 +115,12 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _select(cache, index: list[int]):
     # a private copy: the model appends to the cache it is given, and the source cache is reused
     c = copy.deepcopy(cache)
-    c.batch_select_indices(torch.tensor(index, dtype=torch.long))
+    c.batch_select_indices(torch.tensor(index, dtype=torch.long, device=c.layers[0].keys.device))
     return c
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _forward(model, ids, mask, positions, cache):
@@ -123,6 +128,8 @@ def _forward(model, ids, mask, positions, cache):
 
     if cache is None:
         cache = DynamicCache()
+    dev = model_device(model)
+    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     # logits_to_keep=1: the context pass only fills the cache; skip the vocabulary head for all but one position
     model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
           logits_to_keep=1)
@@ -159,30 +166,36 @@ def _score_batch(model, items: list[_Item], group_cache, group_len: int, pad: in
         positions = group_len + torch.arange(ids.shape[1]).unsqueeze(0).expand(b, -1)
         cache = _forward(model, ids, torch.cat([past_mask, mask], 1), positions, cache)
         past_mask = torch.cat([past_mask, mask], 1)
-    # 2. choices: [last context token] + continuation[:-1], logits aligned with the continuation tokens
-    owner, rows, targets = [], [], []
+    # 2. choices: [last context token] + continuation[:-1], logits aligned with the continuation tokens.
+    # Rows are length-sorted into sub-batches (each with its own slice of the cache) to cut padding.
+    owner, rows = [], []
     for i, it in enumerate(items):
         for c in it.conts:
             owner.append(i)
             rows.append([it.ctx[-1]] + c[:-1])
-            targets.append(c)
-    ids, mask = _pad(rows, pad)
-    positions = torch.tensor([len(items[o].ctx) - 1 for o in owner]).unsqueeze(1) + torch.arange(ids.shape[1])
-    if cache is not None and past_mask.shape[1] > 0:
-        cache = _select(cache, owner)
-        full_mask = torch.cat([past_mask[owner], mask], 1)
-    else:
-        cache, full_mask = None, mask
-    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                use_cache=cache is not None)
-    logp = torch.log_softmax(out.logits.float(), dim=-1)
-    results: list[list[tuple[float, bool]]] = [[] for _ in items]
-    for r, (o, tgt) in enumerate(zip(owner, targets)):
-        t = torch.tensor(tgt)
-        lp = logp[r, : len(tgt)]
-        ll = lp.gather(1, t.unsqueeze(1)).sum().item()
-        greedy = bool((lp.argmax(-1) == t).all())
-        results[o].append((ll, greedy))
+    targets = [c for it in items for c in it.conts]
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    results: list[list] = [[None] * len(it.conts) for it in items]
+    slot = [j for it in items for j in range(len(it.conts))]
+    dev = model_device(model)
+    for s in range(0, len(order), CHOICE_ROWS):
+        sub = order[s: s + CHOICE_ROWS]
+        ids, mask = _pad([rows[r] for r in sub], pad)
+        own = [owner[r] for r in sub]
+        positions = torch.tensor([len(items[o].ctx) - 1 for o in own]).unsqueeze(1) + torch.arange(ids.shape[1])
+        if cache is not None and past_mask.shape[1] > 0:
+            sub_cache = _select(cache, own)
+            full_mask = torch.cat([past_mask[own], mask], 1)
+        else:
+            sub_cache, full_mask = None, mask
+        out = model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=positions.to(dev),
+                    past_key_values=sub_cache, use_cache=sub_cache is not None)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        for j, r in enumerate(sub):
+            tgt = targets[r]
+            t = torch.tensor(tgt, device=logp.device)
+            lp = logp[j, : len(tgt)]
+            results[owner[r]][slot[r]] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
     return results
 
 
@@ -244,15 +257,19 @@ def score_naive(model, tokenizer, requests: Sequence[Request], batch_size: int =
         it = _tokenize(tokenizer, r, max_len)
         for c in it.conts:
             flat.append((ri, (it.ctx + c)[-(max_len + 1):][:-1], c))
-    results: list[list[tuple[float, bool]]] = [[] for _ in requests]
+    slots = [j for r in requests for j in range(len(r.continuations))]
+    results: list[list] = [[None] * len(r.continuations) for r in requests]
+    order = sorted(range(len(flat)), key=lambda k: -len(flat[k][1]))  # lm-eval sorts by length, longest first
     model.eval()
     for s in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="naive scoring"):
-        chunk = flat[s: s + batch_size]
+        ks = order[s: s + batch_size]
+        chunk = [flat[k] for k in ks]
         ids, mask = _pad([c[1] for c in chunk], pad)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for r, (ri, inp, cont) in enumerate(chunk):
+        dev = model_device(model)
+        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), dim=-1)
+        for r, (k, (ri, inp, cont)) in enumerate(zip(ks, chunk)):
             n = len(inp)
             lp = logp[r, n - len(cont): n]
-            t = torch.tensor(cont)
-            results[ri].append((lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all())))
+            t = torch.tensor(cont, device=logp.device)
+            results[ri][slots[k]] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
     return results

@@ -14,8 +14,9 @@ Tasks:
 - ``english_bpb``: general English prose: HellaSwag validation contexts with their gold ending
   (``ctx_a + " " + ctx_b.capitalize() + " " + ending``, lm-eval's bracket cleaning), taken from the END of the
   split so that ``--limit`` subsets do not overlap the first items that ``hellaswag`` scores.
-- ``heldout_bpb:<dataset>``: held-out documents of a training dataset (lorascope.data.heldout_texts), scored
-  with a sliding window (1024 tokens, stride 512) so long files are covered with context.
+- ``heldout_bpb:<dataset>``: held-out documents of a training dataset (lorascope.data.heldout_texts), each cut
+  to its first HELDOUT_CHARS characters, spread evenly over the split under --limit; scored with a sliding
+  window (1024 tokens, stride 512) where a text is longer than the window.
 - ``kl_base``: mean per-token KL(reference || model) on the english_bpb texts, reference = ctx.reference_model
   (the base); metric ``kl`` in nats per token (mean over items of the per-item token mean).
 
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import sources
 from .base import EvalContext, TaskResult
-from .engine import Request, encode_pair, max_length, prefix_token_id, score
+from .engine import Request, encode_pair, max_length, model_device, prefix_token_id, score
 from .multiple_choice import hellaswag_preprocess
 from .results import mean_stderr, select_items
 from ..errors import LorascopeError
@@ -93,13 +94,15 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     out = [[0.0, 0] for _ in texts]
     model.eval()
+    dev = model_device(model)
     bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
     for b in _batches(rows, token_budget):
         ids, mask = _pad([rows[r][1] for r in b], pad)
+        ids, mask = ids.to(dev), mask.to(dev)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for j, r in enumerate(b):
             i, inp, tgt = rows[r]
-            lp = logp[j, len(inp) - len(tgt): len(inp)].gather(1, torch.tensor(tgt).unsqueeze(1))
+            lp = logp[j, len(inp) - len(tgt): len(inp)].gather(1, torch.tensor(tgt, device=dev).unsqueeze(1))
             out[i][0] -= lp.sum().item()
             out[i][1] += len(tgt)
         bar.update(len(b))
@@ -119,8 +122,11 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], window: int | Non
     reference.eval()
     for b in tqdm(list(_batches(rows, token_budget)), desc="kl_base", disable=not progress, dynamic_ncols=True):
         ids, mask = _pad([rows[r][1] for r in b], pad)
+        ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
         lq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        lp = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        rdev = model_device(reference)
+        lp = torch.log_softmax(reference(input_ids=ids.to(rdev), attention_mask=mask.to(rdev)).logits.float(),
+                               dim=-1).to(lq.device)
         kl = (lp.exp() * (lp - lq)).sum(-1)  # (batch, positions)
         for j, r in enumerate(b):
             i, inp, tgt = rows[r]
@@ -300,6 +306,8 @@ class HeldoutBPB(_TextBPB):
         out = []
         for i in idx:
             t = texts[i]
+            if not t:  # no bytes to normalise by
+                continue
             if len(t) > HELDOUT_CHARS:
                 cut = t.rfind("\n", 0, HELDOUT_CHARS)
                 t = t[: cut if cut > HELDOUT_CHARS // 2 else HELDOUT_CHARS]
