@@ -16,7 +16,7 @@ $(BIN)/lorascope: pyproject.toml requirements-data.txt
 setup: $(BIN)/lorascope
 
 study: setup
-	$(BIN)/lorascope study configs/quick.yaml --out $(STUDY_DIR)
+	$(BIN)/lorascope study configs/quick.yaml --out $(STUDY_DIR) --jobs 2
 	$(BIN)/lorascope report $(STUDY_DIR)
 
 test: setup

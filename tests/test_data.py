@@ -75,6 +75,13 @@ def test_ift_masks_exactly_the_prompt(tmp_path, tokenizer):
     assert "Be terse." in full and "Say 7." in full  # the chat turns are in the input, only masked
 
 
+def test_ift_seq_len_shorter_than_every_prompt_is_named(tmp_path, tokenizer):
+    rows = [{"prompt": f"Say {i} twice.", "response": f"{i} {i}"} for i in range(3)]
+    dc = DataConfig(dataset=str(_write_jsonl(tmp_path / "short.jsonl", rows)), regime="ift")
+    with pytest.raises(LorascopeError, match=r"^train\.seq_len: 4 tokens leave no response token"):
+        load_dataset(dc, tokenizer, seq_len=4)
+
+
 def test_ift_plain_format_without_chat_template(tmp_path, tokenizer):
     import copy
 

@@ -240,8 +240,12 @@ def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     from lorascope.evals.perplexity import kl_per_text
 
     texts = ["A first sentence for the test.", "Another, somewhat longer sentence to score here."]
-    same = kl_per_text(tiny_model, tiny_model, tokenizer, texts)
+    import copy
+
+    same = kl_per_text(tiny_model, copy.deepcopy(tiny_model), tokenizer, texts)  # computed
     assert all(abs(s) < 1e-5 and n > 0 for s, n in same)
+    # the very same object is short-cut to exactly 0, over the same token counts
+    assert kl_per_text(tiny_model, tiny_model, tokenizer, texts) == [(0.0, n) for _, n in same]
     other = make_tiny_llama(len(tokenizer), seed=3)
     assert all(s > 0 for s, _ in kl_per_text(tiny_model, other, tokenizer, texts))
 

@@ -244,12 +244,15 @@ def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1
                         ok.add(jid)
                     else:
                         failed[jid] = rc
-                    timings.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(time.time() - started[jid], 2),
+                    took = time.time() - started[jid]
+                    timings.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(took, 2),
                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
                     timings.flush()
                     bar.advance(task)
-                    if rc != 0 and progress:
-                        bar.console.print(f"[red]failed[/red] {jid} (log: {log_path(out, jid)})")
+                    if progress:  # one line per finished job: the live bar is not drawn when output is a file
+                        done_n = len(ok) + len(failed)
+                        bar.console.print(f"[green]done[/green] {jid} in {took:.0f} s ({done_n}/{len(all_jobs)})"
+                                          if rc == 0 else f"[red]failed[/red] {jid} (log: {log_path(out, jid)})")
         timings.close()
         real = {k: v for k, v in failed.items() if v != -1}
         if failed:

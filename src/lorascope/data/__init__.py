@@ -192,6 +192,9 @@ def load_dataset(dcfg: DataConfig, tokenizer, seq_len: int, split: str = "train"
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ds = pack_examples(tokens, labels, lengths, seq_len, pad or 0)
+    if split == "train" and len(ds) == 0 and dcfg.regime == "ift" and len(tokens):
+        raise LorascopeError(f"train.seq_len: {seq_len} tokens leave no response token of '{dcfg.dataset}' inside "
+                             "the window (every prompt, chat template included, is at least that long)")
     if split == "train" and len(ds) == 0:
         raise LorascopeError(f"data.dataset: '{dcfg.dataset}' has {len(tokens)} training tokens, not one "
                              f"sequence of seq_len={seq_len}")
