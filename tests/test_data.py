@@ -103,6 +103,16 @@ def test_data_cli_reports_rows(tmp_path, tiny_model_dir):
     m = data_cli(str(_write_jsonl(tmp_path / "s.jsonl", rows)), model=str(tiny_model_dir), regime="ift", seq_len=128)
     assert m["documents"]["train"] + m["documents"]["heldout"] == 12 and m["rows"]["train"] >= 1
     assert 0 < m["rows"]["train_supervised"] < m["rows"]["train_fill"] <= 1
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    r = CliRunner().invoke(app, ["data", str(tmp_path / "s.jsonl"), "--model", str(tiny_model_dir), "--regime",
+                                 "ift", "--seq-len", "128"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["rows"] == m["rows"]
+    bad = CliRunner().invoke(app, ["data", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir)])
+    assert bad.exit_code == 2 and "missing.jsonl" in bad.output
 
 
 def test_cpt_user_files_determinism_and_heldout(tmp_path, tokenizer, monkeypatch):
@@ -241,3 +251,28 @@ def test_builtins_build(tokenizer, monkeypatch):
             assert not probs & {" ".join(x["problem"].split()) for x in math500()}
         else:
             assert m["excluded_eval_ids"] == {}
+
+
+def test_parallel_builders_build_once(tmp_path, tokenizer, monkeypatch):
+    """Two processes asking for the same uncached dataset: one builds, the other waits and reads the cache."""
+    import multiprocessing as mp
+
+    monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path / "cache"))
+    src = _write_jsonl(tmp_path / "c.jsonl", _code_rows())
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_and_report, args=(str(src), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    built = sorted(q.get(timeout=5) for _ in procs)
+    assert built == [False, True]  # exactly one process ran the builder
+
+
+def _build_and_report(src, q):
+    built = []
+    real = data._build_docs
+    data._build_docs = lambda *a: built.append(1) or real(*a)
+    data.load_docs(DataConfig(dataset=src))
+    q.put(bool(built))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LorascopeError
@@ -48,3 +49,19 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("LORASCOPE_CACHE") or Path.home() / ".cache" / "lorascope")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextmanager
+def cache_lock(path: Path):
+    """Exclusive lock on ``path`` + '.lock' while a cache entry is built: parallel study jobs that need the same
+    converted model or dataset wait for the first builder instead of building it twice (or racing on its files)."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -56,6 +56,22 @@ def train(ctx: typer.Context,
     run_train(cfg, out)
 
 
+@app.command()
+@_user_errors
+def data(dataset: str = typer.Argument(..., help="code-cpt | math-cpt | code-ift | math-ift | FILE | hf:ID"),
+         model: str = typer.Option("embedded", "--model", help="whose tokenizer counts the tokens"),
+         regime: Optional[str] = typer.Option(None, "--regime", help="cpt | ift (user files; built-ins know)"),
+         max_docs: Optional[int] = typer.Option(None, "--max-docs", help="first N training documents"),
+         seq_len: int = typer.Option(512, "--seq-len", help="packed row length for the row statistics")):
+    """Build (or read from the cache) a dataset and print its manifest and how it packs into rows."""
+    import json
+
+    from .data.describe import data_cli
+
+    typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len),
+                          indent=2))
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(model: str = typer.Argument(..., help="embedded | hub id | local dir | run dir[:checkpoint]"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .assets import cache_dir, embedded_gguf
+from .assets import cache_dir, cache_lock, embedded_gguf
 from .errors import LorascopeError
 
 EMBEDDED = "embedded"
@@ -74,6 +74,13 @@ def convert_gguf(gguf: Path) -> Path:
     out = _gguf_cache_dir(gguf)
     if (out / "DONE").exists():
         return out
+    with cache_lock(out):
+        if (out / "DONE").exists():  # another process converted it while this one waited
+            return out
+        return _convert_gguf(gguf, out)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..assets import cache_dir
+from ..assets import cache_dir, cache_lock
 from ..config import DataConfig
 from ..errors import LorascopeError
 from .code_data import code_cpt, code_ift
@@ -134,6 +134,13 @@ def load_docs(dcfg: DataConfig) -> dict:
     f = _cache(dcfg) / "docs.json"
     if f.exists():
         return json.loads(f.read_text(encoding="utf-8"))
+    with cache_lock(f):  # parallel jobs: one builds, the others wait and read
+        if f.exists():
+            return json.loads(f.read_text(encoding="utf-8"))
+        return _build_docs(dcfg, f)
+
+
+def _build_docs(dcfg: DataConfig, f: Path) -> dict:
     if dcfg.dataset in BUILDERS:
         train, heldout, sources = BUILDERS[dcfg.dataset]()
     else:
@@ -169,15 +176,23 @@ def _tokenized(dcfg: DataConfig, tokenizer, split: str) -> tuple[np.ndarray, np.
     d = _cache(dcfg) / f"tok-{_tok_key(tokenizer)}"
     ft, fl, fn = d / f"{split}.tokens.npy", d / f"{split}.labels.npy", d / f"{split}.lengths.npy"
     cpt = dcfg.regime == "cpt"
-    if ft.exists():
+
+    def cached():
         tokens = np.load(ft)
         return tokens, (tokens if cpt else np.load(fl)), np.load(fn)
-    tokens, labels, lengths = tokenize_docs(load_docs(dcfg)[split], tokenizer, dcfg.regime)
-    _atomic(fn, lambda fh: np.save(fh, lengths))
-    if not cpt:
-        _atomic(fl, lambda fh: np.save(fh, labels))
-    _atomic(ft, lambda fh: np.save(fh, tokens))
-    return tokens, labels, lengths
+
+    if ft.exists():
+        return cached()
+    docs = load_docs(dcfg)  # outside the lock below: it takes its own
+    with cache_lock(ft):
+        if ft.exists():  # built by another process while this one waited
+            return cached()
+        tokens, labels, lengths = tokenize_docs(docs[split], tokenizer, dcfg.regime)
+        _atomic(fn, lambda fh: np.save(fh, lengths))
+        if not cpt:
+            _atomic(fl, lambda fh: np.save(fh, labels))
+        _atomic(ft, lambda fh: np.save(fh, tokens))
+        return tokens, labels, lengths
 
 
 def load_dataset(dcfg: DataConfig, tokenizer, seq_len: int, split: str = "train") -> torch.utils.data.Dataset:
