@@ -274,6 +274,16 @@ def test_headline_numbers_are_paired_bootstrap(study):
     lora = by["lora-r16 lr=0.0002"]
     assert abs(lora["learning"].estimate - 0.105) < 0.01  # two seeds averaged (0.10, 0.11)
     assert lora["forgetting"].estimate < by["full lr=2e-05"]["forgetting"].estimate
+    # report.forgetting in the study file picks another headline metric; one not evaluated is said, not hidden
+    st.config["report"] = {"forgetting": "english_bpb"}
+    h2 = headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
+    assert h2.forgetting.task == "english_bpb"
+    f2 = {r["point"].name: r["forgetting"] for r in h2.table}
+    assert abs(f2["full lr=2e-05"].estimate - 0.05) < 0.01 and f2["full lr=2e-05"].significant
+    st.config["report"] = {"forgetting": "kl_base"}
+    h3 = headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
+    assert h3.forgetting.task == "forgetting_mean" and any("report.forgetting asks for kl_base" in x
+                                                            for x in h3.sentences)
 
 
 def test_missing_parts_say_not_run(tmp_path):

@@ -114,6 +114,7 @@ def tiny_study(tmp_path, model_dir, corpus, **extra) -> Path:
     (lambda s: s["evals"]["groups"][0]["tasks"].append("mmlu"), "evals.groups[0].tasks[2]: unknown task 'mmlu'"),
     (lambda s: s["settings"][0]["train"].update(checkpoints=[512, 256]), "settings[0].train.checkpoints"),
     (lambda s: s["settings"][0]["train"].update(checkpoints=[2048]), "settings[0].train.checkpoints"),
+    (lambda s: s.update(report={"forgetting": "hellaswag"}), "report.forgetting: 'hellaswag' is not evaluated"),
 ])
 def test_invalid_study_names_the_place(tmp_path, tiny_model_dir, corpus, mutate, place):
     p = tiny_study(tmp_path, tiny_model_dir, corpus)

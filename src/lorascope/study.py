@@ -69,6 +69,11 @@ def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
     return jobs
 
 
+def _priority(job: dict) -> int:
+    """Training (and truncation) first: they unlock the other jobs, so the parallel slots stay busy to the end."""
+    return {"train": 0, "truncate": 1}.get(job["kind"], 2)
+
+
 def _done_marker(d: Path, job: dict) -> Path:
     k = job["kind"]
     if k == "train":
@@ -229,7 +234,8 @@ def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1
                     failed[j["id"]] = -1  # blocked by a failed dependency
                     pending.remove(j)
                     bar.advance(task)
-                for j in [j for j in pending if all(dep in ok for dep in j["deps"])][: max(ex.slots(), 0)]:
+                ready = sorted((j for j in pending if all(dep in ok for dep in j["deps"])), key=_priority)
+                for j in ready[: max(ex.slots(), 0)]:
                     pending.remove(j)
                     if is_done(out, j):  # e.g. the evals of a run that just diverged
                         ok.add(j["id"])

@@ -95,6 +95,12 @@ class Analysis(_Strict):
     truncate: TruncateSpec | None = None
 
 
+class ReportSpec(_Strict):
+    """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB; forgetting_mean)."""
+    learning: str | None = None
+    forgetting: str | None = None
+
+
 class StudyConfig(_Strict):
     name: str = "study"
     model: str = "embedded"
@@ -103,6 +109,7 @@ class StudyConfig(_Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     evals: Evals = Field(default_factory=Evals)
     analysis: Analysis = Field(default_factory=Analysis)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     divergence_factor: float = 1.5
     """A run whose final loss exceeds its first loss x this factor (or goes non-finite) is 'diverged'."""
 
@@ -122,6 +129,14 @@ class StudyConfig(_Strict):
             if end is not None and t.checkpoints and t.checkpoints[-1] >= end:
                 raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
                                  f"{what}={end} (got {t.checkpoints})")
+        evaluated = {t for g in self.evals.groups for t in g.tasks}
+        if {"hellaswag", "arc_challenge", "winogrande"} <= evaluated:
+            evaluated.add("forgetting_mean")
+        for field in ("learning", "forgetting"):
+            want = getattr(self.report, field)
+            if want is not None and want not in evaluated:
+                raise ValueError(f"report.{field}: '{want}' is not evaluated in any evals group "
+                                 f"(evaluated: {sorted(evaluated)})")
         settings = {s.name for s in self.settings}
         for mi, m in enumerate(self.methods):
             grid = m.lrs.values() if isinstance(m.lrs, dict) else [m.lrs]

@@ -131,13 +131,22 @@ def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset
                                                    "forgetting cannot be measured against it."])
     tasks = sorted({t for p in fin for (t, _) in p.values} & {t for (t, _) in base})
     ls, fs = learning_metric(tasks, dataset), forgetting_metric(tasks)
+    out: list[str] = []
+    chosen = st.config.get("report") or {}
+    for role, default in (("learning", ls), ("forgetting", fs)):
+        want = chosen.get(role)
+        if want and want != default:
+            if want in tasks and spec(want) is not None:
+                ls, fs = (want, fs) if role == "learning" else (ls, want)
+            else:  # said out loud, never a silent substitute
+                out.append(f"report.{role} asks for {want}, which was not evaluated on both the base model and "
+                           f"the runs of this setting (or has no known headline metric); {default} is used.")
     L, F = (spec(ls) if ls else None), (spec(fs) if fs else None)
     table = []
     for p in fin:
         row = {"point": p, "learning": difference(st, L, p, None, base) if L else None,
                "forgetting": difference(st, F, p, None, base) if F else None}
         table.append(row)
-    out: list[str] = []
     if L is None:
         return Headline(setting, L, F, table, ["Not run: no learning task (domain benchmark or held-out BPB) was "
                                               "evaluated on both the base model and the runs of this setting."])
