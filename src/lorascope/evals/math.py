@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 
 from . import sources
-from .base import EvalContext, TaskResult
+from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .results import mean_stderr, select_items
 from ..errors import LorascopeError
@@ -84,13 +84,9 @@ def _metric(name: str, values: list[float]) -> dict[str, float]:
     return {name: mu, f"{base}_stderr,{filt}": se}
 
 
-class GSM8K:
+class GSM8K(GenerativeTask):
     name = "gsm8k"
     max_new_tokens = 256
-
-    def __init__(self, max_new_tokens: int | None = None):
-        if max_new_tokens is not None:
-            self.max_new_tokens = max_new_tokens
 
     def prompt_prefix(self, shots: int) -> str:
         pool = sources.gsm8k_fewshot()
@@ -213,13 +209,9 @@ def math_prediction(completion: str) -> tuple[str | None, str]:
     return (b, "boxed") if b is not None else (None, "none")
 
 
-class Math500:
+class Math500(GenerativeTask):
     name = "math500"
     max_new_tokens = 512
-
-    def __init__(self, max_new_tokens: int | None = None):
-        if max_new_tokens is not None:
-            self.max_new_tokens = max_new_tokens
 
     def run(self, ctx: EvalContext) -> TaskResult:
         shots = 4 if ctx.shots is None else ctx.shots

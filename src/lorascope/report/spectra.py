@@ -70,14 +70,20 @@ def heatmap_figure(items: list[tuple[str, dict]]) -> str | None:
     return to_png(fig)
 
 
-def by_module_figure(items: list[tuple[str, dict]]) -> str | None:
-    """Mean rank of dW by module type, a bar per run, the Gaussian baseline as a black tick."""
+def _with_modules(items: list[tuple[str, dict]]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The spectra that have per-module aggregates, and the module types in first-seen order."""
     items = [(n, sp) for n, sp in items if sp.get("aggregate", {}).get("by_module")]
-    if not items:
-        return None
     mods: list[str] = []
     for _, sp in items:
         mods += [m for m in sp["aggregate"]["by_module"] if m not in mods]
+    return items, mods
+
+
+def by_module_figure(items: list[tuple[str, dict]]) -> str | None:
+    """Mean rank of dW by module type, a bar per run, the Gaussian baseline as a black tick."""
+    items, mods = _with_modules(items)
+    if not items:
+        return None
     fig = Figure(figsize=(max(6.0, 1.2 * len(mods) + 2), 3.8))
     ax = fig.add_subplot(1, 1, 1)
     w = 0.8 / len(items)
@@ -126,12 +132,9 @@ def trajectory_figure(st: Study) -> str | None:
 
 def intruders_figure(items: list[tuple[str, dict]]) -> str | None:
     """Intruder dimensions per run, stacked by module type."""
-    items = [(n, sp) for n, sp in items if sp.get("aggregate", {}).get("by_module")]
+    items, mods = _with_modules(items)
     if not items:
         return None
-    mods: list[str] = []
-    for _, sp in items:
-        mods += [m for m in sp["aggregate"]["by_module"] if m not in mods]
     fig = Figure(figsize=(max(5.0, 1.3 * len(items) + 2), 3.8))
     ax = fig.add_subplot(1, 1, 1)
     bottom = [0.0] * len(items)
