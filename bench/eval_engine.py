@@ -2,7 +2,8 @@
 
 Compared: ``engine.score_naive`` (every context+choice as its own full sequence, logits everywhere, batches of
 8 sequences: what lm-eval's HF backend does) against ``engine.score`` (context once per item with its KV cache
-copied to the choices, few-shot block cached once per task, logits only where scored; batches of 8 items).
+copied to the choices, few-shot block cached once per task, logits only where scored; passes of at most as
+many padded tokens as 8 naive sequences of the same items, so both hold the same activation memory per pass).
 Checks identical predictions (acc and acc_norm) and max |delta loglik|; prints the speed ratio of wall time
 and of this process's CPU time (the CPU-time ratio is the robust one when other jobs share the cores).
 
@@ -41,8 +42,8 @@ def preds(items, scored):
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     model, tok = load_base("embedded")
-    print(f"embedded model, {torch.get_num_threads()} threads, {n} items per task, batch 8 (sequences for "
-          f"naive, items for engine)")
+    print(f"embedded model, {torch.get_num_threads()} threads, {n} items per task, batch 8 (naive: 8 sequences "
+          f"per pass; engine: the same padded-token budget per pass)")
     rows = []
     for task in (HellaSwag(), ArcChallenge()):
         for shots in (0, 5):

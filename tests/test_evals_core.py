@@ -92,6 +92,24 @@ def test_engine_matches_naive(tiny_model, tokenizer):
     assert max(diffs) <= 1e-4
     assert [g for r in fast for _, g in r] == [g for r in ref for _, g in r]
     assert all(ll < 0 for r in fast for ll, _ in r)
+    # one sequence per pass: several chunks, contexts and choices split across passes
+    single = score(tiny_model, tokenizer, reqs, batch_size=1)
+    assert max(abs(a[0] - b[0]) for fa, fb in zip(single, ref) for a, b in zip(fa, fb)) <= 1e-4
+
+
+def test_passes_cover_rows_in_order_within_budget():
+    from lorascope.evals.engine import PASS_OVERHEAD, _passes
+
+    lengths = [40, 38, 12, 11, 11, 10, 3, 3]
+    order = list(range(len(lengths)))
+    passes = _passes(order, lengths, budget=100)
+    assert [r for p in passes for r in p] == order
+    assert all(len(p) * lengths[p[0]] <= 100 for p in passes)
+    # the long rows do not drag the short ones into a padded pass; the short ones share passes
+    assert passes[0] == [0, 1] and len(passes) < len(order)
+    # a row longer than the budget still gets its own pass
+    assert _passes([0, 1], [500, 5], budget=100)[0] == [0]
+    assert PASS_OVERHEAD > 0
 
 
 def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer):

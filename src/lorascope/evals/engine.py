@@ -13,6 +13,8 @@ What is faster than lm-eval (and why it gives the same numbers up to float round
    ``shared_prefix`` hint of a request says which string that is, the engine finds the common token prefix.
 3. Logits are computed only where they are scored: the last context token is re-fed with the choice so every
    choice row's logits line up with its continuation tokens, and the context pass needs no vocabulary head.
+4. Passes are sized in padded tokens, not rows: choices of many items are length-sorted together and cut
+   into passes by a small dynamic programme (a pass has a fixed cost, so short rows are packed many to one).
 Padding is on the right everywhere, so no query row is fully masked (that would put NaNs into the cache).
 
 Example::
@@ -26,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 MIN_SHARED = 8  # tokens; a shorter common prefix is not worth a separate cache
-CHOICE_ROWS = 16  # choice rows per forward pass
+PASS_OVERHEAD = 64  # tokens; the fixed cost of one forward pass in units of per-token cost (measured on CPU)
+CHUNK_BATCHES = 8  # passes per chunk: choices of a chunk's items are length-sorted together, cutting padding
 
 
 @dataclass
@@ -112,11 +114,30 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _select(cache, index: list[int]):
-    # a private copy: the model appends to the cache it is given, and the source cache is reused
-    c = copy.deepcopy(cache)
-    c.batch_select_indices(torch.tensor(index, dtype=torch.long, device=c.layers[0].keys.device))
-    return c
+def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Split length-sorted (longest first) rows into passes of at most ``budget`` padded tokens each.
+
+    A forward pass costs a fixed time (streaming the weights: on a CPU about PASS_OVERHEAD tokens' worth) plus
+    a time per padded token, so a short dynamic programme picks the cut points that minimise the total; the
+    result packs short rows (a choice of a dozen tokens) many to a pass and keeps similar lengths together.
+    """
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            width = lengths[order[i]]  # the longest row of order[i:j]
+            if (j - i) * width > budget and j - i > 1:
+                break
+            c = best[i] + PASS_OVERHEAD + (j - i) * width
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out: list[list[int]] = []
+    j = n
+    while j > 0:
+        out.append(order[cut[j]: j])
+        j = cut[j]
+    return out[::-1]
 
 
 def model_device(model) -> torch.device:
@@ -136,72 +157,121 @@ def _forward(model, ids, mask, positions, cache):
     return cache
 
 
+def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 @torch.inference_mode()
-def _prefix_cache(model, tokens: list[int]):
+def _prefix_cache(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ids = torch.tensor([tokens], dtype=torch.long)
-    return _forward(model, ids, torch.ones_like(ids), torch.arange(len(tokens)).unsqueeze(0), None)
+    return _layers_kv(_forward(model, ids, torch.ones_like(ids), torch.arange(len(tokens)).unsqueeze(0), None))
 
 
 @torch.inference_mode()
-def _score_batch(model, items: list[_Item], group_cache, group_len: int, pad: int):
-    """Score a batch of items that share the first ``group_len`` context tokens (cached in group_cache)."""
-    b = len(items)
-    # 1. item contexts except their last token, after the shared group prefix
-    rests = [it.ctx[group_len:-1] for it in items]
-    empty = [i for i, r in enumerate(rests) if not r]
-    if group_len == 0 and 0 < len(empty) < b:
-        # an all-padding row with nothing cached before it would be a fully masked query (NaN in the cache):
-        # score single-token contexts separately
-        full = [i for i in range(b) if rests[i]]
-        res = dict(zip(empty, _score_batch(model, [items[i] for i in empty], None, 0, pad)))
-        res.update(zip(full, _score_batch(model, [items[i] for i in full], None, 0, pad)))
-        return [res[i] for i in range(b)]
-    past_mask = torch.ones((b, group_len), dtype=torch.long)
-    cache = _select(group_cache, [0] * b) if group_cache is not None else None
-    if any(rests):
-        ids, mask = _pad([r if r else [pad] for r in rests], pad)
-        for i, r in enumerate(rests):
-            if not r:
-                mask[i, 0] = 0
+def _context_kv(model, items: list[_Item], group_kv, group_len: int, pad: int, budget: int) -> list:
+    """Per item, per layer, the (keys, values) of its context after the group prefix and before its last token.
+
+    Items run in passes of at most ``budget`` tokens, sorted by length so a pass carries little padding; an item
+    whose context is only its last token has nothing to run (its choices re-feed that token) and gets None.
+    """
+    out: list = [None] * len(items)
+    todo = sorted((i for i, it in enumerate(items) if len(it.ctx) - 1 > group_len), key=lambda i: -len(items[i].ctx))
+    for sub in _passes(todo, [len(it.ctx) - 1 - group_len for it in items], budget):
+        b = len(sub)
+        rests = [items[i].ctx[group_len:-1] for i in sub]
+        ids, mask = _pad(rests, pad)
         positions = group_len + torch.arange(ids.shape[1]).unsqueeze(0).expand(b, -1)
-        cache = _forward(model, ids, torch.cat([past_mask, mask], 1), positions, cache)
-        past_mask = torch.cat([past_mask, mask], 1)
-    # 2. choices: [last context token] + continuation[:-1], logits aligned with the continuation tokens.
-    # Rows are length-sorted into sub-batches (each with its own slice of the cache) to cut padding.
-    owner, rows = [], []
-    for i, it in enumerate(items):
-        for c in it.conts:
-            owner.append(i)
-            rows.append([it.ctx[-1]] + c[:-1])
-    targets = [c for it in items for c in it.conts]
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    results: list[list] = [[None] * len(it.conts) for it in items]
-    slot = [j for it in items for j in range(len(it.conts))]
-    dev = model_device(model)
-    for s in range(0, len(order), CHOICE_ROWS):
-        sub = order[s: s + CHOICE_ROWS]
-        ids, mask = _pad([rows[r] for r in sub], pad)
-        own = [owner[r] for r in sub]
-        positions = torch.tensor([len(items[o].ctx) - 1 for o in own]).unsqueeze(1) + torch.arange(ids.shape[1])
-        if cache is not None and past_mask.shape[1] > 0:
-            sub_cache = _select(cache, own)
-            full_mask = torch.cat([past_mask[own], mask], 1)
+        if group_kv is not None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache([(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
+                                  for k, v in group_kv])
+            mask = torch.cat([torch.ones((b, group_len), dtype=torch.long), mask], 1)
         else:
-            sub_cache, full_mask = None, mask
-        out = model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=positions.to(dev),
-                    past_key_values=sub_cache, use_cache=sub_cache is not None)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
+            cache = None
+        kv = _layers_kv(_forward(model, ids, mask, positions, cache))
+        for j, i in enumerate(sub):
+            n = len(rests[j])
+            out[i] = [(k[j: j + 1, :, group_len: group_len + n], v[j: j + 1, :, group_len: group_len + n])
+                      for k, v in kv]
+    return out
+
+
+def _past(owners: list[int], ctx_kv: list, group_kv, group_len: int):
+    """Cache and attention mask of the past for choice rows: group prefix + each owner's context, right-padded."""
+    from transformers import DynamicCache
+
+    lens = [0 if ctx_kv[o] is None else ctx_kv[o][0][0].shape[2] for o in owners]
+    width = max(lens)
+    b = len(owners)
+    mask = torch.zeros((b, group_len + width), dtype=torch.long)
+    mask[:, :group_len] = 1
+    for j, n in enumerate(lens):
+        mask[j, group_len: group_len + n] = 1
+    if group_len + width == 0:
+        return None, mask
+    layers = []
+    n_layers = len(group_kv) if group_kv is not None else len(next(kv for kv in ctx_kv if kv is not None))
+    for layer in range(n_layers):
+        kv = []
+        for t in (0, 1):
+            ref = group_kv[layer][t] if group_kv is not None else next(c for c in ctx_kv if c is not None)[layer][t]
+            x = ref.new_zeros((b, ref.shape[1], group_len + width, ref.shape[3]))
+            if group_kv is not None:
+                x[:, :, :group_len] = group_kv[layer][t][0]
+            for j, o in enumerate(owners):
+                if lens[j]:
+                    x[j, :, group_len: group_len + lens[j]] = ctx_kv[o][layer][t][0]
+            kv.append(x)
+        layers.append(tuple(kv))
+    return DynamicCache(layers), mask
+
+
+@torch.inference_mode()
+def _score_chunk(model, items: list[_Item], group_kv, group_len: int, pad: int, rows: int):
+    """Score items that share the first ``group_len`` context tokens (their KV in group_kv).
+
+    A pass holds as many padded tokens as ``rows`` of the chunk's longest context+continuation would, i.e. the
+    activation memory of a ``rows``-sequence pass of the naive method on the same items.
+    """
+    budget = rows * max(len(it.ctx) - group_len + max(len(c) for c in it.conts) for it in items)
+    ctx_kv = _context_kv(model, items, group_kv, group_len, pad, budget)
+    # choices: [last context token] + continuation[:-1], so the logits line up with the continuation tokens.
+    # All choice rows of the chunk are length-sorted into passes, each with its own padded past.
+    owner, slot, inputs, targets = [], [], [], []
+    for i, it in enumerate(items):
+        for j, c in enumerate(it.conts):
+            owner.append(i)
+            slot.append(j)
+            inputs.append([it.ctx[-1]] + c[:-1])
+            targets.append(c)
+    order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
+    results: list[list] = [[None] * len(it.conts) for it in items]
+    dev = model_device(model)
+    for sub in _passes(order, [len(x) for x in inputs], budget):
+        own = [owner[r] for r in sub]
+        ids, mask = _pad([inputs[r] for r in sub], pad)
+        positions = torch.tensor([len(items[o].ctx) - 1 for o in own]).unsqueeze(1) + torch.arange(ids.shape[1])
+        cache, past_mask = _past(own, ctx_kv, group_kv, group_len)
+        out = model(input_ids=ids.to(dev), attention_mask=torch.cat([past_mask, mask], 1).to(dev),
+                    position_ids=positions.to(dev), past_key_values=cache, use_cache=cache is not None)
+        logits = out.logits
         for j, r in enumerate(sub):
             tgt = targets[r]
-            t = torch.tensor(tgt, device=logp.device)
-            lp = logp[j, : len(tgt)]
+            t = torch.tensor(tgt, device=logits.device)
+            # log-softmax only over this row's scored positions, not the padding
+            lp = torch.log_softmax(logits[j, : len(tgt)].float(), dim=-1)
             results[owner[r]][slot[r]] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
     return results
 
 
 def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False,
           desc: str = "scoring") -> list[list[tuple[float, bool]]]:
-    """(loglik, is_greedy) for every continuation of every request, in order. ``batch_size`` counts items."""
+    """(loglik, is_greedy) for every continuation of every request, in order.
+
+    ``batch_size`` sets the padded tokens per forward pass: as many as ``batch_size`` sequences of the naive
+    method (context + continuation) on the same items; shorter rows (choices alone) are packed more per pass.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     max_len = max_length(model)
     items = [_tokenize(tokenizer, r, max_len) for r in requests]
@@ -229,14 +299,15 @@ def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, pr
     model.eval()
     results: list = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
+    chunk_items = CHUNK_BATCHES * batch_size
     try:
         for idx, shared in plan:
-            gcache = _prefix_cache(model, shared) if shared else None
-            # longest first: batches of similar length waste less padding
+            gkv = _prefix_cache(model, shared) if shared else None
+            # longest first, so the chunks (and the passes inside them) hold items of similar length
             idx = sorted(idx, key=lambda i: -(len(items[i].ctx) + max(len(c) for c in items[i].conts)))
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s: s + batch_size]
-                out = _score_batch(model, [items[i] for i in chunk], gcache, len(shared), pad)
+            for s in range(0, len(idx), chunk_items):
+                chunk = idx[s: s + chunk_items]
+                out = _score_chunk(model, [items[i] for i in chunk], gkv, len(shared), pad, batch_size)
                 for i, o in zip(chunk, out):
                     results[i] = o
                 bar.update(len(chunk))
