@@ -26,6 +26,7 @@ test-integration: setup
 	$(BIN)/python -m pytest -q -m integration
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

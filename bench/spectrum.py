@@ -73,8 +73,18 @@ def main() -> None:
                  for ta, tb in zip(s_torch, s_sp) for a, b in zip(ta, tb))
 
     t = time.time()
+    s_delta = [singular_values(trio[2]) for trio in trios]  # what "the spectrum of dW" alone costs
+    t_delta = time.time() - t
+    assert len(s_delta) == len(mats)
+
+    t = time.time()
     records, _ = spectrum_of_models(base, tuned, progress=False)
     t_full = time.time() - t
+    # the same analysis with both cores for LAPACK (a standalone `lorascope spectrum`; a study runs it on one)
+    os.environ["LORASCOPE_SVD_THREADS"] = "2"
+    t = time.time()
+    spectrum_of_models(base, tuned, progress=False)
+    t_full2 = time.time() - t
     if args.layers is not None:
         records = [r for r in records if (r["layer"] or 0) < args.layers]
 
@@ -86,8 +96,10 @@ def main() -> None:
     print(f"  numpy.linalg.svd (vals)   {t_np:7.2f}s  -> torch is {t_np / t_torch:.2f}x numpy's speed")
     print(f"  scipy.linalg.svdvals      {t_sp:7.2f}s  -> torch is {t_sp / t_torch:.2f}x scipy's speed")
     print(f"  max |s_torch - s_peer| / s_1: numpy {err:.1e}, scipy {err_sp:.1e}")
-    print(f"\nfull lorascope analysis (thin SVD of base and tuned, dW spectrum, gaussian + base+noise "
-          f"baselines, intruders): {t_full:.2f}s for {len(mats)} matrices")
+    print(f"\nspectrum of dW for every adapted matrix ({len(mats)}), 1 thread: {t_delta:.2f}s")
+    print(f"full lorascope analysis (thin SVD of base and tuned, dW spectrum, gaussian + base+noise "
+          f"baselines, intruders) for {len(mats)} matrices: {t_full:.2f}s on 1 thread, {t_full2:.2f}s on 2 "
+          f"({t_full / t_full2:.2f}x)")
     changed = [r for r in records if r["changed"]]
     frac = np.mean([r["rank_fraction_delta"] for r in changed])
     print(f"sanity: Gaussian dW needs {frac:.1%} of its spectrum for 90% energy (square Gaussian: ~51%, "
