@@ -340,3 +340,10 @@ def test_headless_screenshot_non_blank(study, tmp_path):
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1200,2000", html.as_uri()], check=True, timeout=120, capture_output=True)
     assert mpimg.imread(shot).std() > 0
+
+
+def test_interval_text_has_no_negative_zero():
+    from lorascope.report.stats import Interval
+
+    assert Interval(-1e-6, -2e-6, 0.05, 20, "paired bootstrap").text() == "+0.0000 [+0.0000, +0.0500]"
+    assert Interval(-0.25, -0.5, -0.125, 20, "paired bootstrap").text(2) == "-0.25 [-0.50, -0.12]"

@@ -45,7 +45,10 @@ class Interval:
         return Interval(-self.estimate, -self.hi, -self.lo, self.n, self.method)
 
     def text(self, digits: int = 4) -> str:
-        return f"{self.estimate:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+        def f(x: float) -> str:
+            return f"{round(x, digits) + 0.0:+.{digits}f}"  # + 0.0 turns a rounded -0.0 into +0.0
+
+        return f"{f(self.estimate)} [{f(self.lo)}, {f(self.hi)}]"
 
 
 def item_values(st: Study, run_id: str, ckpt: str | None, s: MetricSpec) -> list[ItemValues] | None:
