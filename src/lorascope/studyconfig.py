@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import DataConfig, MethodConfig, RunConfig, TrainConfig, dump, parse_value, read_yaml
 from .errors import ConfigError
+from .evals.results import FORGETTING_PARTS
 
 
 class _Strict(BaseModel):
@@ -130,7 +131,7 @@ class StudyConfig(_Strict):
                 raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
                                  f"{what}={end} (got {t.checkpoints})")
         evaluated = {t for g in self.evals.groups for t in g.tasks}
-        if {"hellaswag", "arc_challenge", "winogrande"} <= evaluated:
+        if {task for task, _ in FORGETTING_PARTS} <= evaluated:
             evaluated.add("forgetting_mean")
         for field in ("learning", "forgetting"):
             want = getattr(self.report, field)

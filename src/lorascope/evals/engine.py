@@ -77,7 +77,6 @@ def max_length(model) -> int:
 class _Item:
     ctx: list[int]
     conts: list[list[int]]
-    shared: int = 0  # tokens of ctx covered by the group cache
 
 
 def _tokenize(tokenizer, req: Request, max_len: int) -> _Item:
@@ -184,8 +183,8 @@ def _context_kv(model, items: list[_Item], group_kv, group_len: int, pad: int, b
         if group_kv is not None:
             from transformers import DynamicCache
 
-            cache = DynamicCache([(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
-                                  for k, v in group_kv])
+            # expanded views: the model concatenates new keys onto them, which copies once anyway
+            cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in group_kv])
             mask = torch.cat([torch.ones((b, group_len), dtype=torch.long), mask], 1)
         else:
             cache = None
@@ -211,11 +210,11 @@ def _past(owners: list[int], ctx_kv: list, group_kv, group_len: int):
     if group_len + width == 0:
         return None, mask
     layers = []
-    n_layers = len(group_kv) if group_kv is not None else len(next(kv for kv in ctx_kv if kv is not None))
-    for layer in range(n_layers):
+    like = group_kv if group_kv is not None else next(kv for kv in ctx_kv if kv is not None)  # shapes, dtype
+    for layer in range(len(like)):
         kv = []
         for t in (0, 1):
-            ref = group_kv[layer][t] if group_kv is not None else next(c for c in ctx_kv if c is not None)[layer][t]
+            ref = like[layer][t]
             x = ref.new_zeros((b, ref.shape[1], group_len + width, ref.shape[3]))
             if group_kv is not None:
                 x[:, :, :group_len] = group_kv[layer][t][0]

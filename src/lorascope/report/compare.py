@@ -130,17 +130,17 @@ def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset
         return Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
                                                    "forgetting cannot be measured against it."])
     tasks = sorted({t for p in fin for (t, _) in p.values} & {t for (t, _) in base})
-    ls, fs = learning_metric(tasks, dataset), forgetting_metric(tasks)
+    pick = {"learning": learning_metric(tasks, dataset), "forgetting": forgetting_metric(tasks)}
     out: list[str] = []
-    chosen = st.config.get("report") or {}
-    for role, default in (("learning", ls), ("forgetting", fs)):
-        want = chosen.get(role)
-        if want and want != default:
-            if want in tasks and spec(want) is not None:
-                ls, fs = (want, fs) if role == "learning" else (ls, want)
-            else:  # said out loud, never a silent substitute
-                out.append(f"report.{role} asks for {want}, which was not evaluated on both the base model and "
-                           f"the runs of this setting (or has no known headline metric); {default} is used.")
+    for role, want in (st.config.get("report") or {}).items():
+        if not want or want == pick.get(role):
+            continue
+        if want in tasks and spec(want) is not None:
+            pick[role] = want
+        else:  # said out loud, never a silent substitute
+            out.append(f"report.{role} asks for {want}, which was not evaluated on both the base model and "
+                       f"the runs of this setting (or has no known headline metric); {pick[role]} is used.")
+    ls, fs = pick["learning"], pick["forgetting"]
     L, F = (spec(ls) if ls else None), (spec(fs) if fs else None)
     table = []
     for p in fin:
