@@ -1,0 +1,55 @@
+"""Atomic file writes: the one place that knows how a reader never sees a half-written file.
+
+    atomic_write_text(run / "summary.txt", "ok\n")
+    atomic_write_json(run / "summary.json", {"tokens": 8192})
+    with atomic_dir(run / "checkpoints" / "tok-000000008192") as tmp:   # fill tmp; renamed on success
+        model.save_pretrained(tmp)
+
+Every writer writes a temp file (or directory) beside the target, then renames it: on POSIX a rename within one
+filesystem is atomic, so a crash leaves either the old content or the new one, plus at worst a stray temp file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temp directory beside `path`; on success it replaces `path` (an old one is removed first)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
