@@ -3,6 +3,10 @@
     cfg = load_run_config("configs/train-quick.yaml", ["method.kind=full", "train.lr=2e-5"])
     train(cfg, Path("runs/full"))     # resumes by itself if runs/full holds an unfinished run
 
+The recipe is a `Trainer` whose named steps run in this order: setup (accelerator, model + method, data, plan,
+optimizer) -> write_record -> resume -> run (run_step per optimizer step; save_checkpoint, save_state and
+cooldown_branch where the plan says) -> finish (summary.json, COMPLETE). Every method goes through the same steps.
+
 Fair comparison by construction: the data order is a function of (seed, step) only (trainplan.Plan), the
 schedule and token budget come from TrainConfig, so swapping the method changes nothing else.
 ``batch_size`` is the GLOBAL micro-batch, split across processes under ``accelerate launch``; the loss is the
@@ -42,6 +46,7 @@ from tqdm import tqdm
 from . import runlog
 from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
+from .fileio import atomic_write_text
 from .schedules import branch_multiplier, cooldown_start, multiplier
 from .trainplan import Plan
 
@@ -98,199 +103,260 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
 
 def train(cfg: RunConfig, out: Path, *, progress: bool = True) -> Path:
     """Train `cfg` into run directory `out` (created, resumed, or returned as is when COMPLETE); returns `out`."""
-    from accelerate.utils import set_seed
-
-    from .data import dataset_manifest, load_dataset
-    from .methods import apply_method, checkpoint_size_bytes, param_groups, save_checkpoint, total_parameters, \
-        trainable_parameters
-    from .models import load_base
-
-    out, t = Path(out), cfg.train
+    out = Path(out)
     resolved = dump(cfg)
     _check_run_dir(out, resolved)
     if (out / "COMPLETE").exists():
         return out
+    # Everything that can fail on user input (setup) happens before the run record is written.
+    trainer = Trainer.setup(cfg, out)
+    trainer.write_record(resolved)
+    trainer.resume()
+    trainer.run(progress)
+    trainer.finish()
+    return out
 
-    acc = _accelerator(t)
-    world, main = acc.num_processes, acc.is_main_process
-    set_seed(t.seed)  # same seed -> same LoRA init and dropout masks, whatever the method
 
-    # Everything that can fail on user input happens before the run record is written.
-    model, tok = load_base(cfg.model)
-    data = load_dataset(cfg.data, tok, t.seq_len, "train")
-    manifest = dataset_manifest(cfg.data, tok)
-    plan = Plan(t, len(data))
-    model = apply_method(model, cfg.method, work_dir=out / "init")
-    opt = _optimizer(param_groups(model, cfg.method, t.lr, t.weight_decay), t)
-    n_trainable, n_total = trainable_parameters(model), total_parameters(model)
-    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
-    if sharded and "state_dict" not in inspect.signature(save_checkpoint).parameters:
-        raise LorascopeError(f"{acc.distributed_type.name}: saving checkpoints of sharded models needs "
-                             "methods.save_checkpoint(state_dict=...), which this version lacks; use DDP")
-    model, opt = acc.prepare(model, opt)
-    trained = [p for p in model.parameters() if p.requires_grad]
+class Trainer:
+    """The state of one run between its named steps: setup -> write_record -> resume -> run -> finish.
 
-    state_dir = out / "state"
-    if main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        runlog.write_config(out / "config.yaml", resolved)
-        runlog.write_json(out / "data_manifest.json", manifest)
-        runlog.promote_state(out)
-    acc.wait_for_everyone()
+    ``run`` calls ``run_step`` once per optimizer step, ``save_checkpoint`` at each budget, ``save_state`` every
+    ``save_state_every`` steps and ``cooldown_branch`` where an intermediate budget's cooldown begins. Each step
+    is a method, so a test (or the dry run) can drive them one by one.
+    """
 
-    # --- resume
-    prog = {"step": 0, "checkpoints": [], "elapsed_s": 0.0, "tokens_processed": 0, "sessions": 0}
-    if (state_dir / "progress.json").exists():
-        try:
-            prog.update(json.loads((state_dir / "progress.json").read_text()))
-            acc.load_state(str(state_dir))
-        except Exception as e:  # noqa: BLE001 - name the damaged file, whatever the loader raised
-            bad = runlog.first_unreadable(state_dir)
-            where, why = bad if bad else (state_dir, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise LorascopeError(f"{where}: unreadable training state ({why}); delete {state_dir} to restart "
-                                 "from the beginning") from None
-    step, done = prog["step"], set(prog["checkpoints"])
-    prog["sessions"] += 1
-    if main:
-        runlog.truncate_loss(out / "loss.jsonl", step)  # drop lines logged after the state we resume from
-        runlog.write_meta(out / "meta.json", seed=t.seed, processes=world, start_step=step,
-                          data_manifest_hash=manifest["content_hash"])
+    def __init__(self, cfg: RunConfig, out: Path, acc, model, tok, data, manifest: dict, plan: Plan, opt,
+                 counts: tuple[int, int]):
+        self.cfg, self.t, self.out, self.acc = cfg, cfg.train, out, acc
+        self.model, self.tok, self.data, self.manifest, self.plan, self.opt = model, tok, data, manifest, plan, opt
+        self.n_trainable, self.n_total = counts
+        self.world, self.main = acc.num_processes, acc.is_main_process
+        self.sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.state_dir = out / "state"
+        self.lr_mult = multiplier(self.t.schedule, plan.total, int(round(self.t.warmup_frac * plan.total)),
+                                  self.t.cooldown_frac, self.t.min_lr_ratio)
+        self.prog = {"step": 0, "checkpoints": [], "elapsed_s": 0.0, "tokens_processed": 0, "sessions": 0}
+        self.step, self.done = 0, set()
+        self.t_start, self.elapsed0, self.processed0, self.processed = time.time(), 0.0, 0, 0
 
-    t_start, elapsed0, processed0 = time.time(), prog["elapsed_s"], prog["tokens_processed"]
-    processed = processed0
+    @classmethod
+    def setup(cls, cfg: RunConfig, out: Path) -> "Trainer":
+        """Accelerator, seeded model + method, data, plan and optimizer; writes nothing but OUT/init (PiSSA/OLoRA)."""
+        from accelerate.utils import set_seed
 
-    def elapsed() -> float:
-        return elapsed0 + time.time() - t_start
+        from . import methods
+        from .data import dataset_manifest, load_dataset
+        from .models import load_base
 
-    def save_state(at: int) -> None:
+        t = cfg.train
+        acc = _accelerator(t)
+        set_seed(t.seed)  # same seed -> same LoRA init and dropout masks, whatever the method
+        model, tok = load_base(cfg.model)
+        data = load_dataset(cfg.data, tok, t.seq_len, "train")
+        manifest = dataset_manifest(cfg.data, tok)
+        plan = Plan(t, len(data))
+        model = methods.apply_method(model, cfg.method, work_dir=out / "init")
+        opt = _optimizer(methods.param_groups(model, cfg.method, t.lr, t.weight_decay), t)
+        counts = methods.trainable_parameters(model), methods.total_parameters(model)
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and \
+                "state_dict" not in inspect.signature(methods.save_checkpoint).parameters:
+            raise LorascopeError(f"{acc.distributed_type.name}: saving checkpoints of sharded models needs "
+                                 "methods.save_checkpoint(state_dict=...), which this version lacks; use DDP")
+        model, opt = acc.prepare(model, opt)
+        return cls(cfg, out, acc, model, tok, data, manifest, plan, opt, counts)
+
+    def write_record(self, resolved: dict) -> None:
+        """The run directory: config, data manifest, and a state.tmp a kill left complete promoted to state."""
+        if self.main:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            runlog.write_config(self.out / "config.yaml", resolved)
+            runlog.write_json(self.out / "data_manifest.json", self.manifest)
+            runlog.promote_state(self.out)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> None:
+        """Load RUN/state if there is one (model, optimizer, RNG, progress); start this session's record."""
+        progress_file = self.state_dir / "progress.json"
+        if progress_file.exists():
+            try:
+                self.prog.update(json.loads(progress_file.read_text()))
+                self.acc.load_state(str(self.state_dir))
+            except Exception as e:  # noqa: BLE001 - name the damaged file, whatever the loader raised
+                bad = runlog.first_unreadable(self.state_dir)
+                where, why = bad if bad else (self.state_dir,
+                                              str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise LorascopeError(f"{where}: unreadable training state ({why}); delete {self.state_dir} to "
+                                     "restart from the beginning") from None
+        self.step, self.done = self.prog["step"], set(self.prog["checkpoints"])
+        self.prog["sessions"] += 1
+        if self.main:
+            runlog.truncate_loss(self.out / "loss.jsonl", self.step)  # drop lines logged after the resumed state
+            runlog.write_meta(self.out / "meta.json", seed=self.t.seed, processes=self.world,
+                              start_step=self.step, data_manifest_hash=self.manifest["content_hash"])
+        self.t_start, self.elapsed0 = time.time(), self.prog["elapsed_s"]
+        self.processed0 = self.processed = self.prog["tokens_processed"]
+
+    def elapsed(self) -> float:
+        """Training wall time over all sessions of this run."""
+        return self.elapsed0 + time.time() - self.t_start
+
+    def save_state(self, at: int) -> None:
+        """Resumable state as of optimizer step `at`, written to state.tmp and renamed over RUN/state."""
+        acc, tmp = self.acc, self.out / "state.tmp"
         acc.wait_for_everyone()
-        tmp = out / "state.tmp"
-        if main:
+        if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        if main:  # progress.json last: a state dir without it is incomplete
-            runlog.write_json(tmp / "progress.json", {**prog, "step": at, "checkpoints": sorted(done),
-                                                      "elapsed_s": elapsed(), "tokens_processed": processed})
-            shutil.rmtree(state_dir, ignore_errors=True)
-            tmp.rename(state_dir)
+        if self.main:  # progress.json last: a state dir without it is incomplete
+            runlog.write_json(tmp / "progress.json", {**self.prog, "step": at, "checkpoints": sorted(self.done),
+                                                      "elapsed_s": self.elapsed(),
+                                                      "tokens_processed": self.processed})
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            tmp.rename(self.state_dir)
         acc.wait_for_everyone()
 
-    def run_step(s: int, mult: float) -> dict:
-        nonlocal processed
-        lr = _set_lr(opt, mult)
-        rows, per, rank = plan.rows(s), t.batch_size // world, acc.process_index
+    def run_step(self, s: int, mult: float) -> dict:
+        """Optimizer step `s` at lr multiplier `mult`: {"loss", "lr", "grad_norm"} (loss over all processes)."""
+        acc, t, data = self.acc, self.t, self.data
+        lr = _set_lr(self.opt, mult)
+        rows, per, rank = self.plan.rows(s), t.batch_size // self.world, acc.process_index
         # Token-weighted mean over the whole optimizer step (all micro-batches, all processes): each micro
         # loss is sum/n_items; x(world*grad_accum) undoes accelerate's /grad_accum and DDP's mean over ranks.
         n_items = max(1, sum(int((data[i]["labels"][1:] != -100).sum()) for i in rows))
         local = torch.zeros((), device=acc.device)
         gn = None
-        model.train()
+        self.model.train()
         for m in range(t.grad_accum):
             mine = rows[m * t.batch_size + rank * per: m * t.batch_size + (rank + 1) * per]
             inputs = {k: torch.stack([data[i][k] for i in mine]).to(acc.device) for k in data[mine[0]]}
-            with acc.accumulate(model):
+            with acc.accumulate(self.model):
                 with acc.autocast():
-                    loss = model(**inputs, num_items_in_batch=n_items).loss
-                acc.backward(loss * (world * t.grad_accum))
+                    loss = self.model(**inputs, num_items_in_batch=n_items).loss
+                acc.backward(loss * (self.world * t.grad_accum))
                 if acc.sync_gradients:
-                    gn = acc.clip_grad_norm_(trained, t.grad_clip or float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                    gn = acc.clip_grad_norm_(self.trained, t.grad_clip or float("inf"))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
             local += loss.detach().float()
-        processed += t.tokens_per_step
+        self.processed += t.tokens_per_step
         loss_v = acc.reduce(local, reduction="sum").item()
         return {"loss": loss_v, "lr": lr, "grad_norm": float(gn) if gn is not None else None}
 
-    def save_ckpt(s: int, mult: float, cooldown: dict | None = None) -> None:
-        kind, value = plan.checkpoints[s]
+    def save_checkpoint(self, s: int, mult: float, cooldown: dict | None = None) -> None:
+        """Checkpoint of the budget ending at step `s` (its last lr multiplier `mult`), with lorascope.json."""
+        from . import methods  # looked up at call time: tests watch what is saved
+
+        acc, t, cfg = self.acc, self.t, self.cfg
+        kind, value = self.plan.checkpoints[s]
         acc.wait_for_everyone()
         # sharded weights (FSDP / ZeRO-3) are gathered by every rank together; DDP weights are whole on rank 0
-        full_sd = {"state_dict": acc.get_state_dict(model)} if sharded else {}
-        if main:
+        full_sd = {"state_dict": acc.get_state_dict(self.model)} if self.sharded else {}
+        if self.main:
             meta = {"step": s, "tokens": s * t.tokens_per_step, "epoch": value if kind == "epoch" else None,
                     "budget": {kind: value}, "method": dump(cfg.method), "lr": t.lr, "final_lr": t.lr * mult,
                     "schedule": t.schedule, "seed": t.seed}
             if cooldown:
                 meta["cooldown"] = cooldown
-            save_checkpoint(acc.unwrap_model(model), cfg.method, out / "checkpoints" / plan.name(s), cfg.model,
-                            meta, tokenizer=tok if cfg.method.kind == "full" else None, **full_sd)
-        done.add(plan.name(s))
+            methods.save_checkpoint(acc.unwrap_model(self.model), cfg.method,
+                                    self.out / "checkpoints" / self.plan.name(s), cfg.model, meta,
+                                    tokenizer=self.tok if cfg.method.kind == "full" else None, **full_sd)
+        self.done.add(self.plan.name(s))
         acc.wait_for_everyone()
 
-    lr_mult = multiplier(t.schedule, plan.total, int(round(t.warmup_frac * plan.total)), t.cooldown_frac,
-                         t.min_lr_ratio)
-
-    def branch(b_step: int) -> None:
+    def cooldown_branch(self, b_step: int) -> None:
         """Cooldown branch for the intermediate budget ending at optimizer step b_step (see module docstring)."""
+        t = self.t
         start = cooldown_start(b_step, t.cooldown_frac)
-        f = branch_multiplier(lr_mult, b_step, t.cooldown_frac, t.min_lr_ratio)
-        save_state(start)  # the snapshot the main run comes back to
+        f = branch_multiplier(self.lr_mult, b_step, t.cooldown_frac, t.min_lr_ratio)
+        self.save_state(start)  # the snapshot the main run comes back to
         trace = {"from_step": start, "lr": [], "loss": []}
         for s in range(start, b_step):
-            rec = run_step(s, f(s))
+            rec = self.run_step(s, f(s))
             trace["lr"].append(rec["lr"])
             trace["loss"].append(rec["loss"])
-        save_ckpt(b_step, f(b_step - 1), trace)
-        acc.load_state(str(state_dir))
-        if main:  # record that this branch is done, so a resume from the snapshot skips it
-            p = json.loads((state_dir / "progress.json").read_text())
-            runlog.write_json(state_dir / "progress.json", {**p, "checkpoints": sorted(done)})
-        acc.wait_for_everyone()
+        self.save_checkpoint(b_step, f(b_step - 1), trace)
+        self.acc.load_state(str(self.state_dir))
+        if self.main:  # record that this branch is done, so a resume from the snapshot skips it
+            p = json.loads((self.state_dir / "progress.json").read_text())
+            runlog.write_json(self.state_dir / "progress.json", {**p, "checkpoints": sorted(self.done)})
+        self.acc.wait_for_everyone()
 
-    branch_at: dict[int, list[int]] = {}
-    if plan.branches:
-        for s_b in plan.checkpoints:
-            if s_b < plan.total:
-                branch_at.setdefault(cooldown_start(s_b, t.cooldown_frac), []).append(s_b)
+    def branches_at(self) -> dict[int, list[int]]:
+        """{main-run step where a cooldown starts: [budget steps branching there]} (empty without branches)."""
+        out: dict[int, list[int]] = {}
+        if self.plan.branches:
+            for s_b in self.plan.checkpoints:
+                if s_b < self.plan.total:
+                    out.setdefault(cooldown_start(s_b, self.t.cooldown_frac), []).append(s_b)
+        return out
 
-    # --- the loop
-    tps = t.tokens_per_step
-    bar = tqdm(total=plan.total * tps, initial=step * tps, disable=not (progress and main), unit="tok",
-               unit_scale=True, desc=f"train {cfg.method.label()}", dynamic_ncols=True)
-    loss_file = open(out / "loss.jsonl", "a") if main else None
-    try:
-        while step < plan.total:
-            for s_b in branch_at.get(step, []):
-                if plan.name(s_b) not in done:
-                    bar.set_description(f"cooldown {plan.name(s_b)}")
-                    branch(s_b)
-                    bar.set_description(f"train {cfg.method.label()}")
-            rec = run_step(step, lr_mult(step))
-            step += 1
-            session = time.time() - t_start
-            if not math.isfinite(rec["loss"]):
-                raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
-            if loss_file and (step % t.log_every == 0 or step == plan.total):
-                loss_file.write(json.dumps({"step": step, "tokens": step * tps, **rec,
-                                            "tokens_per_s": round((processed - processed0) / max(session, 1e-9), 2),
-                                            "elapsed_s": round(elapsed(), 3)}) + "\n")
-                loss_file.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
-            bar.update(tps)
-            if step in plan.checkpoints and (not plan.branches or step == plan.total):
-                save_ckpt(step, lr_mult(step - 1))
-            # no state after the last step: it would only serve a crash before COMPLETE, which the last saved
-            # state also covers (by recomputing), and a full-FT state weighs 3x the model
-            if step < plan.total and (step in plan.checkpoints or step % t.save_state_every == 0):
-                save_state(step)
-    finally:
-        bar.close()
-        if loss_file:
-            loss_file.close()
+    def run(self, progress: bool = True) -> None:
+        """The main loop, from the resumed step to the end of the budget."""
+        plan, tps, branch_at = self.plan, self.t.tokens_per_step, self.branches_at()
+        label = f"train {self.cfg.method.label()}"
+        bar = tqdm(total=plan.total * tps, initial=self.step * tps, disable=not (progress and self.main),
+                   unit="tok", unit_scale=True, desc=label, dynamic_ncols=True)
+        loss_file = open(self.out / "loss.jsonl", "a") if self.main else None
+        try:
+            while self.step < plan.total:
+                for s_b in branch_at.get(self.step, []):
+                    if plan.name(s_b) not in self.done:
+                        bar.set_description(f"cooldown {plan.name(s_b)}")
+                        self.cooldown_branch(s_b)
+                        bar.set_description(label)
+                rec = self.run_step(self.step, self.lr_mult(self.step))
+                self.step += 1
+                self.log(rec, loss_file)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+                bar.update(tps)
+                self.after_step()
+        finally:
+            bar.close()
+            if loss_file:
+                loss_file.close()
 
-    if main:
-        curve = runlog.read_loss(out / "loss.jsonl")
-        wall = elapsed()
-        runlog.write_json(out / "summary.json", {
-            "method": cfg.method.label(), "tokens": plan.total * tps, "steps": plan.total,
-            "tokens_processed": processed, "wall_s": round(wall, 3), "tokens_per_s": round(processed / wall, 2),
-            "peak_memory_bytes": runlog.peak_memory_bytes(), "trainable_parameters": n_trainable,
-            "total_parameters": n_total,
-            "checkpoint_size_bytes": checkpoint_size_bytes(out / "checkpoints" / plan.name(plan.total)),
-            "first_loss": curve[0]["loss"] if curve else None, "final_loss": curve[-1]["loss"] if curve else None,
-            "processes": world, "precision": t.precision, "sessions": prog["sessions"]})
-        (out / "COMPLETE").write_text("ok\n")
-        shutil.rmtree(state_dir, ignore_errors=True)  # only needed to resume; a full-FT state is 3x the model
-    acc.wait_for_everyone()
-    return out
+    def log(self, rec: dict, loss_file) -> None:
+        """Refuse a diverged loss; append the step's line to loss.jsonl (main process, every log_every steps)."""
+        step, tps = self.step, self.t.tokens_per_step
+        if not math.isfinite(rec["loss"]):
+            raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
+        if loss_file and (step % self.t.log_every == 0 or step == self.plan.total):
+            session = time.time() - self.t_start
+            loss_file.write(json.dumps({"step": step, "tokens": step * tps, **rec,
+                                        "tokens_per_s": round((self.processed - self.processed0) /
+                                                              max(session, 1e-9), 2),
+                                        "elapsed_s": round(self.elapsed(), 3)}) + "\n")
+            loss_file.flush()
+
+    def after_step(self) -> None:
+        """Checkpoint (main-run budgets; branches save their own) and resumable state after a main-run step."""
+        step, plan = self.step, self.plan
+        if step in plan.checkpoints and (not plan.branches or step == plan.total):
+            self.save_checkpoint(step, self.lr_mult(step - 1))
+        # no state after the last step: it would only serve a crash before COMPLETE, which the last saved
+        # state also covers (by recomputing), and a full-FT state weighs 3x the model
+        if step < plan.total and (step in plan.checkpoints or step % self.t.save_state_every == 0):
+            self.save_state(step)
+
+    def finish(self) -> None:
+        """summary.json, then COMPLETE; the resumable state is removed (a full-FT state is 3x the model)."""
+        from .methods import checkpoint_size_bytes
+
+        if self.main:
+            out, t, plan = self.out, self.t, self.plan
+            curve = runlog.read_loss(out / "loss.jsonl")
+            wall = self.elapsed()
+            runlog.write_json(out / "summary.json", {
+                "method": self.cfg.method.label(), "tokens": plan.total * t.tokens_per_step, "steps": plan.total,
+                "tokens_processed": self.processed, "wall_s": round(wall, 3),
+                "tokens_per_s": round(self.processed / wall, 2), "peak_memory_bytes": runlog.peak_memory_bytes(),
+                "trainable_parameters": self.n_trainable, "total_parameters": self.n_total,
+                "checkpoint_size_bytes": checkpoint_size_bytes(out / "checkpoints" / plan.name(plan.total)),
+                "first_loss": curve[0]["loss"] if curve else None,
+                "final_loss": curve[-1]["loss"] if curve else None,
+                "processes": self.world, "precision": t.precision, "sessions": self.prog["sessions"]})
+            atomic_write_text(out / "COMPLETE", "ok\n")
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.acc.wait_for_everyone()
