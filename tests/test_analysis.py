@@ -14,6 +14,7 @@ import torch
 
 from lorascope.analysis import intruders as intr
 from lorascope.analysis import spectrum as sp
+from lorascope.analysis import svd
 from lorascope.analysis import truncate as tr
 from lorascope.analysis.weights import Matrix, iter_matrices, resolve_checkpoint
 from lorascope.errors import LorascopeError
@@ -86,53 +87,53 @@ def test_rank_at_energy_recovers_planted_rank():
     u, v = _orthonormal(n, 0)[:, :k], _orthonormal(n, 1)[:, :k]
     w = (u * torch.linspace(2.0, 1.0, k, dtype=torch.float64)) @ v.T
     w = (w + 1e-4 * torch.randn(n, n, dtype=torch.float64)).float()
-    s = sp.singular_values(w)
-    assert sp.rank_at_energy(s, 0.5) < k
-    assert sp.rank_at_energy(s, 0.999) == k
+    s = svd.singular_values(w)
+    assert svd.rank_at_energy(s, 0.5) < k
+    assert svd.rank_at_energy(s, 0.999) == k
     # equal planted values: 90% needs all of them (k-1 of k give only 86%)
     w_eq = (u @ v.T + 1e-4 * torch.randn(n, n, dtype=torch.float64)).float()
-    assert sp.rank_at_energy(sp.singular_values(w_eq), 0.9) == k
-    assert sp.numerical_rank(sp.singular_values((u @ v.T).float()), (n, n)) == k
+    assert svd.rank_at_energy(svd.singular_values(w_eq), 0.9) == k
+    assert svd.numerical_rank(svd.singular_values((u @ v.T).float()), (n, n)) == k
 
 
 def test_gaussian_needs_about_half_of_its_spectrum():
     g = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0))
-    frac = sp.rank_at_energy(sp.singular_values(g), 0.9) / 1000
+    frac = svd.rank_at_energy(svd.singular_values(g), 0.9) / 1000
     assert 0.49 <= frac <= 0.53
 
 
 def test_stable_and_effective_rank_of_known_matrices():
     eye = torch.eye(50)
-    assert sp.stable_rank(sp.singular_values(eye)) == pytest.approx(50)
-    assert sp.effective_rank(sp.singular_values(eye)) == pytest.approx(50, rel=1e-6)
+    assert svd.stable_rank(svd.singular_values(eye)) == pytest.approx(50)
+    assert svd.effective_rank(svd.singular_values(eye)) == pytest.approx(50, rel=1e-6)
     one = torch.outer(torch.arange(1.0, 11), torch.ones(8))
-    s1 = sp.singular_values(one)
-    assert sp.stable_rank(s1) == pytest.approx(1.0, rel=1e-5)
-    assert sp.effective_rank(s1) == pytest.approx(1.0, rel=1e-4)
-    assert sp.numerical_rank(s1, (10, 8)) == 1
-    s = sp.singular_values(torch.diag(torch.tensor([4.0, 3.0])))
-    assert sp.stable_rank(s) == pytest.approx(25 / 16)
+    s1 = svd.singular_values(one)
+    assert svd.stable_rank(s1) == pytest.approx(1.0, rel=1e-5)
+    assert svd.effective_rank(s1) == pytest.approx(1.0, rel=1e-4)
+    assert svd.numerical_rank(s1, (10, 8)) == 1
+    s = svd.singular_values(torch.diag(torch.tensor([4.0, 3.0])))
+    assert svd.stable_rank(s) == pytest.approx(25 / 16)
     p = torch.tensor([4 / 7, 3 / 7])
-    assert sp.effective_rank(s) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+    assert svd.effective_rank(s) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
     zero = torch.zeros(5)
-    assert sp.rank_at_energy(zero) == 0 and sp.stable_rank(zero) == 0 and sp.effective_rank(zero) == 0
+    assert svd.rank_at_energy(zero) == 0 and svd.stable_rank(zero) == 0 and svd.effective_rank(zero) == 0
 
 
 def test_gram_path_matches_exact_svd():
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
     for x in (w, w.T.contiguous()):
-        se, sg = sp.singular_values(x, "exact"), sp.singular_values(x, "gram")
+        se, sg = svd.singular_values(x, "exact"), svd.singular_values(x, "gram")
         assert torch.allclose(se, sg, rtol=1e-4, atol=1e-5)
-        assert sp.rank_at_energy(se, 0.9) == sp.rank_at_energy(sg, 0.9)
-        ue, _ = sp.left_svd(x, "exact")
-        ug, _ = sp.left_svd(x, "gram")
+        assert svd.rank_at_energy(se, 0.9) == svd.rank_at_energy(sg, 0.9)
+        ue, _ = svd.left_svd(x, "exact")
+        ug, _ = svd.left_svd(x, "gram")
         assert ug.shape == ue.shape
         assert torch.allclose((ue[:, :10] * ug[:, :10]).sum(0).abs(), torch.ones(10), atol=1e-3)
-    u, s, vh = sp.thin_svd(w.T)  # wide input goes through its transpose
+    u, s, vh = svd.thin_svd(w.T)  # wide input goes through its transpose
     assert u.shape == (200, 200) and vh.shape == (200, 300)
     assert torch.allclose((u * s) @ vh, w.T, atol=1e-4)
     with pytest.raises(LorascopeError, match="svd method"):
-        sp.singular_values(w, "fast")
+        svd.singular_values(w, "fast")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,13 +148,13 @@ def _planted_pair(n: int = 48):
 
 def test_planted_intruder_is_found_and_small_noise_is_not():
     w0, wt = _planted_pair()
-    ub, _ = sp.left_svd(w0)
-    ut, _ = sp.left_svd(wt)
+    ub, _ = svd.left_svd(w0)
+    ut, _ = svd.left_svd(wt)
     idx, cos = intr.find_intruders(ub, ut, top_k=10, epsilon=0.5)
     assert idx == [0]
     assert float(cos[0]) == pytest.approx(1 / 3, abs=0.02) and float(cos[1:].min()) > 0.99
     noisy = w0 + 1e-3 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(5))
-    assert intr.find_intruders(ub, sp.left_svd(noisy)[0], 10, 0.5)[0] == []
+    assert intr.find_intruders(ub, svd.left_svd(noisy)[0], 10, 0.5)[0] == []
     rec, _ = sp.matrix_spectrum(Matrix("x.0.q_proj", 0, "q_proj", w0, wt), top_k=10, epsilon=0.5)
     assert rec["intruders"] == 1 and rec["intruder_indices"] == [0]
 
@@ -161,7 +162,7 @@ def test_planted_intruder_is_found_and_small_noise_is_not():
 def test_mitigation_scales_exactly_the_intruder_components():
     w0, wt = _planted_pair()
     u, s, vh = torch.linalg.svd(wt, full_matrices=False)
-    idx, _ = intr.find_intruders(sp.left_svd(w0)[0], u, 10, 0.5)
+    idx, _ = intr.find_intruders(svd.left_svd(w0)[0], u, 10, 0.5)
     w_mit = intr.scale_components(wt, u, s, vh, idx, 0.7)
     s_mit = torch.linalg.svdvals(w_mit)
     expected = s.clone()

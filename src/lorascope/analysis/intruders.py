@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
-from .spectrum import thin_svd
+from .svd import thin_svd
 from .weights import iter_matrices, load_pair, save_hf_model, set_weight
 
 

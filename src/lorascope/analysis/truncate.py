@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
-from .spectrum import rank_at_energy, thin_svd
+from .svd import rank_at_energy, thin_svd
 from .weights import iter_matrices, load_pair, save_hf_model, set_weight
 
 
