@@ -147,7 +147,7 @@ def test_cpt_user_files_determinism_and_heldout(tmp_path, tokenizer, monkeypatch
 
 
 def test_decontamination_drops_an_eval_solution():
-    from lorascope.evals.sources import humaneval
+    from lorascope.benchdata import humaneval
 
     item = humaneval()[0]
     deco = Decontaminator()
@@ -227,7 +227,7 @@ def test_builtin_regime_and_split_errors(tokenizer):
 def test_builtins_build(tokenizer, monkeypatch):
     from lorascope.assets import cache_dir
     from lorascope.data.decontam import doc_text
-    from lorascope.evals.sources import math500
+    from lorascope.benchdata import math500
 
     monkeypatch.setattr(data, "cache_dir", cache_dir)  # the real cache: later runs reuse these builds
     for name in data.BUILTIN:

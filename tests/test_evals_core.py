@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.evals import sources
+from lorascope import benchdata
 from lorascope.evals.base import EvalContext
 from lorascope.evals.engine import Request, encode_pair, score, score_naive
 
@@ -27,38 +27,38 @@ from lorascope.evals.engine import Request, encode_pair, score, score_naive
     ("winogrande", 1267, {"sentence", "option1", "option2", "answer"}),
 ])
 def test_reader_counts_fields_and_unique_ids(name, n, fields):
-    items = sources.READERS[name]()
+    items = benchdata.READERS[name]()
     assert len(items) == n
     assert fields <= set(items[0])
     assert len({str(i["id"]) for i in items}) == n
 
 
 def test_reader_values():
-    assert sources.humaneval()[0]["id"] == "HumanEval/0"
-    g = sources.gsm8k()[0]
+    assert benchdata.humaneval()[0]["id"] == "HumanEval/0"
+    g = benchdata.gsm8k()[0]
     assert g["id"] == 0 and g["short_answer"] == "18" and g["answer"].endswith("#### 18")
-    shots = sources.gsm8k_fewshot()
+    shots = benchdata.gsm8k_fewshot()
     assert len(shots) == 8 and shots[0]["answer"].endswith("So the answer is 6.")
-    m = sources.math500_fewshot()
+    m = benchdata.math500_fewshot()
     assert len(m) == 4 and "Final Answer" in m[0]["solution"]
-    h = sources.hellaswag()[0]
+    h = benchdata.hellaswag()[0]
     assert h["label"] == 3 and len(h["endings"]) == 4
-    a = sources.arc("ARC-Challenge", "test")[0]
+    a = benchdata.arc("ARC-Challenge", "test")[0]
     assert a["question"].startswith("An astronomer") and a["gold"] == 2 and len(a["choices"]) == 4
-    v = sources.arc("ARC-Challenge", "validation")
+    v = benchdata.arc("ARC-Challenge", "validation")
     assert len(v) == 299 and v[0]["choices"][v[0]["gold"]] == "Record the details of the investigation."
-    assert sources.winogrande()[0]["answer"] == 2
-    assert sources.mbpp()[0]["id"] == 11
+    assert benchdata.winogrande()[0]["answer"] == 2
+    assert benchdata.mbpp()[0]["id"] == 11
 
 
 def test_reader_bad_arguments():
     with pytest.raises(LorascopeError, match="split"):
-        sources.arc("ARC-Challenge", "train")
+        benchdata.arc("ARC-Challenge", "train")
     with pytest.raises(LorascopeError, match="subset"):
-        sources.arc("ARC-Hard")
-    items = sources.hellaswag()
+        benchdata.arc("ARC-Hard")
+    items = benchdata.hellaswag()
     items[0]["label"] = 99  # callers get copies: the cache stays intact
-    assert sources.hellaswag()[0]["label"] == 3
+    assert benchdata.hellaswag()[0]["label"] == 3
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -155,15 +155,15 @@ def test_unmerged_lora_scores_like_merged(tiny_model, tokenizer):
 def test_prompt_formats_match_lm_eval():
     from lorascope.evals.multiple_choice import ArcChallenge, HellaSwag, WinoGrande, hellaswag_preprocess
 
-    h = HellaSwag().to_item(sources.hellaswag()[0])
+    h = HellaSwag().to_item(benchdata.hellaswag()[0])
     assert h.contexts == ["Roof shingle removal: A man is sitting on a roof. He"]
     assert h.continuations[3] == " starts pulling up roofing on a roof." and h.gold == 3
     assert hellaswag_preprocess(" Intro [title] How to x [step] do it  now ") == "Intro. How to x do it now"
-    a = ArcChallenge().to_item(sources.arc("ARC-Challenge", "test")[0])
+    a = ArcChallenge().to_item(benchdata.arc("ARC-Challenge", "test")[0])
     assert a.contexts == ["Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
                           "Which is the most likely effect of this increase in rotation?\nAnswer:"]
     assert a.continuations[2] == " Planetary days will become shorter." and a.choices[2] == a.continuations[2][1:]
-    w = WinoGrande().to_item(sources.winogrande()[0])
+    w = WinoGrande().to_item(benchdata.winogrande()[0])
     assert w.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
                           "Sarah was a much better surgeon than Maria so Maria"]
     assert w.continuations == [" always got the easier cases."] and w.gold == 1
@@ -173,7 +173,7 @@ def test_fewshot_shared_block_and_self_exclusion():
     from lorascope.evals.multiple_choice import HellaSwag
 
     t = HellaSwag()
-    items = [t.to_item(d) for d in sources.hellaswag()[:40]]
+    items = [t.to_item(d) for d in benchdata.hellaswag()[:40]]
     blocks = t._fewshot(items, 3, seed=0)
     assert all(b.count("\n\n") == 3 for b in blocks.values())
     assert all(it.fewshot_text not in blocks[it.id] for it in items)
@@ -231,7 +231,7 @@ def test_acc_and_acc_norm_on_known_toy(monkeypatch):
 
 
 def test_bpb_matches_manual_computation(tiny_model, tokenizer):
-    from lorascope.evals.perplexity import bits_per_byte, text_nll
+    from lorascope.evals.bpb import bits_per_byte, text_nll
 
     text = "The cat sat on the mat. Ünïcödé bytes count too."
     toks = [tokenizer.bos_token_id or tokenizer.eos_token_id] + tokenizer.encode(text, add_special_tokens=False)
@@ -255,7 +255,7 @@ def test_bpb_matches_manual_computation(tiny_model, tokenizer):
 
 def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     from conftest import make_tiny_llama
-    from lorascope.evals.perplexity import kl_per_text
+    from lorascope.evals.kl import kl_per_text
 
     texts = ["A first sentence for the test.", "Another, somewhat longer sentence to score here."]
     import copy
@@ -270,7 +270,7 @@ def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
 
 def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
     import lorascope.data
-    from lorascope.evals.perplexity import HeldoutBPB, bits_per_byte, text_nll
+    from lorascope.evals.bpb import HeldoutBPB, bits_per_byte, text_nll
 
     texts = ["def f(x):\n    return x + 1\n", "", "print('held out')\n"]
     monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: texts[:limit])
@@ -281,7 +281,7 @@ def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
 
 
 def test_gsm8k_cot_answer():
-    from lorascope.evals.perplexity import gsm8k_cot_answer
+    from lorascope.evals.bpb import gsm8k_cot_answer
 
     assert gsm8k_cot_answer("She has 2 + 3 = <<2+3=5>>5 apples.\nThen 5 * 2 = <<5*2=10>>10.\n#### 10") == \
         "She has 2 + 3 = 5 apples. Then 5 * 2 = 10. So the answer is 10."

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.evals import sources
+from lorascope import benchdata
 from lorascope.evals.base import EvalContext
 from lorascope.evals.generate import StopOnText, generate, truncate_at_stop
 
@@ -87,18 +87,18 @@ def test_unmerged_peft_model_generates_like_merged(tiny_model, tokenizer):
 # ---------------------------------------------------------------- scorers
 
 def test_gsm8k_scoring_follows_lm_eval():
-    from lorascope.evals.math import gsm8k_flexible, gsm8k_shot_text, gsm8k_strict
+    from lorascope.evals.math_tasks import gsm8k_flexible, gsm8k_shot_text, gsm8k_strict
 
     assert gsm8k_strict("48/2 = 24\n#### 1,024.") == "1024"
     assert gsm8k_strict("The answer is 72") is None
     assert gsm8k_flexible("First 3 apples, then $1,200.") == "1200"
     assert gsm8k_flexible("no digits") is None
-    shot = gsm8k_shot_text(sources.gsm8k_fewshot()[0])
+    shot = gsm8k_shot_text(benchdata.gsm8k_fewshot()[0])
     assert shot.startswith("Question: There are 15 trees") and shot.endswith("\n#### 6")
 
 
 def test_math_normalisation_and_extraction():
-    from lorascope.evals.math import last_boxed, math_equal, math_prediction
+    from lorascope.evals.math_tasks import last_boxed, math_equal, math_prediction
 
     assert last_boxed(r"so $\boxed{\frac{1}{2}}$ and \boxed{x^{2}}") == "x^{2}"
     assert math_equal(r"\dfrac{3}{4}", r"\frac34")
@@ -118,14 +118,14 @@ def test_math_normalisation_and_extraction():
 # ---------------------------------------------------------------- task flow (tiny model; scores are ~0)
 
 def test_code_task_requires_opt_in(tiny_model, tokenizer):
-    from lorascope.evals.code import HumanEval
+    from lorascope.evals.code_tasks import HumanEval
 
     with pytest.raises(LorascopeError, match="allow-code-execution"):
         HumanEval().run(EvalContext(model=tiny_model, tokenizer=tokenizer, limit=1))
 
 
 def test_humaneval_task_end_to_end(tiny_model, tokenizer, tmp_path):
-    from lorascope.evals.code import HumanEval, prompt_style
+    from lorascope.evals.code_tasks import HumanEval, prompt_style
 
     ctx = EvalContext(model=tiny_model, tokenizer=tokenizer, limit=2, samples=2, temperature=0.8,
                       allow_code_execution=True, out_dir=tmp_path, progress=False,
@@ -143,9 +143,9 @@ def test_humaneval_task_end_to_end(tiny_model, tokenizer, tmp_path):
 
 def test_humaneval_task_scores_a_model_that_writes_the_solution(tokenizer, monkeypatch):
     """Replace generation by the canonical solution: pass@1 must be 1 (the scoring path is right)."""
-    from lorascope.evals import code
+    from lorascope.evals import code_tasks as code
 
-    probs = {p["prompt"]: p["canonical_solution"] for p in sources.humaneval()}
+    probs = {p["prompt"]: p["canonical_solution"] for p in benchdata.humaneval()}
     monkeypatch.setattr(code, "generate", lambda m, t, prompts, **kw: [[probs[p]] for p in prompts])
     res = code.HumanEval(style="completion").run(
         EvalContext(model=None, tokenizer=tokenizer, limit=5, allow_code_execution=True, progress=False))
@@ -153,9 +153,9 @@ def test_humaneval_task_scores_a_model_that_writes_the_solution(tokenizer, monke
 
 
 def test_mbpp_task_scores_reference_code(tokenizer, monkeypatch):
-    from lorascope.evals import code
+    from lorascope.evals import code_tasks as code
 
-    docs = sources.mbpp()[:3]
+    docs = benchdata.mbpp()[:3]
     by_prompt = {d["olmes_prompt"]: d["code"] for d in docs}
     monkeypatch.setattr(code, "generate", lambda m, t, prompts, **kw: [[by_prompt[p]] for p in prompts])
     res = code.MBPP(style="instruct").run(
@@ -164,9 +164,9 @@ def test_mbpp_task_scores_reference_code(tokenizer, monkeypatch):
 
 
 def test_gsm8k_task_flow(tiny_model, tokenizer, monkeypatch):
-    from lorascope.evals import math as gm
+    from lorascope.evals import math_tasks as gm
 
-    gold = {d["question"]: d["short_answer"] for d in sources.gsm8k()[:6]}
+    gold = {d["question"]: d["short_answer"] for d in benchdata.gsm8k()[:6]}
     seen = {}
 
     def fake(model, tok, prompts, **kw):
@@ -192,9 +192,9 @@ def test_gsm8k_task_flow(tiny_model, tokenizer, monkeypatch):
 
 
 def test_math500_task_flow(tokenizer, monkeypatch):
-    from lorascope.evals import math as gm
+    from lorascope.evals import math_tasks as gm
 
-    docs = sources.math500()[:3]
+    docs = benchdata.math500()[:3]
     sol = {d["problem"]: d["solution"] for d in docs}
     monkeypatch.setattr(gm, "generate", lambda m, t, prompts, **kw: [
         [" " + sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]] for p in prompts])

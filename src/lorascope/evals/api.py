@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import LorascopeError
+from ..layout import samples_filename
 from . import registry
 from .base import EvalContext
 from .results import forgetting_mean, write_json, write_samples
@@ -42,11 +43,6 @@ def _versions() -> dict:
 
     return {"lorascope": lv, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
-
-
-def samples_filename(task: str) -> str:
-    """samples/<task>.jsonl; ':' of parametric names (heldout_bpb:code) becomes '_'."""
-    return task.replace(":", "_").replace("/", "_") + ".jsonl"
 
 
 def _excluded_ids(spec: str) -> dict[str, list]:

@@ -36,7 +36,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from . import sources
+from .. import benchdata
 from .base import EvalContext, TaskResult
 from .engine import Request, score
 from .results import mean_stderr, select_items
@@ -150,7 +150,7 @@ class HellaSwag(MultipleChoiceTask):
     split = "validation"
 
     def load(self, split: str) -> list[dict]:
-        return sources.hellaswag(split)
+        return benchdata.hellaswag(split)
 
     def to_item(self, doc: dict) -> MCItem:
         ctx = hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
@@ -166,7 +166,7 @@ class _Arc(MultipleChoiceTask):
     fewshot_split = "validation"
 
     def load(self, split: str) -> list[dict]:
-        return sources.arc(self.subset, split)
+        return benchdata.arc(self.subset, split)
 
     def to_item(self, doc: dict) -> MCItem:
         ctx = f"Question: {doc['question']}\nAnswer:"
@@ -191,7 +191,7 @@ class WinoGrande(MultipleChoiceTask):
     metrics = ("acc",)
 
     def load(self, split: str) -> list[dict]:
-        return sources.winogrande(split)
+        return benchdata.winogrande(split)
 
     def to_item(self, doc: dict) -> MCItem:
         s = doc["sentence"]

@@ -25,18 +25,18 @@ TASKS: dict[str, str] = {
     "arc_easy": "lorascope.evals.multiple_choice:ArcEasy",
     "winogrande": "lorascope.evals.multiple_choice:WinoGrande",
     # continuous proxies
-    "humaneval_bpb": "lorascope.evals.perplexity:HumanEvalBPB",
-    "mbpp_bpb": "lorascope.evals.perplexity:MbppBPB",
-    "gsm8k_bpb": "lorascope.evals.perplexity:Gsm8kBPB",
-    "math500_bpb": "lorascope.evals.perplexity:Math500BPB",
-    "english_bpb": "lorascope.evals.perplexity:EnglishBPB",
-    "kl_base": "lorascope.evals.perplexity:KLBase",
-    "heldout_bpb": "lorascope.evals.perplexity:HeldoutBPB",  # parametric: heldout_bpb:<dataset>
+    "humaneval_bpb": "lorascope.evals.bpb:HumanEvalBPB",
+    "mbpp_bpb": "lorascope.evals.bpb:MbppBPB",
+    "gsm8k_bpb": "lorascope.evals.bpb:Gsm8kBPB",
+    "math500_bpb": "lorascope.evals.bpb:Math500BPB",
+    "english_bpb": "lorascope.evals.bpb:EnglishBPB",
+    "kl_base": "lorascope.evals.kl:KLBase",
+    "heldout_bpb": "lorascope.evals.bpb:HeldoutBPB",  # parametric: heldout_bpb:<dataset>
     # generation tasks (learning benchmarks)
-    "humaneval": "lorascope.evals.code:HumanEval",
-    "mbpp": "lorascope.evals.code:MBPP",
-    "gsm8k": "lorascope.evals.math:GSM8K",
-    "math500": "lorascope.evals.math:Math500",
+    "humaneval": "lorascope.evals.code_tasks:HumanEval",
+    "mbpp": "lorascope.evals.code_tasks:MBPP",
+    "gsm8k": "lorascope.evals.math_tasks:GSM8K",
+    "math500": "lorascope.evals.math_tasks:Math500",
 }
 
 PARAMETRIC = {"heldout_bpb"}

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import LorascopeError
+from ..fileio import atomic_write_text
 
 # The paper's forgetting score: mean of these (task, metric) pairs.
 FORGETTING_PARTS = (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
@@ -69,19 +68,6 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same dir, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj) -> None:

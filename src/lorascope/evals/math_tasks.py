@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-from . import sources
+from .. import benchdata
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .results import mean_stderr, select_items
@@ -89,7 +89,7 @@ class GSM8K(GenerativeTask):
     max_new_tokens = 256
 
     def prompt_prefix(self, shots: int) -> str:
-        pool = sources.gsm8k_fewshot()
+        pool = benchdata.gsm8k_fewshot()
         if shots > len(pool):
             raise LorascopeError(f"gsm8k: shots must be <= {len(pool)} (the exemplars available offline), got {shots}")
         return "".join(gsm8k_shot_text(s) + "\n\n" for s in pool[:shots])
@@ -97,7 +97,7 @@ class GSM8K(GenerativeTask):
     def run(self, ctx: EvalContext) -> TaskResult:
         shots = 5 if ctx.shots is None else ctx.shots
         prefix = self.prompt_prefix(shots)
-        all_docs = sources.gsm8k()
+        all_docs = benchdata.gsm8k()
         excluded = ctx.excluded_ids.get(self.name, [])
         docs = select_items(all_docs, excluded, ctx.limit)
         if not docs:
@@ -215,11 +215,11 @@ class Math500(GenerativeTask):
 
     def run(self, ctx: EvalContext) -> TaskResult:
         shots = 4 if ctx.shots is None else ctx.shots
-        pool = sources.math500_fewshot()
+        pool = benchdata.math500_fewshot()
         if shots not in (0, *range(1, len(pool) + 1)):
             raise LorascopeError(f"math500: shots must be between 0 and {len(pool)}, got {shots}")
         prefix = "".join(f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n" for s in pool[:shots])
-        all_docs = sources.math500()
+        all_docs = benchdata.math500()
         excluded = ctx.excluded_ids.get(self.name, [])
         docs = select_items(all_docs, excluded, ctx.limit)
         if not docs:

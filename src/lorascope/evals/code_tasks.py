@@ -21,23 +21,21 @@ Sampling: ``ctx.samples`` per problem (default 1). With 1 sample decoding is gre
 
 Example::
 
-    >>> from lorascope.evals.code import HumanEval
+    >>> from lorascope.evals.code_tasks import HumanEval
     >>> res = HumanEval().run(EvalContext(model=m, tokenizer=tok, limit=20, allow_code_execution=True))
     >>> res.metrics["pass@1"], res.info["prompt_style"]
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
-from . import sandbox, sources
+from .. import benchdata
+from . import sandbox
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .passk import diversity, pass_at_k_metrics
-from .results import select_items
+from .results import select_items, write_samples
 from ..errors import LorascopeError
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -54,15 +52,6 @@ def prompt_style(tokenizer, style: str | None = None) -> str:
             raise LorascopeError(f"prompt_style must be 'instruct' or 'completion', got '{style}'")
         return style
     return "instruct" if getattr(tokenizer, "chat_template", None) else "completion"
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 class CodeTask(GenerativeTask):
@@ -118,9 +107,9 @@ class CodeTask(GenerativeTask):
                                 **({"prompt": prompts[i]} if j == 0 else {})})
         if ctx.out_dir is not None:
             out = Path(ctx.out_dir)
-            write_jsonl_atomic(out / "samples.jsonl",
+            write_samples(out / "samples.jsonl",
                                [{"task_id": s["task_id"], "completion": s["completion"]} for s in samples])
-            write_jsonl_atomic(out / "samples_results.jsonl",
+            write_samples(out / "samples_results.jsonl",
                                [{k: s[k] for k in ("task_id", "completion", "passed", "result")} for s in samples])
         metrics = {**pass_at_k_metrics(passed), **diversity(comps, passed)}
         info = {"n": len(docs), "shots": 0, "samples_per_problem": n, "temperature": temperature,
@@ -134,7 +123,7 @@ class HumanEval(CodeTask):
     name = "humaneval"
 
     def load(self) -> list[dict]:
-        return sources.humaneval()
+        return benchdata.humaneval()
 
     def prompt(self, doc: dict, style: str) -> str:
         if style == "instruct":
@@ -157,7 +146,7 @@ class MBPP(CodeTask):
     name = "mbpp"
 
     def load(self) -> list[dict]:
-        return sources.mbpp()
+        return benchdata.mbpp()
 
     def prompt(self, doc: dict, style: str) -> str:
         if style == "instruct":

@@ -1,0 +1,215 @@
+"""Bits-per-byte of gold text: continuous, low-variance proxies of learning (code, math) and of English.
+
+BPB = sum of token NLLs in nats / (ln 2 * UTF-8 bytes of the scored text); tokenizer-independent, so models
+with different vocabularies compare. Per task ``bpb`` is the mean of per-item BPB (with ``bpb_stderr``) and
+``bpb_corpus`` = total NLL / total bytes.
+
+Tasks:
+- ``humaneval_bpb``: the canonical solution given the HumanEval prompt (164 items).
+- ``mbpp_bpb``: the reference code given OLMES' 0-shot MBPP prompt (500 items).
+- ``gsm8k_bpb``: ``" " + gold chain of thought`` (calculator annotations removed, ending "So the answer is N.",
+  the style of the 8 standard exemplars) given ``"Question: {q}\\nAnswer:"``; ``shots=k`` (k <= 8) prepends k of
+  those exemplars. Excluded ids (ctx.excluded_ids["gsm8k_bpb"] or ["gsm8k"]) are skipped.
+- ``math500_bpb``: ``" " + solution`` given ``"Problem:\\n{problem}\\n\\nSolution:"``; shots k <= 4 Minerva exemplars.
+- ``english_bpb``: general English prose (lorascope.evals.texts.english_texts).
+- ``heldout_bpb:<dataset>``: windows of a training dataset's held-out documents (lorascope.evals.texts).
+
+Texts longer than the model's window are scored with sliding windows (token_windows.py).
+
+Example::
+
+    >>> nll, ntok = text_nll(model, tok, ["The cat sat on the mat."])[0]
+    >>> bits_per_byte(nll, len("The cat sat on the mat.".encode()))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import benchdata
+from ..errors import LorascopeError
+from .base import EvalContext, TaskResult
+from .engine import Request, encode_pair, max_length, model_device, score
+from .results import mean_stderr, select_items
+from .texts import english_texts, heldout_windows
+from .token_windows import batches, pad_batch, pad_id, windows
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    return nll_nats / (math.log(2) * n_bytes)
+
+
+@torch.inference_mode()
+def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stride: int | None = None,
+             token_budget: int = 2048, progress: bool = False, desc: str = "bpb") -> list[tuple[float, int]]:
+    """(NLL in nats, tokens) of each whole text, the first token conditioned on the BOS/EOS stand-in."""
+    window = min(window or 1024, max_length(model))
+    stride = min(stride or window // 2, window)
+    rows = windows(tokenizer, texts, window, stride)
+    pad = pad_id(tokenizer)
+    out = [[0.0, 0] for _ in texts]
+    model.eval()
+    dev = model_device(model)
+    bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
+    for b in batches(rows, token_budget):
+        ids, mask = pad_batch([rows[r][1] for r in b], pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for j, r in enumerate(b):
+            i, inp, tgt = rows[r]
+            lp = logp[j, len(inp) - len(tgt): len(inp)].gather(1, torch.tensor(tgt, device=dev).unsqueeze(1))
+            out[i][0] -= lp.sum().item()
+            out[i][1] += len(tgt)
+        bar.update(len(b))
+    bar.close()
+    return [(a, n) for a, n in out]
+
+
+def _bpb_metrics(nlls: list[float], nbytes: list[int]) -> dict[str, float]:
+    per = [bits_per_byte(n, b) for n, b in zip(nlls, nbytes)]
+    m, se = mean_stderr(per)
+    return {"bpb": m, "bpb_stderr": se, "bpb_corpus": bits_per_byte(sum(nlls), sum(nbytes)) if nbytes else math.nan}
+
+
+class ConditionalBPB:
+    """BPB of a gold continuation given a context, via the scoring engine (shared few-shot prefix cached)."""
+
+    name = ""
+    exclusion_keys: tuple[str, ...] = ()
+    max_shots = 0
+
+    def docs(self) -> list[dict]:
+        raise NotImplementedError
+
+    def pair(self, doc: dict) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def fewshot(self, k: int) -> str:
+        return ""
+
+    def run(self, ctx: EvalContext) -> TaskResult:
+        k = ctx.shots or 0
+        if k > self.max_shots:
+            raise LorascopeError(f"{self.name}: shots={k} but at most {self.max_shots} exemplars exist")
+        excluded = [e for key in (self.name, *self.exclusion_keys) for e in ctx.excluded_ids.get(key, [])]
+        all_docs = self.docs()
+        docs = select_items(all_docs, excluded, ctx.limit)
+        prefix = self.fewshot(k)
+        pairs = [self.pair(d) for d in docs]
+        reqs = [Request(prefix + c, [x], shared_prefix=prefix) for c, x in pairs]
+        scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress,
+                       desc=self.name)
+        nlls, nbytes, samples = [], [], []
+        for d, (c, x), res in zip(docs, pairs, scored):
+            full = prefix + c
+            moved = full[len(full.rstrip()):]  # trailing context whitespace is scored with the continuation
+            nb = len((moved + x).encode("utf-8"))
+            _, cont_tokens = encode_pair(ctx.tokenizer, full, x)
+            nll = -res[0][0]
+            nlls.append(nll)
+            nbytes.append(nb)
+            samples.append({"id": d["id"], "nll": nll, "bytes": nb, "tokens": len(cont_tokens),
+                            "bpb": bits_per_byte(nll, nb), "is_greedy": res[0][1]})
+        info = {"n": len(docs), "shots": k, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
+                "example_context": reqs[0].context if reqs else None,
+                "example_continuation": pairs[0][1] if pairs else None}
+        return TaskResult(metrics=_bpb_metrics(nlls, nbytes), samples=samples, info=info)
+
+
+class HumanEvalBPB(ConditionalBPB):
+    name = "humaneval_bpb"
+
+    def docs(self):
+        return benchdata.humaneval()
+
+    def pair(self, d):
+        return d["prompt"], d["canonical_solution"]
+
+
+class MbppBPB(ConditionalBPB):
+    name = "mbpp_bpb"
+
+    def docs(self):
+        return benchdata.mbpp()
+
+    def pair(self, d):
+        return d["olmes_prompt"], d["code"]
+
+
+def gsm8k_cot_answer(answer: str) -> str:
+    """GSM8K gold answer in the exemplars' style: no <<calc>> annotations, one line, "So the answer is N."."""
+    body, _, final = answer.partition("####")
+    body = re.sub(r"<<.*?>>", "", body).strip()
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
+    return " ".join(lines + [f"So the answer is {final.strip()}."])
+
+
+class Gsm8kBPB(ConditionalBPB):
+    name = "gsm8k_bpb"
+    exclusion_keys = ("gsm8k",)
+    max_shots = 8
+
+    def docs(self):
+        return benchdata.gsm8k()
+
+    def pair(self, d):
+        return f"Question: {d['question']}\nAnswer:", " " + gsm8k_cot_answer(d["answer"])
+
+    def fewshot(self, k):
+        return "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in benchdata.gsm8k_fewshot()[:k])
+
+
+class Math500BPB(ConditionalBPB):
+    name = "math500_bpb"
+    exclusion_keys = ("math500",)
+    max_shots = 4
+
+    def docs(self):
+        return benchdata.math500()
+
+    def pair(self, d):
+        return f"Problem:\n{d['problem']}\n\nSolution:", " " + d["solution"]
+
+    def fewshot(self, k):
+        return "".join(f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n"
+                       for s in benchdata.math500_fewshot()[:k])
+
+
+class _TextBPB:
+    name = ""
+
+    def texts(self, ctx: EvalContext) -> list[dict]:
+        raise NotImplementedError
+
+    def run(self, ctx: EvalContext) -> TaskResult:
+        docs = self.texts(ctx)
+        res = text_nll(ctx.model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress, desc=self.name)
+        nbytes = [len(d["text"].encode("utf-8")) for d in docs]
+        samples = [{"id": d["id"], "nll": nll, "tokens": nt, "bytes": nb, "bpb": bits_per_byte(nll, nb)}
+                   for d, (nll, nt), nb in zip(docs, res, nbytes)]
+        metrics = _bpb_metrics([r[0] for r in res], nbytes)
+        return TaskResult(metrics=metrics, samples=samples,
+                          info={"n": len(docs), "shots": 0, "window": 1024, "stride": 512})
+
+
+class EnglishBPB(_TextBPB):
+    name = "english_bpb"
+
+    def texts(self, ctx):
+        return [d for d in english_texts() if str(d["id"]) not in {str(e) for e in ctx.excluded_ids.get(self.name, [])}
+                ][: ctx.limit]
+
+
+class HeldoutBPB(_TextBPB):
+    """BPB on pieces of a training dataset's held-out documents (texts.heldout_windows)."""
+
+    def __init__(self, dataset: str):
+        self.dataset = dataset
+        self.name = f"heldout_bpb:{dataset}"
+
+    def texts(self, ctx):
+        return heldout_windows(self.dataset, ctx.limit)
