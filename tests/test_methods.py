@@ -1,5 +1,10 @@
-"""Every method variant trains, saves, reloads and yields the right dW (tiny random Llama, vocab 1000)."""
+"""Every method variant trains, saves, reloads and yields the right dW (tiny random Llama, vocab 1000).
 
+dW is checked through the analysis code itself (analysis.weights.load_pair / iter_matrices on a saved run
+checkpoint) against the in-memory merge of the trained model minus the ORIGINAL base weights.
+"""
+
+import copy
 import json
 
 import pytest
@@ -9,20 +14,23 @@ from transformers import AutoModelForCausalLM
 
 from lorascope.config import MethodConfig
 from lorascope.errors import ConfigError, LorascopeError
-from lorascope.methods import (adapted_matrix_names, apply_method, checkpoint_size_bytes, merged_state_dict,
-                               param_groups, save_checkpoint, trainable_parameters, weight_deltas)
+from lorascope.analysis.weights import iter_matrices, load_pair
+from lorascope.methods import (adapted_matrix_names, apply_method, checkpoint_size_bytes, param_groups,
+                               save_checkpoint, trainable_parameters)
 
 VOCAB = 1000
 BATCH = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    """{tied: dir} of a saved tiny Llama, so that 'the ORIGINAL base' can be reloaded any time."""
+def model_dirs(tmp_path_factory, tokenizer):
+    """{tied: dir} of a saved tiny Llama, so that 'the ORIGINAL base' can be reloaded any time (a tokenizer
+    beside it, so that it is a model spec the analysis code loads like any other)."""
     out = {}
     for tie in (True, False):
         d = tmp_path_factory.mktemp(f"tiny-{'tied' if tie else 'untied'}")
         make_tiny_llama(VOCAB, seed=1, tie=tie).save_pretrained(str(d))
+        tokenizer.save_pretrained(str(d))
         out[tie] = d
     return out
 
@@ -54,6 +62,11 @@ def _maxdiff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def _merged_in_memory(model):
+    """The trained model with its adapters merged (DoRA magnitude included); `model` itself is untouched."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
 VARIANTS = {
     "gaussian": dict(rank=4),
     "rslora": dict(rank=4, use_rslora=True),
@@ -82,39 +95,39 @@ def test_variant_trains_saves_reloads(variant, model_dirs, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses)))
     ref = _logits(model)
 
-    ck = tmp_path / "ck"
+    ck = tmp_path / "run" / "checkpoints" / "ck"
     save_checkpoint(model, m, ck, str(model_dirs[True]), {"tokens": 64, "step": 2})
     meta = json.loads((ck / "lorascope.json").read_text())
     assert meta == {"kind": "lora", "base": str(model_dirs[True]), "tokens": 64, "step": 2}
-    assert not (tmp_path / "ck.tmp").exists()
+    assert not ck.with_name("ck.tmp").exists()
     if m.init in ("pissa", "olora"):  # converted to a plain LoRA of rank 2r on the original base
         assert json.loads((ck / "adapter_config.json").read_text())["r"] == 2 * m.rank
     reloaded = PeftModel.from_pretrained(_load(model_dirs[True]), str(ck)).eval()
     assert _maxdiff(_logits(reloaded), ref) <= 1e-4
 
-    # merged weights (DoRA magnitude included) in the plain namespace reproduce the unmerged logits
-    merged = merged_state_dict(model)
-    assert _maxdiff(_logits(model), ref) == 0.0  # merging did not touch `model`
-    plain = _load(model_dirs[True])
-    plain.load_state_dict(merged)
-    assert _maxdiff(_logits(plain), ref) <= 1e-4
-
-    dws = weight_deltas(original, merged)
-    assert set(dws) <= set(adapted_matrix_names(model)) | {"lm_head.weight"}
-    for name, dw in dws.items():
-        assert torch.allclose(original[name] + dw, merged[name])
-        if variant in LOW_RANK and "embed_tokens" not in name and "lm_head" not in name:
-            assert torch.linalg.matrix_rank(dw, rtol=1e-5).item() <= m.rank, name
+    # dW as the analysis computes it from the checkpoint == merged in memory - ORIGINAL base
+    in_memory = _merged_in_memory(model)
+    assert _maxdiff(_logits(model), ref) == 0.0  # merging a copy did not touch `model`
+    pair = load_pair(f"{tmp_path / 'run'}:ck")
+    assert _maxdiff(_logits(pair.tuned), ref) <= 1e-4
+    dws = {mat.name: mat for mat in iter_matrices(pair.base, pair.tuned, only_changed=True)}
+    assert {n + ".weight" for n in dws} <= set(adapted_matrix_names(model))
+    for name, mat in dws.items():
+        w0 = original[name + ".weight"]
+        assert torch.equal(mat.w_base, w0), name  # the original base, not the one PiSSA/OLoRA moved
+        assert _maxdiff(mat.delta, in_memory.get_submodule(name).weight - w0) <= 1e-5, name
+        if variant in LOW_RANK and mat.layer is not None:
+            assert torch.linalg.matrix_rank(mat.delta, rtol=1e-5).item() <= m.rank, name
         if m.init in ("pissa", "olora"):
-            assert torch.linalg.matrix_rank(dw, rtol=1e-5).item() <= 2 * m.rank, name
+            assert torch.linalg.matrix_rank(mat.delta, rtol=1e-5).item() <= 2 * m.rank, name
     n_layers = 2
     if variant == "attention-v1":
-        assert {n.split(".")[-2] for n in dws} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+        assert {n.split(".")[-1] for n in dws} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
     elif variant != "emb":
         assert len(dws) == 7 * n_layers
-    if variant == "emb":  # tied: the one shared matrix is trained and stays shared everywhere
-        assert "model.embed_tokens.weight" in dws
-        assert torch.equal(merged["model.embed_tokens.weight"], merged["lm_head.weight"])
+    if variant == "emb":  # tied: the one shared matrix is trained and stays shared everywhere (no lm_head dW)
+        assert "model.embed_tokens" in dws and "lm_head" not in dws
+        assert torch.equal(in_memory.get_output_embeddings().weight, in_memory.get_input_embeddings().weight)
         assert torch.equal(reloaded.get_output_embeddings().weight, reloaded.get_input_embeddings().weight)
         with_emb = checkpoint_size_bytes(ck)
         assert with_emb > VOCAB * 64 * 4  # the adapter carries the full matrix
@@ -125,14 +138,12 @@ def test_variant_trains_saves_reloads(variant, model_dirs, tmp_path):
 def test_untied_embedding_flags_each_add_their_module(flags, model_dirs, tmp_path):
     from peft import PeftModel
 
-    base = _load(model_dirs[False])
-    original = {k: v.clone() for k, v in base.state_dict().items()}
     m = MethodConfig(kind="lora", rank=2, targets=["q_proj"], **flags)
-    model = apply_method(base, m)
+    model = apply_method(_load(model_dirs[False]), m)
     _train(model, m)
-    dws = weight_deltas(original, merged_state_dict(model))
-    assert ("model.embed_tokens.weight" in dws) == bool(flags.get("train_embed_tokens"))
-    assert ("lm_head.weight" in dws) == bool(flags.get("train_lm_head"))
+    dws = {mat.name for mat in iter_matrices(_load(model_dirs[False]), _merged_in_memory(model), only_changed=True)}
+    assert ("model.embed_tokens" in dws) == bool(flags.get("train_embed_tokens"))
+    assert ("lm_head" in dws) == bool(flags.get("train_lm_head"))
     save_checkpoint(model, m, tmp_path / "ck", "x", {})
     reloaded = PeftModel.from_pretrained(_load(model_dirs[False]), str(tmp_path / "ck")).eval()
     assert _maxdiff(_logits(reloaded), _logits(model)) <= 1e-4

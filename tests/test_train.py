@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorascope import runlog
+from lorascope import runlog, studyconfig
 from lorascope.config import RunConfig, TrainConfig
 from lorascope.errors import ConfigError, LorascopeError
 from lorascope.models import find_checkpoint, list_checkpoints, load_model
@@ -107,6 +107,17 @@ def test_plan_budget_and_data_order():
 
 
 # --------------------------------------------------------------------------------------------- runs
+
+@pytest.mark.parametrize("budget", [dict(epochs=2, checkpoints=[1]), dict(max_tokens=6 * TPS, checkpoints=[3 * TPS])])
+def test_study_schedules_evals_on_the_checkpoints_a_run_writes(tiny_model_dir, corpus, tmp_path, budget):
+    """A CPT run (packed code) budgeted in epochs names its checkpoints epoch-NNN: the study, which must know the
+    names before training, has to agree (it used to derive them from the data regime and expect tok-...)."""
+    cfg = _cfg(tiny_model_dir, corpus, **budget)
+    cfg.data.max_docs = 3
+    assert cfg.data.regime == "cpt"
+    run = train(cfg, tmp_path / "run", progress=False)
+    written = [c.path.name for c in list_checkpoints(run)]
+    assert len(written) == 2 and written == studyconfig.checkpoint_names(cfg)
 
 def test_lora_learns_checkpoints_and_complete(tiny_model_dir, corpus, tmp_path):
     cfg = _cfg(tiny_model_dir, corpus, checkpoints=[4 * TPS, 8 * TPS], warmup_frac=0.25)

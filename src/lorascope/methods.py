@@ -25,18 +25,17 @@ therefore saved as merged full models (kind "full", with ``adapter_init: loftq``
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from .config import MethodConfig
 from .errors import ConfigError, LorascopeError
+from .fileio import atomic_dir, atomic_write_json
+from .layout import CKPT_META
 
 log = logging.getLogger(__name__)
-CKPT_META = "lorascope.json"
 _INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 _MOVES_BASE = ("pissa", "olora")
 
@@ -179,51 +178,24 @@ def _plain(model):
 
 def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None) -> None:
     """Write HF artifacts then lorascope.json, into a temp dir renamed at the end (never a half checkpoint)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = _plain(model)
-    kind = m.kind
-    extra = {}
-    if m.kind == "lora" and m.init == "loftq":
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(str(tmp))
-        model.save_pretrained(str(tmp / "adapter"))
-        kind, extra = "full", {"adapter_init": "loftq"}
-    elif m.kind == "lora":
-        init_dir = getattr(model, "_lorascope_init_dir", None)
-        model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir)
-    else:
-        model.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    record = {"kind": kind, "base": base_spec, **meta, **extra}
-    (tmp / CKPT_META).write_text(json.dumps(record, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    kind, extra = m.kind, {}
+    with atomic_dir(Path(path)) as tmp:
+        if m.kind == "lora" and m.init == "loftq":
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp / "adapter"))
+            kind, extra = "full", {"adapter_init": "loftq"}
+        elif m.kind == "lora":
+            init_dir = getattr(model, "_lorascope_init_dir", None)
+            model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir)
+        else:
+            model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / CKPT_META, {"kind": kind, "base": base_spec, **meta, **extra})
 
 
 def checkpoint_size_bytes(path: Path) -> int:
     """Bytes of weights on disk (adapter or model), the number users pay per checkpoint."""
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
-
-
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """Weights with adapters merged (DoRA magnitude included), keyed as in the plain base model; `model` is
-    not modified."""
-    model = _plain(model)
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def weight_deltas(base_state: dict, tuned_state: dict, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """dW = merged tuned - ORIGINAL base for 2-D weights that changed (or exactly `names`)."""
-    keys = names if names is not None else [k for k, v in base_state.items() if v.ndim == 2 and k in tuned_state]
-    out = {}
-    for k in keys:
-        d = tuned_state[k].float() - base_state[k].float()
-        if names is not None or torch.count_nonzero(d):
-            out[k] = d
-    return out

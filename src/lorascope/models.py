@@ -25,9 +25,10 @@ import torch
 
 from .assets import cache_dir, cache_lock, embedded_gguf
 from .errors import LorascopeError
+from .fileio import atomic_dir, atomic_write_text
+from .layout import CKPT_META  # noqa: F401 - re-exported: readers of checkpoints import it from here
 
 EMBEDDED = "embedded"
-CKPT_META = "lorascope.json"  # written by train into every checkpoint dir
 
 
 @dataclass
@@ -89,16 +90,11 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(str(gguf.resolve()) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    (out / "DONE").write_text("ok\n")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_text(tmp / "SOURCE", str(gguf.resolve()) + "\n")
+    atomic_write_text(out / "DONE", "ok\n")
     return out
 
 

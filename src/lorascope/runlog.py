@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .fileio import atomic_write_json, atomic_write_text
+
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def environment() -> dict:
@@ -73,9 +73,7 @@ def peak_memory_bytes() -> int:
 
 
 def write_config(path: Path, cfg_dict: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
 def read_config(path: Path) -> dict | None:
@@ -91,9 +89,7 @@ def read_loss(path: Path) -> list[dict]:
 def truncate_loss(path: Path, last_step: int) -> None:
     """Drop loss lines after the resumed step, so a resumed curve has no duplicates."""
     rows = [r for r in read_loss(path) if r["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # --- resumable state (RUN/state): accelerate's save_state files + progress.json, replaced atomically

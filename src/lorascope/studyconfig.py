@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .config import DataConfig, MethodConfig, RunConfig, TrainConfig, dump, parse_value, read_yaml
 from .errors import ConfigError
 from .evals.results import FORGETTING_PARTS
+from .trainplan import checkpoint_names as planned_checkpoint_names
 
 
 class _Strict(BaseModel):
@@ -261,8 +262,5 @@ def _budgets(s: Setting) -> list[dict | None]:
 
 
 def checkpoint_names(cfg: RunConfig) -> list[str]:
-    """Names of the checkpoints a run will write, known before it trains."""
-    t = cfg.train
-    if cfg.data.regime == "ift" and t.epochs:
-        return [f"epoch-{e:03d}" for e in t.checkpoints if e < t.epochs] + [f"epoch-{t.epochs:03d}"]
-    return [f"tok-{b:012d}" for b in t.checkpoints if b < t.max_tokens] + [f"tok-{t.max_tokens:012d}"]
+    """Names of the checkpoints a run will write, known before it trains (the training plan's own rule)."""
+    return planned_checkpoint_names(cfg.train)

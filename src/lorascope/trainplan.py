@@ -4,6 +4,11 @@
     plan.total                 # ceil(max_tokens / tokens_per_step), or epochs * steps_per_epoch
     plan.checkpoints           # {step: ("tokens", 4096), ...} or {step: ("epoch", 1), ...}; always the last step
     plan.rows(step)            # global row indices of that optimizer step
+    budget_checkpoints(cfg.train)   # [("tokens", 4096), ("tokens", 8192)]: known before any data is read
+    checkpoint_names(cfg.train)     # ['tok-000000004096', 'tok-000000008192'] (what the study schedules on)
+
+The budget rule, in one place: with ``train.epochs`` set the budget is in epochs (whatever the data regime),
+otherwise in tokens (``train.max_tokens``).
 
 The data order is a function of (seed, step) alone: each epoch is a seeded permutation of the rows, so every
 method, process count and resumed run reads the same rows at the same step. Rows left over at the end of an
@@ -14,15 +19,22 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .config import TrainConfig
 from .errors import ConfigError, LorascopeError
+from .layout import checkpoint_name
 
 
-def checkpoint_name(kind: str, value: int) -> str:
-    """('tokens', 4096) -> 'tok-000000004096'; ('epoch', 2) -> 'epoch-002'."""
-    return f"tok-{value:012d}" if kind == "tokens" else f"epoch-{value:03d}"
+def budget_checkpoints(t: TrainConfig) -> list[tuple[str, int]]:
+    """The run's checkpoint budgets in order, the last one always the end: ("epoch", e) when train.epochs is
+    set, else ("tokens", b). Budgets at or past the end are dropped (the end is saved anyway)."""
+    if t.epochs is not None:
+        return [("epoch", e) for e in t.checkpoints if e < t.epochs] + [("epoch", t.epochs)]
+    return [("tokens", b) for b in t.checkpoints if b < t.max_tokens] + [("tokens", t.max_tokens)]
+
+
+def checkpoint_names(t: TrainConfig) -> list[str]:
+    """Directory names (RUN/checkpoints/<name>) of the checkpoints a run with this config will write."""
+    return [checkpoint_name(kind, value) for kind, value in budget_checkpoints(t)]
 
 
 class Plan:
@@ -37,15 +49,13 @@ class Plan:
                                  f"fewer than one step's {self.rows_per_step} (train.batch_size x train.grad_accum)")
         self.steps_per_epoch = n_rows // self.rows_per_step
         self.by_epoch = t.epochs is not None
-        if self.by_epoch:
-            self.total = t.epochs * self.steps_per_epoch
-            self.checkpoints = {e * self.steps_per_epoch: ("epoch", e) for e in t.checkpoints if e < t.epochs}
-            self.checkpoints[self.total] = ("epoch", t.epochs)
-        else:
-            self.total = math.ceil(t.max_tokens / t.tokens_per_step)
-            self.checkpoints = {math.ceil(b / t.tokens_per_step): ("tokens", b) for b in t.checkpoints
-                                if b < t.max_tokens}
-            self.checkpoints[self.total] = ("tokens", t.max_tokens)
+        self.tokens_per_step = t.tokens_per_step
+
+        def step_of(kind: str, value: int) -> int:
+            return value * self.steps_per_epoch if kind == "epoch" else math.ceil(value / t.tokens_per_step)
+
+        self.checkpoints = {step_of(*b): b for b in budget_checkpoints(t)}
+        self.total = max(self.checkpoints)
         self.branches = t.cooldown_per_checkpoint
         if self.branches and (self.by_epoch or t.schedule != "wsd"):
             raise ConfigError("train.cooldown_per_checkpoint: needs schedule=wsd and a token budget "
@@ -58,6 +68,8 @@ class Plan:
     def rows(self, step: int) -> list[int]:
         """Global row indices of optimizer step `step` (independent of method and process count)."""
         per_epoch = self.steps_per_epoch * self.rows_per_step
+        import torch  # here, so that planning names (studies, the report side) does not need torch
+
         out = []
         for k in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
             epoch, i = divmod(k, per_epoch)
