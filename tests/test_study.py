@@ -13,8 +13,15 @@ import pytest
 import yaml
 
 from lorascope.errors import ConfigError, LorascopeError
-from lorascope.study import build_jobs, run_study
-from lorascope.studyconfig import apply_study_overrides, expand, load_study
+from lorascope.config import apply_overrides
+from lorascope.jobs import build_jobs
+from lorascope.study import run_study
+from lorascope.studyconfig import load_study
+from lorascope.studyplan import plan_runs
+
+
+def expand(study):
+    return plan_runs(study, None)[0]
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 PRESETS = ["quick", "paper-v2", "critique", "lr-sweep", "regularizers"]
@@ -66,11 +73,11 @@ def test_separate_runs_and_per_setting_lrs(tmp_path, tiny_model_dir, ift_corpus)
 
 def test_overrides_index_lists_and_star():
     d = {"settings": [{"train": {"lr": 1}}, {"train": {"lr": 2}}], "methods": [{"lrs": [1]}, {"lrs": [2]}]}
-    apply_study_overrides(d, ["settings.1.train.lr=3", "methods.*.lrs=[0.5]", "evals.base=false"])
+    apply_overrides(d, ["settings.1.train.lr=3", "methods.*.lrs=[0.5]", "evals.base=false"])
     assert d == {"settings": [{"train": {"lr": 1}}, {"train": {"lr": 3}}], "methods": [{"lrs": [0.5]}] * 2,
                  "evals": {"base": False}}
     with pytest.raises(ConfigError, match=r"settings.5.train: '5' is not an index of settings"):
-        apply_study_overrides(d, ["settings.5.train=1"])
+        apply_overrides(d, ["settings.5.train=1"])
 
 
 @pytest.fixture(scope="module")

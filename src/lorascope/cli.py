@@ -136,13 +136,35 @@ def intruders(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
 @_user_errors
 def study(ctx: typer.Context,
           config: Path = typer.Argument(..., help="study YAML (see configs/)"),
-          out: Path = typer.Option(..., "--out", help="study directory (resumed if it exists)"),
+          out: Optional[Path] = typer.Option(None, "--out", help="study directory (resumed if it exists)"),
           jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
-          executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline")):
+          executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
+          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed the --dry-run estimate "
+                                             "assumes (default: embedded model, 2 CPU threads)"),
+          eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
+                                           "estimate assumes")):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
+    if dry_run:
+        from .studyconfig import load_study
+        from .studycost import dry_run as plan_text
+
+        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, jobs))
+        return
+    if out is None:
+        raise LorascopeError("--out: required (the study directory), unless --dry-run")
     from .study import run_study
 
     run_study(config, ctx.args, out, jobs=jobs, executor=executor)
+
+
+@app.command("job", hidden=True)
+@_user_errors
+def job_cmd(study_dir: Path = typer.Argument(...), job_id: str = typer.Argument(...)):
+    """Run one job of a study (what executors start; same as python -m lorascope.jobs STUDY_DIR JOB_ID)."""
+    from .jobs import run_job
+
+    run_job(study_dir, job_id)
 
 
 @app.command()

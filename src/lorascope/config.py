@@ -32,11 +32,13 @@ TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every config class (runs and studies): unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MethodConfig(_Strict):
+class MethodConfig(Strict):
     """How the base model is adapted: full fine-tuning or a LoRA variant (mapped 1:1 to peft.LoraConfig)."""
 
     kind: Literal["full", "lora"] = "lora"
@@ -105,7 +107,7 @@ class MethodConfig(_Strict):
         return "-".join([f"lora-r{self.rank}-{tg}"] + extras)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Training data: a built-in dataset name, a local file (jsonl/parquet/txt), or a hub id."""
 
     dataset: str = "code-cpt"
@@ -125,7 +127,7 @@ class DataConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """One training loop for every method: the same data order, schedule and budget."""
 
     lr: float = 2e-4
@@ -182,7 +184,7 @@ class TrainConfig(_Strict):
         return self.seq_len * self.batch_size * self.grad_accum
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """Everything that defines one training run; its hash is the run id."""
 
     model: str = "embedded"
@@ -202,31 +204,52 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it. A number indexes a list
+    (``settings.0.train.max_tokens=4096``) and ``*`` means every item (``methods.*.lrs=[1e-4]``)."""
     for item in overrides:
-        if "=" not in item:
+        key, sep, text = item.partition("=")
+        if not sep:
             raise ConfigError(f"override '{item}': expected dotted.key=value")
-        key, text = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"{key}: '{p}' is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = parse_value(text)
+        value, parts = parse_value(text), key.strip().split(".")
+        nodes = [data]
+        for i, p in enumerate(parts[:-1]):
+            nodes = [child for n in nodes for child in _step(n, p, key, ".".join(parts[:i]))]
+        for n in nodes:
+            if not isinstance(n, dict):
+                raise ConfigError(f"{key}: '{parts[-1]}' must name a field, not a list item")
+            n[parts[-1]] = value
     return data
 
 
+def _step(node: Any, part: str, key: str, where: str) -> list:
+    """The children of `node` that the dotted part `part` names (creating a missing section)."""
+    if isinstance(node, list):
+        if part == "*":
+            return list(node)
+        if part.isdigit() and int(part) < len(node):
+            return [node[int(part)]]
+        raise ConfigError(f"{key}: '{part}' is not an index of {where or 'the list'} (0..{len(node) - 1} or *)")
+    if isinstance(node, dict) and isinstance(node.get(part, {}), (dict, list)):
+        return [node.setdefault(part, {})]
+    raise ConfigError(f"{key}: '{part}' is not a section")
+
+
+def field_path(loc: tuple) -> str:
+    """('methods', 2, 'method', 'rnk') -> 'methods[2].method.rnk'."""
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each starting with the dotted field path."""
+    """One problem per '; '-separated part, each starting with the dotted field path (after `prefix`)."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"{loc}: {msg}")
+        loc = field_path(tuple(e["loc"]))
+        loc = f"{prefix}.{loc}" if prefix and loc else prefix or loc
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 

@@ -1,11 +1,12 @@
-"""Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current()``.
+"""Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current() /
+busy()``; the scheduler (lorascope.study) decides what to submit, the executor only runs it.
 
     ex = LocalExecutor(study_dir, jobs=2)       # subprocesses on this machine (the default)
     ex = RayExecutor(study_dir, jobs=8)         # Ray tasks across a cluster (RAY_ADDRESS) or Ray's local mode
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
     ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
 
-Local and Ray jobs are the command ``python -m lorascope.study job DIR JOB_ID``: a job killed half-way leaves
+Local and Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID``: a job killed half-way leaves
 only its own partial files (which the next attempt redoes or resumes) and never the parent's state.
 """
 
@@ -31,7 +32,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def job_cmd(d: Path, job_id: str) -> list[str]:
-    return [sys.executable, "-m", "lorascope.study", "job", str(d), job_id]
+    return [sys.executable, "-m", "lorascope.jobs", str(d), job_id]
 
 
 def job_env(jobs: int) -> dict:
@@ -55,6 +56,10 @@ class LocalExecutor:
 
     def current(self) -> list[str]:
         return list(self.running)
+
+    def busy(self) -> bool:
+        """Jobs submitted whose end poll() has not reported yet."""
+        return bool(self.running)
 
     def submit(self, job_id: str) -> None:
         log = open(log_path(self.d, job_id), "w")
@@ -86,9 +91,12 @@ class InlineExecutor:
     def current(self) -> list[str]:
         return []
 
+    def busy(self) -> bool:
+        return bool(self.done)
+
     def submit(self, job_id: str) -> None:
         from .errors import LorascopeError
-        from .study import run_job
+        from .jobs import run_job
 
         rc = 0
         with open(log_path(self.d, job_id), "w") as log:
@@ -133,6 +141,9 @@ class RayExecutor:
 
     def current(self) -> list[str]:
         return list(self.running.values())
+
+    def busy(self) -> bool:
+        return bool(self.running)
 
     def submit(self, job_id: str) -> None:
         ref = self._run.remote(job_cmd(self.d, job_id), job_env(self.jobs), str(log_path(self.d, job_id)))

@@ -1,13 +1,15 @@
-"""Run a study: expand the grid, then train, evaluate and analyse every run, skipping what is done.
+"""Run a study: plan its runs, then train, evaluate and analyse every one, skipping what is done.
 
     lorascope study configs/quick.yaml --out studies/quick          # resumable; re-run to continue
+    lorascope study configs/quick.yaml --dry-run                     # runs, jobs, tokens and time, nothing run
     lorascope study configs/lr-sweep.yaml settings.0.train.max_tokens=2048 --out studies/lr --jobs 2
     lorascope study configs/quick.yaml 'methods.*.lrs=[1e-4]' --out studies/q2   # '*' = every list item
 
 The study directory (``out``)::
 
     study.yaml   runs.json   jobs.json      the resolved study, its runs (ids, labels, configs) and job graph
-    commands.txt                        every command that ran this study; LOCK while one runs
+    lr_search.json                      per setting/method with lrs: auto: grid, validation values, chosen LR
+    commands.txt                        every command that ran this study; LOCK is held while one runs
     logs/<job>.log  logs/jobs.jsonl     each job's output; one line per finished job (rc, elapsed_s)
     runs/<run_id>/                      training run (see lorascope.runlog); DIVERGED if it blew up
     evals/base/results.json             the base model
@@ -15,58 +17,30 @@ The study directory (``out``)::
     analysis/<run_id>/<ckpt>/spectrum.json
     analysis/<run_id>/truncate/r<k>/    rank-k truncations of full-FT runs; evals/<run_id>/truncate-r<k>/
 
-``--executor local`` (default) runs up to ``--jobs`` jobs at once, ``ray`` runs them as Ray tasks (a cluster via
-RAY_ADDRESS), ``inline`` runs them one by one in this process (see lorascope.executors). Every local/Ray job
-runs in its own subprocess (``python -m lorascope.study job DIR JOB_ID``) that dies with its parent
-(PR_SET_PDEATHSIG), and writes its outputs atomically with a completion marker last; so a study killed at
-any point is completed by running the same command again, with no job done twice and none lost. Training jobs
-resume from their own saved state.
+The scheduler here submits each job (lorascope.jobs) once its dependencies are done, to an executor
+(lorascope.executors: ``local`` subprocesses, the default; ``ray``; ``inline`` in this process). Whenever a job
+finishes it re-plans (lorascope.studyplan): an LR search adds runs as its results arrive. Jobs write their outputs
+atomically with a completion marker last, so a study killed at any point is completed by running the same
+command again, with no job done twice and none lost; training jobs resume from their own saved state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
-from .config import RunConfig
+from .config import dump
 from .errors import LorascopeError
-from .studyconfig import StudyConfig, checkpoint_names, expand, load_study
-
-# ---------------------------------------------------------------------------------------------------------
-# the job graph
-
-
-def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
-    """Jobs with ids, kinds and dependencies, in a valid order."""
-    jobs = []
-    ev, an = study.evals, study.analysis
-    if ev.base and ev.groups:
-        jobs.append({"id": "eval:base", "kind": "eval", "run": None, "ckpt": None, "deps": []})
-    for r in runs:
-        cfg = RunConfig.model_validate(r["config"])
-        rid, cks = r["run_id"], checkpoint_names(cfg)
-        jobs.append({"id": f"train:{rid}", "kind": "train", "run": rid, "deps": []})
-        for ck in cks:
-            groups = [i for i, g in enumerate(ev.groups) if (g.checkpoints or ev.checkpoints) == "all" or ck == cks[-1]]
-            if groups:
-                jobs.append({"id": f"eval:{rid}:{ck}", "kind": "eval", "run": rid, "ckpt": ck, "groups": groups,
-                             "deps": [f"train:{rid}"]})
-        if an.spectrum:
-            for ck in cks if an.spectrum.checkpoints == "all" else cks[-1:]:
-                jobs.append({"id": f"spectrum:{rid}:{ck}", "kind": "spectrum", "run": rid, "ckpt": ck,
-                             "deps": [f"train:{rid}"]})
-        if an.truncate and cfg.method.kind == "full":
-            jobs.append({"id": f"truncate:{rid}", "kind": "truncate", "run": rid, "ckpt": cks[-1],
-                         "deps": [f"train:{rid}"]})
-            if an.truncate.evaluate and ev.groups:
-                for k in an.truncate.ranks:
-                    jobs.append({"id": f"eval-trunc:{rid}:r{k}", "kind": "eval-trunc", "run": rid, "rank": str(k),
-                                 "deps": [f"truncate:{rid}"]})
-    return jobs
+from .fileio import atomic_write_json, atomic_write_text
+from .jobs import build_jobs, is_done
+from .studyconfig import StudyConfig, load_study
+from .studyplan import plan_runs
 
 
 def _priority(job: dict) -> int:
@@ -74,219 +48,151 @@ def _priority(job: dict) -> int:
     return {"train": 0, "truncate": 1}.get(job["kind"], 2)
 
 
-def _done_marker(d: Path, job: dict) -> Path:
-    k = job["kind"]
-    if k == "train":
-        return d / "runs" / job["run"] / "COMPLETE"
-    if k == "eval":
-        return d / "evals" / (job["run"] or "base") / (job["ckpt"] or "") / "results.json"
-    if k == "spectrum":
-        return d / "analysis" / job["run"] / job["ckpt"] / "spectrum.json"
-    if k == "truncate":
-        return d / "analysis" / job["run"] / "truncate" / "DONE"
-    return d / "evals" / job["run"] / f"truncate-r{job['rank']}" / "results.json"
+class Scheduler:
+    """Submits every job of a study once its dependencies are done; re-plans whenever a job finishes."""
+
+    def __init__(self, study: StudyConfig, d: Path, executor):
+        self.study, self.d, self.ex = study, d, executor
+        self.jobs: dict[str, dict] = {}  # every job known so far, by id
+        self.pending: list[dict] = []
+        self.ok: set[str] = set()
+        self.failed: dict[str, int] = {}  # job id -> return code; -1 = blocked by a failed dependency
+        self.started: dict[str, float] = {}
+        self.replan()
+
+    def replan(self) -> None:
+        """Write the current runs, jobs and LR searches; queue the jobs not seen before."""
+        runs, searches = plan_runs(self.study, self.d)
+        jobs = build_jobs(self.study, runs)
+        atomic_write_json(self.d / "runs.json", runs)
+        atomic_write_json(self.d / "jobs.json", jobs)
+        if searches:
+            atomic_write_json(self.d / "lr_search.json", searches)
+        for j in jobs:
+            if j["id"] not in self.jobs:
+                self.jobs[j["id"]] = j
+                (self.ok.add(j["id"]) if is_done(self.d, j) else self.pending.append(j))
+
+    def active(self) -> bool:
+        return bool(self.pending) or self.ex.busy()
+
+    def block_failed(self) -> None:
+        for j in [j for j in self.pending if any(dep in self.failed for dep in j["deps"])]:
+            self.failed[j["id"]] = -1
+            self.pending.remove(j)
+
+    def submit_ready(self) -> None:
+        ready = sorted((j for j in self.pending if all(dep in self.ok for dep in j["deps"])), key=_priority)
+        if not ready and self.pending and not self.ex.busy():
+            raise LorascopeError(f"{self.d}: jobs wait on dependencies that never run: "
+                                 f"{[j['id'] for j in self.pending][:3]}")
+        for j in ready[: max(self.ex.slots(), 0)]:
+            self.pending.remove(j)
+            if is_done(self.d, j):  # e.g. the evals of a run that just diverged
+                self.ok.add(j["id"])
+                continue
+            self.started[j["id"]] = time.time()
+            self.ex.submit(j["id"])
+
+    def collect(self) -> list[tuple[str, int, float]]:
+        """(job id, return code, seconds) of the jobs that ended; each is logged to logs/jobs.jsonl."""
+        ended = []
+        for jid, rc in self.ex.poll():
+            (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
+            took = time.time() - self.started[jid]
+            with open(self.d / "logs" / "jobs.jsonl", "a") as f:
+                f.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(took, 2),
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            ended.append((jid, rc, took))
+        if ended:
+            self.replan()
+        return ended
+
+    def raise_if_failed(self) -> None:
+        from .executors import log_path
+
+        real = sorted(k for k, v in self.failed.items() if v != -1)
+        if real:
+            raise LorascopeError(f"{len(real)} job(s) failed ({len(self.failed) - len(real)} more blocked), first: "
+                                 f"{real[0]} (log: {log_path(self.d, real[0])}); fix and re-run to continue")
 
 
-def _diverged(d: Path, run: str | None) -> bool:
-    return bool(run) and (d / "runs" / run / "DIVERGED").exists()
-
-
-def is_done(d: Path, job: dict) -> bool:
-    if job["kind"] != "train" and _diverged(d, job.get("run")):
-        return True  # nothing to evaluate on a diverged run
-    return _done_marker(d, job).exists() or (job["kind"] == "train" and _diverged(d, job["run"]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# running one job (inside its own subprocess)
-
-
-def _evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None) -> None:
-    """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
-    a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate())."""
-    from .evals.api import evaluate
-
-    merged: dict = {"model": spec, "tasks": {}, "derived": {}, "groups": []}
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    for i, g in enumerate(study.evals.groups):
-        if groups is not None and i not in groups:
-            continue
-        gdir = out / "groups" / str(i)
-        res_file = gdir / "results.json"
-        if res_file.exists():
-            res = json.loads(res_file.read_text())
-        else:
-            res = evaluate(spec, g.tasks, gdir, limit=g.limit, shots=g.shots, samples=g.samples,
-                           temperature=g.temperature, batch_size=study.evals.batch_size,
-                           allow_code_execution=g.allow_code_execution, progress=False)
-        merged["tasks"].update(res["tasks"])
-        merged["derived"].update(res.get("derived", {}))
-        merged["groups"].append({"tasks": g.tasks, "limit": g.limit, "settings": res.get("settings")})
-        merged.setdefault("versions", res.get("versions"))
-        for f in (gdir / "samples").glob("*.jsonl"):
-            shutil.copyfile(f, out / "samples" / f.name)
-    from .evals.results import forgetting_mean
-
-    fm = forgetting_mean(merged["tasks"])
-    if fm:
-        merged["derived"]["forgetting_mean"] = fm
-    merged["complete"] = True
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(merged, indent=2))
-    tmp.replace(out / "results.json")
-
-
-def run_job(d: Path, job_id: str) -> None:
-    study = load_study(d / "study.yaml")
-    runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
-    job = next(j for j in json.loads((d / "jobs.json").read_text()) if j["id"] == job_id)
-    kind, rid = job["kind"], job.get("run")
-    if kind == "train":
-        from .train import train
-
-        cfg = RunConfig.model_validate(runs[rid]["config"])
-        run_dir = d / "runs" / rid
-        try:
-            train(cfg, run_dir, progress=False)
-        except LorascopeError as e:
-            if "diverged" not in str(e):
-                raise
-            (run_dir / "DIVERGED").write_text(str(e) + "\n")
-            return
-        s = json.loads((run_dir / "summary.json").read_text())
-        if s.get("first_loss") and s.get("final_loss") and s["final_loss"] > s["first_loss"] * study.divergence_factor:
-            (run_dir / "DIVERGED").write_text(f"final loss {s['final_loss']:.3f} > {study.divergence_factor} x "
-                                              f"first loss {s['first_loss']:.3f}\n")
-    elif kind == "eval":
-        spec = study.model if rid is None else f"{d / 'runs' / rid}:{job['ckpt']}"
-        _evaluate_into(study, spec, _done_marker(d, job).parent, job.get("groups"))
-    elif kind == "spectrum":
-        from .analysis.spectrum import spectrum_cli
-
-        sp = study.analysis.spectrum
-        spectrum_cli(f"{d / 'runs' / rid}:{job['ckpt']}", out=_done_marker(d, job).parent, energy=sp.energy,
-                     top_k=sp.top_k, epsilon=sp.epsilon)
-    elif kind == "truncate":
-        from .analysis.truncate import truncate_cli
-
-        out = d / "analysis" / rid / "truncate"
-        truncate_cli(f"{d / 'runs' / rid}:{job['ckpt']}",
-                     ranks=",".join(str(k) for k in study.analysis.truncate.ranks), out=out)
-        (out / "DONE").write_text("ok\n")
-    elif kind == "eval-trunc":
-        model_dir = d / "analysis" / rid / "truncate" / f"r{job['rank']}"
-        _evaluate_into(study, str(model_dir), _done_marker(d, job).parent)
-
-
-def _lock(d: Path) -> Path:
-    lock = d / "LOCK"
-    if lock.exists():
-        try:
-            pid = int(lock.read_text())
-            os.kill(pid, 0)
-            raise LorascopeError(f"{d}: another lorascope study (pid {pid}) is running on this directory")
-        except (ValueError, ProcessLookupError, PermissionError):
-            pass  # stale lock from a killed study
-    lock.write_text(str(os.getpid()))
-    return lock
+@contextlib.contextmanager
+def study_lock(d: Path) -> Iterator[None]:
+    """One scheduler per study directory: an OS lock on d/LOCK, released even when the holder is killed."""
+    f = open(d / "LOCK", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise LorascopeError(f"{d}: another lorascope study (pid {pid}) is running on this directory; "
+                             f"wait for it to end or stop it") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.truncate(0)
+        f.close()  # closing releases the lock
 
 
 def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1, executor: str = "local",
               progress: bool = True) -> Path:
-    """Expand and run a study; returns the study dir. Failed jobs are reported and make it exit non-zero;
-    the jobs that do not depend on them still run."""
-    import yaml
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .config import dump
-    from .executors import EXECUTORS, log_path
+    """Plan and run a study; returns the study dir. Failed jobs are reported and make it raise; the jobs that
+    do not depend on them still run."""
+    from .executors import EXECUTORS
 
     if executor not in EXECUTORS:
         raise LorascopeError(f"--executor: unknown '{executor}' (choose from {', '.join(EXECUTORS)})")
     if jobs < 1:
         raise LorascopeError(f"--jobs: must be >= 1 (got {jobs})")
-    study = load_study(config, overrides)
-    runs = expand(study)
-    out = Path(out)
-    resolved = dump(study)
-    if (out / "study.yaml").exists() and yaml.safe_load((out / "study.yaml").read_text()) != resolved:
-        raise LorascopeError(f"{out}: holds a different study (use another --out)")
+    study, out = load_study(config, overrides), Path(out)
+    _check_same_study(out, study)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    try:
-        _write_text(out / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        _write_text(out / "runs.json", json.dumps(runs, indent=2))
-        all_jobs = build_jobs(study, runs)
-        _write_text(out / "jobs.json", json.dumps(all_jobs, indent=2))
-        with open(out / "commands.txt", "a") as f:  # every invocation, for the provenance appendix
-            f.write(" ".join(sys.argv) + "\n")
-        ex = EXECUTORS[executor](out, jobs)
-        pending = [j for j in all_jobs if not is_done(out, j)]
-        ok = {j["id"] for j in all_jobs if j not in pending}
-        failed: dict[str, int] = {}
-        started: dict[str, float] = {}
-        timings = open(out / "logs" / "jobs.jsonl", "a")
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("{task.fields[current]}"), disable=not progress) as bar:
-            task = bar.add_task(f"study {study.name}", total=len(all_jobs), completed=len(ok), current="")
-            while pending or ex.current() or getattr(ex, "done", None):
-                for j in [j for j in pending if any(dep in failed for dep in j["deps"])]:
-                    failed[j["id"]] = -1  # blocked by a failed dependency
-                    pending.remove(j)
-                    bar.advance(task)
-                ready = sorted((j for j in pending if all(dep in ok for dep in j["deps"])), key=_priority)
-                for j in ready[: max(ex.slots(), 0)]:
-                    pending.remove(j)
-                    if is_done(out, j):  # e.g. the evals of a run that just diverged
-                        ok.add(j["id"])
-                        bar.advance(task)
-                        continue
-                    started[j["id"]] = time.time()
-                    bar.update(task, current=j["id"])
-                    ex.submit(j["id"])
-                bar.update(task, current=", ".join(ex.current()[:3]))
-                for jid, rc in ex.poll():
-                    if rc == 0:
-                        ok.add(jid)
-                    else:
-                        failed[jid] = rc
-                    took = time.time() - started[jid]
-                    timings.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(took, 2),
-                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-                    timings.flush()
-                    bar.advance(task)
-                    if progress:  # one line per finished job: the live bar is not drawn when output is a file
-                        done_n = len(ok) + len(failed)
-                        bar.console.print(f"[green]done[/green] {jid} in {took:.0f} s ({done_n}/{len(all_jobs)})"
-                                          if rc == 0 else f"[red]failed[/red] {jid} (log: {log_path(out, jid)})")
-        timings.close()
-        real = {k: v for k, v in failed.items() if v != -1}
-        if failed:
-            first = sorted(real)[0]
-            raise LorascopeError(f"{len(real)} job(s) failed ({len(failed) - len(real)} more blocked), first: {first} "
-                                 f"(log: {log_path(out, first)}); fix and re-run to continue")
-    finally:
-        lock.unlink(missing_ok=True)
+    with study_lock(out):
+        _claim(out, study)
+        sched = Scheduler(study, out, EXECUTORS[executor](out, jobs))
+        _drive(sched, study.name, progress)
+    sched.raise_if_failed()
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _check_same_study(out: Path, study: StudyConfig) -> None:
+    import yaml
+
+    if (out / "study.yaml").exists() and yaml.safe_load((out / "study.yaml").read_text()) != dump(study):
+        raise LorascopeError(f"{out}: holds a different study (use another --out)")
 
 
-def _main(argv: list[str]) -> int:  # python -m lorascope.study job DIR JOB_ID
-    if len(argv) != 3 or argv[0] != "job":
-        print("usage: python -m lorascope.study job STUDY_DIR JOB_ID", file=sys.stderr)
-        return 2
-    try:
-        run_job(Path(argv[1]), argv[2])
-    except LorascopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def _claim(out: Path, study: StudyConfig) -> None:
+    import yaml
+
+    _check_same_study(out, study)  # again, now under the lock
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(dump(study), sort_keys=False))
+    with open(out / "commands.txt", "a") as f:  # every invocation, for the provenance appendix
+        f.write(" ".join(sys.argv) + "\n")
 
 
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+def _drive(sched: Scheduler, name: str, progress: bool) -> None:
+    """Run the scheduler to the end under a progress bar (one printed line per finished job)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .executors import log_path
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[current]}"), disable=not progress) as bar:
+        task = bar.add_task(f"study {name}", total=len(sched.jobs), current="")
+        while sched.active():
+            sched.block_failed()
+            sched.submit_ready()
+            ended = sched.collect()
+            bar.update(task, total=len(sched.jobs), completed=len(sched.ok) + len(sched.failed),
+                       current=", ".join(sched.ex.current()[:3]))
+            for jid, rc, took in ended if progress else []:
+                n = len(sched.ok) + len(sched.failed)
+                bar.console.print(f"[green]done[/green] {jid} in {took:.0f} s ({n}/{len(sched.jobs)})"
+                                  if rc == 0 else f"[red]failed[/red] {jid} (log: {log_path(sched.d, jid)})")

@@ -7,42 +7,48 @@ Example (see configs/quick.yaml for a documented one)::
 
     name: quick
     model: embedded
-    seeds: [0]
+    seeds: [0, 1]
     settings:
       - name: code-cpt
         data: {dataset: code-cpt}
         train: {seq_len: 256, batch_size: 4, max_tokens: 16384, checkpoints: [4096, 8192]}
     methods:
-      - {name: full, method: {kind: full}, lrs: [2.0e-5]}
-      - {name: lora-r16, method: {kind: lora, rank: 16}, lrs: [2.0e-4]}
+      - {name: full, method: {kind: full}, lrs: [2.0e-5]}          # a fixed grid
+      - {name: lora-r16, method: {kind: lora, rank: 16}, lrs: auto}  # searched on validation (lorascope.studyplan)
     evals:
       checkpoints: all
       groups:
         - {tasks: [heldout_bpb:code-cpt, english_bpb, kl_base], limit: 64}
     analysis:
       spectrum: {checkpoints: final}
+
+Which runs a study trains is decided in lorascope.studyplan (fixed grids and the LR search).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config import DataConfig, MethodConfig, RunConfig, TrainConfig, dump, parse_value, read_yaml
+from .config import (DataConfig, MethodConfig, RunConfig, Strict, TrainConfig, apply_overrides, dump,
+                     format_validation_error, read_yaml, validate)
 from .errors import ConfigError
 from .evals.results import FORGETTING_PARTS
 from .trainplan import checkpoint_names as planned_checkpoint_names
 
+FULL_FT_START_LR = 1e-4
+"""Centre of the automatic LR grid of full fine-tuning (a common full-FT LR for small decoder models)."""
+LORA_LR_RATIO = 10.0
+"""LoRA's automatic grid is centred at 10x full FT's: the field's rule that LoRA's best LR is ~10x full FT's
+(Biderman et al. 2024; Schulman et al., "LoRA Without Regret", 2025)."""
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class Setting(_Strict):
+class Setting(Strict):
     """A regime x domain: its data and its training budget/schedule (shared by every method)."""
 
     name: str
@@ -53,16 +59,61 @@ class Setting(_Strict):
     does for IFT (separate 1/2/4/8/16-epoch runs with cosine decay); default: one run saving checkpoints."""
 
 
-class MethodEntry(_Strict):
+class AutoLR(Strict):
+    """Find the LR per (setting, method) on the validation split instead of fixing it.
+
+    The first seed trains a log-spaced grid of ``points`` LRs, ``factor`` apart, centred on ``start`` (default:
+    1e-4 for full fine-tuning and 10x that for LoRA, the field's rule that LoRA's best LR is ~10x full FT's).
+    While the best LR sits on an edge of the grid, the next LR beyond that edge is added (at most
+    ``max_extensions`` times); then the best is chosen and every seed trains at it. ``budget: first`` trains
+    the search at the setting's first budget (its first checkpoint) only, which is cheaper for long settings."""
+
+    start: float | None = Field(None, gt=0)
+    factor: float = Field(3.16, gt=1)
+    points: int = Field(3, ge=2)
+    max_extensions: int = Field(2, ge=0)
+    budget: Literal["final", "first"] = "final"
+
+    def grid(self, method: MethodConfig) -> list[float]:
+        """The starting grid, ascending, each LR rounded to 3 significant digits (stable labels and run ids)."""
+        start = self.start or FULL_FT_START_LR * (1.0 if method.kind == "full" else LORA_LR_RATIO)
+        return [round_lr(start * self.factor ** (k - (self.points - 1) / 2)) for k in range(self.points)]
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+class MethodEntry(Strict):
     name: str
     method: MethodConfig
-    lrs: list[float] | dict[str, list[float]]
-    """Learning rates to run; or per setting name ({code-ift: [2e-4], default: [1e-5]})."""
+    lrs: list[float] | dict[str, list[float]] | AutoLR
+    """Learning rates to run; or per setting name ({code-ift: [2e-4], default: [1e-5]}); or ``auto`` /
+    ``{auto: {start: 1e-4, factor: 3.16, points: 3, max_extensions: 2}}`` (see AutoLR)."""
     train: dict = Field(default_factory=dict)
     """Per-method TrainConfig overrides (e.g. weight_decay for the regularisation baselines)."""
 
+    @field_validator("lrs", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, dict) and "auto" in v):
+            opts = {} if v == "auto" else v["auto"] or {}
+            if isinstance(v, dict) and len(v) > 1:
+                raise ValueError("'auto' cannot be mixed with per-setting lists")
+            try:
+                return AutoLR.model_validate(opts)
+            except ValidationError as e:
+                raise ValueError(format_validation_error(e, "auto")) from None
+        return v
 
-class EvalGroup(_Strict):
+    def lrs_for(self, setting: str) -> list[float] | None:
+        """The fixed LRs of a setting, or None when they are searched (AutoLR)."""
+        if isinstance(self.lrs, AutoLR):
+            return None
+        return self.lrs.get(setting, self.lrs.get("default")) if isinstance(self.lrs, dict) else self.lrs
+
+
+class EvalGroup(Strict):
     tasks: list[str] = Field(min_length=1)
     checkpoints: Literal["all", "final"] | None = None
     """Which checkpoints this group runs on; default: evals.checkpoints (e.g. costly tasks on 'final' only)."""
@@ -73,37 +124,37 @@ class EvalGroup(_Strict):
     allow_code_execution: bool = False
 
 
-class Evals(_Strict):
+class Evals(Strict):
     checkpoints: Literal["all", "final"] = "all"
     base: bool = True
     batch_size: int = 8
     groups: list[EvalGroup] = Field(default_factory=list)
 
 
-class SpectrumSpec(_Strict):
+class SpectrumSpec(Strict):
     checkpoints: Literal["all", "final"] = "final"
     energy: float = Field(0.9, gt=0, lt=1)
     top_k: int = 10
     epsilon: float = 0.5
 
 
-class TruncateSpec(_Strict):
+class TruncateSpec(Strict):
     ranks: list[int | str] = Field(default_factory=lambda: [16, 64])
     evaluate: bool = True
 
 
-class Analysis(_Strict):
+class Analysis(Strict):
     spectrum: SpectrumSpec | None = None
     truncate: TruncateSpec | None = None
 
 
-class ReportSpec(_Strict):
+class ReportSpec(Strict):
     """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB; forgetting_mean)."""
     learning: str | None = None
     forgetting: str | None = None
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     name: str = "study"
     model: str = "embedded"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -117,105 +168,92 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
-        from .evals import registry
-
-        for gi, g in enumerate(self.evals.groups):
-            for ti, t in enumerate(g.tasks):
-                try:
-                    registry.validate(t)
-                except Exception as e:
-                    raise ValueError(f"evals.groups[{gi}].tasks[{ti}]: {e}") from None
-        for si, s in enumerate(self.settings):
-            t = s.train
-            end, what = (t.epochs, "epochs") if s.data.regime == "ift" and t.epochs else (t.max_tokens, "max_tokens")
-            if end is not None and t.checkpoints and t.checkpoints[-1] >= end:
-                raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
-                                 f"{what}={end} (got {t.checkpoints})")
-        evaluated = {t for g in self.evals.groups for t in g.tasks}
-        if {task for task, _ in FORGETTING_PARTS} <= evaluated:
-            evaluated.add("forgetting_mean")
-        for field in ("learning", "forgetting"):
-            want = getattr(self.report, field)
-            if want is not None and want not in evaluated:
-                raise ValueError(f"report.{field}: '{want}' is not evaluated in any evals group "
-                                 f"(evaluated: {sorted(evaluated)})")
-        settings = {s.name for s in self.settings}
-        for mi, m in enumerate(self.methods):
-            grid = m.lrs.values() if isinstance(m.lrs, dict) else [m.lrs]
-            if not all(grid) or not grid:
-                raise ValueError(f"methods[{mi}].lrs: empty")
-            if isinstance(m.lrs, dict):
-                unknown = set(m.lrs) - settings - {"default"}
-                if unknown:
-                    raise ValueError(f"methods[{mi}].lrs: unknown setting(s) {sorted(unknown)} (settings: "
-                                     f"{sorted(settings)}, or 'default')")
-                missing = [s for s in settings if s not in m.lrs and "default" not in m.lrs]
-                if missing:
-                    raise ValueError(f"methods[{mi}].lrs: no learning rate for setting(s) {sorted(missing)}")
-        names = [m.name for m in self.methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"methods: names must be unique (got {names})")
+        _check_tasks(self)
+        _check_budgets(self)
+        _check_report(self)
+        _check_methods(self)
         return self
 
+    def final_tasks(self) -> list[str]:
+        """Tasks evaluated on every run's final checkpoint (all groups run there)."""
+        return [t for g in self.evals.groups for t in g.tasks]
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for x in loc:
-        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
-    return out
+    def learning_task(self, setting: Setting) -> str | None:
+        """The task whose validation score picks LRs: report.learning, else the report's default for the setting."""
+        from .report.metrics import learning_metric
+
+        return self.report.learning or learning_metric(self.final_tasks(), setting.data.dataset)
 
 
-def apply_study_overrides(data: dict, overrides: list[str]) -> dict:
-    """``a.b=v`` overrides like lorascope.config.apply_overrides, where a number indexes a list
-    (``settings.0.train.max_tokens=4096``) and ``*`` means every item (``methods.*.lrs=[1e-4]``)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}': expected dotted.key=value")
-        value, parts = parse_value(text), key.strip().split(".")
-        nodes = [data]
-        for i, p in enumerate(parts[:-1]):
-            nxt = []
-            for n in nodes:
-                if isinstance(n, list):
-                    if p == "*":
-                        nxt += n
-                    elif p.isdigit() and int(p) < len(n):
-                        nxt.append(n[int(p)])
-                    else:
-                        raise ConfigError(f"{key}: '{p}' is not an index of {'.'.join(parts[:i]) or 'the list'} "
-                                          f"(0..{len(n) - 1} or *)")
-                elif isinstance(n, dict) and isinstance(n.get(p, {}), (dict, list)):
-                    nxt.append(n.setdefault(p, {}))
-                else:
-                    raise ConfigError(f"{key}: '{p}' is not a section")
-            nodes = nxt
-        for n in nodes:
-            if not isinstance(n, dict):
-                raise ConfigError(f"{key}: '{parts[-1]}' must name a field, not a list item")
-            n[parts[-1]] = value
-    return data
+def _check_tasks(study: StudyConfig) -> None:
+    from .evals import registry
+
+    for gi, g in enumerate(study.evals.groups):
+        for ti, t in enumerate(g.tasks):
+            try:
+                registry.validate(t)
+            except Exception as e:
+                raise ValueError(f"evals.groups[{gi}].tasks[{ti}]: {e}") from None
+
+
+def _check_budgets(study: StudyConfig) -> None:
+    for si, s in enumerate(study.settings):
+        t = s.train
+        end, what = (t.epochs, "epochs") if s.data.regime == "ift" and t.epochs else (t.max_tokens, "max_tokens")
+        if end is not None and t.checkpoints and t.checkpoints[-1] >= end:
+            raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
+                             f"{what}={end} (got {t.checkpoints})")
+
+
+def _check_report(study: StudyConfig) -> None:
+    evaluated = set(study.final_tasks())
+    if {task for task, _ in FORGETTING_PARTS} <= evaluated:
+        evaluated.add("forgetting_mean")
+    for field in ("learning", "forgetting"):
+        want = getattr(study.report, field)
+        if want is not None and want not in evaluated:
+            raise ValueError(f"report.{field}: '{want}' is not evaluated in any evals group "
+                             f"(evaluated: {sorted(evaluated)})")
+
+
+def _check_methods(study: StudyConfig) -> None:
+    from .report.metrics import spec
+
+    settings = {s.name for s in study.settings}
+    for mi, m in enumerate(study.methods):
+        if isinstance(m.lrs, AutoLR):
+            for s in study.settings:
+                task = study.learning_task(s)
+                if task is None or spec(task) is None:
+                    raise ValueError(f"methods[{mi}].lrs: auto needs a learning metric to choose on, and setting "
+                                     f"'{s.name}' evaluates none (add e.g. heldout_bpb:{s.data.dataset} to "
+                                     f"evals.groups, or set report.learning)")
+            continue
+        grid = list(m.lrs.values()) if isinstance(m.lrs, dict) else [m.lrs]
+        if not grid or not all(grid):
+            raise ValueError(f"methods[{mi}].lrs: empty")
+        if isinstance(m.lrs, dict):
+            unknown = set(m.lrs) - settings - {"default"}
+            if unknown:
+                raise ValueError(f"methods[{mi}].lrs: unknown setting(s) {sorted(unknown)} (settings: "
+                                 f"{sorted(settings)}, or 'default')")
+            missing = [s for s in settings if s not in m.lrs and "default" not in m.lrs]
+            if missing:
+                raise ValueError(f"methods[{mi}].lrs: no learning rate for setting(s) {sorted(missing)}")
+    names = [m.name for m in study.methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods: names must be unique (got {names})")
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read, override and validate a study file; ConfigError names the file and the place."""
     data = read_yaml(path)
-    apply_study_overrides(data, list(overrides))
-    try:
-        return StudyConfig.model_validate(data)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            loc = _loc(err["loc"])
-            msgs.append(f"{loc}: {msg}" if loc else msg)
-        raise ConfigError(f"{path}: " + "; ".join(msgs)) from None
+    apply_overrides(data, list(overrides))
+    return validate(StudyConfig, data, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# grid expansion
+# one run of the grid
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -223,42 +261,60 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(json.dumps(dump(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def expand(study: StudyConfig) -> list[dict]:
-    """One record per training run: run_id, label, the RunConfig and what the report needs to group runs
-    (setting, method_name, lr, seed; with separate_runs, the runs of one group differ only in "budget")."""
-    runs = []
-    for s in study.settings:
-        for m in study.methods:
-            lrs = m.lrs.get(s.name, m.lrs.get("default")) if isinstance(m.lrs, dict) else m.lrs
-            for lr in lrs:
-                for seed in study.seeds:
-                    for budget in _budgets(s):
-                        train = {**dump(s.train), **m.train, "lr": lr, "seed": seed, **(budget or {})}
-                        try:
-                            cfg = RunConfig(model=study.model, method=m.method, data=s.data,
-                                            train=TrainConfig.model_validate(train))
-                        except ValidationError as e:
-                            raise ConfigError(f"methods[{m.name}].train: {e.errors()[0]['msg']}") from None
-                        label = f"{s.name}/{m.name}/lr{lr:g}/s{seed}"
-                        if budget:
-                            label += f"/e{budget['epochs']}" if "epochs" in budget else f"/t{budget['max_tokens']}"
-                        runs.append({"run_id": run_id(cfg), "label": label, "setting": s.name,
-                                     "method_name": m.name, "method": dump(m.method), "lr": lr, "seed": seed,
-                                     "regime": s.data.regime, "dataset": s.data.dataset, "budget": budget,
-                                     "config": dump(cfg)})
-    if not runs:
-        raise ConfigError("the study grid is empty")
-    return runs
+def make_run(study: StudyConfig, s: Setting, m: MethodEntry, lr: float, seed: int, budget: dict | None,
+             role: str = "main") -> dict:
+    """One run record: run_id, label, the RunConfig and what the report groups runs by (setting, method_name,
+    lr, seed, budget; role 'lr-search' marks a run trained only to choose an LR)."""
+    train = {**dump(s.train), **m.train, "lr": lr, "seed": seed, **(budget or {})}
+    try:
+        cfg = RunConfig(model=study.model, method=m.method, data=s.data, train=TrainConfig.model_validate(train))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, f"methods[{m.name}].train")) from None
+    label = f"{s.name}/{m.name}/lr{lr:g}/s{seed}"
+    if budget:
+        label += f"/e{budget['epochs']}" if "epochs" in budget else f"/t{budget['max_tokens']}"
+    return {"run_id": run_id(cfg), "label": label, "setting": s.name, "method_name": m.name,
+            "method": dump(m.method), "lr": lr, "seed": seed, "regime": s.data.regime, "dataset": s.data.dataset,
+            "budget": budget, "role": role, "config": dump(cfg)}
 
 
-def _budgets(s: Setting) -> list[dict | None]:
+def budgets(s: Setting) -> list[dict | None]:
     """[None] (one run), or one train override per budget when the setting trains each as its own run."""
     if not s.separate_runs:
         return [None]
+    return [_budget_override(s, b) for b in _ends(s)]
+
+
+def search_budget(s: Setting, which: Literal["final", "first"]) -> dict | None:
+    """The train override of an LR-search run: the main run itself (final, one run per seed), or one run
+    trained to the setting's first budget."""
+    if which == "final":
+        return budgets(s)[-1]
+    return _budget_override(s, _ends(s)[0])
+
+
+def _ends(s: Setting) -> list[int]:
     t = s.train
-    if s.data.regime == "ift" and t.epochs:
-        return [{"epochs": e, "checkpoints": []} for e in [*t.checkpoints, t.epochs]]
-    return [{"max_tokens": b, "checkpoints": []} for b in [*t.checkpoints, t.max_tokens]]
+    return [*t.checkpoints, t.epochs] if _by_epoch(s) else [*t.checkpoints, t.max_tokens]
+
+
+def _by_epoch(s: Setting) -> bool:
+    return s.data.regime == "ift" and bool(s.train.epochs)
+
+
+def _budget_override(s: Setting, value: int) -> dict:
+    return {"epochs": value, "checkpoints": []} if _by_epoch(s) else {"max_tokens": value, "checkpoints": []}
+
+
+def planned_tokens(cfg: RunConfig) -> int | None:
+    """Tokens a CPT run trains on, cooldown branches included (cooldown_frac x each intermediate budget); None
+    for an epoch budget (it depends on the built dataset)."""
+    t = cfg.train
+    if t.epochs is not None or t.max_tokens is None:
+        return None
+    steps = math.ceil(t.max_tokens / t.tokens_per_step)
+    extra = sum(b * t.cooldown_frac for b in t.checkpoints if b < t.max_tokens) if t.cooldown_per_checkpoint else 0
+    return steps * t.tokens_per_step + int(extra)
 
 
 def checkpoint_names(cfg: RunConfig) -> list[str]:

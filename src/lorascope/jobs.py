@@ -1,0 +1,178 @@
+"""What one job of a study is and does: the job graph of a set of runs, each job's completion marker, and
+running one job, as the command every executor starts::
+
+    python -m lorascope.jobs STUDY_DIR JOB_ID
+
+A job reads only the study directory (study.yaml, runs.json, jobs.json) and writes its outputs atomically with
+its completion marker last, so a job killed half-way is redone (or resumed, for training) by the next attempt.
+Kinds: train, eval (a run's checkpoint, or the base model), spectrum, truncate, eval-trunc.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import LorascopeError
+from .fileio import atomic_write_json, atomic_write_text
+from .studyconfig import StudyConfig, checkpoint_names, load_study
+
+
+def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
+    """Jobs with ids, kinds and dependencies, in a valid order (a job's deps come before it)."""
+    jobs = []
+    if study.evals.base and study.evals.groups:
+        jobs.append({"id": "eval:base", "kind": "eval", "run": None, "ckpt": None, "deps": []})
+    for r in runs:
+        jobs += run_jobs(study, r)
+    return jobs
+
+
+def run_jobs(study: StudyConfig, run: dict) -> list[dict]:
+    """The jobs of one run: train, evaluate its checkpoints, analyse it. A run trained only to choose an LR
+    (role lr-search) is evaluated but not analysed; its analysis jobs appear if it becomes a main run."""
+    ev, an = study.evals, study.analysis
+    cfg = RunConfig.model_validate(run["config"])
+    rid, cks = run["run_id"], checkpoint_names(cfg)
+    train = f"train:{rid}"
+    jobs = [{"id": train, "kind": "train", "run": rid, "deps": []}]
+    for ck in cks:
+        groups = [i for i, g in enumerate(ev.groups) if (g.checkpoints or ev.checkpoints) == "all" or ck == cks[-1]]
+        if groups:
+            jobs.append({"id": f"eval:{rid}:{ck}", "kind": "eval", "run": rid, "ckpt": ck, "groups": groups,
+                         "deps": [train]})
+    if run.get("role") == "lr-search":
+        return jobs
+    if an.spectrum:
+        for ck in cks if an.spectrum.checkpoints == "all" else cks[-1:]:
+            jobs.append({"id": f"spectrum:{rid}:{ck}", "kind": "spectrum", "run": rid, "ckpt": ck, "deps": [train]})
+    if an.truncate and cfg.method.kind == "full":
+        jobs.append({"id": f"truncate:{rid}", "kind": "truncate", "run": rid, "ckpt": cks[-1], "deps": [train]})
+        if an.truncate.evaluate and ev.groups:
+            for k in an.truncate.ranks:
+                jobs.append({"id": f"eval-trunc:{rid}:r{k}", "kind": "eval-trunc", "run": rid, "rank": str(k),
+                             "deps": [f"truncate:{rid}"]})
+    return jobs
+
+
+def done_marker(d: Path, job: dict) -> Path:
+    """The file a job writes last: it exists iff the job is done."""
+    k = job["kind"]
+    if k == "train":
+        return d / "runs" / job["run"] / "COMPLETE"
+    if k == "eval":
+        return d / "evals" / (job["run"] or "base") / (job["ckpt"] or "") / "results.json"
+    if k == "spectrum":
+        return d / "analysis" / job["run"] / job["ckpt"] / "spectrum.json"
+    if k == "truncate":
+        return d / "analysis" / job["run"] / "truncate" / "DONE"
+    return d / "evals" / job["run"] / f"truncate-r{job['rank']}" / "results.json"
+
+
+def diverged(d: Path, run: str | None) -> bool:
+    return bool(run) and (d / "runs" / run / "DIVERGED").exists()
+
+
+def is_done(d: Path, job: dict) -> bool:
+    if job["kind"] != "train" and diverged(d, job.get("run")):
+        return True  # nothing to evaluate on a diverged run
+    return done_marker(d, job).exists() or (job["kind"] == "train" and diverged(d, job["run"]))
+
+
+def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None) -> None:
+    """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
+    a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate())."""
+    from .evals.api import evaluate
+    from .evals.results import forgetting_mean
+
+    merged: dict = {"model": spec, "tasks": {}, "derived": {}, "groups": []}
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for i, g in enumerate(study.evals.groups):
+        if groups is not None and i not in groups:
+            continue
+        gdir = out / "groups" / str(i)
+        res_file = gdir / "results.json"
+        if res_file.exists():
+            res = json.loads(res_file.read_text())
+        else:
+            res = evaluate(spec, g.tasks, gdir, limit=g.limit, shots=g.shots, samples=g.samples,
+                           temperature=g.temperature, batch_size=study.evals.batch_size,
+                           allow_code_execution=g.allow_code_execution, progress=False)
+        merged["tasks"].update(res["tasks"])
+        merged["derived"].update(res.get("derived", {}))
+        merged["groups"].append({"tasks": g.tasks, "limit": g.limit, "settings": res.get("settings")})
+        merged.setdefault("versions", res.get("versions"))
+        for f in (gdir / "samples").glob("*.jsonl"):
+            shutil.copyfile(f, out / "samples" / f.name)
+    fm = forgetting_mean(merged["tasks"])
+    if fm:
+        merged["derived"]["forgetting_mean"] = fm
+    merged["complete"] = True
+    atomic_write_json(out / "results.json", merged)
+
+
+def train_job(study: StudyConfig, run_dir: Path, cfg: RunConfig) -> None:
+    """Train (or resume) one run; a blow-up is a result, marked by DIVERGED, not a failed job."""
+    from .train import train
+
+    try:
+        train(cfg, run_dir, progress=False)
+    except LorascopeError as e:
+        if "diverged" not in str(e):
+            raise
+        atomic_write_text(run_dir / "DIVERGED", str(e) + "\n")
+        return
+    s = json.loads((run_dir / "summary.json").read_text())
+    if s.get("first_loss") and s.get("final_loss") and s["final_loss"] > s["first_loss"] * study.divergence_factor:
+        atomic_write_text(run_dir / "DIVERGED", f"final loss {s['final_loss']:.3f} > {study.divergence_factor} x "
+                                                f"first loss {s['first_loss']:.3f}\n")
+
+
+def run_job(d: Path, job_id: str) -> None:
+    """Run the job `job_id` of the study in `d` (listed in d/jobs.json)."""
+    study = load_study(d / "study.yaml")
+    job = next((j for j in json.loads((d / "jobs.json").read_text()) if j["id"] == job_id), None)
+    if job is None:
+        raise LorascopeError(f"{d / 'jobs.json'}: no job '{job_id}'")
+    kind, rid = job["kind"], job.get("run")
+    if kind == "train":
+        runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
+        train_job(study, d / "runs" / rid, RunConfig.model_validate(runs[rid]["config"]))
+    elif kind == "eval":
+        spec = study.model if rid is None else f"{d / 'runs' / rid}:{job['ckpt']}"
+        evaluate_into(study, spec, done_marker(d, job).parent, job.get("groups"))
+    elif kind == "spectrum":
+        from .analysis.spectrum import spectrum_cli
+
+        sp = study.analysis.spectrum
+        spectrum_cli(f"{d / 'runs' / rid}:{job['ckpt']}", out=done_marker(d, job).parent, energy=sp.energy,
+                     top_k=sp.top_k, epsilon=sp.epsilon)
+    elif kind == "truncate":
+        from .analysis.truncate import truncate_cli
+
+        out = d / "analysis" / rid / "truncate"
+        truncate_cli(f"{d / 'runs' / rid}:{job['ckpt']}",
+                     ranks=",".join(str(k) for k in study.analysis.truncate.ranks), out=out)
+        atomic_write_text(out / "DONE", "ok\n")
+    elif kind == "eval-trunc":
+        model_dir = d / "analysis" / rid / "truncate" / f"r{job['rank']}"
+        evaluate_into(study, str(model_dir), done_marker(d, job).parent)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m lorascope.jobs STUDY_DIR JOB_ID", file=sys.stderr)
+        return 2
+    try:
+        run_job(Path(argv[0]), argv[1])
+    except LorascopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
