@@ -1,4 +1,4 @@
-"""Eval core: data readers, scoring engine vs lm-eval's naive method, prompt formats, metrics, BPB/KL, API."""
+"""Eval core: data readers, prompt formats, metrics, BPB/KL, API."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from lorascope.errors import LorascopeError
 from lorascope import benchdata
 from lorascope.evals.base import EvalContext
-from lorascope.evals.engine import Request, encode_pair, score, score_naive
 
 # --------------------------------------------------------------------------------------------- data readers
 
@@ -59,94 +58,6 @@ def test_reader_bad_arguments():
     items = benchdata.hellaswag()
     items[0]["label"] = 99  # callers get copies: the cache stays intact
     assert benchdata.hellaswag()[0]["label"] == 3
-
-
-# --------------------------------------------------------------------------------------------- engine
-
-SHOTS = ("Question: What is the capital of France?\nAnswer: Paris\n\n"
-         "Question: Which is bigger, a cat or a mouse?\nAnswer: a cat\n\n")
-
-
-def _requests():
-    reqs = [Request("Question: Is water wet?\nAnswer:", [" yes", " no", " maybe so, indeed"]),
-            Request("", [" hello world"]),
-            Request("A", [" b", "c d e"]),
-            Request("The quick brown fox  ", ["jumps", " over the lazy dog"])]
-    reqs += [Request(SHOTS + f"Question: item {i} asks something{'?' * i}\nAnswer:",
-                     [f" choice {j}" * (j + 1) for j in range(3 + i % 3)], shared_prefix=SHOTS) for i in range(6)]
-    return reqs
-
-
-def test_encode_pair_moves_trailing_whitespace(tokenizer):
-    ctx, cont = encode_pair(tokenizer, "Answer:  ", "yes")
-    assert tokenizer.decode(ctx) == "Answer:"
-    assert tokenizer.decode(cont) == "  yes"
-
-
-def test_engine_matches_naive(tiny_model, tokenizer):
-    reqs = _requests()
-    fast = score(tiny_model, tokenizer, reqs, batch_size=3)
-    ref = score_naive(tiny_model, tokenizer, reqs, batch_size=5)
-    assert [len(r) for r in fast] == [len(r.continuations) for r in reqs]
-    diffs = [abs(a[0] - b[0]) for fa, fb in zip(fast, ref) for a, b in zip(fa, fb)]
-    assert max(diffs) <= 1e-4
-    assert [g for r in fast for _, g in r] == [g for r in ref for _, g in r]
-    assert all(ll < 0 for r in fast for ll, _ in r)
-    # one sequence per pass: several chunks, contexts and choices split across passes
-    single = score(tiny_model, tokenizer, reqs, batch_size=1)
-    assert max(abs(a[0] - b[0]) for fa, fb in zip(single, ref) for a, b in zip(fa, fb)) <= 1e-4
-
-
-def test_passes_cover_rows_in_order_within_budget():
-    from lorascope.evals.engine import PASS_OVERHEAD, _passes
-
-    lengths = [40, 38, 12, 11, 11, 10, 3, 3]
-    order = list(range(len(lengths)))
-    passes = _passes(order, lengths, budget=100)
-    assert [r for p in passes for r in p] == order
-    assert all(len(p) * lengths[p[0]] <= 100 for p in passes)
-    # the long rows do not drag the short ones into a padded pass; the short ones share passes
-    assert passes[0] == [0, 1] and len(passes) < len(order)
-    # a row longer than the budget still gets its own pass
-    assert _passes([0, 1], [500, 5], budget=100)[0] == [0]
-    assert PASS_OVERHEAD > 0
-
-
-def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer):
-    reqs = [r for r in _requests() if r.shared_prefix]
-    plain = [Request(r.context, r.continuations) for r in reqs]
-    seen = []
-    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
-    with_cache = score(tiny_model, tokenizer, reqs, batch_size=2)
-    n_cached = sum(seen)
-    seen.clear()
-    without = score(tiny_model, tokenizer, plain, batch_size=2)
-    n_plain = sum(seen)
-    hook.remove()
-    diffs = [abs(a[0] - b[0]) for fa, fb in zip(with_cache, without) for a, b in zip(fa, fb)]
-    assert max(diffs) <= 1e-4
-    assert n_cached < n_plain  # the few-shot block was computed once, not per batch
-
-
-def test_engine_deterministic_and_batch_size_independent(tiny_model, tokenizer):
-    reqs = _requests()[:6]
-    a = score(tiny_model, tokenizer, reqs, batch_size=2)
-    b = score(tiny_model, tokenizer, reqs, batch_size=8)
-    assert max(abs(x[0] - y[0]) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 1e-4
-    assert score(tiny_model, tokenizer, reqs, batch_size=8) == b
-
-
-def test_unmerged_lora_scores_like_merged(tiny_model, tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                      init_lora_weights=False))
-    reqs = _requests()
-    unmerged = score(peft_model, tokenizer, reqs)
-    merged_model = peft_model.merge_and_unload()
-    merged = score(merged_model, tokenizer, reqs)
-    assert max(abs(x[0] - y[0]) for ra, rb in zip(unmerged, merged) for x, y in zip(ra, rb)) <= 1e-4
 
 
 # --------------------------------------------------------------------------------------------- prompt formats

@@ -9,13 +9,17 @@ whether greedy decoding would have produced exactly those tokens.
 What is faster than lm-eval (and why it gives the same numbers up to float rounding):
 1. A multiple-choice item's context is run once; its KV cache is copied to the choices, which then run only
    their own tokens (lm-eval runs context+choice once per choice).
-2. A prefix shared by many items (the few-shot block) is run once per task and its cache reused; the
-   ``shared_prefix`` hint of a request says which string that is, the engine finds the common token prefix.
-3. Logits are computed only where they are scored: the last context token is re-fed with the choice so every
-   choice row's logits line up with its continuation tokens, and the context pass needs no vocabulary head.
-4. Passes are sized in padded tokens, not rows: choices of many items are length-sorted together and cut
-   into passes by a small dynamic programme (a pass has a fixed cost, so short rows are packed many to one).
+2. A prefix shared by many items (the few-shot block) is run once and its cache reused; the ``shared_prefix``
+   hint of a request says which string that is, the engine finds the common token prefix.
+3. Items whose contexts start alike beyond that (WinoGrande's two contexts share the text before the blank)
+   run the common part once: a "follower" runs only its own tail on top of its "leader's" cache.
+4. The vocabulary head and log-softmax run only at scored positions: a forward pre-hook on the output
+   embedding keeps just those hidden states (context passes keep none), so padding costs no unembedding.
+5. Passes are sized in padded tokens, not rows: rows of many items (of different groups, so of different
+   tasks when their requests are scored together) are length-sorted and cut into passes by a small dynamic
+   programme that weighs the fixed cost of a pass, timed on the model at start-up, against its tokens.
 Padding is on the right everywhere, so no query row is fully masked (that would put NaNs into the cache).
+KV at a position depends only on the tokens before it, so none of this changes a number beyond rounding.
 
 Example::
 
@@ -28,6 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 MIN_SHARED = 8  # tokens; a shorter common prefix is not worth a separate cache
-PASS_OVERHEAD = 64  # tokens; the fixed cost of one forward pass in units of per-token cost (measured on CPU)
+MIN_SIBLING = 4  # tokens; items sharing at least this much context beyond their group prefix run it once
+PASS_OVERHEAD = 64  # tokens; fallback cost of a pass for callers of _passes that have no timing of their own
 CHUNK_BATCHES = 8  # passes per chunk: choices of a chunk's items are length-sorted together, cutting padding
 
 
@@ -73,10 +81,23 @@ def max_length(model) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or 2048)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @dataclass
 class _Item:
     ctx: list[int]
     conts: list[list[int]]
+    group: int = 0  # index into the group prefixes; 0 is the empty prefix
+
+
+@dataclass
+class _Seg:
+    """The first ``n`` positions of a cached stretch of tokens: per layer (keys, values), each [1, H, >=n, D]."""
+
+    kv: list
+    n: int
 
 
 def _tokenize(tokenizer, req: Request, max_len: int) -> _Item:
@@ -113,12 +134,12 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+def _passes(order: list[int], lengths: list[int], budget: int, overhead: float = PASS_OVERHEAD) -> list[list[int]]:
     """Split length-sorted (longest first) rows into passes of at most ``budget`` padded tokens each.
 
-    A forward pass costs a fixed time (streaming the weights: on a CPU about PASS_OVERHEAD tokens' worth) plus
-    a time per padded token, so a short dynamic programme picks the cut points that minimise the total; the
-    result packs short rows (a choice of a dozen tokens) many to a pass and keeps similar lengths together.
+    A forward pass costs a fixed time (``overhead``, in units of one token's time: see :func:`pass_overhead`)
+    plus a time per padded token, so a short dynamic programme picks the cut points that minimise the total;
+    the result packs short rows many to a pass and keeps similar lengths together.
     """
     n = len(order)
     best = [0.0] + [float("inf")] * n
@@ -128,7 +149,7 @@ def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]
             width = lengths[order[i]]  # the longest row of order[i:j]
             if (j - i) * width > budget and j - i > 1:
                 break
-            c = best[i] + PASS_OVERHEAD + (j - i) * width
+            c = best[i] + overhead + (j - i) * width
             if c < best[j]:
                 best[j], cut[j] = c, i
     out: list[list[int]] = []
@@ -139,129 +160,230 @@ def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]
     return out[::-1]
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _forward(model, ids, mask, positions, cache):
-    from transformers import DynamicCache
-
-    if cache is None:
-        cache = DynamicCache()
-    dev = model_device(model)
-    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    # logits_to_keep=1: the context pass only fills the cache; skip the vocabulary head for all but one position
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    return cache
-
-
-def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+_OVERHEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @torch.inference_mode()
-def _prefix_cache(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    ids = torch.tensor([tokens], dtype=torch.long)
-    return _layers_kv(_forward(model, ids, torch.ones_like(ids), torch.arange(len(tokens)).unsqueeze(0), None))
+def pass_overhead(model) -> float:
+    """The fixed cost of one forward pass in units of one token's cost, timed on this model (cached per model).
 
-
-@torch.inference_mode()
-def _context_kv(model, items: list[_Item], group_kv, group_len: int, pad: int, budget: int) -> list:
-    """Per item, per layer, the (keys, values) of its context after the group prefix and before its last token.
-
-    Items run in passes of at most ``budget`` tokens, sorted by length so a pass carries little padding; an item
-    whose context is only its last token has nothing to run (its choices re-feed that token) and gets None.
+    Two tiny passes (4 and 68 tokens, best of three each) give time = fixed + per_token * tokens; the ratio is
+    what the pass planner trades against padding. On a CPU it is a few dozen tokens, on a GPU far more.
     """
-    out: list = [None] * len(items)
-    todo = sorted((i for i, it in enumerate(items) if len(it.ctx) - 1 > group_len), key=lambda i: -len(items[i].ctx))
-    for sub in _passes(todo, [len(it.ctx) - 1 - group_len for it in items], budget):
-        b = len(sub)
-        rests = [items[i].ctx[group_len:-1] for i in sub]
-        ids, mask = _pad(rests, pad)
-        positions = group_len + torch.arange(ids.shape[1]).unsqueeze(0).expand(b, -1)
-        if group_kv is not None:
-            from transformers import DynamicCache
+    if model in _OVERHEAD:
+        return _OVERHEAD[model]
+    dev = model_device(model)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-            # expanded views: the model concatenates new keys onto them, which copies once anyway
-            cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in group_kv])
-            mask = torch.cat([torch.ones((b, group_len), dtype=torch.long), mask], 1)
-        else:
-            cache = None
-        kv = _layers_kv(_forward(model, ids, mask, positions, cache))
-        for j, i in enumerate(sub):
-            n = len(rests[j])
-            out[i] = [(k[j: j + 1, :, group_len: group_len + n], v[j: j + 1, :, group_len: group_len + n])
-                      for k, v in kv]
-    return out
+    def best_of(n_tok: int, reps: int = 3) -> float:
+        ids = torch.zeros((1, n_tok), dtype=torch.long, device=dev)  # any token: only the time counts
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    best_of(4, reps=1)  # warm-up: lazy initialisation and allocator
+    small, large = best_of(4), best_of(68)
+    per_token = max((large - small) / 64, 1e-9)
+    _OVERHEAD[model] = value = float(min(max(small / per_token - 4, 1.0), 4096.0))
+    return value
 
 
-def _past(owners: list[int], ctx_kv: list, group_kv, group_len: int):
-    """Cache and attention mask of the past for choice rows: group prefix + each owner's context, right-padded."""
+@contextmanager
+def _head_only_at(model, flat_idx: torch.Tensor):
+    """Run the output embedding only on hidden states at ``flat_idx`` of the flattened (batch, position) grid.
+
+    The model's own head code (and any elementwise logit post-processing after it) then sees a [1, n, hidden]
+    input, so its logits come back as [1, n, vocab]; a model without an output embedding is left alone.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def keep(_module, args):
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1]).index_select(0, flat_idx.to(h.device)).unsqueeze(0),) + args[1:]
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _build_past(pasts: list[list[_Seg]]):
+    """One right-padded cache for rows whose pasts are lists of segments; returns (cache or None, past mask)."""
     from transformers import DynamicCache
 
-    lens = [0 if ctx_kv[o] is None else ctx_kv[o][0][0].shape[2] for o in owners]
-    width = max(lens)
-    b = len(owners)
-    mask = torch.zeros((b, group_len + width), dtype=torch.long)
-    mask[:, :group_len] = 1
+    lens = [sum(s.n for s in p) for p in pasts]
+    width, b = max(lens), len(pasts)
+    mask = torch.zeros((b, width), dtype=torch.long)
     for j, n in enumerate(lens):
-        mask[j, group_len: group_len + n] = 1
-    if group_len + width == 0:
+        mask[j, :n] = 1
+    if width == 0:
         return None, mask
+    ref = next(s.kv for p in pasts for s in p if s.n)  # layer count, shapes and dtype
     layers = []
-    like = group_kv if group_kv is not None else next(kv for kv in ctx_kv if kv is not None)  # shapes, dtype
-    for layer in range(len(like)):
+    for layer in range(len(ref)):
         kv = []
         for t in (0, 1):
-            ref = like[layer][t]
-            x = ref.new_zeros((b, ref.shape[1], group_len + width, ref.shape[3]))
-            if group_kv is not None:
-                x[:, :, :group_len] = group_kv[layer][t][0]
-            for j, o in enumerate(owners):
-                if lens[j]:
-                    x[j, :, group_len: group_len + lens[j]] = ctx_kv[o][layer][t][0]
+            like = ref[layer][t]
+            x = like.new_zeros((b, like.shape[1], width, like.shape[3]))
+            for j, p in enumerate(pasts):
+                at = 0
+                for s in p:
+                    x[j, :, at: at + s.n] = s.kv[layer][t][0, :, : s.n]
+                    at += s.n
             kv.append(x)
         layers.append(tuple(kv))
     return DynamicCache(layers), mask
 
 
-@torch.inference_mode()
-def _score_chunk(model, items: list[_Item], group_kv, group_len: int, pad: int, rows: int):
-    """Score items that share the first ``group_len`` context tokens (their KV in group_kv).
+def _forward(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, scored: torch.Tensor):
+    """One pass: ``rows`` after their pasts; returns (cache, past width, logits at the ``scored`` flat indices)."""
+    from transformers import DynamicCache
 
-    A pass holds as many padded tokens as ``rows`` of the chunk's longest context+continuation would, i.e. the
-    activation memory of a ``rows``-sequence pass of the naive method on the same items.
+    ids, mask = _pad(rows, pad)
+    cache, past_mask = _build_past(pasts)
+    start = past_mask.sum(1, keepdim=True)
+    positions = start + torch.arange(ids.shape[1]).unsqueeze(0)
+    dev = model_device(model)
+    with _head_only_at(model, scored):
+        out = model(input_ids=ids.to(dev), attention_mask=torch.cat([past_mask, mask], 1).to(dev),
+                    position_ids=positions.to(dev), past_key_values=cache if cache is not None else DynamicCache(),
+                    use_cache=True)
+    logits = out.logits
+    if logits.shape[0] != 1 or logits.shape[1] != scored.numel():  # no hook took effect: select here
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, scored.to(logits.device)).unsqueeze(0)
+    return out.past_key_values, past_mask.shape[1], logits[0]
+
+
+@torch.inference_mode()
+def _prefix_cache(model, tokens: list[int], pad: int) -> _Seg:
+    cache, _, _ = _forward(model, [tokens], [[]], pad, torch.empty(0, dtype=torch.long))
+    return _Seg([(layer.keys, layer.values) for layer in cache.layers], len(tokens))
+
+
+@torch.inference_mode()
+def _run_context(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, budget: int,
+                 overhead: float) -> list[_Seg]:
+    """KV of each row's tokens run after its past, in length-sorted passes of at most ``budget`` tokens."""
+    out: list = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    for sub in _passes(order, [len(r) for r in rows], budget, overhead):
+        cache, pw, _ = _forward(model, [rows[r] for r in sub], [pasts[r] for r in sub], pad,
+                                torch.empty(0, dtype=torch.long))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        for j, r in enumerate(sub):
+            n = len(rows[r])
+            # clones: a view would keep the whole pass's cache (its padded pasts included) alive
+            out[r] = _Seg([(k[j: j + 1, :, pw: pw + n].clone(), v[j: j + 1, :, pw: pw + n].clone())
+                           for k, v in kv], n)
+    return out
+
+
+def _families(items: list[_Item], groups: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Items as families [(leader, 0), (follower, shared tokens beyond the group prefix), ...].
+
+    Contexts are sorted, so items that start alike are neighbours; a follower shares at least MIN_SIBLING
+    cached tokens (everything but the last context token) with its leader beyond their common group prefix.
     """
-    budget = rows * max(len(it.ctx) - group_len + max(len(c) for c in it.conts) for it in items)
-    ctx_kv = _context_kv(model, items, group_kv, group_len, pad, budget)
-    # choices: [last context token] + continuation[:-1], so the logits line up with the continuation tokens.
-    # All choice rows of the chunk are length-sorted into passes, each with its own padded past.
-    owner, slot, inputs, targets = [], [], [], []
+    fams: list[list[tuple[int, int]]] = []
+    for i in sorted(range(len(items)), key=lambda i: (items[i].group, items[i].ctx[:-1])):
+        it, g = items[i], len(groups[items[i].group])
+        if fams:
+            lead = items[fams[-1][0][0]]
+            m = _lcp(lead.ctx[:-1], it.ctx[:-1]) - g if lead.group == it.group else 0
+            if m >= MIN_SIBLING:
+                fams[-1].append((i, m))
+                continue
+        fams.append([(i, 0)])
+    return fams
+
+
+
+def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad: int, budget: int,
+                  overhead: float) -> list[list[_Seg]]:
+    """Per item, its whole past as segments: group prefix + everything of its context but the last token.
+
+    Leaders (and lone items) run their context after the group prefix; followers then run only their tail after
+    the group prefix and the part of the leader's cache they share.
+    """
+    glen = [sum(s.n for s in segs) for segs in gsegs]
+    own: dict[int, _Seg] = {}
+    heads = [f[0][0] for f in fams if len(items[f[0][0]].ctx) - 1 > glen[items[f[0][0]].group]]
+    runs = _run_context(model, [items[i].ctx[glen[items[i].group]: -1] for i in heads],
+                        [gsegs[items[i].group] for i in heads], pad, budget, overhead)
+    own.update(zip(heads, runs))
+    tails, tail_pasts, shared = [], [], {}
+    for fam in fams:
+        for i, m in fam[1:]:
+            shared[i] = _Seg(own[fam[0][0]].kv, m)
+            g = glen[items[i].group]
+            if len(items[i].ctx) - 1 > g + m:
+                tails.append(i)
+                tail_pasts.append(gsegs[items[i].group] + [shared[i]])
+    runs = _run_context(model, [items[i].ctx[glen[items[i].group] + shared[i].n: -1] for i in tails], tail_pasts,
+                        pad, budget, overhead)
+    own.update(zip(tails, runs))
+    out = []
+    for i, it in enumerate(items):
+        segs = list(gsegs[it.group]) + ([shared[i]] if i in shared else []) + ([own[i]] if i in own else [])
+        out.append(segs)
+    return out
+
+
+def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int, budget: int, overhead: float):
+    """(loglik, is_greedy) per choice: rows [last context token] + continuation[:-1] after the item's past."""
+    owner, slot, inputs = [], [], []
     for i, it in enumerate(items):
         for j, c in enumerate(it.conts):
             owner.append(i)
             slot.append(j)
-            inputs.append([it.ctx[-1]] + c[:-1])
-            targets.append(c)
+            inputs.append([it.ctx[-1]] + c[:-1])  # logits then line up with the continuation tokens
     order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
     results: list[list] = [[None] * len(it.conts) for it in items]
-    dev = model_device(model)
-    for sub in _passes(order, [len(x) for x in inputs], budget):
-        own = [owner[r] for r in sub]
-        ids, mask = _pad([inputs[r] for r in sub], pad)
-        positions = torch.tensor([len(items[o].ctx) - 1 for o in own]).unsqueeze(1) + torch.arange(ids.shape[1])
-        cache, past_mask = _past(own, ctx_kv, group_kv, group_len)
-        out = model(input_ids=ids.to(dev), attention_mask=torch.cat([past_mask, mask], 1).to(dev),
-                    position_ids=positions.to(dev), past_key_values=cache, use_cache=cache is not None)
-        logits = out.logits
-        for j, r in enumerate(sub):
-            tgt = targets[r]
-            t = torch.tensor(tgt, device=logits.device)
-            # log-softmax only over this row's scored positions, not the padding
-            lp = torch.log_softmax(logits[j, : len(tgt)].float(), dim=-1)
-            results[owner[r]][slot[r]] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
+    for sub in _passes(order, [len(x) for x in inputs], budget, overhead):
+        width = max(len(inputs[r]) for r in sub)
+        scored = torch.cat([j * width + torch.arange(len(inputs[r])) for j, r in enumerate(sub)])
+        _, _, logits = _forward(model, [inputs[r] for r in sub], [pasts[owner[r]] for r in sub], pad, scored)
+        targets = torch.tensor([t for r in sub for t in items[owner[r]].conts[slot[r]]], device=logits.device)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tok_lp = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        hit = (lp.argmax(-1) == targets).tolist()
+        at = 0
+        for r in sub:
+            n = len(inputs[r])
+            results[owner[r]][slot[r]] = (sum(tok_lp[at: at + n]), all(hit[at: at + n]))
+            at += n
     return results
+
+
+def _group_prefixes(tokenizer, requests: Sequence[Request], items: list[_Item]) -> list[list[int]]:
+    """Token prefixes shared by the items of one ``shared_prefix`` hint; sets each item's ``group``.
+
+    The hint's own tokens can differ from the item's at the seam ("\\n\\n" + "Q" vs "\\n" "\\nQ"), so the
+    common token prefix is used; items sharing too little, and hints of a single item, get no group.
+    """
+    by_hint: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.shared_prefix:
+            by_hint.setdefault(r.shared_prefix, []).append(i)
+    prefixes: list[list[int]] = [[]]
+    for hint, idx in by_hint.items():
+        ptoks = tokenizer.encode(hint, add_special_tokens=False)
+        lcps = {i: min(_lcp(ptoks, items[i].ctx), len(items[i].ctx) - 1) for i in idx}
+        good = [i for i in idx if lcps[i] >= MIN_SHARED]
+        if len(good) < 2:
+            continue
+        prefixes.append(ptoks[: min(lcps[i] for i in good)])
+        for i in good:
+            items[i].group = len(prefixes) - 1
+    return prefixes
 
 
 def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False,
@@ -270,50 +392,54 @@ def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, pr
 
     ``batch_size`` sets the padded tokens per forward pass: as many as ``batch_size`` sequences of the naive
     method (context + continuation) on the same items; shorter rows (choices alone) are packed more per pass.
+    Requests of several tasks given together are packed into the same passes.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     max_len = max_length(model)
     items = [_tokenize(tokenizer, r, max_len) for r in requests]
-    # group items by their shared-prefix hint; each group caches its common token prefix once
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.shared_prefix, []).append(i)
-    plan: list[tuple[list[int], list[int]]] = []  # (item indices, group prefix tokens)
-    for hint, idx in groups.items():
-        shared: list[int] = []
-        if hint:
-            ptoks = tokenizer.encode(hint, add_special_tokens=False)
-            # the hint's own tokens can differ from the item's at the seam ("\n\n" + "Q" vs "\n" "\nQ"), so use
-            # the common token prefix; items that share too little are scored without the group cache
-            lcps = {i: min(_lcp(ptoks, items[i].ctx), len(items[i].ctx) - 1) for i in idx}
-            good = [i for i in idx if lcps[i] >= MIN_SHARED]
-            if good:
-                n = min(lcps[i] for i in good)
-                shared = ptoks[:n]
-                plan.append((good, shared))
-            idx = [i for i in idx if lcps[i] < MIN_SHARED]
-        if idx:
-            plan.append((idx, []))
+    groups = _group_prefixes(tokenizer, requests, items)
     was_training = model.training
     model.eval()
     results: list = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
-    chunk_items = CHUNK_BATCHES * batch_size
     try:
-        for idx, shared in plan:
-            gkv = _prefix_cache(model, shared) if shared else None
-            # longest first, so the chunks (and the passes inside them) hold items of similar length
-            idx = sorted(idx, key=lambda i: -(len(items[i].ctx) + max(len(c) for c in items[i].conts)))
-            for s in range(0, len(idx), chunk_items):
-                chunk = idx[s: s + chunk_items]
-                out = _score_chunk(model, [items[i] for i in chunk], gkv, len(shared), pad, batch_size)
-                for i, o in zip(chunk, out):
-                    results[i] = o
-                bar.update(len(chunk))
+        overhead = pass_overhead(model)
+        gsegs = [[]] + [[_prefix_cache(model, toks, pad)] for toks in groups[1:]]
+        for chunk, fams in _chunks(items, groups, CHUNK_BATCHES * batch_size):
+            sub = [items[i] for i in chunk]
+            local = {i: k for k, i in enumerate(chunk)}
+            fams = [[(local[i], m) for i, m in f] for f in fams]
+            # a pass holds as many padded tokens as `batch_size` of the chunk's longest naive sequences
+            budget = batch_size * max(_work(it, groups) for it in sub)
+            pasts = _context_segs(model, sub, fams, gsegs, pad, budget, overhead)
+            for i, o in zip(chunk, _score_choices(model, sub, pasts, pad, budget, overhead)):
+                results[i] = o
+            bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
     return results
+
+
+def _work(it: _Item, groups: list[list[int]]) -> int:
+    """Tokens an item runs beyond its group prefix: its context plus its longest continuation."""
+    return len(it.ctx) - len(groups[it.group]) + max(len(c) for c in it.conts)
+
+
+def _chunks(items: list[_Item], groups: list[list[int]], size: int):
+    """Chunks of about ``size`` items, whole families each, longest work first (similar lengths together)."""
+    fams = _families(items, groups)
+    fams.sort(key=lambda f: -max(_work(items[i], groups) for i, _ in f))
+    chunk: list[int] = []
+    chunk_fams: list = []
+    for f in fams:
+        chunk.extend(i for i, _ in f)
+        chunk_fams.append(f)
+        if len(chunk) >= size:
+            yield chunk, chunk_fams
+            chunk, chunk_fams = [], []
+    if chunk:
+        yield chunk, chunk_fams
 
 
 @torch.inference_mode()
