@@ -14,14 +14,13 @@ Example::
 
 from __future__ import annotations
 
-import os
 import time
-from html import escape
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .collect import load_study_dir, metric_rows, write_parquet
 from .compare import points
-from .html import Page
+from .html import render
 from .sections import (cost_section, curves_section, diversity_section, headline_section, headlines,
                        pareto_section, provenance_section, spectrum_section)
 
@@ -38,24 +37,19 @@ def write_report(study_dir: Path) -> Path:
     write_parquet(rows, study_dir / "results.parquet")
     ps = points(st, rows)
     hs = headlines(st, ps, rows)
-    name = st.config.get("name") or study_dir.name
-    page = Page(f"lorascope report: {name}")
     steps = [("headline", "Headline and recommendation", lambda: headline_section(st, hs)),
-             ("curves", "Learning, forgetting and loss curves", lambda: curves_section(st, ps, rows)),
+             ("curves", "Learning, forgetting and loss", lambda: curves_section(st, ps, rows)),
              ("pareto", "Learning vs forgetting", lambda: pareto_section(st, ps, rows, hs)),
              ("spectrum", "Spectrum of the weight update", lambda: spectrum_section(st, ps, rows, hs)),
              ("cost", "Cost", lambda: cost_section(st)),
              ("diversity", "Diversity of generations", lambda: diversity_section(st, ps, rows)),
              ("provenance", "Provenance", lambda: provenance_section(st))]
-    for anchor, heading, build in tqdm(steps, desc="report", unit="section", leave=False):
-        page.section(anchor, heading, build())
-    base_model = st.config.get("model", "?")
-    intro = (f"<p class=small>Base model {escape(str(base_model))}; {len(st.runs)} runs; "
-             f"{sum(1 for r in st.runs if r['complete'])} complete; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M')}. Error bars: stderr of each evaluation; differences carry 95% "
-             "paired-bootstrap intervals over evaluation items (2000 resamples, seed 0).</p>")
+    sections = [{"anchor": a, "heading": h, "body": build()}
+                for a, h, build in tqdm(steps, desc="report", unit="section", leave=False)]
+    page = render("page.html", title=f"lorascope report: {st.config.get('name') or study_dir.name}",
+                  base_model=str(st.config.get("model", "?")), n_runs=len(st.runs),
+                  n_complete=sum(1 for r in st.runs if r["complete"]), generated=time.strftime("%Y-%m-%d %H:%M"),
+                  sections=sections)
     out = study_dir / "report.html"
-    tmp = study_dir / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(page.render(intro), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, page + "\n")
     return out

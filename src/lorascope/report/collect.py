@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LorascopeError
 from ..evals.results import read_samples
+from ..fileio import atomic_write_bytes
+from ..layout import CKPT_META, samples_filename
 
 BASE = "base"
 COLUMNS = ("run_id", "label", "method", "kind", "rank", "lr", "seed", "setting", "checkpoint", "tokens", "epoch",
@@ -54,11 +55,6 @@ class Study:
         return read_samples(f) if f.exists() else None
 
 
-def samples_filename(task: str) -> str:
-    # same rule as lorascope.evals.api.samples_filename, copied because that module imports torch
-    return task.replace(":", "_").replace("/", "_") + ".jsonl"
-
-
 def _json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -83,7 +79,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def checkpoint_position(run_dir: Path, ckpt: str) -> tuple[int | None, int | None]:
     """(tokens, epoch) of a checkpoint: from its lorascope.json, else parsed from its name."""
-    meta = _json(run_dir / "checkpoints" / ckpt / "lorascope.json") or {}
+    meta = _json(run_dir / "checkpoints" / ckpt / CKPT_META) or {}
     tokens, epoch = meta.get("tokens"), meta.get("epoch")
     if tokens is None and (m := re.fullmatch(r"tok-(\d+)", ckpt)):
         tokens = int(m.group(1))
@@ -215,7 +211,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
                         ("epoch", pa.int64()), ("task", pa.string()), ("metric", pa.string()),
                         ("value", pa.float64()), ("stderr", pa.float64())])
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
     return path
