@@ -56,3 +56,35 @@ def tiny_model(tiny_model_dir):
     m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     m.eval()
     return m
+
+
+@pytest.fixture(scope="session")
+def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real tiny study, run once per session by the real scheduler (inline executor): full FT and LoRA on a
+    repetitive code corpus, one checkpoint each, evaluated (held-out BPB, KL to the base, ARC-Easy), analysed
+    (spectrum, a rank-2 truncation, evaluated). Tests read it; copy it before changing anything in it."""
+    import json
+
+    import yaml
+
+    from lorascope.evals.sources import humaneval
+    from lorascope.study import run_study
+
+    root = tmp_path_factory.mktemp("tiny-study")
+    corpus = root / "code.jsonl"
+    docs = [f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8 for i in range(60)]
+    # two copies of a HumanEval item: decontamination must drop them and the manifest must say so
+    item = humaneval()[0]
+    docs[5] = docs[40] = item["prompt"] + item["canonical_solution"]
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    cfg = root / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny", "model": str(tiny_model_dir), "seeds": [0],
+        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
+                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": []}}],
+        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+                    {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
+        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 4},
+                                                      {"tasks": ["arc_easy"], "limit": 3}]},
+        "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}}}))
+    return run_study(cfg, [], root / "study", executor="inline", progress=False)

@@ -1,4 +1,6 @@
-"""The report on a synthetic study directory written here (no model, no torch): page, figures, parquet, verdicts.
+"""The report: built from a real tiny study's files (run once per session by the real scheduler, see
+conftest.tiny_study_dir) for the page, its sections, the parquet, provenance and escaping; and from a synthetic
+study with planted differences for the recommendation logic, which a tiny random model cannot exercise.
 
 Synthetic truth: in code-cpt full FT learns far more than LoRA (held-out BPB -0.30 vs -0.10 per item), so the
 recommendation must be full FT; in math-ift full FT and LoRA learn exactly as much on average (per-item
@@ -132,7 +134,9 @@ def build_study(d: Path) -> int:
         (rd / "data_manifest.json").write_text(json.dumps({
             "name": dataset, "regime": regime, "sources": [{"name": "synthetic-corpus", "licence": "CC0-1.0"}],
             "documents": {"train": 10, "heldout": 2}, "tokens": {"train": 1000, "heldout": 200},
-            "content_hash": f"hash-{dataset}", "decontamination": {"rule": "10-gram", "dropped_train": {"humaneval": 2}},
+            "content_hash": f"hash-{dataset}",
+            "decontamination": {"rule": "10-gram", "train": {"dropped": {"humaneval": 2}, "items_hit": {}},
+                                "heldout": {"dropped": {}, "items_hit": {}}},
             "excluded_eval_ids": {}}))
         (rd / "COMPLETE").write_text("ok\n")
 
@@ -192,52 +196,24 @@ def build_study(d: Path) -> int:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """The synthetic study, reported once in a fresh interpreter that also checks torch was never imported."""
+    """The synthetic study with its report."""
+    from lorascope.report import write_report
+
     d = tmp_path_factory.mktemp("report") / "synth"
     nrows = build_study(d)
+    return d, write_report(d), nrows
+
+
+@pytest.fixture(scope="module")
+def real(tiny_study_dir, tmp_path_factory):
+    """The real tiny study (a private copy) and its report, written in a fresh interpreter that also checks the
+    report never imported torch."""
+    d = tmp_path_factory.mktemp("real") / "study"
+    shutil.copytree(tiny_study_dir, d)
     code = f"import sys; from lorascope.report import write_report; write_report({str(d)!r}); " \
            "assert 'torch' not in sys.modules, 'the report imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-    return d, d / "report.html", nrows
-
-
-def test_report_written_offline_and_images_decode(study):
-    import matplotlib.image as mpimg
-
-    d, html, _ = study
-    assert html == d / "report.html" and html.exists()
-    text = html.read_text()
-    imgs = re.findall(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(imgs) >= 10  # curves x2 settings, pareto x2, spectrum (4), truncation, diversity, losses
-    for b in imgs:
-        arr = mpimg.imread(io.BytesIO(base64.b64decode(b)), format="png")
-        assert arr.ndim == 3 and arr.std() > 0
-    # nothing fetched from the network: no external src/href, no script at all
-    assert not re.search(r'(src|href)\s*=\s*"?(https?:)?//', text)
-    assert "<script" not in text.lower() and "<link" not in text.lower()
-    assert not [f for f in d.iterdir() if f.name.endswith(".tmp")]
-
-
-def test_parquet_rows(study):
-    import pyarrow.parquet as pq
-
-    d, _, nrows = study
-    t = pq.read_table(d / "results.parquet").to_pylist()
-    assert len(t) == nrows
-    assert set(t[0]) == {"run_id", "label", "method", "kind", "rank", "lr", "seed", "setting", "checkpoint",
-                         "tokens", "epoch", "task", "metric", "value", "stderr"}
-    base = [r for r in t if r["run_id"] == "base" and r["task"] == "english_bpb" and r["metric"] == "bpb"]
-    assert len(base) == 1 and base[0]["checkpoint"] == "base" and base[0]["stderr"] > 0
-    full = [r for r in t if r["run_id"] == "full0" and r["checkpoint"] == "tok-000000000512"
-            and r["task"] == "heldout_bpb:code-cpt" and r["metric"] == "bpb"]
-    assert full[0]["tokens"] == 512 and full[0]["kind"] == "full" and full[0]["rank"] is None
-    assert full[0]["method"] == "full" and full[0]["lr"] == 2e-5 and full[0]["setting"] == "code-cpt"
-    lora = [r for r in t if r["run_id"] == "lora1" and r["task"] == "forgetting_mean"]
-    assert lora and lora[0]["rank"] == 16 and lora[0]["seed"] == 1 and lora[0]["checkpoint"] == "tok-000000001024"
-    ep = {r["epoch"] for r in t if r["run_id"] == "mfull0"}
-    assert ep == {1, 2}
-    tr = [r for r in t if r["checkpoint"] == "truncate-r16"]
-    assert tr and all(r["tokens"] == 1024 for r in tr)
+    return d, d / "report.html"
 
 
 def _section(text: str, anchor: str) -> str:
@@ -286,38 +262,6 @@ def test_headline_numbers_are_paired_bootstrap(study):
                                                             for x in h3.sentences)
 
 
-def test_missing_parts_say_not_run(tmp_path):
-    # the sections are built directly: with these parts gone they draw no figure, so this stays fast
-    from lorascope.report.collect import load_study_dir, metric_rows
-    from lorascope.report.compare import points
-    from lorascope.report.sections import diversity_section, headline_section, headlines, spectrum_section
-
-    d = tmp_path / "synth"
-    build_study(d)
-    shutil.rmtree(d / "analysis")
-    for f in (d / "evals").rglob("humaneval.jsonl"):
-        f.unlink()
-    for f in (d / "evals").rglob("results.json"):
-        res = json.loads(f.read_text())
-        res["tasks"].pop("humaneval", None)
-        f.write_text(json.dumps(res))
-
-    def build():
-        st = load_study_dir(d)
-        rows = metric_rows(st)
-        ps = points(st, rows)
-        return st, rows, ps, headlines(st, ps, rows)
-
-    st, rows, ps, hs = build()
-    spec_html = spectrum_section(st, ps, rows, hs)
-    assert "Not run: no analysis/" in spec_html and "Not run: no evaluated rank-r truncations" in spec_html
-    assert "Not run: no HumanEval/MBPP samples" in diversity_section(st, ps, rows)
-    assert "Recommended for code-cpt" in headline_section(st, hs)
-    # without the base model nothing can be measured against it
-    shutil.rmtree(d / "evals" / "base")
-    st, rows, ps, hs = build()
-    assert "Not run: the base model was not evaluated" in headline_section(st, hs)
-
 
 def test_bad_dir_is_a_user_error(tmp_path):
     from lorascope.errors import LorascopeError
@@ -329,21 +273,161 @@ def test_bad_dir_is_a_user_error(tmp_path):
         write_report(tmp_path)
 
 
-def test_headless_screenshot_non_blank(study, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser:
-        pytest.skip("no chromium on PATH")
-    import matplotlib.image as mpimg
-
-    _, html, _ = study
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2000", html.as_uri()], check=True, timeout=120, capture_output=True)
-    assert mpimg.imread(shot).std() > 0
-
 
 def test_interval_text_has_no_negative_zero():
     from lorascope.report.stats import Interval
 
     assert Interval(-1e-6, -2e-6, 0.05, 20, "paired bootstrap").text() == "+0.0000 [+0.0000, +0.0500]"
     assert Interval(-0.25, -0.5, -0.125, 20, "paired bootstrap").text(2) == "-0.25 [-0.50, -0.12]"
+
+
+SECTIONS = ("headline", "curves", "pareto", "spectrum", "cost", "provenance")
+
+
+def test_real_study_fills_every_section(real):
+    d, html = real
+    text = html.read_text()
+    # exactly the two parts this study did not run say so: no generation task, one checkpoint per run
+    not_run = {(a, m) for a in SECTIONS + ("diversity",) for m in re.findall(r"Not run: ([^<(]*)", _section(text, a))}
+    assert not_run == {("diversity", "no HumanEval/MBPP samples "),
+                       ("spectrum", "each run was analysed at one checkpoint only ")}
+    runs = json.loads((d / "runs.json").read_text())
+    cost = _section(text, "cost")
+    assert all(r["label"] in cost for r in runs)
+    spectrum = _section(text, "spectrum")
+    assert "Truncation" in spectrum and spectrum.count("<img") >= 4  # heatmap, modules, intruders, truncation
+    assert "Recommended for cpt:" in _section(text, "headline")
+
+
+def test_real_report_is_offline_and_its_figures_have_content(real):
+    import matplotlib.image as mpimg
+
+    d, html = real
+    text = html.read_text()
+    imgs = re.findall(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(imgs) >= 8
+    for b in imgs:
+        arr = mpimg.imread(io.BytesIO(base64.b64decode(b)), format="png")
+        assert arr.ndim == 3 and arr[..., :3].std() > 0.01  # not a blank canvas
+    assert not re.search(r'(src|href)\s*=\s*"?(https?:)?//', text)
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    assert not [f for f in d.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_parquet_holds_every_number_of_the_results_files(real):
+    import pyarrow.parquet as pq
+
+    d, _ = real
+    t = pq.read_table(d / "results.parquet").to_pylist()
+    got = {(r["run_id"], r["checkpoint"], r["task"], r["metric"]): r["value"] for r in t}
+    want = {}
+    for f in (d / "evals").glob("*/**/results.json"):
+        if "groups" in f.parts:
+            continue
+        rid = f.parent.name if f.parent.parent.name == "evals" else f.parent.parent.name
+        ck = "base" if rid == "base" else f.parent.name
+        for task, v in json.loads(f.read_text())["tasks"].items():
+            for k, x in v["metrics"].items():
+                if "_stderr" not in k and isinstance(x, (int, float)):
+                    want[(rid, ck, task, k)] = x
+    assert want and {k: got[k] for k in want} == pytest.approx(want)
+    runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
+    for r in t:
+        if r["run_id"] in runs and not r["checkpoint"].startswith("truncate-"):
+            meta = json.loads((d / "runs" / r["run_id"] / "checkpoints" / r["checkpoint"] / "lorascope.json")
+                              .read_text())
+            assert r["tokens"] == meta["tokens"] and r["lr"] == runs[r["run_id"]]["lr"]
+
+
+def test_provenance_reads_what_decontamination_dropped(real):
+    # the tiny corpus carries two copies of a HumanEval item; the data code drops them and writes the manifest
+    d, html = real
+    man = json.loads(next((d / "runs").glob("*/data_manifest.json")).read_text())
+    from lorascope.report.sections import dropped_by_decontamination
+
+    dropped = dropped_by_decontamination(man)
+    assert sum(dropped.values()) == 2 and {k.removeprefix("heldout:") for k in dropped} == {"humaneval"}
+    prov = _section(html.read_text(), "provenance")
+    assert "dropped none" not in prov and "humaneval" in prov
+
+
+def test_names_are_escaped(real, tmp_path):
+    from html.parser import HTMLParser
+
+    from lorascope.report import write_report
+
+    d = tmp_path / "study"
+    shutil.copytree(real[0], d)
+    evil = {"setting": '<script>alert("s")</script>&co', "method_name": "lo'ra <b>&amp; \"r4\""}
+    runs = json.loads((d / "runs.json").read_text())
+    for r in runs:
+        r["setting"] = evil["setting"]
+        r["method_name"] = evil["method_name"] + r["method_name"]
+        r["label"] = f"{r['setting']}/{r['method_name']}"
+    (d / "runs.json").write_text(json.dumps(runs))
+    (d / "study.yaml").write_text((d / "study.yaml").read_text().replace("name: tiny", "name: '<i>x</i> & \"y\"'"))
+    text = write_report(d).read_text()
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.tags, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = Tags()
+    p.feed(text)
+    assert not {"script", "b", "i"} & set(p.tags)
+    shown = "".join(p.text)
+    assert evil["setting"] in shown and evil["method_name"] in shown and '<i>x</i> & "y"' in shown
+
+
+def test_missing_parts_say_not_run(real, tmp_path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+    from lorascope.report.sections import headline_section, headlines, spectrum_section
+
+    d = tmp_path / "study"
+    shutil.copytree(real[0], d)
+    shutil.rmtree(d / "analysis")
+    shutil.rmtree(d / "evals" / "base")
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    ps = points(st, rows)
+    hs = headlines(st, ps, rows)
+    spec_html = spectrum_section(st, ps, rows, hs)
+    assert "Not run: no analysis/" in spec_html and "Not run: no evaluated rank-r truncations" in spec_html
+    assert "Not run: the base model was not evaluated" in headline_section(st, hs)
+
+
+def test_cli_report_prints_the_page(real, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    d = tmp_path / "study"
+    shutil.copytree(real[0], d)
+    (d / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(d)])
+    assert res.exit_code == 0 and res.stdout.strip() == str(d / "report.html") and (d / "report.html").exists()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert res.exit_code != 0 and "error:" in res.output and "does not exist" in res.output
+
+
+def test_headless_screenshot_non_blank(real, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:  # CI installs chromium (.ci/run); only a bare local checkout skips
+        pytest.skip("no chromium on PATH")
+    import matplotlib.image as mpimg
+
+    _, html = real
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
+                    "--window-size=1200,3000", html.as_uri()], check=True, timeout=120, capture_output=True)
+    arr = mpimg.imread(shot)
+    assert arr[..., :3].std() > 0.05
