@@ -67,7 +67,7 @@ def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
     import yaml
 
-    from lorascope.evals.sources import humaneval
+    from lorascope.benchdata import humaneval
     from lorascope.study import run_study
 
     root = tmp_path_factory.mktemp("tiny-study")
