@@ -152,6 +152,8 @@ class ReportSpec(Strict):
     """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB; forgetting_mean)."""
     learning: str | None = None
     forgetting: str | None = None
+    margin: float = Field(0.10, gt=0, lt=1)
+    """Equivalence margin of the verdicts, as a share of the larger gain (learning) or forgetting compared."""
 
 
 class StudyConfig(Strict):

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 from .collect import BASE, Study
 from .metrics import MetricSpec, describe, forgetting_metric, learning_metric, signed, spec
+from .bootstrap import percentile_interval
+from .decide import MARGIN_FRACTION
+from .questions import answer, recommend
 from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
 
 
@@ -33,6 +36,7 @@ class Point:
     run_ids: list[str]
     labels: list[str]
     diverged: bool = False
+    capacity: float | None = None  # trainable parameters / tokens seen (LoRA Without Regret's capacity ratio)
     # (task, metric) -> (mean over seeds, mean stderr, seed sd or None)
     values: dict = field(default_factory=dict)
 
@@ -56,6 +60,7 @@ def points(st: Study, rows: list[dict]) -> list[Point]:
         runs = [st.run(i) for i in run_ids]
         p = Point(setting, method, runs[0]["family"], lr, ck, rs[0]["tokens"], rs[0]["epoch"], run_ids,
                   [r["label"] for r in runs], diverged=any(r["diverged"] for r in runs))
+        p.capacity = capacity_ratio(runs[0], p.tokens)
         by_metric: dict[tuple, list[dict]] = defaultdict(list)
         for r in rs:
             by_metric[(r["task"], r["metric"])].append(r)
@@ -65,6 +70,12 @@ def points(st: Study, rows: list[dict]) -> list[Point]:
             p.values[key] = (sum(vals) / len(vals), sum(ses) / len(ses) if ses else None, seed_spread(vals))
         out.append(p)
     return sorted(out, key=lambda p: (p.setting, p.method, p.lr or 0, p.tokens or 0, p.epoch or 0))
+
+
+def capacity_ratio(run: dict, tokens: int | None) -> float | None:
+    """Trainable parameters (summary.json) per token seen at this point; None when either is unknown."""
+    n = (run.get("summary") or {}).get("trainable_parameters")
+    return n / tokens if isinstance(n, (int, float)) and tokens else None
 
 
 def axis(ps: list[Point]) -> str:
@@ -107,33 +118,27 @@ def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) 
     return iv if positive else iv.flipped()
 
 
-def _sig(iv: Interval | None) -> str:
-    if iv is None:
-        return "no interval (no stderr or samples)"
-    return "significant" if iv.significant else "not significant (95% CI includes 0)"
-
-
 @dataclass
 class Headline:
     setting: str
     learning: MetricSpec | None
     forgetting: MetricSpec | None
-    table: list[dict]  # one row per configuration at its last checkpoint
+    table: list[dict]  # one row per configuration at its last checkpoint, test split
     sentences: list[str]
     recommended: Point | None = None
+    verdicts: list[dict] = field(default_factory=list)  # the paper's two questions, see questions.py
+    chosen_lrs: dict = field(default_factory=dict)  # method name -> LR chosen on the validation split
+    frontiers: dict = field(default_factory=dict)  # family -> {"points", "curve", "band"} for the Pareto figure
 
 
-def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None) -> Headline:
-    base = base_values(rows)
-    fin = [p for p in finals([p for p in ps if p.setting == setting])]
-    if not base:
-        return Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
-                                                   "forgetting cannot be measured against it."])
+def _pick(st: Study, fin: list[Point], base: dict, dataset: str | None) -> tuple[MetricSpec | None,
+                                                                                MetricSpec | None, list[str]]:
+    """The headline learning and forgetting metrics (report.<role> in the study file may override them)."""
     tasks = sorted({t for p in fin for (t, _) in p.values} & {t for (t, _) in base})
     pick = {"learning": learning_metric(tasks, dataset), "forgetting": forgetting_metric(tasks)}
     out: list[str] = []
     for role, want in (st.config.get("report") or {}).items():
-        if not want or want == pick.get(role):
+        if role not in pick or not want or want == pick.get(role):
             continue
         if want in tasks and spec(want) is not None:
             pick[role] = want
@@ -141,73 +146,49 @@ def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset
             out.append(f"report.{role} asks for {want}, which was not evaluated on both the base model and "
                        f"the runs of this setting (or has no known headline metric); {pick[role]} is used.")
     ls, fs = pick["learning"], pick["forgetting"]
-    L, F = (spec(ls) if ls else None), (spec(fs) if fs else None)
-    table = []
-    for p in fin:
-        row = {"point": p, "learning": difference(st, L, p, None, base) if L else None,
-               "forgetting": difference(st, F, p, None, base) if F else None}
-        table.append(row)
+    return (spec(ls) if ls else None), (spec(fs) if fs else None), out
+
+
+def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None) -> Headline:
+    """The setting's verdicts and recommendation: choices on the validation split, numbers on the test split."""
+    base = base_values(rows)
+    mine = [p for p in ps if p.setting == setting]
+    fin = finals(mine)
+    if not base:
+        return Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
+                                                   "forgetting cannot be measured against it."])
+    L, F, out = _pick(st, fin, base, dataset)
     if L is None:
-        return Headline(setting, L, F, table, ["Not run: no learning task (domain benchmark or held-out BPB) was "
-                                              "evaluated on both the base model and the runs of this setting."])
+        return Headline(setting, L, F, [], out + ["Not run: no learning task (domain benchmark or held-out BPB) "
+                                                  "was evaluated on both the base model and the runs of this setting."])
     out.append(f"Learning is {describe(L)}" + (f"; forgetting is {describe(F)}" if F else
                                                "; no forgetting task was evaluated") +
-               ", each at the configuration's last checkpoint against the base model.")
-    ok = [r for r in table if r["learning"] is not None and not r["point"].diverged]
-    for r in table:
-        if r["point"].diverged:
-            out.append(f"{r['point'].name} diverged and is left out of the recommendation.")
-    if not ok:
-        out.append("No configuration has a learning measurement to compare.")
-        return Headline(setting, L, F, table, out)
-    best = max(ok, key=lambda r: r["learning"].estimate)
-    bp = best["point"]
-    f_txt = f", forgetting {best['forgetting'].text()}" if best["forgetting"] else ""
-    out.append(f"{bp.name} learned the most: learning {best['learning'].text()}{f_txt}.")
-    if not best["learning"].significant:
-        out.append(f"No configuration improved {L.task} significantly over the base model: the gain of {bp.name} "
-                   f"is not significant (95% CI includes 0).")
-    ties = [best]
-    for r in ok:
-        if r is best:
-            continue
-        d = difference(st, L, r["point"], bp, base)
-        if d is not None and not d.significant:
-            ties.append(r)
-            out.append(f"The difference in learning between {bp.name} and {r['point'].name} is not significant "
-                       f"({d.text()}, 95% CI includes 0).")
-    rec = min(ties, key=lambda r: r["forgetting"].estimate if r["forgetting"] else float("inf")) if F else best
-    rp = rec["point"]
-    if rec is best:
-        why = "no other configuration comes within noise of its learning" if len(ties) == 1 else \
-            "it forgets the least among the configurations that learn as much"
-    else:
-        d = difference(st, F, rp, bp, base)
-        why = (f"it learns as much as {bp.name} within noise and forgets less "
-               f"(forgetting difference {d.text() if d else 'n/a'}, {_sig(d)})")
-    out.append(f"Recommended for {setting}: {rp.name} — {why}.")
-    out += _lora_vs_full(st, ok, L, F, base)
-    few = min((r[k].n for r in ok for k in ("learning", "forgetting") if r[k] and r[k].n), default=None)
-    if few is not None and few < 30:
-        out.append(f"Caution: some intervals rest on only {few} evaluation items; raise the eval limit for "
-                   "firmer conclusions.")
-    return Headline(setting, L, F, table, out, recommended=rp)
+               ", each against the base model; choices are made on the validation split and every number "
+               "below is on the test split.")
+    margin = float((st.config.get("report") or {}).get("margin") or MARGIN_FRACTION)
+    a = answer(st, mine, L, F, axis(mine), margin)
+    if a.test is None or a.val is None:
+        return Headline(setting, L, F, [], out + [f"Not run: no per-item samples of {L.task} on both splits for "
+                                                  "the base model and the runs, so nothing can be tested."])
+    fin_idx = [mine.index(p) for p in fin]
+    table = [_row(mine[i], i, a) for i in fin_idx]
+    pick, said = recommend(mine, fin_idx, a, L, margin, setting)
+    out += said
+    out += [f"{mine[i].name} diverged and is left out of every choice." for i in fin_idx if mine[i].diverged]
+    return Headline(setting, L, F, table, out, mine[pick] if pick is not None else None,
+                    a.verdicts, a.chosen_lrs, a.frontiers)
 
 
-def _lora_vs_full(st: Study, ok: list[dict], L: MetricSpec, F: MetricSpec | None, base: dict) -> list[str]:
-    """The paper's question: the best LoRA against the best full fine-tuning, learning and forgetting."""
-    full = [r for r in ok if r["point"].family == "full"]
-    lora = [r for r in ok if r["point"].family != "full"]
-    if not full or not lora:
-        return []
-    fb = max(full, key=lambda r: r["learning"].estimate)["point"]
-    lb = max(lora, key=lambda r: r["learning"].estimate)["point"]
-    dl = difference(st, L, lb, fb, base)
-    s = f"Best LoRA ({lb.name}) vs best full fine-tuning ({fb.name}): learning {dl.text() if dl else 'n/a'}, {_sig(dl)}"
-    if F:
-        df = difference(st, F, lb, fb, base)
-        s += f"; forgetting {df.text() if df else 'n/a'}, {_sig(df)}"
-    return [s + " (positive = LoRA learns / forgets more)."]
+def _row(p: Point, i: int, a) -> dict:
+    """One configuration's test-split learning and forgetting over the base, with hierarchical intervals."""
+    row = {"point": p, "learning": None, "forgetting": None, "capacity": p.capacity}
+    for key, est, boot, k in (("learning", a.test.learning, a.test.boot_learning, 0),
+                              ("forgetting", a.test.forgetting, a.test.boot_forgetting, 1)):
+        if i in est:
+            lo, hi = percentile_interval(boot[i])
+            n = a.test.tables[0].n_items if key == "learning" else a.test.tables[-1].n_items
+            row[key] = Interval(est[i], lo, hi, n, f"hierarchical bootstrap, test split, {len(p.run_ids)} seed(s)")
+    return row
 
 
 def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) -> list[dict]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..splits import split_of
 from .collect import Study
 from .metrics import FORGETTING_TASKS, MetricSpec, spec
 
@@ -112,3 +113,33 @@ def seed_spread(values: list[float]) -> float | None:
     if len(values) < 2:
         return None
     return float(np.std(values, ddof=1))
+
+
+def split_items(st: Study, run_id: str, ckpt: str | None, task: str, split: str) -> tuple[dict, dict] | None:
+    """({item id: value}, {item id: cluster key}) of one task's items on one split, or None without samples.
+
+    Each sample line carries "split" and "cluster"; lines written before those fields existed get the shared
+    rule's answer for the cluster "<task>/<id>" (benchmark items are their own cluster). pass@1 of a problem
+    with n samples, c passing, is c/n (the unbiased estimator at k=1), so samples of one id are averaged.
+    """
+    field = spec(task).item_field if spec(task) else None
+    recs = st.samples(run_id, ckpt, task)
+    if recs is None or not field:
+        return None
+    acc: dict[str, list[float]] = {}
+    clusters: dict[str, str] = {}
+    for r in recs:
+        v = r.get(field)
+        if field == "passed" or isinstance(v, bool):
+            v = float(bool(v))
+        if not isinstance(v, (int, float)) or "id" not in r:
+            continue
+        i = str(r["id"])
+        cl = str(r.get("cluster") or f"{task}/{i}")
+        if (r.get("split") or split_of(cl)) != split:
+            continue
+        acc.setdefault(i, []).append(float(v))
+        clusters[i] = cl
+    if not acc:
+        return None
+    return {i: sum(v) / len(v) for i, v in acc.items()}, clusters

@@ -1,0 +1,221 @@
+"""The paper's two questions for one setting, answered as tests on the test split; choices made on validation.
+
+1. learns_less: at each budget, each method at its learning rate chosen on validation, each family (full,
+   lora, ...) at its best method chosen on validation; the test-split learning difference LoRA - full.
+2. forgets_less_at_equal_learning: the matched-learning forgetting difference LoRA - full of the families'
+   monotone frontiers over all their points (learning rates, budgets; seeds inside each point), see frontier.py.
+Both are bootstrapped hierarchically (seeds x item clusters, bootstrap.py), Holm-corrected together, and
+decided by decide.py; "yes" means the paper's claim holds (difference < 0).
+
+Example::
+
+    >>> a = answer(st, ps, L, F)           # ps: the setting's points
+    >>> [(v["question"], v["verdict"]) for v in a.verdicts]
+    [('learns_less', 'yes'), ('forgets_less_at_equal_learning', 'not resolved')]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bootstrap import noise_text, p_two_sided, percentile_interval
+from .decide import MARGIN_FRACTION, decide, holm, power_note
+from .frontier import common_range, fit, matched_boot, matched_difference
+from .measure import SplitMeasure, measure_split
+from .metrics import MetricSpec
+
+VAR_BOOT = 300  # replicates of the seeds-only / clusters-only bootstraps behind the power note
+
+
+@dataclass
+class Answer:
+    verdicts: list[dict] = field(default_factory=list)
+    chosen_lrs: dict = field(default_factory=dict)
+    frontiers: dict = field(default_factory=dict)
+    val: SplitMeasure | None = None
+    test: SplitMeasure | None = None
+
+
+def choose(ps: list, idx: list[int], val: SplitMeasure) -> dict[str, int]:
+    """Per method name, the point (index) with the most validation learning among idx."""
+    best: dict[str, int] = {}
+    for i in idx:
+        if i not in val.learning:
+            continue
+        m = ps[i].method
+        if m not in best or val.learning[i] > val.learning[best[m]]:
+            best[m] = i
+    return best
+
+
+def family_best(ps: list, per_method: dict[str, int], val: SplitMeasure) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in per_method.values():
+        f = ps[i].family
+        if f not in out or val.learning[i] > val.learning[out[f]]:
+            out[f] = i
+    return out
+
+
+def _verdict(question: str, a: str, b: str, budget, est, boot, reason: str, noise: str, **kw) -> dict:
+    iv = percentile_interval(boot) if boot is not None and np.isfinite(boot).any() else None
+    return {"question": question, "verdict": kw.pop("verdict", None), "estimate": est, "interval": iv,
+            "level": 0.95, "reason": reason, "noise": noise, "split": "test", "a": a, "b": b, "budget": budget,
+            "boot": boot, **kw}
+
+
+def learns_less(ps: list, val: SplitMeasure, test: SplitMeasure, by: str, noise: str,
+                frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
+    """Question 1 at every budget; returns the pending comparisons and the chosen LR per method (last budget)."""
+    out, chosen = [], {}
+    budgets = sorted({p.position(by) for p in ps if p.position(by) is not None})
+    for b in budgets:
+        idx = [i for i, p in enumerate(ps) if p.position(by) == b and not p.diverged and i in test.learning]
+        per_method = choose(ps, idx, val)
+        chosen = {m: ps[i].lr for m, i in per_method.items()}
+        fam = family_best(ps, per_method, val)
+        if "full" not in fam:
+            continue
+        for f, i in fam.items():
+            if f == "full":
+                continue
+            j = fam["full"]
+            d = test.boot_learning[i] - test.boot_learning[j]
+            est = test.learning[i] - test.learning[j]
+            gains = [test.learning[i], test.learning[j]]
+            lows = [percentile_interval(test.boot_learning[k])[0] for k in (i, j)]
+            v = _verdict("learns_less", ps[i].name, ps[j].name, b, est, d, "", noise,
+                         margin=frac * max(gains), points=(i, j))
+            if max(lows) <= 0:
+                v.update(verdict="not comparable", reason=f"nothing learned: neither {ps[i].name} nor {ps[j].name} "
+                         "improved on the base model significantly on the test split")
+            out.append(v)
+    return out, chosen
+
+
+def forgets_less(ps: list, test: SplitMeasure, noise: str, frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
+    """Question 2 per LoRA family against full FT, and the frontiers for the Pareto figure."""
+    fams: dict[str, list[int]] = {}
+    for i, p in enumerate(ps):
+        if not p.diverged and i in test.learning and i in test.forgetting:
+            fams.setdefault(p.family, []).append(i)
+    pts = {f: [(test.learning[i], test.forgetting[i]) for i in idx] for f, idx in fams.items()}
+    frontiers = {f: {"points": [(test.learning[i], test.forgetting[i], ps[i].name) for i in idx],
+                     "curve": fit(pts[f]), "band": None} for f, idx in fams.items()}
+    out = []
+    for f, idx in fams.items():
+        if f == "full" or "full" not in fams:
+            continue
+        j = fams["full"]
+        rng = common_range(pts[f], pts["full"])
+        frontiers[f]["band"] = rng
+        frontiers["full"]["band"] = frontiers["full"]["band"] or rng
+        v = _verdict("forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j))
+        if rng is None:
+            v.update(verdict="not comparable", reason=f"the learning ranges of {f} and full fine-tuning do not "
+                     "overlap on the test split, so there is no equal-learning level to compare at")
+        elif rng[1] <= 0:
+            v.update(verdict="not comparable", reason="nothing learned: the common learning range lies at or "
+                     "below the base model")
+        else:
+            boot = _matched(test, idx, j)
+            top = max(abs(y) for _, y in pts[f] + pts["full"])
+            v.update(estimate=matched_difference(pts[f], pts["full"]), boot=boot, interval=percentile_interval(boot),
+                     margin=frac * top, range=rng, undefined=float(np.mean(~np.isfinite(boot))))
+        out.append(v)
+    return out, frontiers
+
+
+def _matched(m: SplitMeasure, ia: list[int], ib: list[int]) -> np.ndarray:
+    stack = lambda d, idx: np.stack([d[i] for i in idx], axis=1)  # noqa: E731 - (B, n points)
+    return matched_boot(stack(m.boot_learning, ia), stack(m.boot_forgetting, ia),
+                        stack(m.boot_learning, ib), stack(m.boot_forgetting, ib))
+
+
+def answer(st, ps: list, L: MetricSpec, F: MetricSpec | None, by: str, margin_fraction: float = MARGIN_FRACTION,
+           n_boot: int = 1000) -> Answer:
+    """Both questions for one setting's points, decided with Holm's correction over all comparisons made."""
+    val = measure_split(st, ps, L, F, "validation", n_boot)
+    test = measure_split(st, ps, L, F, "test", n_boot)
+    if val is None or test is None:
+        return Answer(val=val, test=test)
+    noise = noise_text(test.n_seeds, test.tables[:1], n_boot)
+    q1, chosen = learns_less(ps, val, test, by, noise, margin_fraction)
+    q2, frontiers = forgets_less(ps, test, noise, margin_fraction) if F is not None else ([], {})
+    vs = q1 + q2
+    pending = [v for v in vs if v["verdict"] is None]
+    raw = [p_two_sided(v["boot"]) for v in pending]
+    for v, p, pa in zip(pending, raw, holm(raw)):
+        sign = -1  # the paper's direction: LoRA learns less / forgets less, a negative difference
+        v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], sign, p, len(pending))
+        v["p_holm"] = pa
+        if v["verdict"] == "not resolved":
+            v["power"] = _power(st, ps, L, F, v, test)
+    for v in vs:
+        v.pop("boot", None), v.pop("points", None)
+        v["correction"] = f"Holm over {len(pending)} comparison{'s' * (len(pending) != 1)} of this setting"
+    return Answer(vs, chosen, frontiers, val, test)
+
+
+def _power(st, ps, L, F, v: dict, test: SplitMeasure) -> str:
+    """The power note of one unresolved comparison, from seeds-only and clusters-only bootstraps."""
+    var = {}
+    for mode in ("seeds", "clusters"):
+        m = measure_split(st, ps, L, F, "test", VAR_BOOT, resample=mode, seed=1)
+        i, j = v["points"]
+        if v["question"] == "learns_less":
+            d = m.boot_learning[i] - m.boot_learning[j]
+        else:
+            d = _matched(m, i, j)
+        var[mode] = float(np.nanvar(d))
+    n_clusters = min(len(t.clusters) for t in test.tables)
+    return power_note(v["estimate"], var["seeds"], var["clusters"], test.n_seeds[0], n_clusters, v.get("margin"))
+
+
+def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION,
+              setting: str = "") -> tuple[int | None, list[str]]:
+    """(point index or None, sentences). Only points whose test-split learning over the base is significantly
+    positive qualify; among them the choice reads validation: the least validation forgetting among those
+    within the margin of the best validation learning. Without a qualifier, what to change instead."""
+    val, test = a.val, a.test
+    cands = [i for i in fin if not ps[i].diverged and i in test.learning and i in val.learning
+             and percentile_interval(test.boot_learning[i])[0] > 0]
+    if not cands:
+        return None, advice(ps, fin, test, L)
+    top = max(val.learning[i] for i in cands)
+    near = [i for i in cands if val.learning[i] >= top - frac * abs(top)]
+    pick = min(near, key=lambda i: val.forgetting.get(i, np.inf)) if val.forgetting else \
+        max(near, key=lambda i: val.learning[i])
+    lo, hi = percentile_interval(test.boot_learning[pick])
+    why = (f"its learning over the base model is significantly positive on the test split ({test.learning[pick]:+.4g} "
+           f"[{lo:+.4g}, {hi:+.4g}])")
+    if len(near) > 1:
+        why += (f", and among the {len(near)} configurations within {frac:.0%} of the best validation learning it "
+                "forgets the least on the validation split")
+    else:
+        why += ", and it learned the most on the validation split"
+    return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."]
+
+
+def advice(ps: list, fin: list[int], test: SplitMeasure, L: MetricSpec) -> list[str]:
+    """What to change when nothing qualifies for a recommendation (learning rate, budget, data)."""
+    out = [f"No recommendation: no configuration improved {L.task} significantly over the base model on the "
+           "test split, so none is recommended."]
+    div = [ps[i].name for i in fin if ps[i].diverged]
+    if div:
+        out.append(f"Diverged: {', '.join(div)}; lower their learning rates.")
+    tried = [i for i in fin if i in test.learning and not ps[i].diverged]
+    if tried and all(test.learning[i] < 0 for i in tried):
+        low = {}
+        for i in tried:
+            m = ps[i].method
+            low[m] = min(low.get(m, np.inf), ps[i].lr if ps[i].lr is not None else np.inf)
+        lows = ", ".join(f"{m} {lr:g}" for m, lr in sorted(low.items()) if np.isfinite(lr))
+        out.append(f"Every configuration made {L.task} worse than the base model: try learning rates below the "
+                   f"lowest tried ({lows}), and check that the training data matches the target domain.")
+    elif tried:
+        out.append("The gains are within noise: train on more tokens, try a larger learning rate if the best one "
+                   "is the largest tried, or evaluate more items and seeds.")
+    return out

@@ -1,0 +1,224 @@
+"""Verdict statistics: hierarchical bootstrap coverage, matched-learning frontiers, the abstaining decision rule,
+and the report's headline on small study directories written here (no model, no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lorascope.report.bootstrap import ClusterTable, Draws, p_two_sided, percentile_interval
+from lorascope.report.decide import decide, holm, power_note
+from lorascope.report.frontier import common_range, isotonic, matched_difference
+
+
+def _crossed(rng, S, C, m, sd_seed, sd_cluster, sd_item, shift=0.0):
+    """Values[seed][item]: seed effect + cluster effect shared by every seed (crossed, as in a study) + noise."""
+    a, b = rng.normal(0, sd_seed, S), rng.normal(0, sd_cluster, C)
+    x = a[:, None] + np.repeat(b, m)[None, :] + rng.normal(0, sd_item, (S, C * m)) + shift
+    return {s: {f"i{j}": x[s, j] for j in range(C * m)} for s in range(S)}
+
+
+def _coverage(S, C, m, sds, nsim=500, B=200, cluster_of=None):
+    rng = np.random.default_rng(123)
+    cl = cluster_of if cluster_of is not None else {f"i{j}": f"c{j // m}" for j in range(C * m)}
+    hit = 0
+    for k in range(nsim):
+        t = ClusterTable.build({"x": _crossed(rng, S, C, m, *sds)}, cl)
+        _, boot = t.means(Draws.make([t], B, seed=k))
+        lo, hi = percentile_interval(boot["x"])
+        hit += lo <= 0 <= hi
+    return hit / nsim
+
+
+def test_hierarchical_bootstrap_covers_at_nominal_level():
+    # seed, cluster and per-item noise (dominant, as with 0/1 scores), true mean 0: the 95% interval holds it
+    # 92-98% of the time. Measured alongside (1000 simulations): 95.6% here; 92.4% when seed, cluster and item
+    # sd are equal (percentile intervals under-cover at 10 seeds); 69% with 2 seeds.
+    cov = _coverage(S=10, C=30, m=3, sds=(0.5, 0.5, 2.0))
+    assert 0.92 <= cov <= 0.98, cov
+
+
+def test_clustered_items_resampled_one_by_one_under_cover():
+    # strong cluster effects: treating the 60 correlated items as independent makes intervals too narrow
+    sds = (0.2, 1.0, 0.2)
+    by_item = _coverage(S=10, C=12, m=5, sds=sds, nsim=300, cluster_of={})
+    by_cluster = _coverage(S=10, C=12, m=5, sds=sds, nsim=300)
+    assert by_item < 0.85 < by_cluster
+
+
+def test_paired_seeds_and_clusters_narrow_a_difference():
+    rng = np.random.default_rng(0)
+    S, C, m = 6, 20, 2
+    cl = {f"i{j}": f"c{j // m}" for j in range(C * m)}
+    a = _crossed(rng, S, C, m, 1.0, 1.0, 0.1)
+    b = {s: {i: v - 0.3 + rng.normal(0, 0.1) for i, v in items.items()} for s, items in a.items()}
+    widths = {}
+    for name, b_seeds in (("paired", b), ("unpaired", {f"other{s}": v for s, v in b.items()})):
+        t = ClusterTable.build({"a": a, "b": b_seeds}, cl)
+        est, boot = t.means(Draws.make([t], 400, seed=1))
+        lo, hi = percentile_interval(boot["a"] - boot["b"])
+        assert lo < est["a"] - est["b"] < hi and abs(est["a"] - est["b"] - 0.3) < 0.05
+        widths[name] = hi - lo
+    assert widths["paired"] < widths["unpaired"] / 3  # shared seed and item effects cancel only when paired
+
+
+def test_one_seed_interval_covers_items_only():
+    from lorascope.report.bootstrap import noise_text
+
+    rng = np.random.default_rng(2)
+    t = ClusterTable.build({"x": _crossed(rng, 1, 10, 2, 1.0, 1.0, 1.0)}, {})
+    assert "no training noise" in noise_text((1, 1), [t], 100)
+    assert "hierarchical" in noise_text((3, 3), [t], 100) and "training noise" not in noise_text((5, 5), [t], 100)
+
+
+def test_isotonic_is_the_monotone_least_squares_fit():
+    y = np.array([1.0, 3.0, 2.0, 4.0, 0.0, 5.0])
+    f = isotonic(y)
+    assert np.all(np.diff(f) >= 0) and abs(f.sum() - y.sum()) < 1e-12  # monotone, mean kept
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # no random monotone vector fits better
+        g = np.sort(rng.normal(2.5, 2, len(y)))
+        assert ((f - y) ** 2).sum() <= ((g - y) ** 2).sum() + 1e-12
+    assert list(isotonic(np.array([3.0, 1.0]), np.array([3.0, 1.0]))) == [2.5, 2.5]
+
+
+def test_matched_learning_recovers_a_planted_offset():
+    rng = np.random.default_rng(0)
+    curve = lambda x: 0.2 * x ** 2  # noqa: E731 - forgetting grows with learning
+    la, lb = rng.uniform(0.0, 1.0, 12), rng.uniform(0.3, 1.6, 9)
+    a = [(x, curve(x)) for x in la]
+    b = [(x, curve(x) + 0.05) for x in lb]  # b forgets 0.05 more at every learning level
+    assert abs(matched_difference(a, b) + 0.05) < 0.01
+    assert common_range(a, b) == (lb.min(), la.max())
+    far = [(x + 5, y) for x, y in b]
+    assert common_range(a, far) is None and np.isnan(matched_difference(a, far))
+
+
+def test_decision_rule_abstains_on_ties_and_says_equivalent_only_inside_the_margin():
+    rng = np.random.default_rng(0)
+    tie_wide = rng.normal(0.0, 0.05, 2000)
+    assert decide(0.0, tie_wide, p_two_sided(tie_wide), 0.02, -1)[0] == "not resolved"
+    assert decide(0.0, tie_wide, p_two_sided(tie_wide), None, -1)[0] == "not resolved"  # no margin: never equal
+    tie_tight = rng.normal(0.0, 0.005, 2000)
+    v, why = decide(0.0, tie_tight, p_two_sided(tie_tight), 0.02, -1)
+    assert v == "equivalent" and "TOST" in why
+    edge = rng.normal(0.015, 0.005, 2000)  # the 90% interval reaches past +0.02: not equivalent
+    assert decide(0.015, edge, 1.0, 0.02, -1)[0] == "not resolved"
+    neg, pos = rng.normal(-0.1, 0.01, 2000), rng.normal(0.1, 0.01, 2000)
+    assert decide(-0.1, neg, p_two_sided(neg), 0.02, -1)[0] == "yes"
+    assert decide(0.1, pos, p_two_sided(pos), 0.02, -1)[0] == "reversed"
+    v, why = decide(-0.1, neg, 0.2, 0.001, -1, p_raw=0.01, k=5)
+    assert v == "not resolved" and "Holm" in why
+
+
+def test_holm_and_power_note():
+    assert np.allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    assert np.allclose(holm([0.5, 0.001]), [0.5, 0.002])
+    note = power_note(0.01, var_seeds=1e-6, var_items=4e-5, n_seeds=2, n_clusters=20)
+    assert "item clusters (now 20)" in note
+    k = int(note.split("about ")[1].split(" ")[0])
+    assert 20 < k and 1e-6 + 4e-5 * 20 / k <= (0.01 / 2.8) ** 2 * 1.01  # the asked-for count is enough
+    assert "cannot resolve" in power_note(0.01, var_seeds=1e-4, var_items=1e-6, n_seeds=2, n_clusters=20)
+
+
+# ---- the report's headline on small study directories in the agreed file format (split and cluster per item)
+
+LORA = {"kind": "lora", "rank": 16, "init": "gaussian", "use_dora": False}
+FULL = {"kind": "full"}
+
+
+def _evals(d: Path, base: dict, shift: dict, rng) -> None:
+    """results.json (metrics + by_split) and samples with split and cluster; shift: task -> added per item."""
+    from lorascope.splits import split_of
+
+    res = {"tasks": {}}
+    (d / "samples").mkdir(parents=True)
+    for task, vals in base.items():
+        v = vals + shift.get(task, 0.0) + rng.normal(0, 0.01, len(vals))
+        recs = [{"id": f"w{j}", "bpb": float(x), "cluster": f"{task}/pkg{j // 4}"} for j, x in enumerate(v)]
+        for r in recs:
+            r["split"] = split_of(r["cluster"])
+        by = {s: [r["bpb"] for r in recs if r["split"] == s] for s in ("validation", "test")}
+        res["tasks"][task] = {"metrics": {"bpb": float(v.mean()), "bpb_stderr": float(v.std() / len(v) ** 0.5)},
+                              "by_split": {s: {"bpb": float(np.mean(x)), "n": len(x)} for s, x in by.items()}}
+        (d / "samples" / (task.replace(":", "_") + ".jsonl")).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def _study(d: Path, learn: dict, forget: dict, lrs: dict) -> Path:
+    """Base + one full and one LoRA configuration, 2 seeds, one checkpoint; learn/forget: method -> BPB shift."""
+    rng = np.random.default_rng(0)
+    base = {"heldout_bpb:code-cpt": rng.uniform(0.8, 1.2, 160), "english_bpb": rng.uniform(0.9, 1.1, 160)}
+    _evals(d / "evals" / "base", base, {}, rng)
+    runs = []
+    for mname, method in (("full", FULL), ("lora-r16", LORA)):
+        for seed in (0, 1):
+            rid = f"{mname}-s{seed}"
+            runs.append({"run_id": rid, "label": rid, "setting": "code-cpt", "dataset": "code-cpt", "lr": lrs[mname],
+                         "seed": seed, "method_name": mname, "method": method})
+            ck = d / "runs" / rid / "checkpoints" / "tok-000000004096"
+            ck.mkdir(parents=True)
+            (ck / "lorascope.json").write_text(json.dumps({"tokens": 4096}))
+            (d / "runs" / rid / "summary.json").write_text(json.dumps(
+                {"trainable_parameters": 8192 if mname == "full" else 512}))
+            _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -learn[mname],
+                                                      "english_bpb": forget[mname]}, rng)
+    (d / "runs.json").write_text(json.dumps(runs))
+    (d / "study.yaml").write_text("name: t\nmodel: embedded\n")
+    return d
+
+
+def _headline(d: Path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import headline, points
+
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    return headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
+
+
+def test_bad_setup_gets_no_recommendation_and_says_why(tmp_path):
+    # every LR made the held-out code BPB worse than the base model (negative learning)
+    h = _headline(_study(tmp_path, {"full": -0.05, "lora-r16": -0.02}, {"full": 0.05, "lora-r16": 0.01},
+                         {"full": 1e-3, "lora-r16": 1e-2}))
+    assert h.recommended is None
+    text = " ".join(h.sentences)
+    assert "No recommendation" in text and "learning rates below the lowest tried (full 0.001, lora-r16 0.01)" in text
+    q1 = [v for v in h.verdicts if v["question"] == "learns_less"]
+    assert q1 and all(v["verdict"] == "not comparable" and "nothing learned" in v["reason"] for v in q1)
+    assert all(r["learning"].hi < 0 for r in h.table)  # the numbers say so too
+    assert {r["point"].name: r["capacity"] for r in h.table} == {"full lr=0.001": 2.0, "lora-r16 lr=0.01": 0.125}
+
+
+def test_planted_tie_is_not_a_verdict_and_numbers_come_from_test_items(tmp_path):
+    h = _headline(_study(tmp_path, {"full": 0.1, "lora-r16": 0.1}, {"full": 0.02, "lora-r16": 0.02},
+                         {"full": 1e-5, "lora-r16": 1e-4}))
+    assert h.chosen_lrs == {"full": 1e-5, "lora-r16": 1e-4}
+    for v in h.verdicts:
+        assert v["verdict"] in ("equivalent", "not resolved", "not comparable"), v
+        assert v["split"] == "test" and "2 seed(s)" in v["noise"] and "Holm" in v["correction"]
+    q1 = next(v for v in h.verdicts if v["question"] == "learns_less")
+    assert q1["verdict"] == "equivalent" and q1["interval"][0] < 0 < q1["interval"][1]
+    assert h.recommended is not None and h.recommended.method in ("full", "lora-r16")
+    # the table's learning is recomputable from the test-split samples alone
+    row = next(r for r in h.table if r["point"].name == "full lr=1e-05")
+    per = []
+    for rid in ("base", "full-s0", "full-s1"):
+        sub = "base" if rid == "base" else f"{rid}/tok-000000004096"
+        recs = [json.loads(x) for x in (tmp_path / "evals" / sub / "samples" / "heldout_bpb_code-cpt.jsonl")
+                .read_text().splitlines()]
+        per.append(np.mean([r["bpb"] for r in recs if r["split"] == "test"]))
+    assert abs(row["learning"].estimate - (per[0] - (per[1] + per[2]) / 2)) < 1e-9
+
+
+def test_planted_gap_is_found(tmp_path):
+    h = _headline(_study(tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01},
+                         {"full": 1e-5, "lora-r16": 1e-4}))
+    q1 = next(v for v in h.verdicts if v["question"] == "learns_less")
+    assert q1["verdict"] == "yes" and abs(q1["estimate"] + 0.2) < 0.01
+    assert h.recommended.name == "full lr=1e-05"
+    # one point per family: the learning ranges do not overlap, so question 2 abstains
+    q2 = next(v for v in h.verdicts if v["question"] == "forgets_less_at_equal_learning")
+    assert q2["verdict"] == "not comparable" and h.frontiers["lora"]["band"] is None
