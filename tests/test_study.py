@@ -16,7 +16,7 @@ from lorascope.errors import ConfigError, LorascopeError
 from lorascope.config import apply_overrides
 from lorascope.jobs import build_jobs
 from lorascope.study import run_study
-from lorascope.studyconfig import load_study
+from lorascope.studyconfig import AutoLR, load_study
 from lorascope.studyplan import plan_runs
 
 
@@ -24,15 +24,16 @@ def expand(study):
     return plan_runs(study, None)[0]
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-PRESETS = ["quick", "paper-v2", "critique", "lr-sweep", "regularizers"]
+# every study preset in configs/ (train-*.yaml are run configs, tested with training; accelerate/ holds launchers)
+PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.name.startswith("train-"))
+
+
+def test_every_config_file_is_a_known_kind():
+    assert {"quick", "paper-v2", "critique", "lr-sweep", "regularizers"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_validate(name):
-    from lorascope.evals import registry
-
-    if name == "paper-v2" and "humaneval" not in registry.TASKS:
-        pytest.skip("generation tasks (humaneval, gsm8k) are not registered in this checkout")
     study = load_study(CONFIGS / f"{name}.yaml")
     runs = expand(study)
     assert runs and len({r["run_id"] for r in runs}) == len(runs)
@@ -41,12 +42,56 @@ def test_presets_validate(name):
     assert len(ids) == len(jobs) and all(d in ids for j in jobs for d in j["deps"])
 
 
-def test_quick_runs_costly_groups_on_final_checkpoint_only():
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_run_two_seeds(name):
+    assert len(load_study(CONFIGS / f"{name}.yaml").seeds) >= 2
+
+
+def test_dry_run_counts_runs_jobs_tokens_and_time(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({
+        "seeds": [0, 1], "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
+                                       "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 1000,
+                                                 "checkpoints": [512]}}],
+        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-4, 1e-3]},
+                    {"name": "lora", "method": {"kind": "lora"}, "lrs": {"auto": {"points": 3}}}],
+        "evals": {"groups": [{"tasks": [f"heldout_bpb:{corpus}"]}]}}))
+    res = CliRunner().invoke(app, ["study", str(p), "--dry-run", "--tokens-per-s", "10", "--eval-job-s", "6"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    # 4 fixed runs + 3 search runs + 1 more seed at the chosen LR; 1000 tokens = 8 steps of 128 = 1024 tokens
+    assert "8 runs" in out and out.count("tokens  ") == 8 and "lr<chosen>/s1" in out
+    assert "jobs: 25 (eval 17, train 8)" in out  # base + 8 runs x 2 checkpoints
+    assert "training tokens: 8,192 planned; up to 10,240 if every LR search uses all its extensions" in out
+    # 8,192 tokens at 10 tokens/s + 17 evals x 6 s = 921 s = 15 min
+    assert "estimated time: 15 min" in out and "ASSUMED" in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_quick_finds_lrs_on_enough_items():
     study = load_study(CONFIGS / "quick.yaml")
-    jobs = [j for j in build_jobs(study, expand(study)) if j["kind"] == "eval" and j["run"]]
-    finals = [j for j in jobs if j["ckpt"] == "tok-000000008192"]
-    assert len(jobs) == 6 and len(finals) == 3  # 3 runs x checkpoints 4k, 8k
-    assert all(j["groups"] == ([0, 1] if j in finals else [0]) for j in jobs)
+    assert all(isinstance(m.lrs, AutoLR) for m in study.methods)
+    task = study.learning_task(study.settings[0])
+    (group,) = [g for g in study.evals.groups if task in g.tasks]
+    assert group.limit >= 40  # validation/test split ~50/50: >= 20 test items remain for the headline
+
+
+def test_evidence_spans_8x_budgets_with_a_cooldown_each():
+    study = load_study(CONFIGS / "evidence.yaml")
+    t = study.settings[0].train
+    assert t.max_tokens >= 8 * t.checkpoints[0] and t.cooldown_per_checkpoint and t.schedule == "wsd"
+    assert all(isinstance(m.lrs, AutoLR) and m.lrs.budget == "first" for m in study.methods)
+    runs = expand(study)
+    # the searches train at the smallest budget only
+    assert {r["config"]["train"]["max_tokens"] for r in runs if r["role"] == "lr-search"} == {t.checkpoints[0]}
+    ranks = {(m.method.kind, m.method.rank if m.method.kind == "lora" else None, str(m.method.targets))
+             for m in study.methods}
+    assert ranks == {("full", None, "all"), ("lora", 1, "all"), ("lora", 16, "all"), ("lora", 64, "all"),
+                     ("lora", 16, "attention")}
 
 
 def test_separate_runs_and_per_setting_lrs(tmp_path, tiny_model_dir, ift_corpus):
@@ -166,39 +211,51 @@ def test_minimal_study_inline_and_rerun_skips(tmp_path, tiny_model_dir, corpus):
         run_study(cfg, ["seeds=[1]"], d, executor="inline", progress=False)
 
 
-@pytest.mark.slow
-def test_tiny_study_end_to_end_inline(tmp_path, tiny_model_dir, corpus):
+def test_tiny_study_by_local_subprocesses(tmp_path, tiny_model_dir, corpus):
+    """The real executor (one subprocess per job) on every job kind: training, a run that blows up, evals with
+    kl_base, spectrum, truncation and the truncations' evals; then a re-run that runs nothing."""
     methods = [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
-               {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]},
                {"name": "full-blowup", "method": {"kind": "full"}, "lrs": [30.0]}]
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, methods=methods)
-    d = run_study(cfg, [], tmp_path / "s", executor="inline", progress=False)
+    train = {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": [128], "save_state_every": 100}
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, methods=methods,
+                     settings=[{"name": "cpt", "data": {"dataset": str(corpus)}, "train": train}],
+                     evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"],
+                                                                "limit": 2}]},
+                     analysis={"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2]}})
+    d = run_study(cfg, [], tmp_path / "s", jobs=2, executor="local", progress=False)
     runs = {r["method_name"]: r["run_id"] for r in json.loads((d / "runs.json").read_text())}
-    assert {j["kind"] for j in json.loads((d / "jobs.json").read_text())} == \
-        {"train", "eval", "spectrum", "truncate", "eval-trunc"}
-    # the blown-up run is marked and nothing is evaluated on it
+    ran = {j["job"].split(":")[0] for j in _job_log(d)}
+    assert ran == {"train", "eval", "spectrum", "truncate", "eval-trunc"}
+    assert all(j["rc"] == 0 for j in _job_log(d))
+    # the blown-up run is marked and nothing is evaluated or analysed on it
     assert (d / "runs" / runs["full-blowup"] / "DIVERGED").exists()
-    assert not (d / "evals" / runs["full-blowup"]).exists()
+    assert not (d / "evals" / runs["full-blowup"]).exists() and not (d / "analysis" / runs["full-blowup"]).exists()
     res = _results(d)
-    assert set(res) == {"evals/base/results.json", f"evals/{runs['full']}/truncate-r2/results.json"} | {
-        f"evals/{runs[m]}/tok-{b:012d}/results.json" for m in ("full", "lora-r4") for b in (512, 1024)}
-    assert all(set(v) == {f"heldout_bpb:{corpus}", "kl_base", "arc_easy"} for v in res.values())
-    # training lowers held-out BPB on this repetitive corpus; the base has zero KL to itself
+    full = runs["full"]
+    assert set(res) == {"evals/base/results.json", f"evals/{full}/truncate-r2/results.json",
+                        f"evals/{full}/tok-000000000256/results.json"}
     h = f"heldout_bpb:{corpus}"
-    final = res[f"evals/{runs['full']}/tok-000000001024/results.json"]
-    assert final[h]["bpb"] < res["evals/base/results.json"][h]["bpb"]
+    assert res[f"evals/{full}/tok-000000000256/results.json"][h]["bpb"] < res["evals/base/results.json"][h]["bpb"]
+    # the base has zero KL to itself; the tuned model does not
     assert res["evals/base/results.json"]["kl_base"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    for m in ("full", "lora-r4"):
-        assert (d / "analysis" / runs[m] / "tok-000000001024" / "spectrum.json").exists()
-    # per-item samples are kept beside the merged results (the report bootstraps over them)
+    assert res[f"evals/{full}/tok-000000000256/results.json"]["kl_base"]["kl"] > 1e-4
+    assert (d / "analysis" / full / "tok-000000000256" / "spectrum.json").exists()
     assert list((d / "evals" / "base" / "samples").glob("*.jsonl"))
-    # a re-run finds everything done and runs nothing
     n = len(_job_log(d))
-    run_study(cfg, [], d, executor="inline", progress=False)
+    run_study(cfg, [], d, executor="local", progress=False)
     assert len(_job_log(d)) == n
-    # a different study in the same dir is refused
-    with pytest.raises(LorascopeError, match="different study"):
-        run_study(cfg, ["seeds=[1]"], d, executor="inline", progress=False)
+
+
+def test_second_scheduler_on_a_directory_is_refused(tmp_path, tiny_model_dir, corpus):
+    from lorascope.study import study_lock
+
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus)
+    d = tmp_path / "s"
+    d.mkdir()
+    with study_lock(d):  # another scheduler holds the directory
+        with pytest.raises(LorascopeError, match="another lorascope study .* is running on this directory"):
+            run_study(cfg, [], d, executor="inline", progress=False)
+    assert not (d / "runs.json").exists()  # refused before planning anything
 
 
 SHRINK = ["settings.*.train.seq_len=32", "settings.*.train.batch_size=2", "settings.*.train.checkpoints=[]",
@@ -284,3 +341,126 @@ def test_ray_executor_local_mode(tmp_path, tiny_model_dir, corpus):
                      methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}])
     d = run_study(cfg, [], tmp_path / "ray", executor="ray", jobs=1, progress=False)
     assert len(_results(d)) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lrs: auto — the search replayed from files on disk (fast), then once with real training
+
+
+def _auto_study(tmp_path, corpus, auto: dict, seeds=(0, 1)):
+    p = tmp_path / "auto.yaml"
+    p.write_text(yaml.safe_dump({
+        "model": "embedded", "seeds": list(seeds),
+        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
+                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": [128]}}],
+        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": {"auto": auto}}],
+        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]}}))
+    return load_study(p)
+
+
+def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: float = 1.0):
+    if validation is None:
+        (d / "runs" / run["run_id"]).mkdir(parents=True, exist_ok=True)
+        (d / "runs" / run["run_id"] / "DIVERGED").write_text("loss nan\n")
+        return
+    f = d / "evals" / run["run_id"] / "tok-000000000256" / "results.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"tasks": {f"heldout_bpb:{corpus}": {
+        "metrics": {"bpb": all_items}, "by_split": {"validation": {"bpb": validation}, "test": {"bpb": all_items}}}}}))
+
+
+def _search_runs(runs):
+    return {r["lr"]: r for r in runs if r["seed"] == 0}
+
+
+def test_lr_search_chooses_on_validation_and_then_trains_every_seed(tmp_path, corpus):
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3})
+    d = tmp_path / "s"
+    runs, searches = plan_runs(study, d)
+    assert sorted(r["lr"] for r in runs) == [1e-4, 1e-3, 1e-2] and {r["seed"] for r in runs} == {0}
+    assert searches["cpt/lora"]["status"] == "searching" and searches["cpt/lora"]["chosen"] is None
+    # BPB, lower is better: 1e-3 is best on validation, 1e-2 would win on all items (it must not be used)
+    for lr, val, every in [(1e-4, 2.0, 2.0), (1e-3, 1.5, 1.9), (1e-2, 1.8, 1.0)]:
+        _fake_eval(d, _search_runs(runs)[lr], corpus, val, every)
+    runs, searches = plan_runs(study, d)
+    rec = searches["cpt/lora"]
+    assert (rec["chosen"], rec["bracketed"], rec["status"], rec["split"]) == (1e-3, True, "chosen", "validation")
+    assert [p["value"] for p in rec["points"]] == [2.0, 1.5, 1.8]
+    assert sorted((r["lr"], r["seed"]) for r in runs if r["role"] == "main") == [(1e-3, 0), (1e-3, 1)]
+
+
+def test_lr_search_extends_past_an_edge_and_counts_divergence_as_worst(tmp_path, corpus):
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3, "max_extensions": 2})
+    d = tmp_path / "s"
+    runs, _ = plan_runs(study, d)
+    for lr, val in [(1e-4, 2.0), (1e-3, 1.8), (1e-2, 1.5)]:  # best at the high edge
+        _fake_eval(d, _search_runs(runs)[lr], corpus, val)
+    runs, searches = plan_runs(study, d)
+    assert sorted(_search_runs(runs)) == [1e-4, 1e-3, 1e-2, 0.1] and {r["seed"] for r in runs} == {0}
+    assert searches["cpt/lora"]["status"] == "searching" and searches["cpt/lora"]["extensions"] == 1
+    _fake_eval(d, _search_runs(runs)[0.1], corpus, None)  # the new edge blows up
+    runs, searches = plan_runs(study, d)
+    rec = searches["cpt/lora"]
+    assert (rec["chosen"], rec["bracketed"], rec["diverged"]) == (1e-2, True, [0.1])
+    assert sorted((r["lr"], r["seed"]) for r in runs if r["role"] == "main") == [(1e-2, 0), (1e-2, 1)]
+
+
+def test_lr_search_stops_unbracketed_or_when_everything_diverges(tmp_path, corpus):
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 2, "max_extensions": 1})
+    d = tmp_path / "s"
+    runs, _ = plan_runs(study, d)
+    assert sorted(_search_runs(runs)) == [3.16e-4, 3.16e-3]
+    for r in runs:  # the lowest LR is always best: extend down once, then give up the bracket
+        _fake_eval(d, r, corpus, 1.0 + r["lr"])
+    runs, _ = plan_runs(study, d)
+    _fake_eval(d, _search_runs(runs)[3.16e-5], corpus, 1.0)
+    runs, searches = plan_runs(study, d)
+    rec = searches["cpt/lora"]
+    assert (rec["chosen"], rec["bracketed"], rec["status"]) == (3.16e-5, False, "unbracketed")
+    d2 = tmp_path / "s2"
+    runs, _ = plan_runs(study, d2)
+    for r in runs:
+        _fake_eval(d2, r, corpus, None)
+    runs, _ = plan_runs(study, d2)
+    _fake_eval(d2, _search_runs(runs)[3.16e-5], corpus, None)
+    runs, searches = plan_runs(study, d2)
+    assert searches["cpt/lora"]["status"] == "all diverged" and searches["cpt/lora"]["chosen"] is None
+    assert {r["seed"] for r in runs} == {0}  # nothing to train the other seeds at
+
+
+def test_lr_search_needs_a_learning_metric(tmp_path, corpus):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({
+        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)}, "train": {"max_tokens": 256}}],
+        "methods": [{"name": "lora", "method": {"kind": "lora"}, "lrs": "auto"}],
+        "evals": {"groups": [{"tasks": ["kl_base"]}]}}))
+    with pytest.raises(ConfigError, match=r"methods\[0\].lrs: auto needs a learning metric"):
+        load_study(p)
+    s = yaml.safe_load(p.read_text())
+    s["methods"][0]["lrs"] = {"auto": {"factr": 3}}
+    p.write_text(yaml.safe_dump(s))
+    with pytest.raises(ConfigError, match=r"methods\[0\].lrs: .*auto.factr: unknown field"):
+        load_study(p)
+
+
+def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, seeds=[0, 1], analysis={},
+                     settings=[{"name": "cpt", "data": {"dataset": str(corpus)},
+                                "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256}}],
+                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2},
+                               "lrs": {"auto": {"start": 1e-2, "factor": 10, "points": 3, "max_extensions": 1}}}],
+                     evals={"checkpoints": "final", "base": False,
+                            "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]})
+    d = run_study(cfg, [], tmp_path / "s", executor="inline", progress=False)
+    rec = json.loads((d / "lr_search.json").read_text())["cpt/lora"]
+    scored = {p["lr"]: p["value"] for p in rec["points"] if not p["diverged"]}
+    assert rec["chosen"] == min(scored, key=scored.get) and rec["status"] in ("chosen", "unbracketed")
+    assert rec["bracketed"] == (rec["status"] == "chosen")
+    runs = json.loads((d / "runs.json").read_text())
+    assert sorted(r["seed"] for r in runs if r["lr"] == rec["chosen"]) == [0, 1]
+    assert {r["lr"] for r in runs if r["seed"] == 1} == {rec["chosen"]}
+    trained = [j for j in _job_log(d) if j["job"].startswith("train:")]
+    assert len(trained) == len(rec["grid"]) + 1 and all(j["rc"] == 0 for j in _job_log(d))
+    n = len(_job_log(d))
+    run_study(cfg, [], d, executor="inline", progress=False)  # a re-run replays the search from the files
+    assert len(_job_log(d)) == n

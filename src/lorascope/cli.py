@@ -140,8 +140,8 @@ def study(ctx: typer.Context,
           jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
           executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
-          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed the --dry-run estimate "
-                                             "assumes (default: embedded model, 2 CPU threads)"),
+          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the --dry-run "
+                                             "estimate assumes (default: embedded model on 2 CPU cores)"),
           eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
                                            "estimate assumes")):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
@@ -149,7 +149,7 @@ def study(ctx: typer.Context,
         from .studyconfig import load_study
         from .studycost import dry_run as plan_text
 
-        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, jobs))
+        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s))
         return
     if out is None:
         raise LorascopeError("--out: required (the study directory), unless --dry-run")

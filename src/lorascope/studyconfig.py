@@ -39,6 +39,7 @@ from .config import (DataConfig, MethodConfig, RunConfig, Strict, TrainConfig, a
                      format_validation_error, read_yaml, validate)
 from .errors import ConfigError
 from .evals.results import FORGETTING_PARTS
+from .trainplan import budget_checkpoints
 from .trainplan import checkpoint_names as planned_checkpoint_names
 
 FULL_FT_START_LR = 1e-4
@@ -201,7 +202,7 @@ def _check_tasks(study: StudyConfig) -> None:
 def _check_budgets(study: StudyConfig) -> None:
     for si, s in enumerate(study.settings):
         t = s.train
-        end, what = (t.epochs, "epochs") if s.data.regime == "ift" and t.epochs else (t.max_tokens, "max_tokens")
+        end, what = (t.epochs, "epochs") if t.epochs is not None else (t.max_tokens, "max_tokens")
         if end is not None and t.checkpoints and t.checkpoints[-1] >= end:
             raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
                              f"{what}={end} (got {t.checkpoints})")
@@ -296,12 +297,11 @@ def search_budget(s: Setting, which: Literal["final", "first"]) -> dict | None:
 
 
 def _ends(s: Setting) -> list[int]:
-    t = s.train
-    return [*t.checkpoints, t.epochs] if _by_epoch(s) else [*t.checkpoints, t.max_tokens]
+    return [value for _, value in budget_checkpoints(s.train)]
 
 
 def _by_epoch(s: Setting) -> bool:
-    return s.data.regime == "ift" and bool(s.train.epochs)
+    return s.train.epochs is not None  # the training plan's rule (trainplan.budget_checkpoints)
 
 
 def _budget_override(s: Setting, value: int) -> dict:

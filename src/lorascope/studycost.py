@@ -5,7 +5,8 @@
 Lists every planned run (with ``lrs: auto``, the search runs of the first seed, then the other seeds at the LR
 the search will choose, shown as ``lr<chosen>``), its training tokens and checkpoints, the jobs per kind, the
 tokens in total (and with every allowed grid extension), and an estimated time from a stated training speed
-and a stated time per evaluation job. Both speeds are inputs, printed as assumptions: the estimate is only as
+and a stated time per evaluation job, both for the whole machine (parallel jobs share its cores, so --jobs
+does not divide the estimate). Both speeds are inputs, printed as assumptions: the estimate is only as
 good as them (measure yours with ``lorascope train`` on one run and pass it with ``--tokens-per-s``).
 """
 
@@ -39,7 +40,7 @@ def planned(study: StudyConfig) -> tuple[list[dict], list[dict]]:
     return runs, extra
 
 
-def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, jobs: int = 1) -> str:
+def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float) -> str:
     runs, extra = planned(study)
     graph = build_jobs(study, runs)
     kinds = Counter(j["kind"] for j in graph)
@@ -60,9 +61,11 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, jobs: in
               f"training tokens: {total:,} planned" + (f" (+ {unknown} epoch-budget runs not counted)" if unknown
                                                       else "") + (f"; up to {total + ext:,} if every LR search "
                                                                   f"uses all its extensions" if ext else ""),
-              f"estimated time: {_hms((train_s + eval_s) / jobs)} with --jobs {jobs} = training {_hms(train_s)} at "
-              f"{tokens_per_s:g} tokens/s (ASSUMED, --tokens-per-s) + {kinds['eval'] + kinds['eval-trunc']} "
-              f"evaluation jobs x {eval_job_s:g} s (ASSUMED, --eval-job-s); analysis jobs and set-up not included"]
+              f"estimated time: {_hms(train_s + eval_s)} = training {_hms(train_s)} at {tokens_per_s:g} tokens/s "
+              f"(ASSUMED, --tokens-per-s: the whole machine's, whatever --jobs) + "
+              f"{kinds['eval'] + kinds['eval-trunc']} evaluation jobs x {eval_job_s:g} s (ASSUMED, --eval-job-s); "
+              f"analysis jobs and set-up not included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown
+                                                        else "")]
     return "\n".join(lines)
 
 
