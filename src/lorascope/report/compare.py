@@ -1,5 +1,6 @@
 """Points (configuration x checkpoint, averaged over seeds), their learning and forgetting against the base and
-against full fine-tuning, and the recommendation sentence of each setting.
+against full fine-tuning, and each setting's headline: the paper's two questions as verdicts (questions.py),
+the learning rates chosen on the validation split, the frontiers, and a recommendation that can abstain.
 
 A *curve* is one configuration of a setting: (method name, learning rate); its *points* are its checkpoints
 (or, with separate runs per budget, the final checkpoints of those runs). Seeds of one point are pooled.
@@ -7,8 +8,9 @@ A *curve* is one configuration of a setting: (method name, learning rate); its *
 Example::
 
     >>> st = load_study_dir(Path("studies/quick")); rows = metric_rows(st)
-    >>> for h in headlines(st, rows): print(h.setting, h.recommended.name, h.sentences[0])
-    code-cpt lora-r64 lr=0.0002 lora-r64 lr=0.0002 learned the most: ...
+    >>> ps = points(st, rows); h = headline(st, ps, rows, "code-cpt", "code-cpt")
+    >>> h.chosen_lrs, [(v["question"], v["verdict"]) for v in h.verdicts]
+    ({'full': 2e-05, 'lora-r16': 0.0002}, [('learns_less', 'yes'), ('forgets_less_at_equal_learning', 'not resolved')])
 """
 
 from __future__ import annotations

@@ -147,23 +147,26 @@ def answer(st, ps: list, L: MetricSpec, F: MetricSpec | None, by: str, margin_fr
     vs = q1 + q2
     pending = [v for v in vs if v["verdict"] is None]
     raw = [p_two_sided(v["boot"]) for v in pending]
+    parts: dict = {}  # seeds-only and clusters-only bootstraps, made once when a power note needs them
     for v, p, pa in zip(pending, raw, holm(raw)):
         sign = -1  # the paper's direction: LoRA learns less / forgets less, a negative difference
         v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], sign, p, len(pending))
         v["p_holm"] = pa
         if v["verdict"] == "not resolved":
-            v["power"] = _power(st, ps, L, F, v, test)
+            if not parts:
+                parts.update({m: measure_split(st, ps, L, F, "test", VAR_BOOT, resample=m, seed=1)
+                              for m in ("seeds", "clusters")})
+            v["power"] = _power(parts, v, test)
     for v in vs:
         v.pop("boot", None), v.pop("points", None)
         v["correction"] = f"Holm over {len(pending)} comparison{'s' * (len(pending) != 1)} of this setting"
     return Answer(vs, chosen, frontiers, val, test)
 
 
-def _power(st, ps, L, F, v: dict, test: SplitMeasure) -> str:
+def _power(parts: dict, v: dict, test: SplitMeasure) -> str:
     """The power note of one unresolved comparison, from seeds-only and clusters-only bootstraps."""
     var = {}
-    for mode in ("seeds", "clusters"):
-        m = measure_split(st, ps, L, F, "test", VAR_BOOT, resample=mode, seed=1)
+    for mode, m in parts.items():
         i, j = v["points"]
         if v["question"] == "learns_less":
             d = m.boot_learning[i] - m.boot_learning[j]
