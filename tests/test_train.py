@@ -148,6 +148,37 @@ def test_lora_learns_checkpoints_and_complete(tiny_model_dir, corpus, tmp_path):
         train(cfg, run, progress=False)
 
 
+def test_dry_run_plans_what_train_does(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    """--dry-run trains nothing and writes nothing; its numbers are those the real run then has."""
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+    from lorascope.trainestimate import dry_run
+
+    cfg = _cfg(tiny_model_dir, corpus, checkpoints=[4 * TPS, 8 * TPS], cooldown_per_checkpoint=True, warmup_frac=0)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", os.devnull, *_overrides(cfg), f"train.checkpoints=[{4 * TPS},{8 * TPS}]",
+                                 "train.cooldown_per_checkpoint=true", "train.warmup_frac=0", "--dry-run"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert list(tmp_path.iterdir()) == []
+    plan = dry_run(cfg, measure_steps=1)
+    run = train(cfg, tmp_path / "run", progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert (plan["steps"], plan["tokens"], plan["tokens_processed"], plan["trainable_parameters"]) == \
+        (summary["steps"], summary["tokens"], summary["tokens_processed"], summary["trainable_parameters"])
+    assert plan["tokens_processed"] > plan["tokens"]  # the two cooldown branches re-train tokens
+    assert [c["name"] for c in plan["checkpoints"]] == [c.path.name for c in list_checkpoints(run)]
+    assert plan["measured"]["steps"] == 1 and plan["measured"]["tokens_per_s"] > 0
+    assert plan["estimated_s"] == pytest.approx(plan["tokens_processed"] / plan["measured"]["tokens_per_s"], rel=1e-3)
+    for line in (f"steps         {plan['steps']} ", f"tokens/step   {TPS} ", f"tokens        {plan['tokens']} ",
+                 ", ".join(f"{c['name']} (step {c['step']})" for c in plan["checkpoints"]),
+                 f"trainable     {plan['trainable_parameters']:,} of", "2 training steps of this model and method "
+                 "on this machine"):
+        assert line in r.stdout, (line, r.stdout)
+    r = CliRunner().invoke(app, ["train", os.devnull, *_overrides(cfg)])
+    assert r.exit_code == 2 and "error: --out: the run directory is required" in r.stderr
+
+
 def test_full_lion_accumulation_cosine(tiny_model_dir, corpus, tmp_path):
     cfg = _cfg(tiny_model_dir, corpus, kind="full", lr=3e-4, optimizer="lion", schedule="cosine",
                batch_size=2, grad_accum=2, max_tokens=8 * TPS, warmup_frac=0.25, weight_decay=0.1)

@@ -47,12 +47,24 @@ def model_info_cmd(model: str = typer.Argument("embedded", help="embedded | hub 
 @_user_errors
 def train(ctx: typer.Context,
           config: Path = typer.Argument(..., help="run config YAML"),
-          out: Path = typer.Option(..., "--out", help="run directory (resumed if it holds an unfinished run)")):
+          out: Optional[Path] = typer.Option(None, "--out", help="run directory (resumed if it holds an unfinished "
+                                                                 "run); required unless --dry-run"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (steps, tokens, checkpoints, "
+                                                                "parameters) and a time estimate from 2 measured "
+                                                                "steps; train nothing")):
     """Train one run: lorascope train CONFIG.yaml [dotted.key=value ...] --out RUN_DIR."""
     from .config import load_run_config
-    from .train import train as run_train
 
     cfg = load_run_config(config, ctx.args)
+    if dry_run:
+        from .trainestimate import dry_run as plan_run, format_dry_run
+
+        typer.echo(format_dry_run(plan_run(cfg)))
+        return
+    if out is None:
+        raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
+    from .train import train as run_train
+
     run_train(cfg, out)
 
 

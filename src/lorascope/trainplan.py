@@ -22,6 +22,7 @@ import math
 from .config import TrainConfig
 from .errors import ConfigError, LorascopeError
 from .layout import checkpoint_name
+from .schedules import cooldown_start
 
 
 def budget_checkpoints(t: TrainConfig) -> list[tuple[str, int]]:
@@ -56,7 +57,7 @@ class Plan:
 
         self.checkpoints = {step_of(*b): b for b in budget_checkpoints(t)}
         self.total = max(self.checkpoints)
-        self.branches = t.cooldown_per_checkpoint
+        self.branches, self.cooldown_frac = t.cooldown_per_checkpoint, t.cooldown_frac
         if self.branches and (self.by_epoch or t.schedule != "wsd"):
             raise ConfigError("train.cooldown_per_checkpoint: needs schedule=wsd and a token budget "
                               "(train.max_tokens, no train.epochs)")
@@ -64,6 +65,18 @@ class Plan:
 
     def name(self, step: int) -> str:
         return checkpoint_name(*self.checkpoints[step])
+
+    def describe(self) -> dict:
+        """The plan in numbers (what ``lorascope train --dry-run`` prints); tokens_processed adds the tokens
+        that cooldown branches re-train."""
+        tps = self.tokens_per_step
+        branch_steps = sum(s - cooldown_start(s, self.cooldown_frac) for s in self.checkpoints
+                           if s < self.total) if self.branches else 0
+        return {"steps": self.total, "tokens_per_step": tps, "tokens": self.total * tps,
+                "tokens_processed": (self.total + branch_steps) * tps, "rows": self.n_rows,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": round(self.total / self.steps_per_epoch, 3),
+                "checkpoints": [{"name": self.name(s), "step": s, "tokens": s * tps}
+                                for s in sorted(self.checkpoints)]}
 
     def rows(self, step: int) -> list[int]:
         """Global row indices of optimizer step `step` (independent of method and process count)."""
