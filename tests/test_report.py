@@ -209,8 +209,10 @@ def real(tiny_study_dir, tmp_path_factory):
     report never imported torch."""
     d = tmp_path_factory.mktemp("real") / "study"
     shutil.copytree(tiny_study_dir, d)
-    code = f"import sys; from lorascope.report import write_report; write_report({str(d)!r}); " \
-           "assert 'torch' not in sys.modules, 'the report imported torch'"
+    # a figure with a blank panel or overlapping text fails here (LayoutWarning as an error)
+    code = "import sys, warnings; from lorascope.report.figures import LayoutWarning; " \
+           "warnings.simplefilter('error', LayoutWarning); from lorascope.report import write_report; " \
+           f"write_report({str(d)!r}); assert 'torch' not in sys.modules, 'the report imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     return d, d / "report.html"
 
@@ -430,3 +432,34 @@ def test_headless_screenshot_non_blank(real, tmp_path):
                     "--window-size=1200,3000", html.as_uri()], check=True, timeout=120, capture_output=True)
     arr = mpimg.imread(shot)
     assert arr[..., :3].std() > 0.05
+
+
+def test_one_checkpoint_per_configuration_draws_differences_vs_base(real):
+    # each run of the tiny study has one checkpoint: a forest plot per role, and the 3-item ARC-Easy panel,
+    # whose intervals cover everything, says so in the caption while the held-out BPB panel does not
+    curves = _section(real[1].read_text(), "curves")
+    caps = re.findall(r"<figcaption[^>]*>(.*?)</figcaption>", curves, re.S)
+    assert sum("One checkpoint per configuration" in c for c in caps) == 2
+    wide = [c for c in caps if "spans most of the axis" in c]
+    assert len(wide) == 1 and "arc_easy" in wide[0] and "only 3 items" in wide[0] and "heldout_bpb" not in wide[0]
+    assert any("minus cpt/full/" in c and "same batches" in c for c in caps)  # loss vs full FT, same seed
+
+
+def test_layout_check_finds_overlaps_and_blank_panels():
+    from matplotlib.figure import Figure
+
+    from lorascope.report.figures import layout_problems, new_figure
+
+    def two_panels(fig):
+        top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+        top.plot([0, 1], [0, 1])
+        top.set_xlabel("tokens seen during training", fontsize=14)
+        bottom.set_title("a long panel title that sits right under the label above", fontsize=14)
+        return bottom
+
+    assert any("overlaps" in p for p in layout_problems(two_panels(Figure(figsize=(4, 2.2))).figure))
+    fig = new_figure(4, 5)
+    bottom = two_panels(fig)
+    assert [p for p in layout_problems(fig)] == [f"panel '{bottom.get_title()}' is blank"]
+    bottom.plot([0, 1], [1, 0])
+    assert layout_problems(fig) == []

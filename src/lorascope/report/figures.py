@@ -1,9 +1,13 @@
 """Figures of the report as base64 PNG strings (matplotlib's object API on the Agg canvas: no pyplot state, no
 display needed). Each function returns None when it has nothing to draw, so the page can say "not run".
 
+Every figure uses constrained layout (titles never run into the labels of the panel above), and `to_png`
+checks what it can before saving: a panel with nothing drawn, or text of one panel overlapping text of another,
+is reported as a `LayoutWarning` (the tests turn it into an error).
+
 Example::
 
-    >>> b64 = loss_figure(study.runs)          # 'iVBORw0KGgo...'
+    >>> b64 = diversity_figure([("base", 1.5, 2.0)], "humaneval")      # 'iVBORw0KGgo...'
     >>> html = f'<img src="data:image/png;base64,{b64}">'
 """
 
@@ -11,8 +15,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import warnings
 
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .compare import Point, axis
@@ -21,10 +28,58 @@ from .metrics import MetricSpec, spec
 DPI = 90
 
 
+class LayoutWarning(UserWarning):
+    """A figure has a blank panel or overlapping text."""
+
+
+def new_figure(w: float, h: float) -> Figure:
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+def _texts(ax) -> list:
+    """The text of one panel that another panel's text must never cover: title, axis labels, and the labels of
+    the ticks inside the view (matplotlib keeps labels of ticks outside it, undrawn)."""
+    out = [ax.title, ax.xaxis.label, ax.yaxis.label]
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        out += [t.label1 for t in axis.get_major_ticks() if lo <= t.get_loc() <= hi]
+    return [t for t in out if t.get_visible() and t.get_text()]
+
+
+def layout_problems(fig: Figure) -> list[str]:
+    """Blank panels and text of one panel overlapping text of another, after drawing the figure."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    out = [f"panel '{a.get_title()}' is blank" for a in axes
+           if not (a.lines or a.collections or a.patches or a.images)]
+    boxes = [(i, t.get_text(), t.get_window_extent(r)) for i, a in enumerate(axes) for t in _texts(a)]
+    for j, (i, ta, ba) in enumerate(boxes):
+        for k, tb, bb in boxes[j + 1:]:
+            if k != i and ba.overlaps(bb):
+                out.append(f"'{ta}' overlaps '{tb}'")
+    return out
+
+
 def to_png(fig: Figure) -> str:
+    for problem in layout_problems(fig):
+        warnings.warn(problem, LayoutWarning, stacklevel=2)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def short_task(task: str) -> str:
+    """A task name short enough for a panel title: heldout_bpb:/long/path/code.jsonl -> heldout_bpb:code.jsonl."""
+    head, sep, tail = task.partition(":")
+    return f"{head}:{os.path.basename(tail.rstrip('/')) or tail}" if sep else task
+
+
+def outside_legend(ax, **kw) -> None:
+    """The legend right of the panel, where it covers no data (constrained layout makes room for it)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
 
 
 def colors(names: list[str]) -> dict[str, tuple]:
@@ -36,7 +91,7 @@ def colors(names: list[str]) -> dict[str, tuple]:
 def _grid(n: int, w: float = 4.2, h: float = 3.2) -> tuple[Figure, list]:
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(w * cols, h * rows))
+    fig = new_figure(w * cols, h * rows)
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
@@ -61,31 +116,112 @@ def curves_figure(ps: list[Point], base: dict, role: str) -> str | None:
         if (task, metric) in base:
             ax.axhline(base[(task, metric)][0], ls="--", color="black", lw=1, label="base")
         s = spec(task)
-        ax.set_title(f"{task} {metric} ({'↑' if s.higher_better else '↓'} better)", fontsize=9)
+        ax.set_title(f"{short_task(task)} {metric} ({'↑' if s.higher_better else '↓'} better)", fontsize=9)
         ax.set_xlabel(by)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    outside_legend(axes[-1])
     return to_png(fig)
 
 
-def loss_figure(runs: list[dict]) -> str | None:
-    """Training loss vs tokens, a line per run."""
-    runs = [r for r in runs if r.get("loss")]
-    if not runs:
+def spans_axis(ivs: list, lo: float, hi: float, share: float = 0.8) -> bool:
+    """Every interval includes 0 and covers most of the axis: the panel cannot tell anything apart."""
+    ivs = [iv for iv in ivs if iv is not None]
+    return bool(ivs) and hi > lo and all(iv.lo <= 0 <= iv.hi and iv.hi - iv.lo >= share * (hi - lo) for iv in ivs)
+
+
+def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
+    """Dot-and-interval panels, one per task: each configuration's difference vs the base model (the dashed
+    line at 0), with its 95% interval. `panels`: {"title", "xlabel", "rows": [(name, Interval | None)]}.
+    Returns (png, notes): a note for each panel whose intervals all include 0 and span most of the axis."""
+    panels = [p for p in panels if any(iv is not None for _, iv in p["rows"])]
+    if not panels:
+        return None, []
+    n = max(len(p["rows"]) for p in panels)
+    cols = min(len(panels), 2)
+    nrows = (len(panels) + cols - 1) // cols
+    fig = new_figure(5.6 * cols, (1.2 + 0.38 * n) * nrows)
+    notes = []
+    for i, p in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        rows = [(name, iv) for name, iv in p["rows"] if iv is not None]
+        ys = list(range(len(rows)))[::-1]  # first configuration on top
+        ax.errorbar([iv.estimate for _, iv in rows], ys, xerr=[[iv.estimate - iv.lo for _, iv in rows],
+                                                              [iv.hi - iv.estimate for _, iv in rows]],
+                    ls="none", marker="o", ms=5, capsize=3, color="tab:blue")
+        ax.axvline(0, ls="--", color="black", lw=1)
+        ax.set_yticks(ys, [name for name, _ in rows], fontsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_title(p["title"], fontsize=9)
+        ax.set_xlabel(p["xlabel"], fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        if spans_axis([iv for _, iv in rows], *ax.get_xlim()):
+            items = {iv.n for _, iv in rows if iv.n}
+            notes.append(f"{p['title']}: every interval includes 0 and spans most of the axis"
+                         + (f" (only {max(items)} items)" if items else "")
+                         + ", so this panel tells nothing apart; evaluate more items.")
+    return to_png(fig), notes
+
+
+def _loss_by_step(run: dict) -> dict[int, tuple[int, float]]:
+    """step -> (tokens, loss) of a run's loss.jsonl (the last record of a step wins after a resume)."""
+    return {x["step"]: (x["tokens"], x["loss"]) for x in run["loss"] if isinstance(x.get("loss"), (int, float))}
+
+
+def smooth(ys: list[float], window: int) -> list[float]:
+    """Centred moving average (shorter at the ends), so batch-to-batch noise does not hide the trend."""
+    h = window // 2
+    return [sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1]) for i in range(len(ys))]
+
+
+def reference_run(run: dict, runs: list[dict]) -> dict | None:
+    """The full-FT run that saw the same batches as `run` (same seed: the data order depends on seed and step
+    only), the lowest final loss among several; None for a full-FT run or when there is none."""
+    if run["family"] == "full":
         return None
-    fig = Figure(figsize=(7, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
+    same = [r for r in runs if r["family"] == "full" and r.get("seed") == run.get("seed") and not r["diverged"]
+            and _loss_by_step(r)]
+    return min(same, key=lambda r: _loss_by_step(r)[max(_loss_by_step(r))][1], default=None)
+
+
+def loss_figure(runs: list[dict]) -> tuple[str | None, str | None]:
+    """Left: training loss vs tokens, smoothed, a line per run. Right: each run's loss minus the loss of the
+    full-FT run with the same seed at the same step (same batches), so the methods' difference is not buried
+    under the batch-to-batch swings every run shares. Returns (png, caption)."""
+    runs = [r for r in runs if _loss_by_step(r)]
+    if not runs:
+        return None, None
+    window = max(1, max(len(_loss_by_step(r)) for r in runs) // 20)
+    refs = {r["run_id"]: ref for r in runs if (ref := reference_run(r, runs))}
+    fig = new_figure(11 if refs else 6.5, 3.6)
+    axes = [fig.add_subplot(1, 2 if refs else 1, i + 1) for i in range(2 if refs else 1)]
     col = colors([r["label"] for r in runs])
     for r in runs:
-        pts = [(x["tokens"], x["loss"]) for x in r["loss"] if isinstance(x.get("loss"), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), color=col[r["label"]], label=r["label"] + (" (diverged)" if r["diverged"] else ""),
-                    lw=1.2)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return to_png(fig)
+        steps = sorted(_loss_by_step(r))
+        pts = [_loss_by_step(r)[s] for s in steps]
+        axes[0].plot([t for t, _ in pts], smooth([y for _, y in pts], window), color=col[r["label"]], lw=1.2,
+                     label=r["label"] + (" (diverged)" if r["diverged"] else ""))
+        if r["run_id"] in refs:
+            ref = _loss_by_step(refs[r["run_id"]])
+            common = [s for s in steps if s in ref]
+            axes[1].plot([ref[s][0] for s in common],
+                         smooth([_loss_by_step(r)[s][1] - ref[s][1] for s in common], window),
+                         color=col[r["label"]], lw=1.2)
+    axes[0].set(xlabel="tokens", ylabel="training loss")
+    axes[0].set_title("training loss" + (f" ({window}-step moving average)" if window > 1 else ""), fontsize=9)
+    if refs:
+        axes[1].axhline(0, ls="--", color="black", lw=1)
+        axes[1].set(xlabel="tokens", ylabel="loss − full FT's loss")
+        axes[1].set_title("minus full FT on the same batches (> 0: higher loss)", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center",
+               ncol=min(3, len(runs)))
+    cap = None
+    if refs:
+        cap = "Right: " + "; ".join(sorted({f"{r['label']} minus {refs[r['run_id']]['label']}"
+                                            for r in runs if r["run_id"] in refs})) + \
+              " (same seed, so the same batches at each step)."
+    return to_png(fig), cap
 
 
 def _frontier(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -100,7 +236,7 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
     pts = [p for p in ps if lk in p.values and fk in p.values and not p.diverged]
     if not pts:
         return None
-    fig = Figure(figsize=(6.5, 4.6))
+    fig = new_figure(7.5, 4.6)
     ax = fig.add_subplot(1, 1, 1)
     col = colors([p.name for p in ps])
     for name in sorted({p.name for p in pts}):
@@ -123,10 +259,10 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
         ax.invert_yaxis()
     if not F.higher_better:
         ax.invert_xaxis()
-    ax.set_xlabel(f"{F.task} {F.metric} (right = less forgetting)")
-    ax.set_ylabel(f"{L.task} {L.metric} (up = more learning)")
+    ax.set_xlabel(f"{short_task(F.task)} {F.metric} (right = less forgetting)")
+    ax.set_ylabel(f"{short_task(L.task)} {L.metric} (up = more learning)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     return to_png(fig)
 
 
@@ -144,9 +280,8 @@ def truncation_figure(points_by_rank: list[tuple[str, dict]], base: dict, full: 
         ax.errorbar(range(len(ys)), ys, yerr=es, marker="o", capsize=3)
         ax.set_xticks(range(len(ys)), labels, fontsize=8)
         if k in base:
-            ax.axhline(base[k][0], ls="--", color="black", lw=1, label="base")
-            ax.legend(fontsize=7)
-        ax.set_title(f"{s.task} {s.metric} ({'↑' if s.higher_better else '↓'} better)", fontsize=9)
+            ax.axhline(base[k][0], ls="--", color="black", lw=1, label="base (dashed)")
+        ax.set_title(f"{short_task(s.task)} {s.metric} ({'↑' if s.higher_better else '↓'} better)", fontsize=9)
         ax.set_xlabel("rank kept")
         ax.grid(alpha=0.3)
     return to_png(fig)
@@ -156,13 +291,13 @@ def diversity_figure(rows: list[tuple[str, float, float]], task: str) -> str | N
     """Mean unique completions per problem, passing and failing, per model (the paper's section 5)."""
     if not rows:
         return None
-    fig = Figure(figsize=(max(5, 1.1 * len(rows)), 3.6))
+    fig = new_figure(max(5, 1.1 * len(rows)), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="unique passing", color="tab:green")
     ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="unique failing", color="tab:red")
     ax.set_xticks(list(xs), [r[0] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{task}: unique completions / problem")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     ax.grid(alpha=0.3, axis="y")
     return to_png(fig)

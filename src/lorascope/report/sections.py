@@ -14,8 +14,9 @@ import json
 from markupsafe import Markup
 
 from .collect import Study, result_metrics
-from .compare import Headline, Point, base_values, finals, headline, vs_full_table
-from .figures import curves_figure, diversity_figure, loss_figure, pareto_figure, truncation_figure
+from .compare import Headline, Point, base_values, difference, finals, headline, vs_full_table
+from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, short_task,
+                      truncation_figure)
 from .html import render
 from .metrics import spec
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
@@ -55,15 +56,40 @@ def _fig(png: str | None, caption: str | None = None) -> dict:
     return {"png": png, "caption": caption}
 
 
+FOREST_CAPTION = ("Difference vs the base model (dashed line) at each configuration's checkpoint, signed so that "
+                  "positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal approximation "
+                  "from the two stderrs without samples). One checkpoint per configuration, so no curve is drawn.")
+
+
+def _forest(st: Study, mine: list[Point], base: dict, role: str) -> dict:
+    """Dot-and-interval panels of one role (learning or forgetting), one per task, with their caption."""
+    keys = sorted({k for p in mine for k in p.values if (s := spec(k[0])) and s.role == role and s.metric == k[1]})
+    what = "learned" if role == "learning" else "forgot"
+    panels = [{"title": f"{short_task(t)} {m}", "xlabel": f"{role} vs base (positive = {what})",
+               "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in mine]} for t, m in keys]
+    png, notes = forest_figure(panels)
+    return _fig(png, " ".join([FOREST_CAPTION.format(what=what), *notes]) if png else None)
+
+
+def _role_figure(st: Study, mine: list[Point], base: dict, role: str) -> dict:
+    """Curves over training when a configuration has several checkpoints, else a forest plot vs the base."""
+    per_config: dict[tuple, set] = {}
+    for p in mine:
+        per_config.setdefault((p.method, p.lr), set()).add(p.checkpoint)
+    if any(len(v) > 1 for v in per_config.values()):
+        return _fig(curves_figure(mine, base, role))
+    return _forest(st, mine, base, role)
+
+
 def curves_section(st: Study, ps: list[Point], rows: list[dict]) -> Markup:
     base = base_values(rows)
     out = []
     for setting, _ in settings_of(st):
         mine = [p for p in ps if p.setting == setting]
         tab = vs_full_table(st, ps, rows, setting)
-        out.append({"setting": setting, "learning": _fig(curves_figure(mine, base, "learning")),
-                    "forgetting": _fig(curves_figure(mine, base, "forgetting")),
-                    "loss": _fig(loss_figure([r for r in st.runs if r.get("setting") == setting])),
+        out.append({"setting": setting, "learning": _role_figure(st, mine, base, "learning"),
+                    "forgetting": _role_figure(st, mine, base, "forgetting"),
+                    "loss": _fig(*loss_figure([r for r in st.runs if r.get("setting") == setting])),
                     "rows": [[r["point"].name, r["spec"].task, r["spec"].metric, r["value"], r["stderr"],
                               r["seed_sd"], r["n_seeds"], _iv(r["vs_base"]), _iv(r["vs_full"])] for r in tab]})
     return render("curves.html", settings=out)

@@ -11,10 +11,8 @@ Example::
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
-
 from .collect import Study
-from .figures import colors, to_png
+from .figures import colors, new_figure, outside_legend, to_png
 
 
 def _order(sp: dict) -> tuple:
@@ -50,7 +48,7 @@ def heatmap_figure(items: list[tuple[str, dict]]) -> str | None:
         return None
     cols = min(len(items), 3)
     rows = (len(items) + cols - 1) // cols
-    fig = Figure(figsize=(4.6 * cols, 4.2 * rows))
+    fig = new_figure(4.6 * cols, 4.2 * rows)
     for i, (name, sp) in enumerate(items):
         ax = fig.add_subplot(rows, cols, i + 1)
         recs = [r for r in sp["records"] if r["layer"] is not None]
@@ -84,7 +82,7 @@ def by_module_figure(items: list[tuple[str, dict]]) -> str | None:
     items, mods = _with_modules(items)
     if not items:
         return None
-    fig = Figure(figsize=(max(6.0, 1.2 * len(mods) + 2), 3.8))
+    fig = new_figure(max(6.0, 1.2 * len(mods) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     w = 0.8 / len(items)
     col = colors([n for n, _ in items])
@@ -100,7 +98,7 @@ def by_module_figure(items: list[tuple[str, dict]]) -> str | None:
     ax.set_xticks(range(len(mods)), mods, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("mean rank of dW at energy")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     return to_png(fig)
 
 
@@ -109,7 +107,7 @@ def trajectory_figure(st: Study) -> str | None:
     series = {rid: v for rid, v in spectra_by_run(st).items() if len(v) > 1}
     if not series:
         return None
-    fig = Figure(figsize=(6.5, 3.8))
+    fig = new_figure(6.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     col = colors([st.run(r)["label"] for r in series])
     for rid, sps in series.items():
@@ -126,7 +124,7 @@ def trajectory_figure(st: Study) -> str | None:
     ax.set_xlabel("tokens")
     ax.set_ylabel("mean rank of dW at energy (dotted: Gaussian)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     return to_png(fig)
 
 
@@ -135,7 +133,7 @@ def intruders_figure(items: list[tuple[str, dict]]) -> str | None:
     items, mods = _with_modules(items)
     if not items:
         return None
-    fig = Figure(figsize=(max(5.0, 1.3 * len(items) + 2), 3.8))
+    fig = new_figure(max(5.0, 1.3 * len(items) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     bottom = [0.0] * len(items)
     col = colors(mods)
@@ -146,5 +144,5 @@ def intruders_figure(items: list[tuple[str, dict]]) -> str | None:
     ax.set_xticks(range(len(items)), [n for n, _ in items], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("intruder dimensions (count)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, ncol=2)
+    outside_legend(ax)
     return to_png(fig)
