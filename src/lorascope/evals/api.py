@@ -28,9 +28,9 @@ import torch
 
 from ..errors import LorascopeError
 from ..layout import samples_filename
-from . import registry
+from . import registry, sandbox
 from .base import EvalContext
-from .results import forgetting_mean, write_json, write_samples
+from .results import forgetting_mean, label_splits, metrics_by_split, write_json, write_samples
 
 _SETTINGS = ("limit", "shots", "samples", "temperature", "seed", "batch_size", "allow_code_execution")
 
@@ -80,66 +80,97 @@ def _check_settings(tasks: list[str], limit, shots, batch_size) -> None:
         raise LorascopeError(f"batch_size must be positive, got {batch_size}")
 
 
-def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: int | None = None,
-             shots: int | None = None, samples: int | None = None, temperature: float | None = None,
-             seed: int = 0, batch_size: int = 8, allow_code_execution: bool = False, reference: Any = None,
-             excluded_ids: dict[str, list] | None = None, progress: bool = True) -> dict:
-    """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
+def _load(model: Any, tokenizer, exclude_ids: dict | None) -> tuple[Any, Any, str, dict[str, list]]:
+    """(model, tokenizer, spec, excluded ids): a run dir's manifest exclusions united with ``exclude_ids``."""
+    from ..models import load_model
 
-    ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
-    ``excluded_ids``: task -> ids to skip; default: a run dir's data_manifest.json ``excluded_eval_ids``.
-    """
-    from ..models import base_of, load_model
-
-    _check_settings(tasks, limit, shots, batch_size)
-    out = Path(out)
-    t0 = time.time()
+    excluded: dict[str, list] = {}
     if isinstance(model, str):
         spec = model
         model, tokenizer = load_model(spec)
-        if excluded_ids is None:
-            excluded_ids = _excluded_ids(spec)
+        excluded = _excluded_ids(spec)
     else:
         name = getattr(getattr(model, "config", None), "_name_or_path", "")
         spec = f"<in-memory model {name}>" if name else "<in-memory model>"
         if tokenizer is None:
             raise LorascopeError("evaluate() got a loaded model without tokenizer=")
-    ref_model = None
-    if "kl_base" in tasks:
-        if reference is None and spec.startswith("<"):
-            raise LorascopeError("kl_base on an in-memory model needs reference= (the base model)")
-        if reference is None:
-            reference = base_of(spec)
-        if isinstance(reference, str):
-            # the base evaluated against itself: reuse the loaded model instead of loading it twice
-            ref_model = model if reference == spec else load_model(reference)[0]
-        else:
-            ref_model = reference
+    for task, ids in (exclude_ids or {}).items():
+        seen = {str(i) for i in excluded.get(task, [])}
+        excluded[task] = list(excluded.get(task, [])) + [i for i in ids if str(i) not in seen]
+    return model, tokenizer, spec, excluded
+
+
+def _reference(tasks: list[str], spec: str, model, reference: Any):
+    """The model kl_base compares against (default: the base model of ``spec``), or None when not needed."""
+    from ..models import base_of, load_model
+
+    if not any(t.partition(":")[0] == "kl_base" for t in tasks):
+        return None
+    if reference is None and spec.startswith("<"):
+        raise LorascopeError("kl_base on an in-memory model needs reference= (the base model)")
+    if reference is None:
+        reference = base_of(spec)
+    if isinstance(reference, str):
+        # the base evaluated against itself: reuse the loaded model instead of loading it twice
+        return model if reference == spec else load_model(reference)[0]
+    return reference
+
+
+def _build(tasks: list[str], allow_code_execution: bool) -> list:
+    """Task objects, built before any model is loaded or file written: import errors and a refused code
+    execution surface first, so a refused evaluation leaves nothing behind."""
+    built = [registry.build(t) for t in tasks]
+    for name, task in zip(tasks, built):
+        if getattr(task, "executes_code", False):
+            sandbox.require_opt_in(allow_code_execution, name)
+    return built
+
+
+def _task_record(name: str, task, res, shots, seconds: float) -> dict:
+    """One entry of results.json's "tasks"; labels every sample with its cluster and split on the way."""
+    if res.metrics_of is None:  # a task must say how its metrics follow from its samples
+        raise TypeError(f"task {name} returned no metrics_of")
+    label_splits(res.samples, getattr(task, "benchmark", name))
+    return {"metrics": res.metrics, "by_split": metrics_by_split(res.samples, res.metrics_of),
+            "n": res.info.get("n", len(res.samples)), "shots": res.info.get("shots", shots), "info": res.info,
+            "elapsed_s": round(seconds, 2)}
+
+
+def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: int | None = None,
+             shots: int | None = None, samples: int | None = None, temperature: float | None = None,
+             seed: int = 0, batch_size: int = 8, allow_code_execution: bool = False, reference: Any = None,
+             exclude_ids: dict[str, list] | None = None, progress: bool = True) -> dict:
+    """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
+
+    ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
+    ``exclude_ids``: task -> item ids to skip, on top of those a run dir's data_manifest.json excludes (pass
+    the union of a study's exclusions when evaluating the base, so base and tuned score the same items).
+    """
+    _check_settings(tasks, limit, shots, batch_size)
+    built = _build(tasks, allow_code_execution)
+    out, t0 = Path(out), time.time()
+    model, tokenizer, spec, excluded = _load(model, tokenizer, exclude_ids)
+    ref_model = _reference(tasks, spec, model, reference)
     settings = {"limit": limit, "shots": shots, "samples": samples, "temperature": temperature, "seed": seed,
                 "batch_size": batch_size, "allow_code_execution": allow_code_execution,
-                "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>"}
+                "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
+                "excluded_ids": {t: len(v) for t, v in excluded.items()}}
     result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
-    built = [registry.build(t) for t in tasks]  # import errors surface before any long run
-    (out / "samples").mkdir(parents=True, exist_ok=True)
     for name, task in zip(tasks, built):
         torch.manual_seed(seed)
         ctx = EvalContext(model=model, tokenizer=tokenizer, model_spec=spec, batch_size=batch_size, seed=seed,
                           limit=limit, shots=shots, samples=samples, temperature=temperature,
                           allow_code_execution=allow_code_execution, reference_model=ref_model,
-                          excluded_ids=dict(excluded_ids or {}),
+                          excluded_ids=excluded,
                           out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")], progress=progress)
         ts = time.time()
         res = task.run(ctx)
+        result["tasks"][name] = _task_record(name, task, res, shots, time.time() - ts)
         write_samples(out / "samples" / samples_filename(name), res.samples)
-        result["tasks"][name] = {"metrics": res.metrics, "n": res.info.get("n", len(res.samples)),
-                                 "shots": res.info.get("shots", shots), "info": res.info,
-                                 "elapsed_s": round(time.time() - ts, 2)}
         result["elapsed_s"] = round(time.time() - t0, 2)
         write_json(out / "results.partial.json", result)
     fm = forgetting_mean(result["tasks"])
-    result["derived"] = {"forgetting_mean": fm} if fm else {}
-    result["elapsed_s"] = round(time.time() - t0, 2)
-    result["complete"] = True
+    result.update(derived={"forgetting_mean": fm} if fm else {}, elapsed_s=round(time.time() - t0, 2), complete=True)
     write_json(out / "results.json", result)
     (out / "results.partial.json").unlink(missing_ok=True)
     return result
@@ -170,6 +201,7 @@ def evaluate_cli(model: str, tasks: str, out: Path, limit: int | None = None, sh
     """`lorascope eval MODEL --tasks t1,t2 --out DIR ...`: evaluate and print a summary table."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     _check_settings(names, limit, shots, batch_size)  # before loading a model
+    _build(names, allow_code_execution)
     result = evaluate(model, names, out, limit=limit, shots=shots, samples=samples, temperature=temperature,
                       seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
                       reference=reference)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 @dataclass
@@ -40,6 +40,9 @@ class TaskResult:
     samples: list[dict]
     info: dict = field(default_factory=dict)
     """n, shots, prompt style, split, notes on what was scored."""
+    metrics_of: Callable[[list[dict]], dict] | None = None
+    """The task's metrics recomputed from any subset of its samples (``metrics`` is it on all of them); the
+    api applies it per validation/test split."""
 
 
 class Task(Protocol):

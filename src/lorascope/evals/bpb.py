@@ -60,7 +60,7 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
         ids, mask = ids.to(dev), mask.to(dev)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for j, r in enumerate(b):
-            i, inp, tgt = rows[r]
+            i, inp, tgt, _ = rows[r]
             lp = logp[j, len(inp) - len(tgt): len(inp)].gather(1, torch.tensor(tgt, device=dev).unsqueeze(1))
             out[i][0] -= lp.sum().item()
             out[i][1] += len(tgt)
@@ -69,16 +69,19 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     return [(a, n) for a, n in out]
 
 
-def _bpb_metrics(nlls: list[float], nbytes: list[int]) -> dict[str, float]:
-    per = [bits_per_byte(n, b) for n, b in zip(nlls, nbytes)]
-    m, se = mean_stderr(per)
-    return {"bpb": m, "bpb_stderr": se, "bpb_corpus": bits_per_byte(sum(nlls), sum(nbytes)) if nbytes else math.nan}
+def bpb_metrics(samples: list[dict]) -> dict[str, float]:
+    """``bpb`` (mean of per-item BPB, with stderr) and ``bpb_corpus`` (total NLL / total bytes) of sample lines."""
+    m, se = mean_stderr([bits_per_byte(s["nll"], s["bytes"]) for s in samples])
+    nbytes = sum(s["bytes"] for s in samples)
+    return {"bpb": m, "bpb_stderr": se,
+            "bpb_corpus": bits_per_byte(sum(s["nll"] for s in samples), nbytes) if nbytes else math.nan}
 
 
 class ConditionalBPB:
     """BPB of a gold continuation given a context, via the scoring engine (shared few-shot prefix cached)."""
 
     name = ""
+    benchmark = ""  # items' clusters are "<benchmark>/<id>", as the benchmark's own task: same split
     exclusion_keys: tuple[str, ...] = ()
     max_shots = 0
 
@@ -103,25 +106,24 @@ class ConditionalBPB:
         reqs = [Request(prefix + c, [x], shared_prefix=prefix) for c, x in pairs]
         scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress,
                        desc=self.name)
-        nlls, nbytes, samples = [], [], []
+        samples = []
         for d, (c, x), res in zip(docs, pairs, scored):
             full = prefix + c
             moved = full[len(full.rstrip()):]  # trailing context whitespace is scored with the continuation
             nb = len((moved + x).encode("utf-8"))
             _, cont_tokens = encode_pair(ctx.tokenizer, full, x)
             nll = -res[0][0]
-            nlls.append(nll)
-            nbytes.append(nb)
             samples.append({"id": d["id"], "nll": nll, "bytes": nb, "tokens": len(cont_tokens),
                             "bpb": bits_per_byte(nll, nb), "is_greedy": res[0][1]})
         info = {"n": len(docs), "shots": k, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
                 "example_context": reqs[0].context if reqs else None,
                 "example_continuation": pairs[0][1] if pairs else None}
-        return TaskResult(metrics=_bpb_metrics(nlls, nbytes), samples=samples, info=info)
+        return TaskResult(metrics=bpb_metrics(samples), samples=samples, info=info, metrics_of=bpb_metrics)
 
 
 class HumanEvalBPB(ConditionalBPB):
     name = "humaneval_bpb"
+    benchmark = "humaneval"
 
     def docs(self):
         return benchdata.humaneval()
@@ -132,6 +134,7 @@ class HumanEvalBPB(ConditionalBPB):
 
 class MbppBPB(ConditionalBPB):
     name = "mbpp_bpb"
+    benchmark = "mbpp"
 
     def docs(self):
         return benchdata.mbpp()
@@ -150,6 +153,7 @@ def gsm8k_cot_answer(answer: str) -> str:
 
 class Gsm8kBPB(ConditionalBPB):
     name = "gsm8k_bpb"
+    benchmark = "gsm8k"
     exclusion_keys = ("gsm8k",)
     max_shots = 8
 
@@ -165,6 +169,7 @@ class Gsm8kBPB(ConditionalBPB):
 
 class Math500BPB(ConditionalBPB):
     name = "math500_bpb"
+    benchmark = "math500"
     exclusion_keys = ("math500",)
     max_shots = 4
 
@@ -180,6 +185,8 @@ class Math500BPB(ConditionalBPB):
 
 
 class _TextBPB:
+    """BPB of whole texts ({id, cluster, text}), one sample line per text."""
+
     name = ""
 
     def texts(self, ctx: EvalContext) -> list[dict]:
@@ -188,24 +195,26 @@ class _TextBPB:
     def run(self, ctx: EvalContext) -> TaskResult:
         docs = self.texts(ctx)
         res = text_nll(ctx.model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress, desc=self.name)
-        nbytes = [len(d["text"].encode("utf-8")) for d in docs]
-        samples = [{"id": d["id"], "nll": nll, "tokens": nt, "bytes": nb, "bpb": bits_per_byte(nll, nb)}
-                   for d, (nll, nt), nb in zip(docs, res, nbytes)]
-        metrics = _bpb_metrics([r[0] for r in res], nbytes)
-        return TaskResult(metrics=metrics, samples=samples,
+        samples = []
+        for d, (nll, nt) in zip(docs, res):
+            nb = len(d["text"].encode("utf-8"))
+            samples.append({"id": d["id"], "cluster": d["cluster"], "nll": nll, "tokens": nt, "bytes": nb,
+                            "bpb": bits_per_byte(nll, nb)})
+        return TaskResult(metrics=bpb_metrics(samples), samples=samples, metrics_of=bpb_metrics,
                           info={"n": len(docs), "shots": 0, "window": 1024, "stride": 512})
 
 
 class EnglishBPB(_TextBPB):
+    """General English prose from five sources (texts.english_texts)."""
+
     name = "english_bpb"
 
     def texts(self, ctx):
-        return [d for d in english_texts() if str(d["id"]) not in {str(e) for e in ctx.excluded_ids.get(self.name, [])}
-                ][: ctx.limit]
+        return english_texts(ctx.limit, exclude=ctx.excluded_ids.get(self.name, []))
 
 
 class HeldoutBPB(_TextBPB):
-    """BPB on pieces of a training dataset's held-out documents (texts.heldout_windows)."""
+    """BPB on windows over the whole bodies of a training dataset's held-out documents (texts.heldout_windows)."""
 
     def __init__(self, dataset: str):
         self.dataset = dataset

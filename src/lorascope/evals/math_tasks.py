@@ -19,7 +19,10 @@ MATH-500: Minerva's 4-shot prompt (``"Problem:\\n{p}\\n\\nSolution: {s}"`` block
 else the content of its last ``\\boxed{}`` (``info`` counts both); the gold answer is the last ``\\boxed{}`` of
 the reference solution. Both go through Hendrycks' MATH normalisation (``strip_string``: spaces, ``\\left``/
 ``\\right``, units, ``dfrac``/``tfrac``->``frac``, ``\\frac12``->``\\frac{1}{2}``, ``a/b``->``\\frac{a}{b}``, ...)
-and must then be equal: ``exact_match,none``.
+and must then be equal: ``exact_match,none``. A second metric, ``exact_match,math_verify``, judges the same two
+extracted answers by symbolic equivalence (math-verify, sympy-based: "0.5" = "\\frac{1}{2}", "x(x+2)" = "x^2+2x");
+an answer math-verify cannot parse counts as wrong and ``info["math_verify_errors"]`` counts them. It never
+falls back to the string match: without the package the task stops with an error.
 
 Example::
 
@@ -32,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import re
+import threading
 
 from .. import benchdata
 from .base import EvalContext, GenerativeTask, TaskResult
@@ -105,19 +109,21 @@ class GSM8K(GenerativeTask):
         prompts = [f"{prefix}Question: {d['question']}\nAnswer:" for d in docs]
         comps = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=GSM8K_STOP,
                          batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress, desc="gsm8k generate")
-        samples, strict, flex = [], [], []
+        samples = []
         for d, (c,) in zip(docs, comps):
             gold = _gsm_norm(d["answer"])
             ps, pf = gsm8k_strict(c), gsm8k_flexible(c)
-            strict.append(float(ps == gold))
-            flex.append(float(pf == gold))
             samples.append({"id": d["id"], "completion": c, "gold": gold, "strict": ps, "flexible": pf,
                             "strict_correct": ps == gold, "flexible_correct": pf == gold})
-        metrics = {**_metric("exact_match,strict-match", strict), **_metric("exact_match,flexible-extract", flex)}
         info = {"n": len(docs), "shots": shots, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
                 "fewshot_source": "Wei et al. CoT exemplars in '#### N' format", "stop": GSM8K_STOP,
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
-        return TaskResult(metrics=metrics, samples=samples, info=info)
+        return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
+
+    @staticmethod
+    def metrics_of(samples: list[dict]) -> dict[str, float]:
+        return {**_metric("exact_match,strict-match", [float(s["strict_correct"]) for s in samples]),
+                **_metric("exact_match,flexible-extract", [float(s["flexible_correct"]) for s in samples])}
 
 
 # ---------------------------------------------------------------- MATH (Hendrycks normalisation)
@@ -195,6 +201,36 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
     return strip_string(pred) == strip_string(gold)
 
 
+def _math_verify():
+    """math-verify's (parse, verify); a missing package stops the task instead of turning this metric into the
+    string match."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise LorascopeError("math500: the metric exact_match,math_verify needs the 'math-verify' package "
+                             "(pip install math-verify==0.9.0)") from None
+    return parse, verify
+
+
+def math_verify_equal(pred: str | None, gold: str | None) -> bool | None:
+    """Symbolic equivalence of two answers by math-verify (sympy): True / False, None if it could not decide
+    (a parse error, nothing parseable, or a timeout; counted as wrong and reported). Both sides are the extracted
+    answers the Hendrycks match compares, so the two metrics differ only in how equality is judged."""
+    parse, verify = _math_verify()
+    if pred is None or gold is None:
+        return False
+    # math-verify times out with SIGALRM, which only the main thread may set
+    t = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        g = parse(f"${gold}$", parsing_timeout=t, raise_on_error=True)
+        p = parse(f"${pred}$", parsing_timeout=t, raise_on_error=True)
+        if not g or not p:
+            return None
+        return bool(verify(g, p, timeout_seconds=t, raise_on_error=True))
+    except Exception:  # parser and sympy errors of many types on malformed LaTeX
+        return None
+
+
 _FINAL = re.compile(r"The final answer is (.*?)\.?\s*(?:I hope it is correct|$)", re.S)
 
 
@@ -214,6 +250,7 @@ class Math500(GenerativeTask):
     max_new_tokens = 512
 
     def run(self, ctx: EvalContext) -> TaskResult:
+        _math_verify()  # before generating: its absence is an error, not a fallback
         shots = 4 if ctx.shots is None else ctx.shots
         pool = benchdata.math500_fewshot()
         if shots not in (0, *range(1, len(pool) + 1)):
@@ -227,17 +264,23 @@ class Math500(GenerativeTask):
         prompts = [f"{prefix}Problem:\n{d['problem']}\n\nSolution:" for d in docs]
         comps = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=MATH_STOP,
                          batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress, desc="math500 generate")
-        samples, correct, how_counts = [], [], {"final_answer_line": 0, "boxed": 0, "none": 0}
+        samples, how_counts = [], {"final_answer_line": 0, "boxed": 0, "none": 0}
         for d, (c,) in zip(docs, comps):
             gold = last_boxed(d["solution"])
             pred, how = math_prediction(c)
             how_counts[how] += 1
-            ok = math_equal(pred, gold)
-            correct.append(float(ok))
+            verified = math_verify_equal(pred, gold)
             samples.append({"id": d["id"], "level": d["level"], "completion": c, "pred": pred, "gold": gold,
-                            "extracted_from": how, "correct": ok})
-        metrics = _metric("exact_match,none", correct)
+                            "extracted_from": how, "correct": math_equal(pred, gold),
+                            "correct_math_verify": bool(verified), "math_verify_error": verified is None})
         info = {"n": len(docs), "shots": shots, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
-                "answer_extraction": how_counts, "normalisation": "Hendrycks strip_string", "stop": MATH_STOP,
-                "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
-        return TaskResult(metrics=metrics, samples=samples, info=info)
+                "answer_extraction": how_counts, "stop": MATH_STOP, "max_new_tokens": self.max_new_tokens,
+                "decoding": "greedy", "normalisation": {"exact_match,none": "Hendrycks strip_string",
+                                                        "exact_match,math_verify": "math-verify (sympy equivalence)"},
+                "math_verify_errors": sum(s["math_verify_error"] for s in samples)}
+        return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
+
+    @staticmethod
+    def metrics_of(samples: list[dict]) -> dict[str, float]:
+        return {**_metric("exact_match,none", [float(s["correct"]) for s in samples]),
+                **_metric("exact_match,math_verify", [float(s["correct_math_verify"]) for s in samples])}

@@ -119,30 +119,32 @@ class MultipleChoiceTask:
             reqs.extend(r)
         scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress,
                        desc=self.name)
-        samples, acc, acc_norm = [], [], []
+        samples = []
         for it, (a, b) in zip(items, spans):
             flat = [x for r in scored[a:b] for x in r]  # one (ll, greedy) per choice in either layout
             lls = [ll for ll, _ in flat]
             pred = max(range(len(lls)), key=lls.__getitem__)
             normed = [ll / len(c) for ll, c in zip(lls, it.choices)]
             pred_norm = max(range(len(normed)), key=normed.__getitem__)
-            acc.append(float(pred == it.gold))
-            acc_norm.append(float(pred_norm == it.gold))
             samples.append({"id": it.id, "loglikelihoods": lls, "is_greedy": [g for _, g in flat],
                             "choice_chars": [len(c) for c in it.choices], "gold": it.gold, "pred": pred,
-                            "pred_norm": pred_norm, "acc": acc[-1], "acc_norm": acc_norm[-1]})
-        metrics: dict[str, float] = {}
-        for name, vals in (("acc", acc), ("acc_norm", acc_norm)):
-            if name in self.metrics:
-                m, se = mean_stderr(vals)
-                metrics[f"{name},none"] = m
-                metrics[f"{name}_stderr,none"] = se
+                            "pred_norm": pred_norm, "acc": float(pred == it.gold),
+                            "acc_norm": float(pred_norm == it.gold)})
         example = self.requests(items[0], prefixes[items[0].id])[0] if items else None
         info = {"n": len(items), "shots": k, "split": self.split, "format": "lm-eval default",
                 "fewshot_source": (self.fewshot_split or f"{self.split} (item excluded)") if k else None,
                 "example_context": example.context if example else None,
                 "example_continuation": example.continuations[0] if example else None}
-        return TaskResult(metrics=metrics, samples=samples, info=info)
+        return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
+
+    def metrics_of(self, samples: list[dict]) -> dict[str, float]:
+        """lm-eval's acc / acc_norm (with stderr) from per-item sample records."""
+        metrics: dict[str, float] = {}
+        for name in self.metrics:
+            m, se = mean_stderr([s[name] for s in samples])
+            metrics[f"{name},none"] = m
+            metrics[f"{name}_stderr,none"] = se
+        return metrics
 
 
 class HellaSwag(MultipleChoiceTask):

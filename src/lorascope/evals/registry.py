@@ -30,7 +30,7 @@ TASKS: dict[str, str] = {
     "gsm8k_bpb": "lorascope.evals.bpb:Gsm8kBPB",
     "math500_bpb": "lorascope.evals.bpb:Math500BPB",
     "english_bpb": "lorascope.evals.bpb:EnglishBPB",
-    "kl_base": "lorascope.evals.kl:KLBase",
+    "kl_base": "lorascope.evals.kl:KLBase",  # optional argument: kl_base:<tokens>
     "heldout_bpb": "lorascope.evals.bpb:HeldoutBPB",  # parametric: heldout_bpb:<dataset>
     # generation tasks (learning benchmarks)
     "humaneval": "lorascope.evals.code_tasks:HumanEval",
@@ -40,11 +40,13 @@ TASKS: dict[str, str] = {
 }
 
 PARAMETRIC = {"heldout_bpb"}
+OPTIONAL_ARG = {"kl_base"}  # called with no argument, or with the part after ":"
 
 
 def names() -> list[str]:
     """Known task names; parametric ones are shown as ``name:<arg>``."""
-    return sorted(f"{n}:<dataset>" if n in PARAMETRIC else n for n in TASKS)
+    return sorted(f"{n}:<dataset>" if n in PARAMETRIC else f"{n}[:<tokens>]" if n in OPTIONAL_ARG else n
+                  for n in TASKS)
 
 
 def _split(name: str) -> tuple[str, str | None]:
@@ -59,7 +61,7 @@ def validate(name: str) -> None:
         raise LorascopeError(f"unknown task '{name}'; known tasks: {', '.join(names())}")
     if base in PARAMETRIC and not arg:
         raise LorascopeError(f"task '{base}' needs an argument: {base}:<dataset>")
-    if base not in PARAMETRIC and arg is not None:
+    if base not in PARAMETRIC | OPTIONAL_ARG and arg is not None:
         raise LorascopeError(f"task '{base}' takes no ':{arg}' argument")
 
 

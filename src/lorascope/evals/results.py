@@ -1,5 +1,10 @@
 """Metric aggregation and the on-disk result files (results.json, samples/TASK.jsonl), written atomically.
 
+Torch-free, so the report can import it. Every sample line carries ``cluster`` (items that must stay on one
+side of the split: "<benchmark>/<item id>" for benchmark items, the source file for held-out text windows, the
+text id for English texts) and ``split`` (lorascope.splits.split_of(cluster)); ``metrics_by_split`` recomputes
+a task's metrics from the sample lines of each split alone.
+
 Example::
 
     >>> mean_stderr([1.0, 0.0, 1.0, 1.0])
@@ -15,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..errors import LorascopeError
 from ..fileio import atomic_write_text
+from ..splits import SPLITS, split_of
 
 # The paper's forgetting score: mean of these (task, metric) pairs.
 FORGETTING_PARTS = (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
@@ -41,6 +47,24 @@ def select_items(docs: list[dict], excluded: Iterable, limit: int | None) -> lis
     ex = {str(e) for e in excluded}
     kept = [d for d in docs if str(d["id"]) not in ex] if ex else docs
     return kept[:limit] if limit is not None else kept
+
+
+def label_splits(samples: list[dict], benchmark: str) -> None:
+    """Give every sample its cluster (default "<benchmark>/<id>": one item, one cluster) and its split."""
+    for rec in samples:
+        rec.setdefault("cluster", f"{benchmark}/{rec['id']}")
+        rec["split"] = split_of(rec["cluster"])
+
+
+def metrics_by_split(samples: list[dict], metrics_of: Callable[[list[dict]], dict]) -> dict:
+    """{split: {<metric>: value, ..., "n": distinct items}} from each split's own sample lines."""
+    keys = list(metrics_of(samples)) if samples else []
+    out = {}
+    for split in SPLITS:
+        part = [s for s in samples if s["split"] == split]
+        m = metrics_of(part) if part else {k: math.nan for k in keys}
+        out[split] = {**m, "n": len({str(s["id"]) for s in part})}
+    return out
 
 
 def forgetting_mean(tasks: dict) -> dict | None:

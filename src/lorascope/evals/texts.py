@@ -1,53 +1,105 @@
-"""The text pools scored as whole texts (not as benchmark items): English prose and held-out training documents.
+"""The text pools scored as whole texts (not as benchmark items): varied English prose and held-out documents.
 
-- ``english_texts()``: general English prose for ``english_bpb`` and ``kl_base``.
-- ``heldout_windows(dataset, limit)``: pieces of a training dataset's held-out documents for ``heldout_bpb``.
+``english_texts()`` feeds ``english_bpb`` and ``kl_base``: five English sources interleaved round-robin, so any
+prefix of the pool mixes genres (a forgetting proxy on one benchmark's contexts measures that one format):
+
+| source     | what                                            | licence      |
+|------------|-------------------------------------------------|--------------|
+| hellaswag  | activity context + gold ending (from the end)    | MIT          |
+| lambada    | novel passages (BookCorpus) with their last word | CC BY 4.0    |
+| boolq      | Wikipedia paragraphs                             | CC BY-SA 3.0 |
+| arc_easy   | science question + its correct answer            | CC BY-SA 4.0 |
+| winogrande | sentence with the blank filled correctly         | CC BY        |
+
+Each text's id (and cluster) is "<source>/<item id>"; a HellaSwag text shares its cluster key with the
+``hellaswag`` benchmark item it comes from, so both sit on the same side of the validation/test split.
+
+``heldout_windows(dataset, limit)`` feeds ``heldout_bpb``: every held-out document is cut (at line ends) into
+consecutive windows of ~WINDOW_CHARS characters covering its whole body, not only its head (a source file's
+head is mostly docstring and imports); a limit picks windows evenly spread over all of them. All windows of
+one document share one cluster ("<dataset>/<document hash>"), so a file never straddles the split.
 
 Example::
 
-    >>> english_texts(limit=2)[0].keys()
-    dict_keys(['id', 'text'])
+    >>> [t["id"] for t in english_texts()[:3]]
+    ['hellaswag/10041', 'lambada/0', 'boolq/0']
 """
 
 from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
 
 from .. import benchdata
 from ..errors import LorascopeError
 from .multiple_choice import hellaswag_preprocess
 
-HELDOUT_CHARS = 1500  # ~410 tokens of Python on average: one window, no overlap cost
+WINDOW_CHARS = 1500  # ~410 tokens of Python: one model window each, no overlap cost
 
 
-def english_texts(limit: int | None = None) -> list[dict]:
-    """[{id, text}] of general English prose (HellaSwag validation context + gold ending, from the end)."""
-    docs = benchdata.hellaswag()[::-1]
-    docs = docs[:limit] if limit is not None else docs
+def _hellaswag() -> list[tuple[str, str]]:
     out = []
-    for d in docs:
+    for d in benchdata.hellaswag()[::-1]:  # from the end: --limit'ed hellaswag scores the first items
         text = d["ctx_a"] + " " + d["ctx_b"].capitalize() + " " + d["endings"][d["label"]]
-        out.append({"id": d["id"], "text": hellaswag_preprocess(text)})
+        out.append((f"hellaswag/{d['id']}", hellaswag_preprocess(text)))
     return out
 
 
-def heldout_windows(dataset: str, limit: int | None = None) -> list[dict]:
-    """Held-out documents are whole source files of very different lengths (up to 150 kB), so each contributes
-    its first HELDOUT_CHARS characters (cut at a line end): the cost per item is bounded and long files do not
-    dominate; with a limit, items are spread evenly over the split (which is ordered by package)."""
+def _winogrande() -> list[tuple[str, str]]:
+    return [(f"winogrande/{d['id']}", d["sentence"].replace("_", d[f"option{d['answer']}"], 1))
+            for d in benchdata.winogrande()]
+
+
+@lru_cache(maxsize=1)
+def _english_pool() -> tuple[tuple[str, str], ...]:
+    sources = [
+        _hellaswag(),
+        [(f"lambada/{d['id']}", d["text"]) for d in benchdata.lambada()],
+        [(f"boolq/{d['id']}", d["passage"]) for d in benchdata.boolq()],
+        [(f"arc_easy/{d['id']}", f"{d['question']} {d['choices'][d['gold']]}")
+         for d in benchdata.arc("ARC-Easy", "test")],
+        _winogrande(),
+    ]
+    pool = []
+    for i in range(max(len(s) for s in sources)):
+        pool.extend(s[i] for s in sources if i < len(s))
+    return tuple(pool)
+
+
+def english_texts(limit: int | None = None, exclude=()) -> list[dict]:
+    """[{id, cluster, text}] of varied English prose, sources interleaved; ``exclude``: ids to skip."""
+    ex = {str(e) for e in exclude}
+    out = [{"id": i, "cluster": i, "text": t} for i, t in _english_pool() if i not in ex]
+    return out[:limit] if limit is not None else out
+
+
+def _windows_of(text: str, size: int) -> list[tuple[int, str]]:
+    """(character offset, piece) covering the whole text, each piece ending at a line end where one is near."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start + size // 2 else end
+        if text[start:end].strip():
+            out.append((start, text[start:end]))
+        start = end
+    return out
+
+
+def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_CHARS) -> list[dict]:
+    """[{id, cluster, text}]: windows over the full bodies of a dataset's held-out documents."""
     from ..data import heldout_texts
 
     texts = heldout_texts(dataset)
     if not texts:
         raise LorascopeError(f"dataset '{dataset}' has no held-out documents")
-    idx = list(range(len(texts)))
-    if limit and limit < len(texts):
-        idx = sorted({round(i * (len(texts) - 1) / max(1, limit - 1)) for i in range(limit)})
-    out = []
-    for i in idx:
-        t = texts[i]
-        if not t:  # no bytes to normalise by
-            continue
-        if len(t) > HELDOUT_CHARS:
-            cut = t.rfind("\n", 0, HELDOUT_CHARS)
-            t = t[: cut if cut > HELDOUT_CHARS // 2 else HELDOUT_CHARS]
-        out.append({"id": i, "text": t})
-    return out
+    wins = []
+    for doc in texts:
+        key = hashlib.sha1(doc.encode("utf-8")).hexdigest()[:12]
+        wins.extend({"id": f"{key}@{off}", "cluster": f"{dataset}/{key}", "text": piece}
+                    for off, piece in _windows_of(doc, size))
+    if limit and limit < len(wins):
+        # evenly spread: the split is ordered by package, so a prefix would be one package's first file
+        wins = [wins[round(i * (len(wins) - 1) / max(1, limit - 1))] for i in range(limit)]
+    return wins

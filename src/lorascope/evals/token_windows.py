@@ -11,9 +11,10 @@ import torch
 from .engine import prefix_token_id
 
 
-def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple[int, list[int], list[int]]]:
-    """Sliding windows: (text index, input tokens, target tokens); every token after the BOS stand-in is a
-    target exactly once, with up to ``window`` tokens of left context."""
+def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple[int, list[int], list[int], int]]:
+    """Sliding windows: (text index, input tokens, target tokens, position of the first target); every token
+    after the BOS stand-in is a target exactly once, with up to ``window`` tokens of left context. Positions
+    count from 1 = the first token after BOS."""
     assert 0 < stride <= window
     rows = []
     for i, text in enumerate(texts):
@@ -21,7 +22,7 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
         for s in range(1, len(toks), stride):
             e = min(s + stride, len(toks))
             inp = toks[max(0, e - 1 - window): e - 1]
-            rows.append((i, inp, toks[s:e]))
+            rows.append((i, inp, toks[s:e], s))
     return rows
 
 
