@@ -159,6 +159,19 @@ def test_decontamination_drops_an_eval_solution():
     assert stats["items_hit"] == {"humaneval": 1}
 
 
+def test_manifest_names_what_decontamination_dropped(tmp_path, tokenizer):
+    from lorascope.benchdata import humaneval
+
+    he = humaneval()
+    dirty = [{"text": "# copied\n" + p["prompt"] + p["canonical_solution"]} for p in he[:2]]
+    dc = DataConfig(dataset=str(_write_jsonl(tmp_path / "d.jsonl", _code_rows() + dirty)))
+    m = dataset_manifest(dc, tokenizer)
+    dec = m["decontamination"]  # the field names the data module's docstring documents
+    dropped = {s: dec[s]["dropped"].get("humaneval", 0) for s in ("train", "heldout")}
+    assert sum(dropped.values()) == 2 and m["documents"]["train"] + m["documents"]["heldout"] == 30
+    assert sum(dec[s]["items_hit"].get("humaneval", 0) for s in ("train", "heldout")) == 2
+
+
 def test_decontamination_threshold_and_short_items():
     words = [f"w{i}" for i in range(30)]  # 21 distinct 10-grams
     deco = Decontaminator({"toy": [(0, " ".join(words)), (1, "tiny item of five")]})

@@ -18,6 +18,18 @@ the evaluation sets (decontam.py), has a held-out split, a deterministic build (
 the training documents) and is cached under ``$LORASCOPE_CACHE/data/<name>-<key>/``: ``docs.json`` (documents,
 sources, decontamination stats, content hash), then ``tok-<tokenizer key>/<split>.*.npy`` per tokenizer.
 Packing and masking: pack.py.
+
+``dataset_manifest()`` (a run's ``data_manifest.json``) holds: ``name``, ``regime``, ``builder_version``,
+``max_docs``, ``sources`` (name, version, licence, ...), ``documents`` and ``tokens`` ({"train": n, "heldout": n}),
+``tokenizer``, ``content_hash``, ``excluded_eval_ids`` ({eval task: [item ids]}), ``ift_format`` (IFT only), and
+``decontamination``::
+
+    {"rule": ">= 50% of an eval item's whitespace 10-grams",
+     "train":   {"dropped": {"humaneval": 3, ...}, "items_hit": {"humaneval": 2, ...}},
+     "heldout": {"dropped": {...}, "items_hit": {...}}}
+
+i.e. the documents dropped from the training split are ``decontamination.train.dropped`` (eval set -> number
+of documents; ``{}`` when none) and from the held-out split ``decontamination.heldout.dropped``.
 """
 
 from __future__ import annotations
