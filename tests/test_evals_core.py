@@ -335,6 +335,16 @@ def test_refused_code_execution_leaves_nothing(tiny_model_dir, tmp_path):
     assert r.exit_code != 0 and "allow-code-execution" in r.output and not out.exists()
 
 
+def test_result_files_module_is_torch_free():
+    import subprocess
+    import sys
+
+    # the report reads results with this module (FORGETTING_PARTS, read_samples, metrics_by_split) without torch
+    code = ("import sys, lorascope.evals.results as r; assert r.FORGETTING_PARTS; "
+            "assert 'torch' not in sys.modules, 'lorascope.evals.results imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_evaluate_errors(tiny_model_dir, tmp_path, tiny_model, tokenizer):
     from lorascope.evals.api import evaluate, evaluate_cli
     from lorascope.evals.results import read_samples

@@ -4,8 +4,13 @@
 
     {"model": spec, "settings": {...}, "versions": {...}, "elapsed_s": ..., "complete": true,
      "tasks": {"hellaswag": {"metrics": {"acc,none": .., "acc_stderr,none": .., ...}, "n": 500, "shots": 0,
+                             "by_split": {"validation": {"acc,none": .., "acc_stderr,none": .., ..., "n": 247},
+                                          "test": {...}},
                              "info": {...}, "elapsed_s": ..}, ...},
      "derived": {"forgetting_mean": {"value": .., "stderr": .., "definition": "...", "parts": {...}}}}
+
+Every line of ``samples/TASK.jsonl`` carries ``cluster`` and ``split`` (see results.py): selections read the
+validation split, reported numbers the test split; ``metrics`` covers all items.
 
 Example::
 
@@ -31,9 +36,6 @@ from ..layout import samples_filename
 from . import registry, sandbox
 from .base import EvalContext
 from .results import forgetting_mean, label_splits, metrics_by_split, write_json, write_samples
-
-_SETTINGS = ("limit", "shots", "samples", "temperature", "seed", "batch_size", "allow_code_execution")
-
 
 def _versions() -> dict:
     import peft
