@@ -6,6 +6,7 @@ Runs use the tiny model with seq_len 16 x batch 4 = 64 tokens per step, so each 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from lorascope import runlog, studyconfig
-from lorascope.config import RunConfig, TrainConfig
+from lorascope.config import RunConfig, TrainConfig, load_run_config
 from lorascope.errors import ConfigError, LorascopeError
 from lorascope.models import find_checkpoint, list_checkpoints, load_model
 from lorascope.schedules import branch_multiplier, multiplier
@@ -177,6 +178,23 @@ def test_dry_run_plans_what_train_does(tiny_model_dir, corpus, tmp_path, monkeyp
         assert line in r.stdout, (line, r.stdout)
     r = CliRunner().invoke(app, ["train", os.devnull, *_overrides(cfg)])
     assert r.exit_code == 2 and "error: --out: the run directory is required" in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("train-*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_plan_what_their_header_says(path):
+    """Each shipped run config loads through the real loader and planner (embedded model, shipped data), and the
+    cost its header quotes is the plan's: so the "minutes" a new user is promised are computed, not guessed."""
+    from lorascope.trainestimate import dry_run
+
+    cfg = load_run_config(path)
+    plan = dry_run(cfg, measure_steps=0)
+    header = "".join(line[1:] for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    quoted = re.search(r"Cost, from --dry-run: (\d+) steps, ([\d,]+) tokens, checkpoints (.+?)\. Measured", header, re.S)
+    assert quoted, f"{path.name}: header lacks the dry-run cost line"
+    assert (int(quoted[1]), int(quoted[2].replace(",", ""))) == (plan["steps"], plan["tokens"])
+    names = re.findall(r"(?:tok|epoch)-\d+", quoted[3])
+    assert names == [c["name"] for c in plan["checkpoints"]] == studyconfig.checkpoint_names(cfg)
+    assert plan["tokens"] <= 32_768  # minutes on a 2-core CPU at ~100 tokens/s, not hours
 
 
 def test_full_lion_accumulation_cosine(tiny_model_dir, corpus, tmp_path):

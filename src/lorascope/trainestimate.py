@@ -32,8 +32,11 @@ def dry_run(cfg: RunConfig, measure_steps: int = 2) -> dict:
                   "grad_accum": cfg.train.grad_accum, **trainer.plan.describe(),
                   "trainable_parameters": trainer.n_trainable, "total_parameters": trainer.n_total}
         if measure_steps > 0:
-            report["measured"] = measure(trainer, measure_steps)
-            report["estimated_s"] = report["tokens_processed"] / report["measured"]["tokens_per_s"]
+            m = report["measured"] = measure(trainer, measure_steps)
+            report["estimated_s"] = report["tokens_processed"] / m["tokens_per_s"]
+            # On a shared machine the wall pace says more about the neighbours than about the run: the CPU time
+            # the steps took, spread over this process's threads, is what they would take with the cores free.
+            report["estimated_free_cores_s"] = report["tokens_processed"] / m["tokens_per_s_free_cores"]
     return report
 
 
@@ -47,7 +50,8 @@ def measure(trainer, steps: int) -> dict:
         trainer.run_step(s % total, trainer.lr_mult(s % total))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {"steps": steps, "warmup_steps": 1, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "tokens_per_s": round(steps * tps / wall, 1), "threads": torch.get_num_threads()}
+            "tokens_per_s": round(steps * tps / wall, 1), "threads": torch.get_num_threads(),
+            "tokens_per_s_free_cores": round(steps * tps * torch.get_num_threads() / max(cpu, 1e-9), 1)}
 
 
 def _duration(seconds: float) -> str:
@@ -75,6 +79,7 @@ def format_dry_run(r: dict) -> str:
         lines += [f"  measured      {m['tokens_per_s']:,.1f} tokens/s: {m['steps']} training steps of this model "
                   f"and method on this machine ({m['threads']} threads, after {m['warmup_steps']} warm-up step; "
                   f"{m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU)",
-                  f"  estimate      {_duration(r['estimated_s'])} of training at that pace "
-                  "(model/data loading, checkpoint saves and evaluation not included)"]
+                  f"  estimate      {_duration(r['estimated_s'])} of training at that pace; "
+                  f"{_duration(r['estimated_free_cores_s'])} if the {m['threads']} threads had their cores to "
+                  "themselves (from the CPU time; model/data loading, saves and evaluation not included)"]
     return "\n".join(lines)
