@@ -314,6 +314,23 @@ def test_cli_errors_one_line_nonzero_nothing_finished(tiny_model_dir, corpus, tm
     assert not (out / "COMPLETE").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("content", [b"not a model at all", b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 12],
+                         ids=["no-magic", "truncated"])
+def test_a_file_named_gguf_that_is_not_one_is_one_error_line(tmp_path, monkeypatch, content):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "model.Q4_K_M.gguf"
+    bad.write_bytes(content)
+    r = CliRunner().invoke(app, ["model", "info", str(bad)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: ") and "GGUF" in lines[0], r.stderr
+    assert not list((tmp_path / "cache").rglob("DONE"))
+
+
 # --------------------------------------------------------------------------------------------- 2 processes
 
 @pytest.mark.slow

@@ -70,15 +70,25 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF to an fp32 HF directory in the cache (once) and return that directory."""
     out = _gguf_cache_dir(gguf)
     if (out / "DONE").exists():
         return out
+    with open(gguf, "rb") as f:  # checked here: transformers' own complaint is a traceback deep in its reader
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise LorascopeError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
     with cache_lock(out):
         if (out / "DONE").exists():  # another process converted it while this one waited
             return out
-        return _convert_gguf(gguf, out)
+        try:
+            return _convert_gguf(gguf, out)
+        except Exception as e:  # noqa: BLE001 - a damaged or unsupported file, whatever the reader raised
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LorascopeError(f"{gguf}: unreadable GGUF file ({why})") from None
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
