@@ -14,7 +14,9 @@ Tasks:
 - ``english_bpb``: general English prose (lorascope.evals.texts.english_texts).
 - ``heldout_bpb:<dataset>``: windows of a training dataset's held-out documents (lorascope.evals.texts).
 
-Texts longer than the model's window are scored with sliding windows (token_windows.py).
+Texts longer than the model's window are scored with sliding windows (token_windows.py). Clusters for the
+validation/test split: a benchmark item's is "<benchmark>/<id>" (humaneval_bpb's HumanEval/3 sits on the same
+side as humaneval's), a held-out window's is its source file, an English text's is its id.
 
 Example::
 
