@@ -151,6 +151,11 @@ def study(ctx: typer.Context,
           out: Optional[Path] = typer.Option(None, "--out", help="study directory (resumed if it exists)"),
           jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
           executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
+          address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster's head (HOST:PORT); "
+                                                "default RAY_ADDRESS, else Ray on this machine"),
+          resources: Optional[List[str]] = typer.Option(None, "--resources", help="ray: KIND:cpus=N,gpus=N,memory=SIZE "
+                                                        "per job kind (train, eval, spectrum, truncate, eval-trunc, "
+                                                        "all); repeatable"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
           tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the --dry-run "
                                              "estimate assumes (default: embedded model on 2 CPU cores)"),
@@ -167,7 +172,14 @@ def study(ctx: typer.Context,
         raise LorascopeError("--out: required (the study directory), unless --dry-run")
     from .study import run_study
 
-    run_study(config, ctx.args, out, jobs=jobs, executor=executor)
+    opts = None
+    if executor == "ray":
+        from .raycluster import parse_resources
+
+        opts = {"address": address, "resources": parse_resources(resources)}
+    elif address or resources:
+        raise LorascopeError("--address/--resources: only with --executor ray")
+    run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
 
 
 @app.command("job", hidden=True)

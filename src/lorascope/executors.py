@@ -2,7 +2,7 @@
 busy()``; the scheduler (lorascope.study) decides what to submit, the executor only runs it.
 
     ex = LocalExecutor(study_dir, jobs=2)       # subprocesses on this machine (the default)
-    ex = RayExecutor(study_dir, jobs=8)         # Ray tasks across a cluster (RAY_ADDRESS) or Ray's local mode
+    ex = RayExecutor(study_dir, jobs=8, address="HEAD:6379")  # Ray tasks on a cluster (lorascope.raycluster)
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
     ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
 
@@ -115,43 +115,11 @@ class InlineExecutor:
         return done
 
 
-class RayExecutor:
-    """The same job graph on a Ray cluster (RAY_ADDRESS) or on this machine: each job is a remote task running
-    the job command; the study directory must be on a filesystem every node sees. Dependencies are resolved by
-    the scheduler in lorascope.study (a job is submitted once its inputs are done), so a killed driver loses
-    nothing that a re-run cannot redo."""
+def _ray_executor(d: Path, jobs: int, **opts):
+    # Ray executor (lorascope.raycluster): imported on use, so the other executors never import ray.
+    from .raycluster import RayExecutor
 
-    def __init__(self, d: Path, jobs: int):
-        import ray
-
-        if not ray.is_initialized():
-            addr = os.environ.get("RAY_ADDRESS")
-            ray.init(address=addr, num_cpus=None if addr else jobs, include_dashboard=False, log_to_driver=False)
-        self.ray, self.d, self.jobs, self.running = ray, d, jobs, {}
-
-        @ray.remote(num_cpus=1)
-        def _run(cmd: list[str], env: dict, log: str) -> int:
-            with open(log, "w") as f:
-                return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-
-        self._run = _run
-
-    def slots(self) -> int:
-        return self.jobs - len(self.running)
-
-    def current(self) -> list[str]:
-        return list(self.running.values())
-
-    def busy(self) -> bool:
-        return bool(self.running)
-
-    def submit(self, job_id: str) -> None:
-        ref = self._run.remote(job_cmd(self.d, job_id), job_env(self.jobs), str(log_path(self.d, job_id)))
-        self.running[ref] = job_id
-
-    def poll(self) -> list[tuple[str, int]]:
-        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=0.5)
-        return [(self.running.pop(r), self.ray.get(r)) for r in ready]
+    return RayExecutor(d, jobs, **opts)
 
 
-EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor, "inline": InlineExecutor}
+EXECUTORS = {"local": LocalExecutor, "ray": _ray_executor, "inline": InlineExecutor}

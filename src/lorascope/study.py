@@ -141,9 +141,9 @@ def study_lock(d: Path) -> Iterator[None]:
 
 
 def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1, executor: str = "local",
-              progress: bool = True) -> Path:
+              progress: bool = True, executor_opts: dict | None = None) -> Path:
     """Plan and run a study; returns the study dir. Failed jobs are reported and make it raise; the jobs that
-    do not depend on them still run."""
+    do not depend on them still run. executor_opts go to the executor (ray: address, resources)."""
     from .executors import EXECUTORS
 
     if executor not in EXECUTORS:
@@ -155,7 +155,7 @@ def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with study_lock(out):
         _claim(out, study)
-        sched = Scheduler(study, out, EXECUTORS[executor](out, jobs))
+        sched = Scheduler(study, out, EXECUTORS[executor](out, jobs, **(executor_opts or {})))
         _drive(sched, study.name, progress)
     sched.raise_if_failed()
     return out

@@ -1,0 +1,144 @@
+"""A study over a Ray cluster of several nodes on this machine (ray.cluster_utils.Cluster): jobs land on every
+node, a node removed in the middle of training costs nothing (Ray retries the task elsewhere, the job resumes
+from its files) and the results equal an uninterrupted run's."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorascope.errors import LorascopeError
+from lorascope.raycluster import parse_resources
+from lorascope.study import run_study
+
+
+def test_resources_per_job_kind():
+    res = parse_resources(["all:cpus=2", "train:gpus=1,memory=16G", "eval-trunc:memory=512M"])
+    assert res["train"] == {"cpus": 2.0, "gpus": 1.0, "memory": 16 * 2**30}
+    assert res["eval"] == {"cpus": 2.0, "gpus": 0.0, "memory": None}
+    assert res["eval-trunc"]["memory"] == 512 * 2**20
+    assert parse_resources(None)["spectrum"] == {"cpus": 1.0, "gpus": 0.0, "memory": None}
+
+
+@pytest.mark.parametrize("spec,msg", [("trian:cpus=1", "unknown job kind 'trian'"),
+                                      ("train:tpus=1", "'tpus=1' must be cpus=N, gpus=N or memory=SIZE"),
+                                      ("eval:memory=lots", "memory: 'lots' is not a size"),
+                                      ("eval:cpus=-1", "must be cpus=N")])
+def test_bad_resources_name_the_spec(spec, msg):
+    with pytest.raises(LorascopeError, match="--resources: .*" + msg.replace("(", r"\(")):
+        parse_resources([spec])
+
+
+def test_address_only_with_ray(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
+
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"),
+                                   "--address", "h:1"])
+    assert res.exit_code == 2 and "only with --executor ray" in res.output
+
+
+def _study(tmp_path: Path, model_dir: Path) -> Path:
+    rows = [{"text": f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8} for i in range(60)]
+    corpus = tmp_path / "code.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in rows))
+    study = {
+        "name": "ray", "model": str(model_dir), "seeds": [0],
+        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
+                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 2048, "checkpoints": [],
+                                "save_state_every": 2}}],
+        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+                    {"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 4}]},
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(study))
+    return p
+
+
+def _results(d: Path) -> dict:
+    return {str(f.relative_to(d)): {t: v["metrics"] for t, v in json.loads(f.read_text())["tasks"].items()}
+            for f in sorted((d / "evals").rglob("results.json")) if "groups" not in f.parts}
+
+
+def _lines(f: Path) -> list[dict]:
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def _attempts(d: Path, job: str) -> list[str]:
+    """The Ray node of each attempt of a job, from the header lines of its log."""
+    log = d / "logs" / (job.replace(":", "_") + ".log")
+    text = log.read_text() if log.exists() else ""
+    return [line.split(" on ray node ")[1].split()[0] for line in text.splitlines() if line.startswith("== ")]
+
+
+def _remove_a_training_node(cluster, d: Path, proc, timeout: float = 240) -> tuple[str, bool]:
+    """Wait until a training job has saved its state on a worker node, then kill that node. Returns the job
+    and whether the kill came before the job completed (the retry then has to resume)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for run in (d / "runs").glob("*/state/progress.json") if (d / "runs").exists() else []:
+            job = f"train:{run.parent.parent.name}"
+            node = next((n for n in cluster.worker_nodes if _attempts(d, job)[-1:] == [n.node_id]), None)
+            if node is not None:
+                complete = (run.parent.parent / "COMPLETE").exists()
+                cluster.remove_node(node, allow_graceful=False)
+                return job, not complete
+        time.sleep(0.05)
+    out = proc.communicate()[0] if proc.poll() is not None else ""
+    raise AssertionError(f"no training job saved its state on a worker node in time\n{out}")
+
+
+@pytest.mark.slow
+def test_study_over_a_two_node_cluster_survives_a_node_removal(tmp_path, tiny_model_dir):
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cfg = _study(tmp_path, tiny_model_dir)
+    ref = run_study(cfg, [], tmp_path / "ref", executor="inline", progress=False)
+    # the head takes no jobs (0 CPUs): every job runs on one of the two worker nodes, one job per node at once
+    small = {"object_store_memory": 80 * 2**20, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, **small})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20) for _ in range(2)]
+        cluster.wait_for_nodes()
+        d = tmp_path / "shared" / "study"
+        cmd = [sys.executable, "-m", "lorascope", "study", str(cfg), "--out", str(d), "--executor", "ray",
+               "--address", cluster.address, "--jobs", "2", "--resources", "all:cpus=1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "LORASCOPE_TEST_THREADS": "1"})
+        killed_job, before_complete = _remove_a_training_node(cluster, d, proc)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    finally:
+        cluster.shutdown()
+    jobs, placed = _lines(d / "logs" / "jobs.jsonl"), _lines(d / "logs" / "nodes.jsonl")
+    # nothing lost or doubled: each job finished once, with success, and no training step ran twice to the end
+    assert sorted(j["job"] for j in jobs) == sorted(j["id"] for j in json.loads((d / "jobs.json").read_text()))
+    assert all(j["rc"] == 0 for j in jobs) and len(placed) == len(jobs)
+    for run in (d / "runs").iterdir():
+        steps = [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)), "a logged step appears twice"
+    # the jobs started on both worker nodes; the killed job was retried on the survivor, where all jobs ended
+    ids = {n.node_id for n in nodes}
+    tries = {j["job"]: _attempts(d, j["job"]) for j in jobs}
+    assert {n for t in tries.values() for n in t} == ids
+    assert len(tries[killed_job]) == 2 and tries[killed_job][0] != tries[killed_job][1]
+    assert [p["node"] for p in placed if p["job"] == killed_job] == tries[killed_job][1:]
+    assert sum(len(t) for t in tries.values()) == len(jobs) + 1  # one retry, nothing else ran twice
+    print(f"\nattempts per node: { {n[:8]: sum(t.count(n) for t in tries.values()) for n in ids} }; "
+          f"removed the node of {killed_job} {'before' if before_complete else 'after'} it completed")
+    # the same numbers as the uninterrupted run
+    got, want = _results(d), _results(ref)
+    assert got.keys() == want.keys() and len(got) == 3
+    for k, v in got.items():
+        for task, metrics in v.items():
+            for m, x in metrics.items():
+                if isinstance(x, float):
+                    assert x == pytest.approx(want[k][task][m], rel=1e-4, abs=1e-6), (k, task, m)
