@@ -222,13 +222,15 @@ def test_heldout_windows_cover_file_bodies_and_cluster_by_file(monkeypatch):
     from lorascope.evals.texts import heldout_windows
 
     body = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400))  # ~12 kB
-    docs = [body, "", "print('held out')\n"]
+    docs = [body, "", "a = 1\n" * 260]  # the last one: a full window and a 60-byte tail
     monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: docs)
     wins = heldout_windows("code-cpt", size=1500)
     first = [w for w in wins if w["cluster"] == wins[0]["cluster"]]
     assert "".join(w["text"] for w in first) == body  # the whole file, not only its head
-    assert len(first) >= 8 and all(len(w["text"]) <= 1500 and w["text"].endswith("\n") for w in first)
+    assert len(first) >= 8 and all(w["text"].endswith("\n") for w in first)
+    assert all(1500 // 4 <= len(w["text"]) <= 1500 + 1500 // 4 for w in first)  # no tiny tail window
     assert len({w["cluster"] for w in wins}) == 2 and len({w["id"] for w in wins}) == len(wins)
+    assert wins[-1]["text"] == docs[2] and wins[-2]["cluster"] == wins[0]["cluster"]  # the tail joined its window
     picked = heldout_windows("code-cpt", limit=3, size=1500)
     assert [w["id"] for w in picked] == [wins[0]["id"], wins[round((len(wins) - 1) / 2)]["id"], wins[-1]["id"]]
 
