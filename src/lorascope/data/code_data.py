@@ -1,10 +1,11 @@
 """Code datasets: ``code-cpt`` (raw Python source) and ``code-ift`` (instruction -> Python solution).
 
-Each builder returns ``(train_docs, heldout_docs, sources)``; CPT documents are strings, IFT documents
-``{"prompt", "response"}`` dicts.
+Each builder returns ``(train_docs, heldout_docs, sources, heldout_groups)``; CPT documents are strings, IFT
+documents ``{"prompt", "response"}`` dicts; ``heldout_groups[i]`` is the unit held-out document i was held out
+with (its package, e.g. "stdlib/email"), or None where documents are held out one by one.
 
-    train, heldout, sources = code_cpt()   # ~1,900 stdlib + sympy/mpmath/networkx/jinja2 files
-    train, heldout, sources = code_ift()   # CodeI/O tasks + docstring->function pairs, HumanEval-like
+    train, heldout, sources, groups = code_cpt()   # ~1,900 stdlib + sympy/mpmath/networkx/jinja2 files
+    train, heldout, sources, groups = code_ift()   # CodeI/O tasks + docstring->function pairs, HumanEval-like
 
 Docstring -> body pairs follow HumanEval's format: the prompt is the imports the function uses, its
 signature and docstring; the response is the whole function in a fenced block (what lorascope's instruct
@@ -25,14 +26,18 @@ from ..assets import package_dir
 from .files import code_files, code_sources, is_heldout, package_version, read_text
 
 
-def code_cpt() -> tuple[list, list, list]:
+def code_cpt() -> tuple[list, list, list, list]:
     """Real Python source (StarCoder-Python stand-in); whole top-level packages held out."""
-    train, heldout = [], []
+    train, heldout, groups = [], [], []
     for group, f in tqdm(code_files(), desc="code-cpt: reading files", unit="file", leave=False):
         text = read_text(f)
         if text and text.strip():
-            (heldout if is_heldout(group) else train).append(text)
-    return train, heldout, code_sources()
+            if is_heldout(group):
+                heldout.append(text)
+                groups.append(group)
+            else:
+                train.append(text)
+    return train, heldout, code_sources(), groups
 
 
 def _codeio(path: Path) -> list[dict]:
@@ -106,7 +111,7 @@ def docstring_pairs(text: str) -> list[dict]:
     return out
 
 
-def code_ift() -> tuple[list, list, list]:
+def code_ift() -> tuple[list, list, list, list]:
     """CodeI/O instruction -> solution pairs + docstring -> function pairs mined from the code corpus.
 
     CodeI/O pairs are held out by a hash of the prompt; mined pairs by their package (as code-cpt), so a
@@ -116,15 +121,20 @@ def code_ift() -> tuple[list, list, list]:
     for ex in codeio_pairs():
         (heldout if is_heldout(ex["prompt"]) else train).append(ex)
     n_codeio = len(train) + len(heldout)
+    groups: list = [None] * len(heldout)  # CodeI/O items are held out one by one
     seen = set()
     for group, f in tqdm(code_files(), desc="code-ift: mining docstrings", unit="file", leave=False):
         text = read_text(f)
         for ex in docstring_pairs(text) if text else []:
             if ex["prompt"] not in seen:  # vendored copies of the same function
                 seen.add(ex["prompt"])
-                (heldout if is_heldout(group) else train).append(ex)
+                if is_heldout(group):
+                    heldout.append(ex)
+                    groups.append(group)
+                else:
+                    train.append(ex)
     sources = [{"name": "reasoning-gym CodeI/O (codeio*.jsonl.gz)", "version": package_version("reasoning-gym"),
                 "licence": "Apache-2.0", "documents": n_codeio},
                {"name": "docstring -> function pairs mined from the code-cpt corpus", "from": code_sources(),
                 "documents": len(train) + len(heldout) - n_codeio}]
-    return train, heldout, sources
+    return train, heldout, sources, groups

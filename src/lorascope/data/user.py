@@ -4,8 +4,8 @@ CPT records need ``data.text_field``; IFT records need ``data.prompt_field`` + `
 ``messages`` list in chat format ([{"role", "content"}, ...], the last turn being the assistant's response).
 A .txt file is one CPT document. About 10% of records (by a stable content hash) are held out.
 
-    train, heldout, sources = user_docs(DataConfig(dataset="notes.jsonl", text_field="body"))
-    train, heldout, sources = user_docs(DataConfig(dataset="hf:openai/gsm8k", regime="ift",
+    train, heldout, sources, groups = user_docs(DataConfig(dataset="notes.jsonl", text_field="body"))
+    train, heldout, sources, groups = user_docs(DataConfig(dataset="hf:openai/gsm8k", regime="ift",
                                                    prompt_field="question", response_field="answer"))
 """
 
@@ -93,8 +93,9 @@ def _is_heldout(doc) -> bool:
     return int(hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest(), 16) % 10 == 0
 
 
-def user_docs(dcfg: DataConfig) -> tuple[list, list, list]:
-    """(train, heldout, sources) of a user dataset; empty documents are skipped, an empty dataset is an error."""
+def user_docs(dcfg: DataConfig) -> tuple[list, list, list, list]:
+    """(train, heldout, sources, heldout groups) of a user dataset: records are held out one by one (groups
+    are None); empty documents are skipped, an empty dataset is an error."""
     docs = [_doc(r, dcfg, f"{dcfg.dataset}: record {i + 1}") for i, r in enumerate(records(dcfg))]
     docs = [d for d in docs if (d if isinstance(d, str) else d["response"]).strip()]
     if not docs:
@@ -103,4 +104,5 @@ def user_docs(dcfg: DataConfig) -> tuple[list, list, list]:
     split = len(docs) >= 10
     heldout = [d for d in docs if split and _is_heldout(d)]
     train = [d for d in docs if not (split and _is_heldout(d))]
-    return train, heldout, [{"name": dcfg.dataset, "licence": "user data", "documents": len(docs)}]
+    sources = [{"name": dcfg.dataset, "licence": "user data", "documents": len(docs)}]
+    return train, heldout, sources, [None] * len(heldout)

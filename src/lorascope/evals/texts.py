@@ -16,8 +16,9 @@ Each text's id (and cluster) is "<source>/<item id>"; a HellaSwag text shares it
 
 ``heldout_windows(dataset, limit)`` feeds ``heldout_bpb``: every held-out document is cut (at line ends) into
 consecutive windows of ~WINDOW_CHARS characters covering its whole body, not only its head (a source file's
-head is mostly docstring and imports); a limit picks windows evenly spread over all of them. All windows of
-one document share one cluster ("<dataset>/<document hash>"), so a file never straddles the split.
+head is mostly docstring and imports); a limit picks windows evenly spread over all of them. A window's cluster
+is the unit its document was held out with ("<dataset>/<package or file or template>", data.heldout_groups),
+else its document ("<dataset>/<document hash>"): correlated windows never straddle the validation/test split.
 
 Example::
 
@@ -92,15 +93,15 @@ def _windows_of(text: str, size: int) -> list[tuple[int, str]]:
 
 def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_CHARS) -> list[dict]:
     """[{id, cluster, text}]: windows over the full bodies of a dataset's held-out documents."""
-    from ..data import heldout_texts
+    from ..data import heldout_groups, heldout_texts
 
     texts = heldout_texts(dataset)
     if not texts:
         raise LorascopeError(f"dataset '{dataset}' has no held-out documents")
     wins = []
-    for doc in texts:
+    for doc, group in zip(texts, heldout_groups(dataset)):
         key = hashlib.sha1(doc.encode("utf-8")).hexdigest()[:12]
-        wins.extend({"id": f"{key}@{off}", "cluster": f"{dataset}/{key}", "text": piece}
+        wins.extend({"id": f"{key}@{off}", "cluster": f"{dataset}/{group or key}", "text": piece}
                     for off, piece in _windows_of(doc, size))
     if limit and limit < len(wins):
         # evenly spread: the split is ordered by package, so a prefix would be one package's first file
