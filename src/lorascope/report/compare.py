@@ -184,10 +184,9 @@ def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset
 def _row(p: Point, i: int, a) -> dict:
     """One configuration's test-split learning and forgetting over the base, with hierarchical intervals."""
     row = {"point": p, "learning": None, "forgetting": None, "capacity": p.capacity}
-    for key, est, boot, k in (("learning", a.test.learning, a.test.boot_learning, 0),
-                              ("forgetting", a.test.forgetting, a.test.boot_forgetting, 1)):
+    for key, est in (("learning", a.test.learning), ("forgetting", a.test.forgetting)):
         if i in est:
-            lo, hi = percentile_interval(boot[i])
+            lo, hi = percentile_interval(a.rep.arm(key, i))
             n = a.test.tables[0].n_items if key == "learning" else a.test.tables[-1].n_items
             row[key] = Interval(est[i], lo, hi, n, f"hierarchical bootstrap, test split, {len(p.run_ids)} seed(s)")
     return row

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bootstrap import ClusterTable, Draws, N_BOOT
+from .bootstrap import ClusterTable, Draws, N_BOOT, small_sample_widen
 from .collect import BASE, Study
 from .metrics import FORGETTING_TASKS, MetricSpec, signed
 from .stats import split_items
@@ -103,3 +103,41 @@ def _signed(ts: list[ClusterTable], draws: Draws, s: MetricSpec) -> tuple[dict, 
     est, boot = _means(ts, draws)
     return ({k: signed(s, v, est[BASE]) for k, v in est.items() if k != BASE},
             {k: np.asarray(signed(s, v, boot[BASE])) for k, v in boot.items() if k != BASE})
+
+
+@dataclass
+class TestReplicates:
+    """The test split measured under three resamplings (both levels; seeds only; item clusters only), so that
+    any statistic's replicates can be widened for few seeds or clusters (bootstrap.small_sample_widen)."""
+
+    both: SplitMeasure
+    seeds: SplitMeasure
+    clusters: SplitMeasure
+
+    @classmethod
+    def make(cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT,
+             var_boot: int = 300) -> "TestReplicates | None":
+        both = measure_split(st, ps, L, F, "test", n_boot)
+        if both is None:
+            return None
+        return cls(both, *(measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1)
+                           for m in ("seeds", "clusters")))
+
+    @property
+    def n_clusters(self) -> int:
+        return min(len(t.clusters) for t in self.both.tables)
+
+    def of(self, stat, theta: float, n_seeds: int) -> np.ndarray:
+        """Widened replicates of stat(SplitMeasure) -> (B,) array, centred on its estimate theta."""
+        return small_sample_widen(theta, stat(self.both), stat(self.seeds), stat(self.clusters), n_seeds,
+                                  self.n_clusters)
+
+    def variances(self, stat) -> tuple[float, float]:
+        """(seeds-only, clusters-only) bootstrap variance of a statistic: the power note's inputs."""
+        return float(np.nanvar(stat(self.seeds))), float(np.nanvar(stat(self.clusters)))
+
+    def arm(self, key: str, i) -> np.ndarray:
+        """Widened replicates of one point's learning or forgetting over the base."""
+        est = getattr(self.both, key)
+        return self.of(lambda m: getattr(m, f"boot_{key}")[i], est[i], len(next(
+            s for t in self.both.tables for k, s in t.seeds.items() if k == i)))

@@ -23,7 +23,7 @@ import numpy as np
 from .bootstrap import noise_text, p_two_sided, percentile_interval
 from .decide import MARGIN_FRACTION, decide, holm, power_note
 from .frontier import common_range, fit, matched_boot, matched_difference
-from .measure import SplitMeasure, measure_split
+from .measure import SplitMeasure, TestReplicates, measure_split
 from .metrics import MetricSpec
 
 VAR_BOOT = 300  # replicates of the seeds-only / clusters-only bootstraps behind the power note
@@ -38,7 +38,11 @@ class Answer:
     chosen_lrs: dict = field(default_factory=dict)
     frontiers: dict = field(default_factory=dict)
     val: SplitMeasure | None = None
-    test: SplitMeasure | None = None
+    rep: TestReplicates | None = None
+
+    @property
+    def test(self) -> SplitMeasure | None:
+        return self.rep.both if self.rep else None
 
 
 def choose(ps: list, idx: list[int], val: SplitMeasure) -> dict[str, int]:
@@ -69,10 +73,10 @@ def _verdict(question: str, a: str, b: str, budget, est, boot, reason: str, nois
             "boot": boot, **kw}
 
 
-def learns_less(ps: list, val: SplitMeasure, test: SplitMeasure, by: str, noise: str,
+def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise: str,
                 frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
     """Question 1 at every budget; returns the pending comparisons and the chosen LR per method (last budget)."""
-    out, chosen = [], {}
+    out, chosen, test = [], {}, rep.both
     budgets = sorted({p.position(by) for p in ps if p.position(by) is not None})
     for b in budgets:
         idx = [i for i, p in enumerate(ps) if p.position(by) == b and not p.diverged and i in test.learning]
@@ -85,10 +89,10 @@ def learns_less(ps: list, val: SplitMeasure, test: SplitMeasure, by: str, noise:
             if f == "full":
                 continue
             j = fam["full"]
-            d = test.boot_learning[i] - test.boot_learning[j]
             est = test.learning[i] - test.learning[j]
+            d = rep.of(lambda m: m.boot_learning[i] - m.boot_learning[j], est, _seeds(ps, [i, j]))
             gains = [test.learning[i], test.learning[j]]
-            lows = [percentile_interval(test.boot_learning[k])[0] for k in (i, j)]
+            lows = [percentile_interval(rep.arm("learning", k))[0] for k in (i, j)]
             v = _verdict("learns_less", ps[i].name, ps[j].name, b, est, d, "", noise,
                          margin=frac * max(gains), points=(i, j))
             if max(lows) <= 0:
@@ -98,8 +102,9 @@ def learns_less(ps: list, val: SplitMeasure, test: SplitMeasure, by: str, noise:
     return out, chosen
 
 
-def forgets_less(ps: list, test: SplitMeasure, noise: str, frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
+def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
     """Question 2 per LoRA family against full FT, and the frontiers for the Pareto figure."""
+    test = rep.both
     fams: dict[str, list[int]] = {}
     for i, p in enumerate(ps):
         if not p.diverged and i in test.learning and i in test.forgetting:
@@ -123,12 +128,18 @@ def forgets_less(ps: list, test: SplitMeasure, noise: str, frac: float = MARGIN_
             v.update(verdict="not comparable", reason="nothing learned: the common learning range lies at or "
                      "below the base model")
         else:
-            boot = _matched(test, idx, j)
+            est = matched_difference(pts[f], pts["full"])
+            boot = rep.of(lambda m: _matched(m, idx, j), est, _seeds(ps, idx + j))
             top = max(abs(y) for _, y in pts[f] + pts["full"])
-            v.update(estimate=matched_difference(pts[f], pts["full"]), boot=boot, interval=percentile_interval(boot),
+            v.update(estimate=est, boot=boot, interval=percentile_interval(boot),
                      margin=frac * top, range=rng, undefined=float(np.mean(~np.isfinite(boot))))
         out.append(v)
     return out, frontiers
+
+
+def _seeds(ps: list, idx: list[int]) -> int:
+    """Seeds behind a statistic of several points: the fewest any of them has."""
+    return min(len(ps[i].run_ids) for i in idx)
 
 
 def _matched(m: SplitMeasure, ia: list[int], ib: list[int]) -> np.ndarray:
@@ -141,33 +152,29 @@ def answer(st, ps: list, L: MetricSpec, F: MetricSpec | None, by: str, margin_fr
            n_boot: int = 1000) -> Answer:
     """Both questions for one setting's points, decided with Holm's correction over all comparisons made."""
     val = measure_split(st, ps, L, F, "validation", n_boot)
-    test = measure_split(st, ps, L, F, "test", n_boot)
-    if val is None or test is None:
-        return Answer(val=val, test=test)
-    noise = noise_text(test.n_seeds, test.tables[:1], n_boot)
-    q1, chosen = learns_less(ps, val, test, by, noise, margin_fraction)
-    q2, frontiers = forgets_less(ps, test, noise, margin_fraction) if F is not None else ([], {})
+    rep = TestReplicates.make(st, ps, L, F, n_boot, VAR_BOOT)
+    if val is None or rep is None:
+        return Answer(val=val, rep=rep)
+    noise = noise_text(rep.both.n_seeds, rep.both.tables[:1], n_boot)
+    q1, chosen = learns_less(ps, val, rep, by, noise, margin_fraction)
+    q2, frontiers = forgets_less(ps, rep, noise, margin_fraction) if F is not None else ([], {})
     vs = q1 + q2
-    few = _too_few(test)
+    few = _too_few(rep.both)
     for v in vs:
         if v["verdict"] is None and few:
             v.update(verdict="not resolved", reason=few)
     pending = [v for v in vs if v["verdict"] is None]
     raw = [p_two_sided(v["boot"]) for v in pending]
-    parts: dict = {}  # seeds-only and clusters-only bootstraps, made once when a power note needs them
     for v, p, pa in zip(pending, raw, holm(raw)):
         sign = -1  # the paper's direction: LoRA learns less / forgets less, a negative difference
         v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], sign, p, len(pending))
         v["p_holm"] = pa
         if v["verdict"] == "not resolved":
-            if not parts:
-                parts.update({m: measure_split(st, ps, L, F, "test", VAR_BOOT, resample=m, seed=1)
-                              for m in ("seeds", "clusters")})
-            v["power"] = _power(parts, v, test)
+            v["power"] = _power(rep, v, ps)
     for v in vs:
         v.pop("boot", None), v.pop("points", None)
         v["correction"] = f"Holm over {len(pending)} comparison{'s' * (len(pending) != 1)} of this setting"
-    return Answer(vs, chosen, frontiers, val, test)
+    return Answer(vs, chosen, frontiers, val, rep)
 
 
 def _too_few(test: SplitMeasure) -> str:
@@ -179,18 +186,16 @@ def _too_few(test: SplitMeasure) -> str:
             f"least {MIN_CLUSTERS} (raise the evaluation limit)")
 
 
-def _power(parts: dict, v: dict, test: SplitMeasure) -> str:
+def _power(rep: TestReplicates, v: dict, ps: list) -> str:
     """The power note of one unresolved comparison, from seeds-only and clusters-only bootstraps."""
-    var = {}
-    for mode, m in parts.items():
-        i, j = v["points"]
-        if v["question"] == "learns_less":
-            d = m.boot_learning[i] - m.boot_learning[j]
-        else:
-            d = _matched(m, i, j)
-        var[mode] = float(np.nanvar(d))
-    n_clusters = min(len(t.clusters) for t in test.tables)
-    return power_note(v["estimate"], var["seeds"], var["clusters"], test.n_seeds[0], n_clusters, v.get("margin"))
+    i, j = v["points"]
+    if v["question"] == "learns_less":
+        vs, vc = rep.variances(lambda m: m.boot_learning[i] - m.boot_learning[j])
+        n_seeds = _seeds(ps, [i, j])
+    else:
+        vs, vc = rep.variances(lambda m: _matched(m, i, j))
+        n_seeds = _seeds(ps, i + j)
+    return power_note(v["estimate"], vs, vc, n_seeds, rep.n_clusters, v.get("margin"))
 
 
 def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION,
@@ -202,14 +207,14 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
     if few := _too_few(test):
         return None, [f"No recommendation for {setting}: {few}."]
     cands = [i for i in fin if not ps[i].diverged and i in test.learning and i in val.learning
-             and percentile_interval(test.boot_learning[i])[0] > 0]
+             and percentile_interval(a.rep.arm("learning", i))[0] > 0]
     if not cands:
         return None, advice(ps, fin, test, L)
     top = max(val.learning[i] for i in cands)
     near = [i for i in cands if val.learning[i] >= top - frac * abs(top)]
     pick = min(near, key=lambda i: val.forgetting.get(i, np.inf)) if val.forgetting else \
         max(near, key=lambda i: val.learning[i])
-    lo, hi = percentile_interval(test.boot_learning[pick])
+    lo, hi = percentile_interval(a.rep.arm("learning", pick))
     why = (f"its learning over the base model is significantly positive on the test split ({test.learning[pick]:+.4g} "
            f"[{lo:+.4g}, {hi:+.4g}])")
     if len(near) > 1:
