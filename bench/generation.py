@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from lorascope.evals import sources
+from lorascope import benchdata
 from lorascope.evals.generate import generate
-from lorascope.evals.math import GSM8K, GSM8K_STOP
+from lorascope.evals.math_tasks import GSM8K, GSM8K_STOP
 from lorascope.models import load_model
 
 
@@ -30,7 +30,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     prefix = GSM8K().prompt_prefix(5)
-    prompts = [f"{prefix}Question: {d['question']}\nAnswer:" for d in sources.gsm8k()[: args.items]]
+    prompts = [f"{prefix}Question: {d['question']}\nAnswer:" for d in benchdata.gsm8k()[: args.items]]
     n_prompt = sum(len(tok(p)["input_ids"]) for p in prompts)
     kw = dict(max_new_tokens=args.max_new_tokens, stop=GSM8K_STOP, progress=True)
 

@@ -92,6 +92,17 @@ def test_engine_matches_naive_on_shipped_tasks(tiny_model, tokenizer, shots):
     assert preds(fast) == preds(ref)
 
 
+def test_contexts_longer_than_the_window_are_cut_as_lm_eval_cuts_them(tiny_model, tokenizer):
+    """lm-eval keeps the last window of context + continuation per continuation: choices of different lengths
+    then see different contexts, and the engine must score each with its own."""
+    tiny_model.config.max_position_embeddings = 48  # the window max_length() reads; RoPE itself is unchanged
+    long = SHOTS * 3 + "Question: which one?\nAnswer:"
+    reqs = [Request(long, [" a", " a much longer answer than the first one", " mid length"], shared_prefix=SHOTS),
+            Request(long + " so", [" b", " yes it is"], shared_prefix=SHOTS)]
+    assert len(engine._tokenize(tokenizer, reqs[0], 48)) == 3
+    assert _max_diff(score(tiny_model, tokenizer, reqs), score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
+
+
 def test_passes_cover_rows_in_order_within_budget():
     lengths = [40, 38, 12, 11, 11, 10, 3, 3]
     order = list(range(len(lengths)))
@@ -141,7 +152,7 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
 
 def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer):
     reqs = _requests()
-    items = [engine._tokenize(tokenizer, r, 1024) for r in reqs]
+    items = [it for r in reqs for it, _ in engine._tokenize(tokenizer, r, 1024)]
     c = _Count(tiny_model)
     res = score(tiny_model, tokenizer, reqs, batch_size=3)
     c.close()

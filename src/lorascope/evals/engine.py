@@ -100,7 +100,13 @@ class _Seg:
     n: int
 
 
-def _tokenize(tokenizer, req: Request, max_len: int) -> _Item:
+def _tokenize(tokenizer, req: Request, max_len: int) -> list[tuple[_Item, list[int]]]:
+    """The request's items with the indices of the continuations each holds (one item unless truncated).
+
+    lm-eval keeps the last ``max_len`` tokens of context + continuation[:-1] per continuation, so a context
+    too long for the window is cut by an amount that depends on the continuation's length; continuations
+    that end up with different contexts become separate items.
+    """
     pairs = [encode_pair(tokenizer, req.context, c) for c in req.continuations]
     ctx = pairs[0][0] if pairs else []
     if not ctx:
@@ -109,11 +115,12 @@ def _tokenize(tokenizer, req: Request, max_len: int) -> _Item:
     if any(len(c) == 0 for c in conts):
         raise ValueError(f"empty continuation after tokenisation in request with context {req.context[-60:]!r}")
     longest = max(len(c) for c in conts)
-    if longest >= max_len:
+    if longest > max_len:
         raise ValueError(f"a continuation of {longest} tokens does not fit the model's {max_len}-token window")
-    if len(ctx) + longest > max_len:  # lm-eval keeps the right end of context+continuation
-        ctx = ctx[-(max_len - longest):]
-    return _Item(ctx, conts)
+    by_ctx: dict[tuple, list[int]] = {}
+    for j, c in enumerate(conts):
+        by_ctx.setdefault(tuple(ctx[-(max_len + 1 - len(c)):]), []).append(j)
+    return [(_Item(list(k), [conts[j] for j in js]), js) for k, js in by_ctx.items()]
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -363,16 +370,16 @@ def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int,
     return results
 
 
-def _group_prefixes(tokenizer, requests: Sequence[Request], items: list[_Item]) -> list[list[int]]:
-    """Token prefixes shared by the items of one ``shared_prefix`` hint; sets each item's ``group``.
+def _group_prefixes(tokenizer, hints: list[str], items: list[_Item]) -> list[list[int]]:
+    """Token prefixes shared by the items of one ``shared_prefix`` hint (one per item); sets their ``group``.
 
     The hint's own tokens can differ from the item's at the seam ("\\n\\n" + "Q" vs "\\n" "\\nQ"), so the
     common token prefix is used; items sharing too little, and hints of a single item, get no group.
     """
     by_hint: dict[str, list[int]] = {}
-    for i, r in enumerate(requests):
-        if r.shared_prefix:
-            by_hint.setdefault(r.shared_prefix, []).append(i)
+    for i, hint in enumerate(hints):
+        if hint:
+            by_hint.setdefault(hint, []).append(i)
     prefixes: list[list[int]] = [[]]
     for hint, idx in by_hint.items():
         ptoks = tokenizer.encode(hint, add_special_tokens=False)
@@ -396,11 +403,17 @@ def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, pr
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     max_len = max_length(model)
-    items = [_tokenize(tokenizer, r, max_len) for r in requests]
-    groups = _group_prefixes(tokenizer, requests, items)
+    items, owner, slots, hints = [], [], [], []
+    for ri, r in enumerate(requests):
+        for it, js in _tokenize(tokenizer, r, max_len):
+            items.append(it)
+            owner.append(ri)
+            slots.append(js)
+            hints.append(r.shared_prefix)
+    groups = _group_prefixes(tokenizer, hints, items)
     was_training = model.training
     model.eval()
-    results: list = [None] * len(items)
+    results: list[list] = [[None] * len(r.continuations) for r in requests]
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
     try:
         overhead = pass_overhead(model)
@@ -413,7 +426,8 @@ def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, pr
             budget = batch_size * max(_work(it, groups) for it in sub)
             pasts = _context_segs(model, sub, fams, gsegs, pad, budget, overhead)
             for i, o in zip(chunk, _score_choices(model, sub, pasts, pad, budget, overhead)):
-                results[i] = o
+                for j, x in zip(slots[i], o):
+                    results[owner[i]][j] = x
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -448,24 +462,23 @@ def score_naive(model, tokenizer, requests: Sequence[Request], batch_size: int =
     """Reference: every (context, continuation) as its own full sequence, as lm-eval's HF backend does."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     max_len = max_length(model)
-    flat = []  # (request index, full input tokens, continuation tokens)
+    flat = []  # (request index, continuation index, input tokens, continuation tokens), as lm-eval builds them
     for ri, r in enumerate(requests):
-        it = _tokenize(tokenizer, r, max_len)
-        for c in it.conts:
-            flat.append((ri, (it.ctx + c)[-(max_len + 1):][:-1], c))
-    slots = [j for r in requests for j in range(len(r.continuations))]
+        for j, cont in enumerate(r.continuations):
+            ctx, c = encode_pair(tokenizer, r.context, cont)
+            flat.append((ri, j, ((ctx or [prefix_token_id(tokenizer)]) + c)[-(max_len + 1):][:-1], c))
     results: list[list] = [[None] * len(r.continuations) for r in requests]
-    order = sorted(range(len(flat)), key=lambda k: -len(flat[k][1]))  # lm-eval sorts by length, longest first
+    order = sorted(range(len(flat)), key=lambda k: -len(flat[k][2]))  # lm-eval sorts by length, longest first
     model.eval()
     for s in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="naive scoring"):
         ks = order[s: s + batch_size]
         chunk = [flat[k] for k in ks]
-        ids, mask = _pad([c[1] for c in chunk], pad)
+        ids, mask = _pad([c[2] for c in chunk], pad)
         dev = model_device(model)
         logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), dim=-1)
-        for r, (k, (ri, inp, cont)) in enumerate(zip(ks, chunk)):
+        for r, (ri, j, inp, cont) in enumerate(chunk):
             n = len(inp)
             lp = logp[r, n - len(cont): n]
             t = torch.tensor(cont, device=logp.device)
-            results[ri][slots[k]] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
+            results[ri][j] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
     return results
