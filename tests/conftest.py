@@ -72,10 +72,10 @@ def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-study")
     corpus = root / "code.jsonl"
-    docs = [f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8 for i in range(60)]
+    docs = [f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8 for i in range(120)]
     # two copies of a HumanEval item: decontamination must drop them and the manifest must say so
     item = humaneval()[0]
-    docs[5] = docs[40] = item["prompt"] + item["canonical_solution"]
+    docs[5] = docs[80] = item["prompt"] + item["canonical_solution"]
     corpus.write_text("\n".join(json.dumps({"text": t}) for t in docs))
     cfg = root / "study.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -84,7 +84,8 @@ def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
                       "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": []}}],
         "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
                     {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
-        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 4},
+        # 16 items: both splits (validation / test, by a hash of each item's cluster) get some whatever the path
+        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 16},
                                                       {"tasks": ["arc_easy"], "limit": 3}]},
         "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}}}))
     return run_study(cfg, [], root / "study", executor="inline", progress=False)

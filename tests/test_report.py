@@ -232,6 +232,28 @@ def test_recommendation_follows_the_data(study):
     assert "Recommended for math-ift: lora-r16 lr=0.0001" in math
 
 
+def test_page_shows_each_settings_verdicts_lrs_and_frontiers(study):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+    from lorascope.report.sections import headlines
+
+    d, html, _ = study
+    text = html.read_text()
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    hs = headlines(st, points(st, rows), rows)
+    head = _section(text, "headline")
+    assert head.count('<div class="verdict">') == sum(len(h.verdicts) for h in hs) > 0
+    for h in hs:
+        for v in h.verdicts:
+            assert f"<span class=\"sig\">{v['verdict']}</span>" in head
+        for m, lr in h.chosen_lrs.items():
+            assert f"<td>{m}</td><td>" in head and f"<td>{lr:.4g}</td>" in head
+    assert "(at epoch 2)" in head and "(at 1,024 tokens)" in head
+    pareto = _section(text, "pareto")
+    assert pareto.count("where forgetting is compared") + pareto.count("cannot be compared at equal") == len(hs)
+
+
 def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
     from lorascope.report.collect import load_study_dir, metric_rows
     from lorascope.report.compare import headline, points
@@ -360,14 +382,15 @@ def test_names_are_escaped(real, tmp_path):
 
     d = tmp_path / "study"
     shutil.copytree(real[0], d)
-    evil = {"setting": '<script>alert("s")</script>&co', "method_name": "lo'ra <b>&amp; \"r4\""}
+    evil = {"setting": '<script>alert("s")</script>&co', "method_name": "lo'ra <marquee>&amp; \"r4\""}
     runs = json.loads((d / "runs.json").read_text())
     for r in runs:
         r["setting"] = evil["setting"]
         r["method_name"] = evil["method_name"] + r["method_name"]
         r["label"] = f"{r['setting']}/{r['method_name']}"
     (d / "runs.json").write_text(json.dumps(runs))
-    (d / "study.yaml").write_text((d / "study.yaml").read_text().replace("name: tiny", "name: '<i>x</i> & \"y\"'"))
+    yml = (d / "study.yaml").read_text()
+    (d / "study.yaml").write_text(yml.replace("name: tiny", "name: '<iframe>x</iframe> & \"y\"'"))
     text = write_report(d).read_text()
 
     class Tags(HTMLParser):
@@ -383,9 +406,9 @@ def test_names_are_escaped(real, tmp_path):
 
     p = Tags()
     p.feed(text)
-    assert not {"script", "b", "i"} & set(p.tags)
+    assert not {"script", "marquee", "iframe"} & set(p.tags)
     shown = "".join(p.text)
-    assert evil["setting"] in shown and evil["method_name"] in shown and '<i>x</i> & "y"' in shown
+    assert evil["setting"] in shown and evil["method_name"] in shown and '<iframe>x</iframe> & "y"' in shown
 
 
 def test_missing_parts_say_not_run(real, tmp_path):
@@ -440,7 +463,7 @@ def test_one_checkpoint_per_configuration_draws_differences_vs_base(real):
     # whose intervals cover everything, says so in the caption while the held-out BPB panel does not
     curves = _section(real[1].read_text(), "curves")
     caps = re.findall(r"<figcaption[^>]*>(.*?)</figcaption>", curves, re.S)
-    assert sum("One checkpoint per configuration" in c for c in caps) == 2
+    assert sum("evaluated at one checkpoint per configuration" in c for c in caps) == 2
     wide = [c for c in caps if "spans most of the axis" in c]
     assert len(wide) == 1 and "arc_easy" in wide[0] and "only 3 items" in wide[0] and "heldout_bpb" not in wide[0]
     assert any("minus cpt/full/" in c and "same batches" in c for c in caps)  # loss vs full FT, same seed
@@ -464,3 +487,50 @@ def test_layout_check_finds_overlaps_and_blank_panels():
     assert [p for p in layout_problems(fig)] == [f"panel '{bottom.get_title()}' is blank"]
     bottom.plot([0, 1], [1, 0])
     assert layout_problems(fig) == []
+
+
+def _headline_with_verdicts():
+    from lorascope.report.compare import Headline
+    from lorascope.report.metrics import spec
+
+    verdicts = [
+        {"question": "learns_less", "verdict": "yes", "estimate": -0.125, "interval": (-0.2, -0.05), "level": 0.95,
+         "reason": "significant in the paper's direction", "noise": "2 seed(s) x 10 item clusters", "split": "test",
+         "a": "lora-r16 lr=0.0002", "b": "full lr=2e-05", "budget": 8192, "correction": "Holm over 2 comparisons"},
+        {"question": "forgets_less_at_equal_learning", "verdict": "not resolved", "estimate": -0.01,
+         "interval": (-0.05, 0.03), "level": 0.95, "reason": "the interval is too wide <to tell>", "split": "test",
+         "noise": "2 seed(s) x 10 item clusters", "a": "lora", "b": "full", "budget": None, "range": (0.1, 0.3),
+         "power": "about 4x the item clusters would resolve a difference this size"}]
+    frontiers = {"full": {"points": [(0.1, 0.02, "full lr=1e-05"), (0.3, 0.06, "full lr=2e-05")],
+                          "curve": [(0.1, 0.02), (0.3, 0.06)], "band": (0.1, 0.3)},
+                 "lora": {"points": [(0.1, 0.01, "lora-r16 lr=1e-04"), (0.35, 0.03, "lora-r16 lr=2e-04")],
+                          "curve": [(0.1, 0.01), (0.35, 0.03)], "band": (0.1, 0.3)}}
+    return Headline("code-cpt", spec("heldout_bpb:code-cpt"), spec("english_bpb"), [], ["Learning is ..."],
+                    verdicts=verdicts, chosen_lrs={"full": 2e-5, "lora-r16": 2e-4, "lora-r64": 1e-4},
+                    frontiers=frontiers)
+
+
+def test_verdicts_lrs_and_frontiers_render_from_a_headline(tmp_path):
+    import warnings
+
+    from lorascope.report.collect import Study
+    from lorascope.report.figures import LayoutWarning
+    from lorascope.report.sections import headline_section, pareto_section
+
+    h = _headline_with_verdicts()
+    runs = [{"method_name": m, "family": f} for m, f in (("full", "full"), ("lora-r16", "lora"), ("lora-r64", "lora"))]
+    st = Study(path=tmp_path, runs=runs)
+    text = str(headline_section(st, [h]))
+    lines = re.findall(r'<div class="verdict">(.*?)</div>', text, re.S)
+    assert len(lines) == 2
+    assert "Does lora-r16 lr=0.0002 learn less than full lr=2e-05 (at 8,192 tokens)?" in lines[0]
+    assert "yes" in lines[0] and "-0.125 [-0.2, -0.05] (95% interval)" in lines[0] and "test split" in lines[0]
+    assert "2 seed(s) x 10 item clusters" in lines[0] and "significant in the paper" in lines[0]
+    assert "not resolved" in lines[1] and "too wide &lt;to tell&gt;" in lines[1] and "about 4x" in lines[1]
+    lrs = dict((r[0], r[1:]) for r in re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>"
+                                                   r"<td>([^<]*)</td></tr>", text))
+    assert lrs["lora-r16"] == ("lora", "0.0002", "10") and lrs["lora-r64"][2] == "5" and lrs["full"][2] == "–"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)
+        par = str(pareto_section(st, [], [], [h]))
+    assert par.count("<img") == 1 and "learning range both families reach (+0.1 to +0.3)" in par

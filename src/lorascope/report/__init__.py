@@ -37,7 +37,7 @@ def write_report(study_dir: Path) -> Path:
     write_parquet(rows, study_dir / "results.parquet")
     ps = points(st, rows)
     hs = headlines(st, ps, rows)
-    steps = [("headline", "Headline and recommendation", lambda: headline_section(st, hs)),
+    steps = [("headline", "Headline and recommendation", lambda: headline_section(st, hs, ps)),
              ("curves", "Learning, forgetting and loss", lambda: curves_section(st, ps, rows)),
              ("pareto", "Learning vs forgetting", lambda: pareto_section(st, ps, rows, hs)),
              ("spectrum", "Spectrum of the weight update", lambda: spectrum_section(st, ps, rows, hs)),

@@ -95,11 +95,14 @@ def _grid(n: int, w: float = 4.2, h: float = 3.2) -> tuple[Figure, list]:
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
-def curves_figure(ps: list[Point], base: dict, role: str) -> str | None:
-    """One panel per task of `role`: the task's metric vs tokens/epochs, a line per configuration with stderr
-    error bars, the base model as a dashed line."""
-    specs = sorted({(t, m) for p in ps for (t, m) in p.values if (s := spec(t)) and s.role == role
-                    and s.metric == m})
+def role_keys(ps: list[Point], role: str) -> list[tuple[str, str]]:
+    """(task, headline metric) of every task of `role` (learning or forgetting) evaluated on these points."""
+    return sorted({(t, m) for p in ps for (t, m) in p.values if (s := spec(t)) and s.role == role and s.metric == m})
+
+
+def curves_figure(ps: list[Point], base: dict, specs: list[tuple[str, str]]) -> str | None:
+    """One panel per (task, metric): the metric vs tokens/epochs, a line per configuration with stderr error
+    bars, the base model as a dashed line."""
     if not ps or not specs:
         return None
     by = axis(ps)
@@ -119,20 +122,23 @@ def curves_figure(ps: list[Point], base: dict, role: str) -> str | None:
         ax.set_title(f"{short_task(task)} {metric} ({'↑' if s.higher_better else '↓'} better)", fontsize=9)
         ax.set_xlabel(by)
         ax.grid(alpha=0.3)
-    outside_legend(axes[-1])
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside lower center", ncol=min(4, len(handles)))
     return to_png(fig)
 
 
 def spans_axis(ivs: list, lo: float, hi: float, share: float = 0.8) -> bool:
-    """Every interval includes 0 and covers most of the axis: the panel cannot tell anything apart."""
+    """Every interval includes 0 and the widest covers most of the axis: the panel resolves nothing (a
+    zero-width interval on a handful of items says no more than a wide one)."""
     ivs = [iv for iv in ivs if iv is not None]
-    return bool(ivs) and hi > lo and all(iv.lo <= 0 <= iv.hi and iv.hi - iv.lo >= share * (hi - lo) for iv in ivs)
+    return bool(ivs) and hi > lo and all(iv.lo <= 0 <= iv.hi for iv in ivs) and \
+        max(iv.hi - iv.lo for iv in ivs) >= share * (hi - lo)
 
 
 def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
     """Dot-and-interval panels, one per task: each configuration's difference vs the base model (the dashed
     line at 0), with its 95% interval. `panels`: {"title", "xlabel", "rows": [(name, Interval | None)]}.
-    Returns (png, notes): a note for each panel whose intervals all include 0 and span most of the axis."""
+    Returns (png, notes): a note for each panel that resolves nothing (see spans_axis)."""
     panels = [p for p in panels if any(iv is not None for _, iv in p["rows"])]
     if not panels:
         return None, []
@@ -156,7 +162,7 @@ def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
         ax.grid(alpha=0.3, axis="x")
         if spans_axis([iv for _, iv in rows], *ax.get_xlim()):
             items = {iv.n for _, iv in rows if iv.n}
-            notes.append(f"{p['title']}: every interval includes 0 and spans most of the axis"
+            notes.append(f"{p['title']}: every interval includes 0 and the widest spans most of the axis"
                          + (f" (only {max(items)} items)" if items else "")
                          + ", so this panel tells nothing apart; evaluate more items.")
     return to_png(fig), notes
@@ -266,7 +272,8 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
     return to_png(fig)
 
 
-def truncation_figure(points_by_rank: list[tuple[str, dict]], base: dict, full: dict, specs: list[MetricSpec]) -> str | None:
+def truncation_figure(points_by_rank: list[tuple[str, dict]], base: dict, full: dict,
+                      specs: list[MetricSpec]) -> str | None:
     """Metric vs kept rank of dW (rank-r truncations of a full-FT run), the untruncated run and the base."""
     specs = [s for s in specs if any((s.task, s.metric) in v for _, v in points_by_rank)]
     if not points_by_rank or not specs:

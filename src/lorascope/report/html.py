@@ -15,13 +15,14 @@ from markupsafe import Markup
 
 
 def fmt(x) -> str:
-    """A table cell as text: None as a dash, booleans as yes/no, floats to 4 significant digits."""
+    """A table cell as text: None as a dash, booleans as yes/no, floats to 4 significant digits (exponent below
+    1e-4: 2e-05, 0.0002)."""
     if x is None:
         return "–"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, float):
-        return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+        return f"{x:.4g}"
     return str(x)
 
 

@@ -14,11 +14,12 @@ import json
 from markupsafe import Markup
 
 from .collect import Study, result_metrics
-from .compare import Headline, Point, base_values, difference, finals, headline, vs_full_table
-from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, short_task,
-                      truncation_figure)
+from .compare import Headline, Point, axis, base_values, difference, finals, headline, vs_full_table
+from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, role_keys,
+                      short_task, truncation_figure)
 from .html import render
 from .metrics import spec
+from .verdict_view import frontier_figure, lr_rows, verdict_lines
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
 
 
@@ -44,11 +45,14 @@ def _headline_rows(h: Headline) -> list[list]:
     return rows
 
 
-def headline_section(st: Study, hs: list[Headline]) -> Markup:
+def headline_section(st: Study, hs: list[Headline], ps: list[Point] = ()) -> Markup:
+    family = {r.get("method_name"): r["family"] for r in st.runs}
     settings = [] if not st.runs else [
         {"setting": h.setting, "sentences": h.sentences, "rows": _headline_rows(h) if h.table and h.learning else [],
          "learning": h.learning.task if h.learning else "none",
-         "forgetting": h.forgetting.task if h.forgetting else "none"} for h in hs]
+         "forgetting": h.forgetting.task if h.forgetting else "none",
+         "verdicts": verdict_lines(h, axis([p for p in ps if p.setting == h.setting])),
+         "lrs": lr_rows(h.chosen_lrs, family)} for h in hs]
     return render("headline.html", settings=settings)
 
 
@@ -56,29 +60,36 @@ def _fig(png: str | None, caption: str | None = None) -> dict:
     return {"png": png, "caption": caption}
 
 
-FOREST_CAPTION = ("Difference vs the base model (dashed line) at each configuration's checkpoint, signed so that "
-                  "positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal approximation "
-                  "from the two stderrs without samples). One checkpoint per configuration, so no curve is drawn.")
+FOREST_CAPTION = ("Difference vs the base model (dashed line) at each configuration's last checkpoint, signed so "
+                  "that positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal "
+                  "approximation from the two stderrs without samples). These tasks were evaluated at one "
+                  "checkpoint per configuration, so no curve is drawn.")
 
 
-def _forest(st: Study, mine: list[Point], base: dict, role: str) -> dict:
+def _forest(st: Study, mine: list[Point], base: dict, role: str, keys: list[tuple[str, str]]) -> dict:
     """Dot-and-interval panels of one role (learning or forgetting), one per task, with their caption."""
-    keys = sorted({k for p in mine for k in p.values if (s := spec(k[0])) and s.role == role and s.metric == k[1]})
     what = "learned" if role == "learning" else "forgot"
     panels = [{"title": f"{short_task(t)} {m}", "xlabel": f"{role} vs base (positive = {what})",
-               "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in mine]} for t, m in keys]
+               "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in finals(mine) if (t, m) in p.values]}
+              for t, m in keys]
     png, notes = forest_figure(panels)
     return _fig(png, " ".join([FOREST_CAPTION.format(what=what), *notes]) if png else None)
 
 
-def _role_figure(st: Study, mine: list[Point], base: dict, role: str) -> dict:
-    """Curves over training when a configuration has several checkpoints, else a forest plot vs the base."""
-    per_config: dict[tuple, set] = {}
+def _role_figures(st: Study, mine: list[Point], base: dict, role: str) -> list[dict]:
+    """Curves over training for the tasks evaluated at several checkpoints of a configuration; a forest plot
+    vs the base for those evaluated once per configuration (a lone dot on a token axis says nothing)."""
+    keys = role_keys(mine, role)
+    ckpts: dict[tuple, set] = {}
     for p in mine:
-        per_config.setdefault((p.method, p.lr), set()).add(p.checkpoint)
-    if any(len(v) > 1 for v in per_config.values()):
-        return _fig(curves_figure(mine, base, role))
-    return _forest(st, mine, base, role)
+        for k in p.values:
+            ckpts.setdefault((k, p.method, p.lr), set()).add(p.checkpoint)
+    over_time = [k for k in keys if any(len(v) > 1 for (kk, *_), v in ckpts.items() if kk == k)]
+    once = [k for k in keys if k not in over_time]
+    out = [_fig(curves_figure(mine, base, over_time))] if over_time else []
+    if once:
+        out.append(_forest(st, mine, base, role, once))
+    return [f for f in out if f["png"]]
 
 
 def curves_section(st: Study, ps: list[Point], rows: list[dict]) -> Markup:
@@ -87,10 +98,10 @@ def curves_section(st: Study, ps: list[Point], rows: list[dict]) -> Markup:
     for setting, _ in settings_of(st):
         mine = [p for p in ps if p.setting == setting]
         tab = vs_full_table(st, ps, rows, setting)
-        out.append({"setting": setting, "learning": _role_figure(st, mine, base, "learning"),
-                    "forgetting": _role_figure(st, mine, base, "forgetting"),
+        out.append({"setting": setting, "learning": _role_figures(st, mine, base, "learning"),
+                    "forgetting": _role_figures(st, mine, base, "forgetting"),
                     "loss": _fig(*loss_figure([r for r in st.runs if r.get("setting") == setting])),
-                    "rows": [[r["point"].name, r["spec"].task, r["spec"].metric, r["value"], r["stderr"],
+                    "rows": [[r["point"].name, short_task(r["spec"].task), r["spec"].metric, r["value"], r["stderr"],
                               r["seed_sd"], r["n_seeds"], _iv(r["vs_base"]), _iv(r["vs_full"])] for r in tab]})
     return render("curves.html", settings=out)
 
@@ -99,6 +110,9 @@ def pareto_section(st: Study, ps: list[Point], rows: list[dict], hs: list[Headli
     base = base_values(rows)
     out = []
     for h in hs:
+        if h.frontiers:
+            out.append({"setting": h.setting, **_fig(*frontier_figure(h.frontiers)), "missing_task": False})
+            continue
         if h.learning is None or h.forgetting is None:
             out.append({"setting": h.setting, "png": None, "caption": None, "missing_task": True})
             continue
