@@ -48,3 +48,21 @@ def test_bad_override_syntax():
         load_run_config("nope.yaml")
     with pytest.raises(ConfigError, match="train"):
         validate(RunConfig, {"train": {"max_tokens": None, "epochs": None}})
+
+
+def test_errors_name_the_file_and_the_field(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("method:\n  rank: 0\ntrain:\n  colour: red\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    assert str(e.value) == f"{p}: method.rank: must be >= 1 (got 0); train.colour: unknown field"
+
+
+def test_overrides_walk_lists_by_index_and_star():
+    d = {"a": [{"b": 1}, {"b": 2}], "c": {"d": 1}}
+    apply_overrides(d, ["a.*.b=5", "a.0.e=x", "c.d=2", "f.g=[1, 2]"])
+    assert d == {"a": [{"b": 5, "e": "x"}, {"b": 5}], "c": {"d": 2}, "f": {"g": [1, 2]}}
+    with pytest.raises(ConfigError, match=r"a.2.b: '2' is not an index of a \(0..1 or \*\)"):
+        apply_overrides(d, ["a.2.b=1"])
+    with pytest.raises(ConfigError, match=r"c.d.e: 'd' is not a section"):
+        apply_overrides(d, ["c.d.e=1"])

@@ -291,7 +291,7 @@ def test_shrunken_presets_run(tmp_path, tiny_model_dir, corpus, ift_corpus, name
     by_id = {r["run_id"]: r["method_name"] for r in runs}
     if name == "critique" and not __import__("torch").cuda.is_available():
         # LoftQ needs a GPU: exactly that run fails (with its reason in its log), every other one completes
-        assert failed and [by_id[b.split(":")[1]] for b in bad] == ["r16-loftq"]
+        assert failed and {by_id[b.split(":")[1]] for b in bad} == {"r16-loftq"}  # one per seed
         assert "loftq needs a CUDA GPU" in (d / "logs" / (bad[0].replace(":", "_") + ".log")).read_text()
     else:
         assert failed is None and not bad
