@@ -3,6 +3,7 @@ presets run, a killed study completes on re-run with the same numbers, Ray local
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -464,3 +465,32 @@ def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
     n = len(_job_log(d))
     run_study(cfg, [], d, executor="inline", progress=False)  # a re-run replays the search from the files
     assert len(_job_log(d)) == n
+
+
+def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus, monkeypatch):
+    import lorascope.trainestimate
+    from lorascope.studycost import dry_run
+
+    measured = []
+
+    def fake_measure(cfg):  # stands in for the real measurement (a set-up and timed steps, tested with training)
+        measured.append(cfg.train.epochs)
+        return {"tokens_processed": 1000, "epochs": 1.0, "measured": {"tokens_per_s": 50.0}}
+
+    monkeypatch.setattr(lorascope.trainestimate, "dry_run", fake_measure)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({
+        "seeds": [0], "settings": [{"name": "ift", "separate_runs": True,
+                                    "data": {"dataset": str(ift_corpus), "regime": "ift"},
+                                    "train": {"max_tokens": None, "epochs": 2, "checkpoints": [1]}}],
+        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-3]}],
+        "evals": {"groups": [{"tasks": ["english_bpb"]}]}}))
+    study = load_study(p)
+    assert "2 epoch-budget runs not counted" in dry_run(study, 90, 60)
+    out = dry_run(study, 90, 60, measure=True)
+    assert measured == [1]  # one measurement per setting x method
+    tokens = {int(m.group(1)): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"/e(\d+) +main +([\d,]+) tokens", out)}
+    assert tokens == {1: 1000, 2: 2000} and "training tokens: 3,000 planned" in out
+    # 3,000 tokens at 50 tokens/s + 3 evaluations (base, 2 runs) x 60 s = 4 min
+    assert "estimated time: 4 min" in out and "MEASURED" in out and "not counted" not in out

@@ -160,13 +160,15 @@ def study(ctx: typer.Context,
           tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the --dry-run "
                                              "estimate assumes (default: embedded model on 2 CPU cores)"),
           eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
-                                           "estimate assumes")):
+                                           "estimate assumes"),
+          measure: bool = typer.Option(False, "--measure", help="with --dry-run: measure the training pace of "
+                                       "each setting x method on this machine (loads the model; minutes)")):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
     if dry_run:
         from .studyconfig import load_study
         from .studycost import dry_run as plan_text
 
-        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s))
+        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure))
         return
     if out is None:
         raise LorascopeError("--out: required (the study directory), unless --dry-run")

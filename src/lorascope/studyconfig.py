@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -306,17 +305,6 @@ def _by_epoch(s: Setting) -> bool:
 
 def _budget_override(s: Setting, value: int) -> dict:
     return {"epochs": value, "checkpoints": []} if _by_epoch(s) else {"max_tokens": value, "checkpoints": []}
-
-
-def planned_tokens(cfg: RunConfig) -> int | None:
-    """Tokens a CPT run trains on, cooldown branches included (cooldown_frac x each intermediate budget); None
-    for an epoch budget (it depends on the built dataset)."""
-    t = cfg.train
-    if t.epochs is not None or t.max_tokens is None:
-        return None
-    steps = math.ceil(t.max_tokens / t.tokens_per_step)
-    extra = sum(b * t.cooldown_frac for b in t.checkpoints if b < t.max_tokens) if t.cooldown_per_checkpoint else 0
-    return steps * t.tokens_per_step + int(extra)
 
 
 def checkpoint_names(cfg: RunConfig) -> list[str]:

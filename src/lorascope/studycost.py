@@ -1,13 +1,14 @@
-"""What a study will cost before it runs: ``lorascope study CONFIG --dry-run``.
+"""What a study will cost before it runs: ``lorascope study CONFIG --dry-run [--measure]``.
 
     print(dry_run(load_study("configs/quick.yaml"), tokens_per_s=90, eval_job_s=60))
 
 Lists every planned run (with ``lrs: auto``, the search runs of the first seed, then the other seeds at the LR
 the search will choose, shown as ``lr<chosen>``), its training tokens and checkpoints, the jobs per kind, the
-tokens in total (and with every allowed grid extension), and an estimated time from a stated training speed
-and a stated time per evaluation job, both for the whole machine (parallel jobs share its cores, so --jobs
-does not divide the estimate). Both speeds are inputs, printed as assumptions: the estimate is only as
-good as them (measure yours with ``lorascope train`` on one run and pass it with ``--tokens-per-s``).
+tokens in total (and with every allowed grid extension), and an estimated time. The training pace is either
+stated (``--tokens-per-s``, printed as an assumption) or, with ``--measure``, measured per (setting, method) by
+``lorascope.trainestimate`` (the run set up as training does, a few timed steps; this loads the model and
+builds the data, so it takes minutes). Evaluation is a stated time per job (``--eval-job-s``). Both speeds are
+for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide the estimate.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from collections import Counter
 
 from .config import RunConfig
 from .jobs import build_jobs
-from .studyconfig import AutoLR, StudyConfig, budgets, checkpoint_names, make_run, planned_tokens, search_budget
+from .studyconfig import AutoLR, StudyConfig, budgets, checkpoint_names, make_run, search_budget
 from .studyplan import plan_runs
+from .trainplan import Plan
 
 
 def planned(study: StudyConfig) -> tuple[list[dict], list[dict]]:
@@ -40,32 +42,58 @@ def planned(study: StudyConfig) -> tuple[list[dict], list[dict]]:
     return runs, extra
 
 
-def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float) -> str:
+def planned_tokens(cfg: RunConfig, measured: dict | None = None) -> int | None:
+    """Tokens a run processes (cooldown branches included), by the training plan's own arithmetic; an epoch
+    budget needs the dataset's size, known only from a measured run of the same setting (else None)."""
+    t = cfg.train
+    if t.epochs is None:  # the number of rows only matters for epoch budgets
+        return Plan(t, n_rows=t.batch_size * t.grad_accum).describe()["tokens_processed"]
+    if measured:
+        return round(measured["tokens_processed"] / measured["epochs"] * t.epochs)
+    return None
+
+
+def measure_paces(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(setting, method) -> lorascope.trainestimate.dry_run of its first run: measured tokens/s, plan numbers."""
+    from .trainestimate import dry_run as measure_run
+
+    out: dict[tuple[str, str], dict] = {}
+    for r in runs:
+        key = (r["setting"], r["method_name"])
+        if key not in out:
+            out[key] = measure_run(RunConfig.model_validate(r["config"]))
+    return out
+
+
+def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure: bool = False) -> str:
     runs, extra = planned(study)
+    paces = measure_paces(runs) if measure else {}
     graph = build_jobs(study, runs)
     kinds = Counter(j["kind"] for j in graph)
     lines = [f"study {study.name}: {len(runs)} runs (model {study.model}, seeds {study.seeds})"]
-    total, unknown = 0, 0
+    total, train_s, unknown = 0, 0.0, 0
     for r in runs:
-        cfg = RunConfig.model_validate(r["config"])
-        tok = planned_tokens(cfg)
-        total += tok or 0
-        unknown += tok is None
+        cfg, pace = RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"]))
+        tok = planned_tokens(cfg, pace)
+        total, unknown = total + (tok or 0), unknown + (tok is None)
+        speed = pace["measured"]["tokens_per_s"] if pace else tokens_per_s
+        train_s += (tok or 0) / speed
         what = f"{tok:,} tokens" if tok is not None else f"{cfg.train.epochs} epoch(s), tokens depend on the data"
         lines.append(f"  {r['label']:<44} {r.get('role', 'main'):<9} {what:<22} "
-                     f"checkpoints {', '.join(checkpoint_names(cfg))}")
-    ext = sum(planned_tokens(RunConfig.model_validate(r["config"])) or 0 for r in extra)
-    train_s = total / tokens_per_s
-    eval_s = (kinds["eval"] + kinds["eval-trunc"]) * eval_job_s
+                     + (f"{speed:,.0f} tokens/s  " if pace else "") + f"checkpoints {', '.join(checkpoint_names(cfg))}")
+    ext = sum(planned_tokens(RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"])))
+              or 0 for r in extra)
+    n_eval = kinds["eval"] + kinds["eval-trunc"]
+    pace_note = ("the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
+                 if measure else f"{tokens_per_s:g} tokens/s (ASSUMED, --tokens-per-s: the whole machine's, "
+                                 f"whatever --jobs; --measure measures it)")
     lines += [f"jobs: {len(graph)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
               f"training tokens: {total:,} planned" + (f" (+ {unknown} epoch-budget runs not counted)" if unknown
                                                       else "") + (f"; up to {total + ext:,} if every LR search "
                                                                   f"uses all its extensions" if ext else ""),
-              f"estimated time: {_hms(train_s + eval_s)} = training {_hms(train_s)} at {tokens_per_s:g} tokens/s "
-              f"(ASSUMED, --tokens-per-s: the whole machine's, whatever --jobs) + "
-              f"{kinds['eval'] + kinds['eval-trunc']} evaluation jobs x {eval_job_s:g} s (ASSUMED, --eval-job-s); "
-              f"analysis jobs and set-up not included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown
-                                                        else "")]
+              f"estimated time: {_hms(train_s + n_eval * eval_job_s)} = training {_hms(train_s)} at {pace_note} + "
+              f"{n_eval} evaluation jobs x {eval_job_s:g} s (ASSUMED, --eval-job-s); analysis jobs and set-up not "
+              f"included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown else "")]
     return "\n".join(lines)
 
 
