@@ -78,6 +78,15 @@ def test_paired_seeds_and_clusters_narrow_a_difference():
     assert widths["paired"] < widths["unpaired"] / 3  # shared seed and item effects cancel only when paired
 
 
+def test_token_weighted_metric_is_the_ratio_of_sums():
+    # KL is sum(kl_sum) / sum(tokens): a long text counts for its tokens, not as one item
+    kl, tok = {"t1": 0.1, "t2": 0.4, "t3": 0.2}, {"t1": 100.0, "t2": 10.0, "t3": 50.0}
+    t = ClusterTable.build({"x": {0: kl}}, {"t1": "a", "t2": "a", "t3": "b"}, tok)
+    est, _ = t.means(Draws.make([t], 10))
+    assert est["x"] == pytest.approx(sum(kl[i] * tok[i] for i in kl) / sum(tok.values()))
+    assert t.n_items == 3 and list(t.counts) == [110.0, 50.0]
+
+
 def test_one_seed_interval_covers_items_only():
     from lorascope.report.bootstrap import noise_text
 

@@ -36,33 +36,32 @@ N_BOOT = 1000
 
 @dataclass(eq=False)  # hashed by identity: Draws keys its cluster weights by table
 class ClusterTable:
-    """Per-arm sums of item values by (seed, cluster) over the items every arm and seed has (paired items)."""
+    """Per-arm weighted sums of item values by (seed, cluster) over the items every arm and seed has (paired)."""
 
     clusters: list[str]
-    counts: np.ndarray  # (C,) items per cluster
+    counts: np.ndarray  # (C,) total item weight per cluster (items, or tokens for a token-weighted metric)
     seeds: dict  # arm -> tuple of seed ids (rows of its sums)
-    sums: dict  # arm -> (S_arm, C) sum of item values
+    sums: dict  # arm -> (S_arm, C) weighted sum of item values
+    n_items: int = 0
 
     @classmethod
-    def build(cls, values: dict, cluster_of: dict) -> "ClusterTable":
-        """values: arm -> seed -> {item id: value}; cluster_of: item id -> cluster key (missing = own cluster)."""
+    def build(cls, values: dict, cluster_of: dict, weight: dict | None = None) -> "ClusterTable":
+        """values: arm -> seed -> {item id: value}; cluster_of: item id -> cluster key (missing = own cluster);
+        weight: item id -> weight of its value in the mean (missing = 1; the same for every arm)."""
         per_seed = [items for seeds in values.values() for items in seeds.values()]
         common = sorted(set.intersection(*(set(v) for v in per_seed))) if per_seed else []
         keys = sorted({cluster_of.get(i, i) for i in common})
         col = {k: j for j, k in enumerate(keys)}
         idx = np.array([col[cluster_of.get(i, i)] for i in common], dtype=int)
-        counts = np.bincount(idx, minlength=len(keys)).astype(float)
+        w = np.array([(weight or {}).get(i, 1.0) for i in common], dtype=float)
+        counts = np.bincount(idx, weights=w, minlength=len(keys))
         seeds, sums = {}, {}
         for arm, by_seed in values.items():
             seeds[arm] = tuple(sorted(by_seed, key=str))
-            rows = [np.bincount(idx, weights=[by_seed[s][i] for i in common], minlength=len(keys))
+            rows = [np.bincount(idx, weights=w * np.array([by_seed[s][i] for i in common]), minlength=len(keys))
                     for s in seeds[arm]]
             sums[arm] = np.array(rows, dtype=float).reshape(len(rows), len(keys))
-        return cls(keys, counts, seeds, sums)
-
-    @property
-    def n_items(self) -> int:
-        return int(self.counts.sum())
+        return cls(keys, counts, seeds, sums, len(common))
 
     def means(self, draws: "Draws") -> tuple[dict, dict]:
         """(point estimate per arm, (B,) replicate means per arm): weighted mean over seeds x items."""

@@ -33,8 +33,9 @@ def tables(st: Study, ps: list, s: MetricSpec, split: str) -> list[ClusterTable]
     part's samples are left out of every part, so all tables hold the same arms. None without the base."""
     loaded: dict[str, dict] = {}
     cluster_of: dict[str, dict] = {}
+    weight: dict[str, dict] = {}
     for task in parts(s):
-        got, cl = {}, {}
+        got, cl, wt = {}, {}, {}
         arms = {i: [(rid, p.checkpoint, st.run(rid).get("seed")) for rid in p.run_ids] for i, p in enumerate(ps)}
         arms[BASE] = [(BASE, None, BASE)]
         for key, runs in arms.items():
@@ -45,14 +46,16 @@ def tables(st: Study, ps: list, s: MetricSpec, split: str) -> list[ClusterTable]
                     break
                 by_seed[seed] = r[0]
                 cl.update(r[1])
+                wt.update(r[2])
             else:
                 got[key] = by_seed
-        loaded[task], cluster_of[task] = got, cl
+        loaded[task], cluster_of[task], weight[task] = got, cl, wt
     keep = set.intersection(*(set(v) for v in loaded.values()))
     if BASE not in keep:
         return None
-    out = [ClusterTable.build({k: v for k, v in loaded[t].items() if k in keep}, cluster_of[t]) for t in parts(s)]
-    return out if all(t.n_items for t in out) else None
+    out = [ClusterTable.build({k: v for k, v in loaded[t].items() if k in keep}, cluster_of[t], weight[t])
+           for t in parts(s)]
+    return out if all(t.n_items and t.counts.sum() > 0 for t in out) else None
 
 
 def _means(ts: list[ClusterTable], draws: Draws) -> tuple[dict, dict]:

@@ -8,8 +8,8 @@ knowledge). Both are signed so that positive means "learned" / "forgot":
 
 Example::
 
-    >>> spec("winogrande")
-    MetricSpec(task='winogrande', metric='acc,none', higher_better=True, role='forgetting', item_field='acc')
+    >>> spec("winogrande").metric, spec("winogrande").role, spec("kl_base:10000").weight_field
+    ('acc,none', 'forgetting', 'tokens')
     >>> spec("heldout_bpb:code-cpt").role
     'learning'
     >>> learning_metric(["heldout_bpb:code-cpt", "english_bpb"], "code-cpt")
@@ -30,6 +30,7 @@ class MetricSpec:
     higher_better: bool
     role: str  # "learning" | "forgetting"
     item_field: str | None  # per-item field in samples/<task>.jsonl whose mean is the metric
+    weight_field: str | None = None  # per-item weight of that mean (KL is token-weighted: "tokens")
 
 
 _FIXED = {
@@ -38,7 +39,7 @@ _FIXED = {
     "arc_easy": ("acc_norm,none", True, "forgetting", "acc_norm"),
     "winogrande": ("acc,none", True, "forgetting", "acc"),
     "english_bpb": ("bpb", False, "forgetting", "bpb"),
-    "kl_base": ("kl", False, "forgetting", "kl"),
+    "kl_base": ("kl", False, "forgetting", "kl", "tokens"),
     "forgetting_mean": ("mean", True, "forgetting", None),
     "humaneval_bpb": ("bpb", False, "learning", "bpb"),
     "mbpp_bpb": ("bpb", False, "learning", "bpb"),
@@ -55,6 +56,8 @@ def spec(task: str) -> MetricSpec | None:
     """The headline metric of a task, or None for a task the report does not know (still in the parquet)."""
     if task.startswith("heldout_bpb:"):
         return MetricSpec(task, "bpb", False, "learning", "bpb")
+    if task.startswith("kl_base:"):  # kl_base:<tokens>, a stated amount of text
+        return MetricSpec(task, *_FIXED["kl_base"])
     if task not in _FIXED:
         return None
     return MetricSpec(task, *_FIXED[task])
@@ -89,8 +92,10 @@ def learning_metric(tasks: list[str], dataset: str | None) -> str | None:
 
 
 def forgetting_metric(tasks: list[str]) -> str | None:
-    """The paper's forgetting_mean when all three tasks ran, else the most sensitive proxy evaluated."""
-    for t in ("forgetting_mean", "english_bpb", "kl_base", *FORGETTING_TASKS, "arc_easy"):
+    """The paper's forgetting_mean when all three tasks ran, else the most sensitive proxy evaluated: KL to the
+    base (a CPT run on raw text can lower an instruct model's English BPB by format adaptation alone)."""
+    kl = sorted(t for t in tasks if t.startswith("kl_base:")) or ["kl_base"]
+    for t in ("forgetting_mean", kl[0], "english_bpb", *FORGETTING_TASKS, "arc_easy"):
         if t in tasks:
             return t
     return None

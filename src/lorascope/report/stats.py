@@ -115,19 +115,22 @@ def seed_spread(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1))
 
 
-def split_items(st: Study, run_id: str, ckpt: str | None, task: str, split: str) -> tuple[dict, dict] | None:
-    """({item id: value}, {item id: cluster key}) of one task's items on one split, or None without samples.
+def split_items(st: Study, run_id: str, ckpt: str | None, task: str, split: str) -> tuple[dict, dict, dict] | None:
+    """({item id: value}, {item id: cluster key}, {item id: weight}) of one task's items on one split, or None
+    without samples. Weights are 1 unless the metric is weighted (KL: tokens per text).
 
     Each sample line carries "split" and "cluster"; lines written before those fields existed get the shared
     rule's answer for the cluster "<task>/<id>" (benchmark items are their own cluster). pass@1 of a problem
     with n samples, c passing, is c/n (the unbiased estimator at k=1), so samples of one id are averaged.
     """
-    field = spec(task).item_field if spec(task) else None
+    s = spec(task)
+    field = s.item_field if s else None
     recs = st.samples(run_id, ckpt, task)
     if recs is None or not field:
         return None
     acc: dict[str, list[float]] = {}
     clusters: dict[str, str] = {}
+    weights: dict[str, float] = {}
     for r in recs:
         v = r.get(field)
         if field == "passed" or isinstance(v, bool):
@@ -140,6 +143,7 @@ def split_items(st: Study, run_id: str, ckpt: str | None, task: str, split: str)
             continue
         acc.setdefault(i, []).append(float(v))
         clusters[i] = cl
+        weights[i] = float(r.get(s.weight_field) or 0.0) if s.weight_field else 1.0
     if not acc:
         return None
-    return {i: sum(v) / len(v) for i, v in acc.items()}, clusters
+    return {i: sum(v) / len(v) for i, v in acc.items()}, clusters, weights
