@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lorascope.errors import ConfigError, LorascopeError
-from lorascope.config import apply_overrides
+from lorascope.config import apply_overrides, dump
 from lorascope.jobs import build_jobs
 from lorascope.study import run_study
 from lorascope.studyconfig import AutoLR, load_study
@@ -494,3 +494,33 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
     assert tokens == {1: 1000, 2: 2000} and "training tokens: 3,000 planned" in out
     # 3,000 tokens at 50 tokens/s + 3 evaluations (base, 2 runs) x 60 s = 4 min
     assert "estimated time: 4 min" in out and "MEASURED" in out and "not counted" not in out
+
+
+def test_base_model_skips_the_items_any_run_excludes(tmp_path, tiny_model_dir, corpus):
+    """Base and tuned models are scored on the same items: the base eval skips the eval ids that the runs'
+    data manifests exclude (a run's own evaluation already skips them)."""
+    from lorascope.executors import InlineExecutor
+    from lorascope.jobs import run_job
+    from lorascope.study import Scheduler
+
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
+                     evals={"checkpoints": "final", "groups": [{"tasks": ["arc_easy"], "limit": 3}]})
+    study = load_study(cfg)
+    base_ids = {}
+    for name, exclude in (("plain", None), ("excluding", 0)):
+        d = tmp_path / name
+        (d / "logs").mkdir(parents=True)
+        (d / "study.yaml").write_text(yaml.safe_dump(dump(study)))
+        sched = Scheduler(study, d, InlineExecutor(d))  # writes runs.json and jobs.json; runs nothing
+        (base,) = [j for j in sched.jobs.values() if j["id"] == "eval:base"]
+        assert set(base["deps"]) == {f"train:{r['run_id']}" for r in expand(study)[:1]}  # one data set
+        if exclude is not None:  # the second run's data was built from the first item the base scored
+            rid = expand(study)[1]["run_id"]
+            (d / "runs" / rid).mkdir(parents=True)
+            (d / "runs" / rid / "data_manifest.json").write_text(json.dumps(
+                {"excluded_eval_ids": {"arc_easy": [base_ids["plain"][0]]}}))
+        run_job(d, "eval:base")
+        rows = (d / "evals" / "base" / "samples" / "arc_easy.jsonl").read_text().splitlines()
+        base_ids[name] = [json.loads(line)["id"] for line in rows]
+    assert base_ids["plain"][0] not in base_ids["excluding"] and len(base_ids["excluding"]) == 3
+    assert base_ids["plain"][1:] == base_ids["excluding"][:2]

@@ -25,7 +25,11 @@ def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
     """Jobs with ids, kinds and dependencies, in a valid order (a job's deps come before it)."""
     jobs = []
     if study.evals.base and study.evals.groups:
-        jobs.append({"id": "eval:base", "kind": "eval", "run": None, "ckpt": None, "deps": []})
+        # after one run per training data set has written its data manifest: the base model skips the eval
+        # items any run's data excludes, so base and tuned models are scored on the same items
+        first = {json.dumps(r["config"]["data"], sort_keys=True): r["run_id"] for r in reversed(runs)}
+        jobs.append({"id": "eval:base", "kind": "eval", "run": None, "ckpt": None,
+                     "deps": sorted(f"train:{rid}" for rid in first.values())})
     for r in runs:
         jobs += run_jobs(study, r)
     return jobs
@@ -82,9 +86,22 @@ def is_done(d: Path, job: dict) -> bool:
     return done_marker(d, job).exists() or (job["kind"] == "train" and diverged(d, job["run"]))
 
 
-def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None) -> None:
+def excluded_by_runs(d: Path) -> dict[str, list]:
+    """The union of the eval item ids that the study's runs' data manifests exclude (task -> ids)."""
+    out: dict[str, list] = {}
+    for r in json.loads((d / "runs.json").read_text()):
+        mf = d / "runs" / r["run_id"] / "data_manifest.json"
+        if mf.exists():
+            for task, ids in (json.loads(mf.read_text()).get("excluded_eval_ids") or {}).items():
+                out[task] = out.get(task, []) + [i for i in ids if i not in out.get(task, [])]
+    return out
+
+
+def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None,
+                  exclude_ids: dict[str, list] | None = None) -> None:
     """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
-    a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate())."""
+    a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate()).
+    ``exclude_ids``: eval items to skip besides those the run's own data manifest excludes."""
     from .evals.api import evaluate
     from .evals.results import forgetting_mean
 
@@ -100,7 +117,7 @@ def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | 
         else:
             res = evaluate(spec, g.tasks, gdir, limit=g.limit, shots=g.shots, samples=g.samples,
                            temperature=g.temperature, batch_size=study.evals.batch_size,
-                           allow_code_execution=g.allow_code_execution, progress=False)
+                           allow_code_execution=g.allow_code_execution, exclude_ids=exclude_ids, progress=False)
         merged["tasks"].update(res["tasks"])
         merged["derived"].update(res.get("derived", {}))
         merged["groups"].append({"tasks": g.tasks, "limit": g.limit, "settings": res.get("settings")})
@@ -141,9 +158,10 @@ def run_job(d: Path, job_id: str) -> None:
     if kind == "train":
         runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
         train_job(study, d / "runs" / rid, RunConfig.model_validate(runs[rid]["config"]))
+    elif kind == "eval" and rid is None:
+        evaluate_into(study, study.model, done_marker(d, job).parent, exclude_ids=excluded_by_runs(d))
     elif kind == "eval":
-        spec = study.model if rid is None else f"{d / 'runs' / rid}:{job['ckpt']}"
-        evaluate_into(study, spec, done_marker(d, job).parent, job.get("groups"))
+        evaluate_into(study, f"{d / 'runs' / rid}:{job['ckpt']}", done_marker(d, job).parent, job.get("groups"))
     elif kind == "spectrum":
         from .analysis.spectrum import spectrum_cli
 
