@@ -304,7 +304,7 @@ def test_interval_text_has_no_negative_zero():
     assert Interval(-0.25, -0.5, -0.125, 20, "paired bootstrap").text(2) == "-0.25 [-0.50, -0.12]"
 
 
-SECTIONS = ("headline", "curves", "pareto", "spectrum", "cost", "provenance")
+SECTIONS = ("headline", "curves", "pareto", "spectrum", "cost", "time", "provenance")
 
 
 def test_real_study_fills_every_section(real):
@@ -534,3 +534,21 @@ def test_verdicts_lrs_and_frontiers_render_from_a_headline(tmp_path):
         warnings.simplefilter("error", LayoutWarning)
         par = str(pareto_section(st, [], [], [h]))
     assert par.count("<img") == 1 and "learning range both families reach (+0.1 to +0.3)" in par
+
+
+def test_where_the_time_went_adds_up_from_the_job_log(real):
+    from lorascope.report.collect import load_study_dir
+    from lorascope.report.timing import timing_rows
+
+    d, html = real
+    log = [json.loads(x) for x in (d / "logs" / "jobs.jsonl").read_text().splitlines()]
+    rows = {r[0]: r for r in timing_rows(load_study_dir(d))}
+    assert set(rows) == {j["job"].split(":")[0] for j in log} | {"all"}
+    assert rows["all"][2] == pytest.approx(sum(j["elapsed_s"] for j in log))
+    trains = [j for j in log if j["job"].startswith("train:")]
+    loops = [json.loads((d / "runs" / j["job"].split(":")[1] / "summary.json").read_text())["wall_s"] for j in trains]
+    kind, n, wall, train, ev, analysis, over, per_job, _ = rows["train"]
+    assert (n, ev, analysis) == (len(trains), 0, 0) and train == pytest.approx(sum(loops))
+    assert over == pytest.approx(wall - train) and per_job == pytest.approx(over / n) and over > 0
+    assert rows["truncate"][6] is None and rows["truncate"][5] == rows["truncate"][2]  # records no work
+    assert "Where the time went" in html.read_text() and "overhead per job" in _section(html.read_text(), "time")

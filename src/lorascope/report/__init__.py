@@ -22,7 +22,7 @@ from .collect import load_study_dir, metric_rows, write_parquet
 from .compare import points
 from .html import render
 from .sections import (cost_section, curves_section, diversity_section, headline_section, headlines,
-                       pareto_section, provenance_section, spectrum_section)
+                       pareto_section, provenance_section, spectrum_section, timing_section)
 
 __all__ = ["write_report"]
 
@@ -42,6 +42,7 @@ def write_report(study_dir: Path) -> Path:
              ("pareto", "Learning vs forgetting", lambda: pareto_section(st, ps, rows, hs)),
              ("spectrum", "Spectrum of the weight update", lambda: spectrum_section(st, ps, rows, hs)),
              ("cost", "Cost", lambda: cost_section(st)),
+             ("time", "Where the time went", lambda: timing_section(st)),
              ("diversity", "Diversity of generations", lambda: diversity_section(st, ps, rows)),
              ("provenance", "Provenance", lambda: provenance_section(st))]
     sections = [{"anchor": a, "heading": h, "body": build()}

@@ -42,6 +42,7 @@ class Study:
     spectra: dict = field(default_factory=dict)  # (run_id, ckpt) -> spectrum.json
     truncations: dict = field(default_factory=dict)  # (run_id, 'r16') -> truncation.json (without per-matrix)
     commands: str = ""
+    jobs: list = field(default_factory=list)  # logs/jobs.jsonl: one line per finished job (job, rc, elapsed_s)
 
     def run(self, run_id: str) -> dict:
         return next(r for r in self.runs if r["run_id"] == run_id)
@@ -114,6 +115,7 @@ def load_study_dir(path: Path) -> Study:
         st.config = yaml.safe_load(st.study_yaml) or {}
     st.commands = (path / "commands.txt").read_text(encoding="utf-8") if (path / "commands.txt").exists() else ""
     st.base = _json(path / "evals" / BASE / "results.json")
+    st.jobs = _jsonl(path / "logs" / "jobs.jsonl")
     for r in _json(path / "runs.json") or []:
         run = {k: v for k, v in r.items() if k != "config"}
         run["config"] = r.get("config", {})

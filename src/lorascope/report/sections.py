@@ -19,8 +19,9 @@ from .figures import (curves_figure, diversity_figure, forest_figure, loss_figur
                       short_task, truncation_figure)
 from .html import render
 from .metrics import spec
-from .verdict_view import frontier_figure, lr_rows, verdict_lines
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
+from .timing import timing_rows
+from .verdict_view import frontier_figure, lr_rows, verdict_lines
 
 
 def settings_of(st: Study) -> list[tuple[str, str | None]]:
@@ -221,6 +222,10 @@ def _data_rows(st: Study) -> list[list]:
                      f"{rule}; dropped {json.dumps(dropped) if dropped else 'none'}",
                      json.dumps({k: len(v) for k, v in (m.get("excluded_eval_ids") or {}).items()})])
     return rows
+
+
+def timing_section(st: Study) -> Markup:
+    return render("timing.html", rows=timing_rows(st))
 
 
 SOFTWARE_KEYS = ["python", "platform", "cpu_count", "gpu", "torch", "transformers", "peft", "accelerate", "processes"]
