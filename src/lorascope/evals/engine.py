@@ -175,7 +175,8 @@ def pass_overhead(model) -> float:
     """The fixed cost of one forward pass in units of one token's cost, timed on this model (cached per model).
 
     Two tiny passes (4 and 68 tokens, best of three each) give time = fixed + per_token * tokens; the ratio is
-    what the pass planner trades against padding. On a CPU it is a few dozen tokens, on a GPU far more.
+    what the pass planner trades against padding (on a GPU, where a small pass leaves the device idle, it is
+    much larger than on a CPU, so passes there pack more rows). Minimum times, as other load only adds time.
     """
     if model in _OVERHEAD:
         return _OVERHEAD[model]
