@@ -243,3 +243,42 @@ def test_embedded_lora_r16_all_reloads(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert _maxdiff(plain(input_ids=x).logits, ref) <= 1e-4
+
+
+def test_dropout_zero_is_peft_itself_bit_for_bit(model_dirs):
+    """With method.dropout=0 nothing of ours sits in the LoRA path: losses equal stock peft's to the bit."""
+    from peft import LoraConfig, get_peft_model
+
+    m = MethodConfig(kind="lora", rank=4, dropout=0.0)
+    torch.manual_seed(0)
+    ours = apply_method(_load(model_dirs[True]), m)
+    torch.manual_seed(0)
+    stock = get_peft_model(_load(model_dirs[True]), LoraConfig(r=4, lora_alpha=m.lora_alpha, lora_dropout=0.0,
+                                                               target_modules=m.target_modules,
+                                                               task_type="CAUSAL_LM"))
+    assert _train(ours, m, steps=3) == _train(stock, m, steps=3)
+
+
+def test_lora_dropout_one_mask_per_input(model_dirs):
+    """Adapters reading one input (q/k/v; gate/up) get the same dropped copy; other inputs and other forward
+    passes get their own masks; eval mode drops nothing."""
+    m = MethodConfig(kind="lora", rank=4, dropout=0.5)
+    model = apply_method(_load(model_dirs[True]), m)
+    seen = {}
+    for name, mod in model.named_modules():
+        if name.endswith("lora_A.default"):
+            key = name.split(".")[-3]  # q_proj, ..., down_proj (first block only: hooks overwrite per block)
+            if ".layers.0." in name:
+                mod.register_forward_pre_hook(lambda _m, args, key=key: seen.__setitem__(key, args[0]))
+    model.train()
+    model(input_ids=BATCH)
+    first = dict(seen)
+    assert first["q_proj"] is first["k_proj"] is first["v_proj"] and first["gate_proj"] is first["up_proj"]
+    assert first["o_proj"] is not first["q_proj"] and first["down_proj"] is not first["gate_proj"]
+    zeros = (first["q_proj"] == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6  # p = 0.5 of the entries dropped, the rest scaled by 1/(1-p)
+    model(input_ids=BATCH)
+    assert not torch.equal(seen["q_proj"] == 0, first["q_proj"] == 0)  # a new mask each forward pass
+    model.eval()
+    model(input_ids=BATCH)
+    assert (seen["q_proj"] == 0).float().mean().item() < 0.01

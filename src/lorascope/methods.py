@@ -17,6 +17,11 @@ Inits that move the base weights (PiSSA, OLoRA) are saved through peft's
 ``path_initial_model_for_weight_conversion``: the saved adapter (rank 2r) applies to the ORIGINAL base, so
 ``PeftModel.from_pretrained(original_base, ckpt)`` and dW = merged - original base are both right. That
 conversion keeps only the LoRA matrices, so PiSSA/OLoRA with DoRA or trained embeddings is refused up front.
+LoRA dropout (``method.dropout`` > 0) draws ONE mask per input tensor, shared by every adapter reading that input
+(q/k/v read the same normed hidden states, gate/up the same MLP input): peft would draw and copy one per adapter,
+7 per block where 4 inputs exist. Each adapter still sees its input with dropout applied as in the LoRA paper; what
+changes is only that adapters of one input see the same dropped copy. With dropout 0 peft's no-copy Identity stays.
+
 LoftQ (peft 0.21) needs CUDA and bitsandbytes; elsewhere it is refused with a one-line reason. LoftQ replaces
 the base weights by their quantised copy, which no adapter conversion can express; LoftQ checkpoints are
 therefore saved as merged full models (kind "full", with ``adapter_init: loftq`` in the metadata).
@@ -38,6 +43,40 @@ from .layout import CKPT_META
 log = logging.getLogger(__name__)
 _INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 _MOVES_BASE = ("pissa", "olora")
+
+
+class SharedInputDropout(torch.nn.Dropout):
+    """nn.Dropout that hands every adapter fed the same input tensor the same dropped copy (one mask, one copy).
+
+    The dropped copy is kept as an attribute of the input tensor itself, so it lives exactly as long as that
+    input (no cache to clear, nothing held across steps); an in-place change of the input (its version) or
+    another p draws afresh."""
+
+    _ATTR = "_lorascope_lora_dropout"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        key = (self.p, x._version)
+        hit = getattr(x, self._ATTR, None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = super().forward(x)
+        setattr(x, self._ATTR, (key, out))
+        return out
+
+
+def _share_dropout(model, p: float) -> None:
+    """Replace peft's per-adapter nn.Dropout by SharedInputDropout (same p, same train/eval mode)."""
+    from peft.tuners.lora import LoraLayer
+
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            for name, d in list(mod.lora_dropout.items()):
+                if isinstance(d, torch.nn.Dropout):
+                    shared = SharedInputDropout(p)
+                    shared.train(d.training)
+                    mod.lora_dropout[name] = shared
 
 
 def _linear_leaf_names(model) -> set[str]:
@@ -116,6 +155,8 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
         pm = get_peft_model(model, cfg)
     except (ValueError, ImportError, RuntimeError) as e:
         raise LorascopeError(f"method: peft could not build {m.label()}: {str(e).splitlines()[0]}") from None
+    if m.dropout > 0:
+        _share_dropout(pm, m.dropout)
     pm.train(was_training)  # peft's new dropout modules start in training mode whatever the model's mode
     if m.init in _MOVES_BASE:
         # peft's documented recipe: save the initial adapter as a plain LoRA, for conversion at save time.
