@@ -170,24 +170,26 @@ def _evals(d: Path, base: dict, shift: dict, rng) -> None:
     (d / "results.json").write_text(json.dumps(res))
 
 
-def _study(d: Path, learn: dict, forget: dict, lrs: dict) -> Path:
-    """Base + one full and one LoRA configuration, 2 seeds, one checkpoint; learn/forget: method -> BPB shift."""
+def _study(d: Path, learn: dict, forget: dict, lrs: dict, extra: tuple = ()) -> Path:
+    """Base + one full and one LoRA configuration, 2 seeds, one checkpoint; learn/forget: method -> BPB shift;
+    extra: more (method, lr, learn, forget) configurations."""
     rng = np.random.default_rng(0)
     base = {"heldout_bpb:code-cpt": rng.uniform(0.8, 1.2, 160), "english_bpb": rng.uniform(0.9, 1.1, 160)}
     _evals(d / "evals" / "base", base, {}, rng)
     runs = []
-    for mname, method in (("full", FULL), ("lora-r16", LORA)):
+    configs = [(m, lrs[m], learn[m], forget[m]) for m in ("full", "lora-r16")] + list(extra)
+    for mname, lr, gain, loss in configs:
+        method = FULL if mname == "full" else LORA
         for seed in (0, 1):
-            rid = f"{mname}-s{seed}"
-            runs.append({"run_id": rid, "label": rid, "setting": "code-cpt", "dataset": "code-cpt", "lr": lrs[mname],
+            rid = f"{mname}-{lr:g}-s{seed}"
+            runs.append({"run_id": rid, "label": rid, "setting": "code-cpt", "dataset": "code-cpt", "lr": lr,
                          "seed": seed, "method_name": mname, "method": method})
             ck = d / "runs" / rid / "checkpoints" / "tok-000000004096"
             ck.mkdir(parents=True)
             (ck / "lorascope.json").write_text(json.dumps({"tokens": 4096}))
             (d / "runs" / rid / "summary.json").write_text(json.dumps(
                 {"trainable_parameters": 8192 if mname == "full" else 512}))
-            _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -learn[mname],
-                                                      "english_bpb": forget[mname]}, rng)
+            _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -gain, "english_bpb": loss}, rng)
     (d / "runs.json").write_text(json.dumps(runs))
     (d / "study.yaml").write_text("name: t\nmodel: embedded\n")
     return d
@@ -228,7 +230,7 @@ def test_planted_tie_is_not_a_verdict_and_numbers_come_from_test_items(tmp_path)
     # the table's learning is recomputable from the test-split samples alone
     row = next(r for r in h.table if r["point"].name == "full lr=1e-05")
     per = []
-    for rid in ("base", "full-s0", "full-s1"):
+    for rid in ("base", "full-1e-05-s0", "full-1e-05-s1"):
         sub = "base" if rid == "base" else f"{rid}/tok-000000004096"
         recs = [json.loads(x) for x in (tmp_path / "evals" / sub / "samples" / "heldout_bpb_code-cpt.jsonl")
                 .read_text().splitlines()]
@@ -245,3 +247,14 @@ def test_planted_gap_is_found(tmp_path):
     # one point per family: the learning ranges do not overlap, so question 2 abstains
     q2 = next(v for v in h.verdicts if v["question"] == "forgets_less_at_equal_learning")
     assert q2["verdict"] == "not comparable" and h.frontiers["lora"]["band"] is None
+
+
+def test_gains_within_noise_say_what_to_try(tmp_path):
+    # both LRs of each method learn ~nothing; the best on validation is the largest tried: say to go larger
+    h = _headline(_study(tmp_path, {"full": 0.0, "lora-r16": 0.0}, {"full": 0.0, "lora-r16": 0.0},
+                         {"full": 1e-5, "lora-r16": 1e-4},
+                         extra=(("full", 1e-6, -0.004, 0.0), ("lora-r16", 1e-5, -0.004, 0.0))))
+    assert h.recommended is None
+    text = " ".join(h.sentences)
+    assert "within noise" in text and "largest tried for full (1e-05), lora-r16 (0.0001)" in text
+    assert h.chosen_lrs == {"full": 1e-5, "lora-r16": 1e-4}

@@ -172,6 +172,11 @@ def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset
     if a.test is None or a.val is None:
         return Headline(setting, L, F, [], out + [f"Not run: no per-item samples of {L.task} on both splits for "
                                                   "the base model and the runs, so nothing can be tested."])
+    out.append(f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over "
+               "seeds and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); "
+               f"'equivalent' needs the 90% interval inside +-{margin:.0%} of the larger gain (learning) or "
+               "forgetting compared (TOST); significance is Holm-Bonferroni-corrected over this setting's "
+               "comparisons.")
     fin_idx = [mine.index(p) for p in fin]
     table = [_row(mine[i], i, a) for i in fin_idx]
     pick, said = recommend(mine, fin_idx, a, L, margin, setting)

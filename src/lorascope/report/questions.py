@@ -209,7 +209,7 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
     cands = [i for i in fin if not ps[i].diverged and i in test.learning and i in val.learning
              and percentile_interval(a.rep.arm("learning", i))[0] > 0]
     if not cands:
-        return None, advice(ps, fin, test, L)
+        return None, advice(ps, fin, a, L)
     top = max(val.learning[i] for i in cands)
     near = [i for i in cands if val.learning[i] >= top - frac * abs(top)]
     pick = min(near, key=lambda i: val.forgetting.get(i, np.inf)) if val.forgetting else \
@@ -225,23 +225,38 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
     return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."]
 
 
-def advice(ps: list, fin: list[int], test: SplitMeasure, L: MetricSpec) -> list[str]:
+def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
     """What to change when nothing qualifies for a recommendation (learning rate, budget, data)."""
+    test = a.test
     out = [f"No recommendation: no configuration improved {L.task} significantly over the base model on the "
            "test split, so none is recommended."]
     div = [ps[i].name for i in fin if ps[i].diverged]
     if div:
         out.append(f"Diverged: {', '.join(div)}; lower their learning rates.")
     tried = [i for i in fin if i in test.learning and not ps[i].diverged]
-    if tried and all(test.learning[i] < 0 for i in tried):
+    if not tried:
+        return out
+    if all(test.learning[i] < 0 for i in tried):
         low = {}
         for i in tried:
-            m = ps[i].method
-            low[m] = min(low.get(m, np.inf), ps[i].lr if ps[i].lr is not None else np.inf)
+            low[ps[i].method] = min(low.get(ps[i].method, np.inf), ps[i].lr if ps[i].lr is not None else np.inf)
         lows = ", ".join(f"{m} {lr:g}" for m, lr in sorted(low.items()) if np.isfinite(lr))
         out.append(f"Every configuration made {L.task} worse than the base model: try learning rates below the "
                    f"lowest tried ({lows}), and check that the training data matches the target domain.")
-    elif tried:
-        out.append("The gains are within noise: train on more tokens, try a larger learning rate if the best one "
-                   "is the largest tried, or evaluate more items and seeds.")
+        return out
+    top = [f"{m} ({lr:g})" for m, lr in _top_edge(ps, fin, a).items()]
+    out.append("The gains are within noise: train on more tokens or evaluate more items and seeds" +
+               (f"; the best validation learning rate is the largest tried for {', '.join(top)}: try larger ones."
+                if top else "."))
+    return out
+
+
+def _top_edge(ps: list, fin: list[int], a: Answer) -> dict[str, float]:
+    """Methods whose validation-chosen learning rate is the largest of their grid (the search may stop short)."""
+    per = choose(ps, [i for i in fin if not ps[i].diverged], a.val)
+    out = {}
+    for m, i in per.items():
+        grid = [ps[j].lr for j in fin if ps[j].method == m and ps[j].lr is not None]
+        if len(grid) > 1 and ps[i].lr == max(grid):
+            out[m] = ps[i].lr
     return out
