@@ -232,7 +232,7 @@ def test_heldout_windows_cover_file_bodies_and_cluster_by_package(monkeypatch):
     assert len(first) >= 8 and all(w["text"].endswith("\n") for w in first)
     assert all(1500 // 4 <= len(w["text"]) <= 1500 + 1500 // 4 for w in first)  # no tiny tail window
     # one package, one cluster (both of its files); a document held out alone is its own cluster
-    assert wins[0]["cluster"] == wins[-1]["cluster"] == "code-cpt/stdlib/email"
+    assert wins[0]["cluster"] == wins[-1]["cluster"] == "heldout/stdlib/email"
     assert len({w["cluster"] for w in wins}) == 2 and len({w["id"] for w in wins}) == len(wins)
     assert wins[-2]["text"] == docs[2] and wins[-2]["cluster"] != wins[0]["cluster"]  # the tail joined its window
     picked = heldout_windows("code-cpt", limit=3, size=1500)

@@ -17,8 +17,10 @@ Each text's id (and cluster) is "<source>/<item id>"; a HellaSwag text shares it
 ``heldout_windows(dataset, limit)`` feeds ``heldout_bpb``: every held-out document is cut (at line ends) into
 consecutive windows of ~WINDOW_CHARS characters covering its whole body, not only its head (a source file's
 head is mostly docstring and imports); a limit picks windows evenly spread over all of them. A window's cluster
-is the unit its document was held out with ("<dataset>/<package or file or template>", data.heldout_groups),
-else its document ("<dataset>/<document hash>"): correlated windows never straddle the validation/test split.
+is the unit its document was held out with ("heldout/<package or file or template>", data.heldout_groups),
+else its document ("heldout/<document hash>"): correlated windows never straddle the validation/test split.
+The key leaves out the dataset's name (a user file's is its path, which differs between machines), so a split
+is the same wherever the data lives, and a package held out of two datasets sits on one side for both.
 
 Example::
 
@@ -101,7 +103,7 @@ def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_C
     wins = []
     for doc, group in zip(texts, heldout_groups(dataset)):
         key = hashlib.sha1(doc.encode("utf-8")).hexdigest()[:12]
-        wins.extend({"id": f"{key}@{off}", "cluster": f"{dataset}/{group or key}", "text": piece}
+        wins.extend({"id": f"{key}@{off}", "cluster": f"heldout/{group or key}", "text": piece}
                     for off, piece in _windows_of(doc, size))
     if limit and limit < len(wins):
         # evenly spread: the split is ordered by package, so a prefix would be one package's first file
