@@ -103,53 +103,12 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
 
     from peft import LoraConfig, get_peft_model
 
-    known = _linear_leaf_names(model)
-    missing = [t for t in m.target_modules if t not in known]
-    if missing:
-        raise ConfigError(f"method.targets: module '{missing[0]}' not found in the model "
-                          f"(linear modules: {', '.join(sorted(known))})")
-    if m.init in _MOVES_BASE and (m.use_dora or m.train_embed_tokens or m.train_lm_head):
-        # peft's PiSSA/OLoRA -> LoRA conversion at save time keeps only lora_A/lora_B: a DoRA magnitude or a
-        # trained embedding would be dropped from the checkpoint without a word.
-        field = "use_dora" if m.use_dora else ("train_embed_tokens" if m.train_embed_tokens else "train_lm_head")
-        raise ConfigError(f"method.{field}: cannot be combined with method.init={m.init} (peft's conversion of "
-                          f"{m.init} checkpoints to a plain adapter keeps only the LoRA matrices)")
-    if m.init in _MOVES_BASE and work_dir is None:
-        raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
-    modules_to_save, tie = [], False
-    if m.train_embed_tokens or m.train_lm_head:
-        if is_tied(model):
-            modules_to_save, tie = ["embed_tokens"], True
-        else:
-            modules_to_save = (["embed_tokens"] if m.train_embed_tokens else []) + \
-                              (["lm_head"] if m.train_lm_head else [])
-        n = sum(p.numel() for name, p in model.named_parameters()
-                if any(name.endswith(f"{s}.weight") for s in modules_to_save))
-        # peft writes a tied matrix under both names (safetensors cannot alias), so it costs twice on disk.
-        log.warning("training %s adds %.1f MB (fp32) to every adapter checkpoint%s", "+".join(modules_to_save),
-                    n * 4 * (2 if tie else 1) / 2**20,
-                    " (tied with lm_head: one shared matrix, stored under both names)" if tie else "")
-    extra = {}
-    if m.init == "loftq":
-        # peft 0.21's loftq_init quantises with bitsandbytes' NF4 kernels on a hard-coded "cuda" device (its pure
-        # torch quantiser was removed in peft 0.20), so there is no CPU path.
-        from peft.import_utils import is_bnb_4bit_available
-
-        if not torch.cuda.is_available():
-            raise LorascopeError("method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
-                                 "on CUDA); this machine has none. Use pissa/olora/gaussian here.")
-        if not is_bnb_4bit_available():
-            raise LorascopeError("method.init: loftq needs bitsandbytes (pip install 'lorascope[gpu]'); "
-                                 "peft's LoftQ quantises with it")
-        try:
-            from peft import LoftQConfig
-        except ImportError as e:  # pragma: no cover - depends on peft build
-            raise LorascopeError(f"method.init: loftq unavailable in this peft ({e})") from None
-        extra["loftq_config"] = LoftQConfig(loftq_bits=m.loftq_bits)
+    _check_lora(model, m, work_dir)
+    modules_to_save, tie = _modules_to_save(model, m)
     cfg = LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
                      use_rslora=m.use_rslora, use_dora=m.use_dora, init_lora_weights=_INIT[m.init],
                      modules_to_save=modules_to_save or None, ensure_weight_tying=tie, task_type="CAUSAL_LM",
-                     **extra)
+                     **_loftq_fields(m))
     was_training = model.training
     try:
         pm = get_peft_model(model, cfg)
@@ -166,6 +125,61 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
         pm.peft_config["default"].init_lora_weights = _INIT[m.init]
         pm._lorascope_init_dir = str(init_dir)
     return pm
+
+
+def _check_lora(model, m: MethodConfig, work_dir: Path | None) -> None:
+    """Refuse, naming the field, what peft would build wrongly or silently drop."""
+    known = _linear_leaf_names(model)
+    missing = [t for t in m.target_modules if t not in known]
+    if missing:
+        raise ConfigError(f"method.targets: module '{missing[0]}' not found in the model "
+                          f"(linear modules: {', '.join(sorted(known))})")
+    if m.init in _MOVES_BASE and (m.use_dora or m.train_embed_tokens or m.train_lm_head):
+        # peft's PiSSA/OLoRA -> LoRA conversion at save time keeps only lora_A/lora_B: a DoRA magnitude or a
+        # trained embedding would be dropped from the checkpoint without a word.
+        field = "use_dora" if m.use_dora else ("train_embed_tokens" if m.train_embed_tokens else "train_lm_head")
+        raise ConfigError(f"method.{field}: cannot be combined with method.init={m.init} (peft's conversion of "
+                          f"{m.init} checkpoints to a plain adapter keeps only the LoRA matrices)")
+    if m.init in _MOVES_BASE and work_dir is None:
+        raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
+
+
+def _modules_to_save(model, m: MethodConfig) -> tuple[list[str], bool]:
+    """(peft modules_to_save, ensure_weight_tying) for train_embed_tokens / train_lm_head (see module docstring)."""
+    if not (m.train_embed_tokens or m.train_lm_head):
+        return [], False
+    if is_tied(model):
+        modules, tie = ["embed_tokens"], True
+    else:
+        modules, tie = (["embed_tokens"] if m.train_embed_tokens else []) + \
+                       (["lm_head"] if m.train_lm_head else []), False
+    n = sum(p.numel() for name, p in model.named_parameters() if any(name.endswith(f"{s}.weight") for s in modules))
+    # peft writes a tied matrix under both names (safetensors cannot alias), so it costs twice on disk.
+    log.warning("training %s adds %.1f MB (fp32) to every adapter checkpoint%s", "+".join(modules),
+                n * 4 * (2 if tie else 1) / 2**20,
+                " (tied with lm_head: one shared matrix, stored under both names)" if tie else "")
+    return modules, tie
+
+
+def _loftq_fields(m: MethodConfig) -> dict:
+    """LoraConfig fields for init=loftq ({} otherwise); refused with the reason where it cannot run."""
+    if m.init != "loftq":
+        return {}
+    # peft 0.21's loftq_init quantises with bitsandbytes' NF4 kernels on a hard-coded "cuda" device (its pure
+    # torch quantiser was removed in peft 0.20), so there is no CPU path.
+    from peft.import_utils import is_bnb_4bit_available
+
+    if not torch.cuda.is_available():
+        raise LorascopeError("method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
+                             "on CUDA); this machine has none. Use pissa/olora/gaussian here.")
+    if not is_bnb_4bit_available():
+        raise LorascopeError("method.init: loftq needs bitsandbytes (pip install 'lorascope[gpu]'); "
+                             "peft's LoftQ quantises with it")
+    try:
+        from peft import LoftQConfig
+    except ImportError as e:  # pragma: no cover - depends on peft build
+        raise LorascopeError(f"method.init: loftq unavailable in this peft ({e})") from None
+    return {"loftq_config": LoftQConfig(loftq_bits=m.loftq_bits)}
 
 
 def adapted_matrix_names(model) -> list[str]:
