@@ -231,10 +231,13 @@ def _plain(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None) -> None:
-    """Write HF artifacts then lorascope.json, into a temp dir renamed at the end (never a half checkpoint)."""
+def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None,
+                    state_dict: dict | None = None) -> None:
+    """Write HF artifacts then lorascope.json, into a temp dir renamed at the end (never a half checkpoint).
+    state_dict: the full weights when `model` holds only shards (FSDP; see lorascope.sharded)."""
     model = _plain(model)
     kind, extra = m.kind, {}
+    sd = {} if state_dict is None else {"state_dict": state_dict}
     with atomic_dir(Path(path)) as tmp:
         if m.kind == "lora" and m.init == "loftq":
             merged = copy.deepcopy(model).merge_and_unload()
@@ -243,9 +246,9 @@ def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: di
             kind, extra = "full", {"adapter_init": "loftq"}
         elif m.kind == "lora":
             init_dir = getattr(model, "_lorascope_init_dir", None)
-            model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir)
+            model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir, **sd)
         else:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), **sd)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / CKPT_META, {"kind": kind, "base": base_spec, **meta, **extra})

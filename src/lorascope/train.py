@@ -32,7 +32,6 @@ curve. A finished run (COMPLETE) with the same config returns at once; a differe
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
 from .fileio import atomic_write_text
 from .schedules import branch_multiplier, cooldown_start, multiplier
+from .sharded import enable_cpu_fsdp
 from .trainplan import Plan
 
 
@@ -82,6 +82,7 @@ def _accelerator(t: TrainConfig):
     cpu = world_env > 1 and not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if t.precision == "bf16" else "no",
                       gradient_accumulation_steps=t.grad_accum)
+    enable_cpu_fsdp(acc)  # sharded: FSDP2 on CPU/gloo when an FSDP launch config asked for it
     if acc.num_processes != world_env:
         raise LorascopeError(f"launched as {world_env} processes but accelerate set up {acc.num_processes}; "
                              "see configs/accelerate/ for working launch configs")
@@ -159,10 +160,9 @@ class Trainer:
         model = methods.apply_method(model, cfg.method, work_dir=out / "init")
         opt = _optimizer(methods.param_groups(model, cfg.method, t.lr, t.weight_decay), t)
         counts = methods.trainable_parameters(model), methods.total_parameters(model)
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and \
-                "state_dict" not in inspect.signature(methods.save_checkpoint).parameters:
-            raise LorascopeError(f"{acc.distributed_type.name}: saving checkpoints of sharded models needs "
-                                 "methods.save_checkpoint(state_dict=...), which this version lacks; use DDP")
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and cfg.method.init == "loftq":
+            raise LorascopeError("method.init: loftq merges its adapter in place at save time, which sharded "
+                                 "(FSDP/ZeRO) weights do not allow; train LoftQ on one process")
         model, opt = acc.prepare(model, opt)
         return cls(cfg, out, acc, model, tok, data, manifest, plan, opt, counts)
 
@@ -209,6 +209,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process's files (its RNG state, its shard) are in tmp before the rename
         if self.main:  # progress.json last: a state dir without it is incomplete
             runlog.write_json(tmp / "progress.json", {**self.prog, "step": at, "checkpoints": sorted(self.done),
                                                       "elapsed_s": self.elapsed(),

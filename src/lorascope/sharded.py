@@ -1,0 +1,39 @@
+"""Sharded training (FSDP2 through accelerate) on machines without a GPU, and what a sharded run saves.
+
+``accelerate launch`` with an FSDP config sets ACCELERATE_USE_FSDP; on a CPU-only machine accelerate 1.15 then
+sets up plain DDP over gloo instead (its FSDP branch is reserved for accelerator devices), although FSDP2
+itself (``fully_shard``, DTensor, torch.distributed.checkpoint) runs on CPU over gloo. ``enable_cpu_fsdp``
+switches the accelerator to FSDP the way accelerate does for GPUs, so the same code path and the same configs
+(configs/accelerate/fsdp-*.yaml) are tested on CPU:
+
+- parameters, gradients and optimizer state are sharded across processes (``acc.prepare(model, opt)``);
+- ``acc.save_state`` / ``load_state`` write and read the sharded state (one DCP shard per process) for resume;
+- a checkpoint is the full state dict, gathered by every process together (``acc.get_state_dict``) and written
+  by process 0 as ordinary transformers / PEFT files (methods.save_checkpoint(state_dict=...)).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import LorascopeError
+
+
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_cpu_fsdp(acc) -> None:
+    """Turn a multi-process CPU accelerator that an FSDP launch config asked for into an FSDP2 one."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not fsdp_requested() or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch config's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise LorascopeError("fsdp_config.fsdp_version: FSDP on CPU needs FSDP2 (fsdp_version: 2)")
+    acc.state.fsdp_plugin = plugin
+    # accelerate re-reads distributed_type from PartialState whenever an AcceleratorState is created, so set
+    # both, as accelerate itself does at the end of AcceleratorState.__init__
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
