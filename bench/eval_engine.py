@@ -7,7 +7,7 @@ many padded tokens as 8 naive sequences of the same items, so both hold the same
 Checks identical predictions (acc and acc_norm) and max |delta loglik|; prints the speed ratio of wall time
 and of this process's CPU time (the CPU-time ratio is the robust one when other jobs share the cores).
 
-    python bench/eval_engine.py [N_ITEMS]        # default 40 HellaSwag + 40 ARC-Challenge items
+    python bench/eval_engine.py [N_ITEMS]        # default 40 items each of HellaSwag, ARC-Challenge, WinoGrande
     LORASCOPE_THREADS=1 python bench/eval_engine.py 20
 """
 
@@ -19,21 +19,23 @@ import time
 import torch
 
 from lorascope.evals.engine import score, score_naive
-from lorascope.evals.multiple_choice import ArcChallenge, HellaSwag
+from lorascope.evals.multiple_choice import ArcChallenge, HellaSwag, WinoGrande
 from lorascope.models import load_base
 
 
 def requests_for(task, n: int, shots: int):
     items = [task.to_item(d) for d in task.load(task.split)[:n]]
     prefixes = task._fewshot(items, shots, seed=0)
-    reqs = [r for it in items for r in task.requests(it, prefixes[it.id])]
-    return items, reqs
+    per_item = [task.requests(it, prefixes[it.id]) for it in items]
+    return items, [len(r) for r in per_item], [r for rs in per_item for r in rs]
 
 
-def preds(items, scored):
-    out = []
-    for it, res in zip(items, scored):
-        lls = [ll for ll, _ in res]
+def preds(items, spans, scored):
+    """(acc, acc_norm) prediction per item; an item is one request, or one per choice (WinoGrande)."""
+    out, at = [], 0
+    for it, n in zip(items, spans):
+        lls = [ll for res in scored[at: at + n] for ll, _ in res]
+        at += n
         norm = [ll / len(c) for ll, c in zip(lls, it.choices)]
         out.append((lls.index(max(lls)), norm.index(max(norm))))
     return out
@@ -45,9 +47,9 @@ def main() -> None:
     print(f"embedded model, {torch.get_num_threads()} threads, {n} items per task, batch 8 (naive: 8 sequences "
           f"per pass; engine: the same padded-token budget per pass)")
     rows = []
-    for task in (HellaSwag(), ArcChallenge()):
+    for task in (HellaSwag(), ArcChallenge(), WinoGrande()):
         for shots in (0, 5):
-            items, reqs = requests_for(task, n, shots)
+            items, spans, reqs = requests_for(task, n, shots)
             score(model, tok, reqs[:2])  # warm-up (allocator, lazy init) outside the timing
             t, c = time.perf_counter(), time.process_time()
             fast = score(model, tok, reqs, batch_size=8)
@@ -56,7 +58,7 @@ def main() -> None:
             naive = score_naive(model, tok, reqs, batch_size=8)
             t_naive, c_naive = time.perf_counter() - t, time.process_time() - c
             dmax = max(abs(a[0] - b[0]) for ra, rb in zip(fast, naive) for a, b in zip(ra, rb))
-            same = preds(items, fast) == preds(items, naive)
+            same = preds(items, spans, fast) == preds(items, spans, naive)
             rows.append((task.name, shots, t_naive, t_fast, t_naive / t_fast, dmax, same))
             print(f"{task.name:14s} {shots}-shot  wall: naive {t_naive:7.1f} s engine {t_fast:6.1f} s "
                   f"= {t_naive / t_fast:5.2f}x | cpu: naive {c_naive:7.1f} s engine {c_fast:6.1f} s "
