@@ -32,7 +32,7 @@ class _Count:
     """Counts tokens entering the model (embedding inputs) and rows entering the vocabulary head."""
 
     def __init__(self, model):
-        self.tokens, self.head_rows, self.passes = 0, 0, 0
+        self.tokens, self.head_rows, self.passes, self.graphs = 0, 0, 0, 0
         engine.pass_overhead(model)  # the start-up timing passes are not the work being counted
         self.handles = [model.model.embed_tokens.register_forward_hook(self._embed),
                         model.lm_head.register_forward_hook(self._head)]
@@ -41,8 +41,9 @@ class _Count:
         self.tokens += inp[0].numel()
         self.passes += 1
 
-    def _head(self, _m, inp, _out):
+    def _head(self, _m, inp, out):
         self.head_rows += inp[0].shape[:-1].numel()
+        self.graphs += out.requires_grad  # scoring never builds an autograd graph
 
     def close(self):
         for h in self.handles:
@@ -157,6 +158,7 @@ def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer):
     res = score(tiny_model, tokenizer, reqs, batch_size=3)
     c.close()
     assert c.head_rows == sum(len(t) for it in items for t in it.conts)
+    assert c.graphs == 0
     assert _max_diff(res, score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
 
 

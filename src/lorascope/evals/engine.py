@@ -314,6 +314,7 @@ def _families(items: list[_Item], groups: list[list[int]]) -> list[list[tuple[in
 
 
 
+@torch.inference_mode()
 def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad: int, budget: int,
                   overhead: float) -> list[list[_Seg]]:
     """Per item, its whole past as segments: group prefix + everything of its context but the last token.
@@ -345,6 +346,7 @@ def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad:
     return out
 
 
+@torch.inference_mode()
 def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int, budget: int, overhead: float):
     """(loglik, is_greedy) per choice: rows [last context token] + continuation[:-1] after the item's past."""
     owner, slot, inputs = [], [], []
