@@ -524,3 +524,44 @@ def test_base_model_skips_the_items_any_run_excludes(tmp_path, tiny_model_dir, c
         base_ids[name] = [json.loads(line)["id"] for line in rows]
     assert base_ids["plain"][0] not in base_ids["excluding"] and len(base_ids["excluding"]) == 3
     assert base_ids["plain"][1:] == base_ids["excluding"][:2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launcher: training under accelerate launch, everything else in one process
+
+ACCEL = CONFIGS / "accelerate" / "cpu-gloo-2proc.yaml"
+
+
+def test_launcher_starts_only_training_under_accelerate(tmp_path, tiny_model_dir, corpus):
+    from lorascope.jobs import job_command
+
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus,
+                     launcher={"accelerate_config": str(ACCEL), "num_processes": 2})
+    study = load_study(cfg)
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "study.yaml").write_text(yaml.safe_dump(dump(study)))
+    train = job_command(d, "train:abc")
+    assert train[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and str(ACCEL) in train
+    assert train[train.index("--num_processes") + 1] == "2" and train[-4:] == ["-m", "lorascope.jobs", str(d),
+                                                                               "train:abc"]
+    assert job_command(d, "eval:abc:tok-000000000512")[1:] == ["-m", "lorascope.jobs", str(d),
+                                                               "eval:abc:tok-000000000512"]
+    s = yaml.safe_load(cfg.read_text())
+    s["launcher"]["accelerate_config"] = "nope.yaml"
+    cfg.write_text(yaml.safe_dump(s))
+    with pytest.raises(ConfigError, match="launcher.accelerate_config: .*file not found: nope.yaml"):
+        load_study(cfg)
+
+
+@pytest.mark.slow
+def test_launcher_trains_on_two_processes(tmp_path, tiny_model_dir, corpus):
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
+                     launcher={"accelerate_config": str(ACCEL), "num_processes": 2},
+                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+                     evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]})
+    d = run_study(cfg, [], tmp_path / "s", executor="local", progress=False)
+    (run,) = json.loads((d / "runs.json").read_text())
+    assert json.loads((d / "runs" / run["run_id"] / "summary.json").read_text())["processes"] == 2
+    assert (d / "evals" / run["run_id"] / "tok-000000001024" / "results.json").exists()
+    assert "accelerate" not in (d / "logs" / "eval_base.log").read_text()

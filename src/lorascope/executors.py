@@ -6,7 +6,8 @@ busy()``; the scheduler (lorascope.study) decides what to submit, the executor o
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
     ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
 
-Local and Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID``: a job killed half-way leaves
+Local and Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID`` (under ``accelerate launch`` for
+training when the study has a launcher; lorascope.jobs.job_command): a job killed half-way leaves
 only its own partial files (which the next attempt redoes or resumes) and never the parent's state.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +32,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def job_cmd(d: Path, job_id: str) -> list[str]:
-    return [sys.executable, "-m", "lorascope.jobs", str(d), job_id]
+    from .jobs import job_command
+
+    return job_command(d, job_id)
 
 
 def job_env(jobs: int) -> dict:
@@ -80,7 +82,8 @@ class LocalExecutor:
 
 
 class InlineExecutor:
-    """Runs each job in this process as it is submitted (no parallelism, no import cost per job)."""
+    """Runs each job in this process as it is submitted (no parallelism, no import cost per job; a study's
+    launcher is not used here: training runs in one process)."""
 
     def __init__(self, d: Path, jobs: int = 1):
         self.d, self.done, self.running = d, [], {}

@@ -11,6 +11,7 @@ Kinds: train, eval (a run's checkpoint, or the base model), spectrum, truncate, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -60,6 +61,19 @@ def run_jobs(study: StudyConfig, run: dict) -> list[dict]:
                 jobs.append({"id": f"eval-trunc:{rid}:r{k}", "kind": "eval-trunc", "run": rid, "rank": str(k),
                              "deps": [f"truncate:{rid}"]})
     return jobs
+
+
+def job_command(d: Path, job_id: str) -> list[str]:
+    """The command that runs a job in its own process(es): ``python -m lorascope.jobs DIR JOB_ID``, started by
+    ``accelerate launch`` for a training job when the study has a launcher (other jobs stay one process)."""
+    import yaml
+
+    own = ["-m", "lorascope.jobs", str(d), job_id]
+    lc = (yaml.safe_load((d / "study.yaml").read_text()) or {}).get("launcher")
+    if not job_id.startswith("train:") or not lc or lc["num_processes"] == 1:
+        return [sys.executable, *own]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", lc["accelerate_config"],
+            "--num_processes", str(lc["num_processes"]), *own]
 
 
 def done_marker(d: Path, job: dict) -> Path:
@@ -181,6 +195,10 @@ def run_job(d: Path, job_id: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # under accelerate launch, the job's share of the cores is split between its processes
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if procs > 1 and "LORASCOPE_THREADS" in os.environ:
+        os.environ["LORASCOPE_THREADS"] = str(max(1, int(os.environ["LORASCOPE_THREADS"]) // procs))
     if len(argv) != 2:
         print("usage: python -m lorascope.jobs STUDY_DIR JOB_ID", file=sys.stderr)
         return 2

@@ -156,6 +156,21 @@ class ReportSpec(Strict):
     """Equivalence margin of the verdicts, as a share of the larger gain (learning) or forgetting compared."""
 
 
+class Launcher(Strict):
+    """Start each training job under ``accelerate launch`` (data parallel over ``num_processes``); evaluation
+    and analysis jobs stay single-process. The config file is resolved from the directory the study runs in."""
+
+    accelerate_config: str
+    num_processes: int = Field(ge=1)
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
 class StudyConfig(Strict):
     name: str = "study"
     model: str = "embedded"
@@ -167,6 +182,8 @@ class StudyConfig(Strict):
     report: ReportSpec = Field(default_factory=ReportSpec)
     divergence_factor: float = 1.5
     """A run whose final loss exceeds its first loss x this factor (or goes non-finite) is 'diverged'."""
+    launcher: Launcher | None = None
+    """How training jobs start (default: one process; see Launcher)."""
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
