@@ -157,8 +157,8 @@ def study(ctx: typer.Context,
                                                         "per job kind (train, eval, spectrum, truncate, eval-trunc, "
                                                         "all); repeatable"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
-          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the --dry-run "
-                                             "estimate assumes (default: embedded model on 2 CPU cores)"),
+          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the "
+                                             "--dry-run estimate assumes (default: embedded model on 2 CPU cores)"),
           eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
                                            "estimate assumes"),
           measure: bool = typer.Option(False, "--measure", help="with --dry-run: measure the training pace of "

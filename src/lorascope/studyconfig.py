@@ -149,7 +149,8 @@ class Analysis(Strict):
 
 
 class ReportSpec(Strict):
-    """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB; forgetting_mean)."""
+    """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB;
+    forgetting_mean)."""
     learning: str | None = None
     forgetting: str | None = None
     margin: float = Field(0.10, gt=0, lt=1)
