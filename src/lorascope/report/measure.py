@@ -89,12 +89,12 @@ class SplitMeasure:
 
 
 def measure_split(st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, split: str, n_boot: int = N_BOOT,
-                  resample: str = "both", seed: int = 0) -> SplitMeasure | None:
-    """Learning (and forgetting) of every point on one split; L and F share one seed draw per replicate."""
-    lt = tables(st, ps, L, split)
+                  resample: str = "both", seed: int = 0, read: tuple | None = None) -> SplitMeasure | None:
+    """Learning (and forgetting) of every point on one split; L and F share one seed draw per replicate.
+    read: the (learning, forgetting) tables of this split when already read from the samples files."""
+    lt, ft = read or (tables(st, ps, L, split), tables(st, ps, F, split) if F is not None else None)
     if lt is None:
         return None
-    ft = tables(st, ps, F, split) if F is not None else None
     draws = Draws.make(lt + (ft or []), n_boot, seed, resample)
     m = SplitMeasure(split, *_signed(lt, draws, L), tables=lt + (ft or []), n_boot=n_boot)
     if ft is not None:
@@ -120,10 +120,11 @@ class TestReplicates:
     @classmethod
     def make(cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT,
              var_boot: int = 300) -> "TestReplicates | None":
-        both = measure_split(st, ps, L, F, "test", n_boot)
+        read = (tables(st, ps, L, "test"), tables(st, ps, F, "test") if F is not None else None)
+        both = measure_split(st, ps, L, F, "test", n_boot, read=read)
         if both is None:
             return None
-        return cls(both, *(measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1)
+        return cls(both, *(measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1, read=read)
                            for m in ("seeds", "clusters")))
 
     @property
