@@ -11,9 +11,12 @@ recomputed on the SAME replicate:
   narrow. Resampling both factors of a crossed design is Owen's "pigeonhole" bootstrap (Ann. Appl. Stat. 2007),
   which is mildly conservative.
 - seeds: arms with the same seed ids share one seed draw, so seed s of method A stays paired with seed s of
-  method B (same data order); arms with other seed sets (the base model: one "seed") get their own draw.
+  method B (training's data order is a function of seed and step, the same for every method); arms with other
+  seed sets (the base model: one "seed") get their own draw.
 
 With one seed the seed draw is constant and the interval covers evaluation items only (``noise_text`` says so).
+Percentile intervals over few units are too narrow; ``small_sample_widen`` rescales the replicates to the
+width of a Student-t interval with Welch-Satterthwaite degrees of freedom (tests measure the coverage).
 
 Example::
 
