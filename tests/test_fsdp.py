@@ -151,8 +151,23 @@ def test_fsdp_two_processes_match_one_and_checkpoints_load(kind, tiny_model_dir,
     base = _logits(_load(tiny_model_dir, "full", tiny_model_dir), tokenizer)
     dl = (got - want).abs().max().item()
     assert dl <= LOGITS_TOL and (want - base).abs().max().item() > 100 * LOGITS_TOL
+    dw = _delta_w_gap(one, two)
+    assert dw <= 1e-3
     print(f"\n{kind}: max |loss 2 proc - loss 1 proc| = {diff:.2e} (tol {LOSS_TOL}); "
-          f"max |logits| diff of the reloaded checkpoints = {dl:.2e} (tol {LOGITS_TOL})")
+          f"max |logits| diff of the reloaded checkpoints = {dl:.2e} (tol {LOGITS_TOL}); "
+          f"dW relative gap = {dw:.2e}")
+
+
+def _delta_w_gap(one: Path, two: Path) -> float:
+    """dW = W_tuned - W_base of every adapted matrix, from each run's saved checkpoint (as the spectrum analysis
+    reads it): the largest ||dW_2proc - dW_1proc|| / ||dW_1proc||."""
+    from lorascope.analysis.weights import iter_matrices, load_pair
+
+    p1, p2 = load_pair(str(one)), load_pair(str(two))
+    m1 = {m.name: m.delta for m in iter_matrices(p1.base, p1.tuned, only_changed=True)}
+    m2 = {m.name: m.delta for m in iter_matrices(p2.base, p2.tuned, only_changed=True)}
+    assert m1.keys() == m2.keys() and m1
+    return max(((m2[k] - m1[k]).norm() / m1[k].norm()).item() for k in m1)
 
 
 @pytest.mark.slow
