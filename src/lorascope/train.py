@@ -59,7 +59,9 @@ def _optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
         from lion_pytorch import Lion  # decoupled weight decay (p *= 1 - lr*wd), like the paper's LionW
 
         return Lion(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    # fused: one pass over each parameter instead of ~10 elementwise kernels (torch >= 2.4, CPU and CUDA); it is
+    # also HF Trainer's default AdamW. For full FT the optimizer step is ~10% of a step on CPU otherwise.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
 
 
 def _set_lr(opt: torch.optim.Optimizer, mult: float) -> float:
