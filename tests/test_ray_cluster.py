@@ -95,46 +95,51 @@ def _remove_a_training_node(cluster, d: Path, proc, timeout: float = 240) -> tup
     raise AssertionError(f"no training job saved its state on a worker node in time\n{out}")
 
 
-@pytest.mark.slow
-def test_study_over_a_two_node_cluster_survives_a_node_removal(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray cluster of a head that takes no jobs (0 CPUs) and two worker nodes of 1 CPU each: every job runs on
+    a worker node, one job per node at a time."""
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    cfg = _study(tmp_path, tiny_model_dir)
-    ref = run_study(cfg, [], tmp_path / "ref", executor="inline", progress=False)
-    # the head takes no jobs (0 CPUs): every job runs on one of the two worker nodes, one job per node at once
-    small = {"object_store_memory": 80 * 2**20, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, **small})
-    try:
-        nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20) for _ in range(2)]
-        cluster.wait_for_nodes()
-        d = tmp_path / "shared" / "study"
-        cmd = [sys.executable, "-m", "lorascope", "study", str(cfg), "--out", str(d), "--executor", "ray",
-               "--address", cluster.address, "--jobs", "2", "--resources", "all:cpus=1"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "LORASCOPE_TEST_THREADS": "1"})
-        killed_job, before_complete = _remove_a_training_node(cluster, d, proc)
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-    finally:
-        cluster.shutdown()
-    jobs, placed = _lines(d / "logs" / "jobs.jsonl"), _lines(d / "logs" / "nodes.jsonl")
-    # nothing lost or doubled: each job finished once, with success, and no training step ran twice to the end
+    small = {"object_store_memory": 80 * 2**20}
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                     **small})
+    for _ in range(2):
+        c.add_node(num_cpus=1, **small)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def study_and_ref(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """The study file, and its uninterrupted results (in-process run)."""
+    tmp = tmp_path_factory.mktemp("ray-study")
+    cfg = _study(tmp, tiny_model_dir)
+    return cfg, run_study(cfg, [], tmp / "ref", executor="inline", progress=False)
+
+
+def _start(cfg: Path, d: Path, address: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lorascope", "study", str(cfg), "--out", str(d), "--executor", "ray",
+           "--address", address, "--jobs", "2", "--resources", "all:cpus=1"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "LORASCOPE_TEST_THREADS": "1"})
+
+
+def _finish(p: subprocess.Popen) -> None:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+
+
+def _check_complete_once_and_same(d: Path, ref: Path) -> list[dict]:
+    """Every job finished exactly once with success, no training step logged twice, the reference's numbers."""
+    jobs = _lines(d / "logs" / "jobs.jsonl")
     assert sorted(j["job"] for j in jobs) == sorted(j["id"] for j in json.loads((d / "jobs.json").read_text()))
-    assert all(j["rc"] == 0 for j in jobs) and len(placed) == len(jobs)
+    assert all(j["rc"] == 0 for j in jobs)
     for run in (d / "runs").iterdir():
         steps = [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)), "a logged step appears twice"
-    # the jobs started on both worker nodes; the killed job was retried on the survivor, where all jobs ended
-    ids = {n.node_id for n in nodes}
-    tries = {j["job"]: _attempts(d, j["job"]) for j in jobs}
-    assert {n for t in tries.values() for n in t} == ids
-    assert len(tries[killed_job]) == 2 and tries[killed_job][0] != tries[killed_job][1]
-    assert [p["node"] for p in placed if p["job"] == killed_job] == tries[killed_job][1:]
-    assert sum(len(t) for t in tries.values()) == len(jobs) + 1  # one retry, nothing else ran twice
-    print(f"\nattempts per node: { {n[:8]: sum(t.count(n) for t in tries.values()) for n in ids} }; "
-          f"removed the node of {killed_job} {'before' if before_complete else 'after'} it completed")
-    # the same numbers as the uninterrupted run
     got, want = _results(d), _results(ref)
     assert got.keys() == want.keys() and len(got) == 3
     for k, v in got.items():
@@ -142,3 +147,57 @@ def test_study_over_a_two_node_cluster_survives_a_node_removal(tmp_path, tiny_mo
             for m, x in metrics.items():
                 if isinstance(x, float):
                     assert x == pytest.approx(want[k][task][m], rel=1e-4, abs=1e-6), (k, task, m)
+    return jobs
+
+
+def _job_processes(d: Path) -> list[int]:
+    """Processes on this machine running a job of study d."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lorascope.jobs" in argv and str(d).encode() in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_driver_leaves_no_job_behind_and_a_rerun_completes(cluster, study_and_ref, tmp_path):
+    cfg, ref = study_and_ref
+    d = tmp_path / "shared" / "study"
+    p = _start(cfg, d, cluster.address)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not list(d.glob("runs/*/state/progress.json")):
+        time.sleep(0.05)
+    p.kill()  # the scheduler (the Ray driver) dies; Ray ends its tasks, and each job dies with its task
+    p.wait()
+    assert not list(d.glob("runs/*/COMPLETE")), "killed too late to test a resume"
+    deadline = time.time() + 30
+    while _job_processes(d) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _job_processes(d), "a job outlived the study that started it"
+    _finish(_start(cfg, d, cluster.address))  # the same command again
+    _check_complete_once_and_same(d, ref)
+
+
+@pytest.mark.slow
+def test_study_over_a_two_node_cluster_survives_a_node_removal(cluster, study_and_ref, tmp_path):
+    cfg, ref = study_and_ref
+    d = tmp_path / "shared" / "study"
+    ids = {n.node_id for n in cluster.worker_nodes}
+    p = _start(cfg, d, cluster.address)
+    killed_job, before_complete = _remove_a_training_node(cluster, d, p)
+    _finish(p)
+    jobs = _check_complete_once_and_same(d, ref)
+    placed = _lines(d / "logs" / "nodes.jsonl")
+    assert len(placed) == len(jobs)
+    # the jobs started on both worker nodes; the killed job was retried on the survivor, where all jobs ended
+    tries = {j["job"]: _attempts(d, j["job"]) for j in jobs}
+    assert {n for t in tries.values() for n in t} == ids
+    assert len(tries[killed_job]) == 2 and tries[killed_job][0] != tries[killed_job][1]
+    assert [x["node"] for x in placed if x["job"] == killed_job] == tries[killed_job][1:]
+    assert sum(len(t) for t in tries.values()) == len(jobs) + 1  # one retry, nothing else ran twice
+    print(f"\nattempts per node: { {n[:8]: sum(t.count(n) for t in tries.values()) for n in ids} }; "
+          f"removed the node of {killed_job} {'before' if before_complete else 'after'} it completed")
