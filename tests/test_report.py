@@ -287,6 +287,9 @@ def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
 
 
 def test_bad_dir_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
     from lorascope.errors import LorascopeError
     from lorascope.report import write_report
 
@@ -294,6 +297,8 @@ def test_bad_dir_is_a_user_error(tmp_path):
         write_report(tmp_path / "nope")
     with pytest.raises(LorascopeError, match="not a study directory"):
         write_report(tmp_path)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert res.exit_code != 0 and "error:" in res.output and "does not exist" in res.output
 
 
 
@@ -374,10 +379,12 @@ def test_provenance_reads_what_decontamination_dropped(real):
     assert "dropped none" not in prov and "humaneval" in prov
 
 
-def test_names_are_escaped(real, tmp_path):
+def test_cli_report_escapes_names(real, tmp_path):
     from html.parser import HTMLParser
 
-    from lorascope.report import write_report
+    from typer.testing import CliRunner
+
+    from lorascope.cli import app
 
     d = tmp_path / "study"
     shutil.copytree(real[0], d)
@@ -390,7 +397,10 @@ def test_names_are_escaped(real, tmp_path):
     (d / "runs.json").write_text(json.dumps(runs))
     yml = (d / "study.yaml").read_text()
     (d / "study.yaml").write_text(yml.replace("name: tiny", "name: '<iframe>x</iframe> & \"y\"'"))
-    text = write_report(d).read_text()
+    (d / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(d)])
+    assert res.exit_code == 0 and res.stdout.strip() == str(d / "report.html")
+    text = (d / "report.html").read_text()
 
     class Tags(HTMLParser):
         def __init__(self):
@@ -427,19 +437,6 @@ def test_missing_parts_say_not_run(real, tmp_path):
     assert "Not run: no analysis/" in spec_html and "Not run: no evaluated rank-r truncations" in spec_html
     assert "Not run: the base model was not evaluated" in headline_section(st, hs)
 
-
-def test_cli_report_prints_the_page(real, tmp_path):
-    from typer.testing import CliRunner
-
-    from lorascope.cli import app
-
-    d = tmp_path / "study"
-    shutil.copytree(real[0], d)
-    (d / "report.html").unlink()
-    res = CliRunner().invoke(app, ["report", str(d)])
-    assert res.exit_code == 0 and res.stdout.strip() == str(d / "report.html") and (d / "report.html").exists()
-    res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
-    assert res.exit_code != 0 and "error:" in res.output and "does not exist" in res.output
 
 
 def test_headless_screenshot_non_blank(real, tmp_path):
