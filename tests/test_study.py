@@ -2,6 +2,7 @@
 presets run, a killed study completes on re-run with the same numbers, Ray local mode runs the same graph."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -359,7 +360,7 @@ def _auto_study(tmp_path, corpus, auto: dict, seeds=(0, 1)):
     return load_study(p)
 
 
-def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: float = 1.0):
+def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: float = 1.0, n: int = 3):
     if validation is None:
         (d / "runs" / run["run_id"]).mkdir(parents=True, exist_ok=True)
         (d / "runs" / run["run_id"] / "DIVERGED").write_text("loss nan\n")
@@ -367,7 +368,8 @@ def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: 
     f = d / "evals" / run["run_id"] / "tok-000000000256" / "results.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps({"tasks": {f"heldout_bpb:{corpus}": {
-        "metrics": {"bpb": all_items}, "by_split": {"validation": {"bpb": validation}, "test": {"bpb": all_items}}}}}))
+        "metrics": {"bpb": all_items},
+        "by_split": {"validation": {"bpb": validation, "n": n}, "test": {"bpb": all_items, "n": 3}}}}}))
 
 
 def _search_runs(runs):
@@ -429,6 +431,15 @@ def test_lr_search_stops_unbracketed_or_when_everything_diverges(tmp_path, corpu
     assert {r["seed"] for r in runs} == {0}  # nothing to train the other seeds at
 
 
+def test_lr_search_refuses_an_empty_validation_split(tmp_path, corpus):
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3})
+    d = tmp_path / "s"
+    runs, _ = plan_runs(study, d)
+    _fake_eval(d, runs[0], corpus, float("nan"), n=0)
+    with pytest.raises(LorascopeError, match="has no validation items .*raise the limit"):
+        plan_runs(study, d)
+
+
 def test_lr_search_needs_a_learning_metric(tmp_path, corpus):
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({
@@ -451,9 +462,10 @@ def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
                      methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2},
                                "lrs": {"auto": {"start": 1e-2, "factor": 10, "points": 3, "max_extensions": 1}}}],
                      evals={"checkpoints": "final", "base": False,
-                            "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]})
+                            "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 8}]})
     d = run_study(cfg, [], tmp_path / "s", executor="inline", progress=False)
     rec = json.loads((d / "lr_search.json").read_text())["cpt/lora"]
+    assert rec["split"] == "validation" and all(math.isfinite(p["value"]) for p in rec["points"] if not p["diverged"])
     scored = {p["lr"]: p["value"] for p in rec["points"] if not p["diverged"]}
     assert rec["chosen"] == min(scored, key=scored.get) and rec["status"] in ("chosen", "unbracketed")
     assert rec["bracketed"] == (rec["status"] == "chosen")

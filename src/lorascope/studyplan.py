@@ -93,6 +93,9 @@ def validation_score(d: Path | None, run: dict, task: str) -> dict | None:
     if res is None:
         raise LorascopeError(f"{f}: no results for '{task}', the metric that chooses this run's LR")
     by_split = res.get("by_split", {}).get("validation")
+    if by_split is not None and not by_split.get("n"):
+        raise LorascopeError(f"{f}: '{task}' has no validation items (n=0), so no LR can be chosen on validation; "
+                             f"evaluate more items (raise the limit of its evals group)")
     # results written before evaluations carried splits: use all items, and say so in lr_search.json
     value, split = (by_split[ms.metric], "validation") if by_split else (res["metrics"][ms.metric], "all items")
     return {"value": value, "split": split, "diverged": False, "higher_better": ms.higher_better}
