@@ -82,6 +82,20 @@ def test_quick_finds_lrs_on_enough_items():
     assert group.limit >= 40  # validation/test split ~50/50: >= 20 test items remain for the headline
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["quick", "evidence"])
+def test_presets_leave_20_test_items_for_the_learning_metric(name):
+    from lorascope.evals.texts import heldout_windows
+    from lorascope.splits import split_of
+
+    study = load_study(CONFIGS / f"{name}.yaml")
+    task = study.learning_task(study.settings[0])
+    (group,) = [g for g in study.evals.groups if task in g.tasks]
+    items = heldout_windows(task.partition(":")[2], group.limit)
+    splits = [split_of(w["cluster"]) for w in items]
+    assert splits.count("test") >= 20 and splits.count("validation") >= 20
+
+
 def test_evidence_spans_8x_budgets_with_a_cooldown_each():
     study = load_study(CONFIGS / "evidence.yaml")
     t = study.settings[0].train
