@@ -184,15 +184,6 @@ def study(ctx: typer.Context,
     run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
 
 
-@app.command("job", hidden=True)
-@_user_errors
-def job_cmd(study_dir: Path = typer.Argument(...), job_id: str = typer.Argument(...)):
-    """Run one job of a study (what executors start; same as python -m lorascope.jobs STUDY_DIR JOB_ID)."""
-    from .jobs import run_job
-
-    run_job(study_dir, job_id)
-
-
 @app.command()
 @_user_errors
 def report(study_dir: Path = typer.Argument(..., help="a study directory")):
