@@ -21,12 +21,13 @@ export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "error: bench/gpu_smoke.sh: $*" >&2; exit 1; }
 
-"$PY" - <<'EOF' || die "no CUDA GPU visible to torch (torch.cuda.is_available() is False); this smoke test needs one"
+"$PY" - <<'EOF' || die "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
 import torch, sys
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-"$PY" -c "import bitsandbytes" 2>/dev/null || die "bitsandbytes is not installed (pip install 'lorascope[gpu]'); LoftQ needs it"
-"$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| bf16:', torch.cuda.is_bf16_supported())"
+"$PY" -c "import bitsandbytes" 2>/dev/null || die "LoftQ needs bitsandbytes (pip install 'lorascope[gpu]')"
+"$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__,
+                             '| bf16:', torch.cuda.is_bf16_supported())"
 
 # Local data (no network): Python's own standard library as code CPT text.
 "$PY" - "$OUT" <<'EOF'

@@ -33,6 +33,8 @@ def enable_cpu_fsdp(acc) -> None:
     plugin = FullyShardedDataParallelPlugin()  # reads the launch config's FSDP_* variables
     if plugin.fsdp_version != 2:
         raise LorascopeError("fsdp_config.fsdp_version: FSDP on CPU needs FSDP2 (fsdp_version: 2)")
+    if acc.state.mixed_precision != "no":  # as accelerate does for its own FSDP setup
+        plugin.set_mixed_precision(acc.state.mixed_precision)
     acc.state.fsdp_plugin = plugin
     # accelerate re-reads distributed_type from PartialState whenever an AcceleratorState is created, so set
     # both, as accelerate itself does at the end of AcceleratorState.__init__
