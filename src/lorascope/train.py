@@ -204,7 +204,10 @@ class Trainer:
         return self.elapsed0 + time.time() - self.t_start
 
     def save_state(self, at: int) -> None:
-        """Resumable state as of optimizer step `at`, written to state.tmp and renamed over RUN/state."""
+        """Resumable state as of optimizer step `at`, written to state.tmp and renamed over RUN/state.
+
+        Not fileio.atomic_dir: every rank writes its files into state.tmp, so the swap is the main process's
+        between barriers; a kill inside the swap leaves a complete state.tmp that runlog.promote_state uses."""
         acc, tmp = self.acc, self.out / "state.tmp"
         acc.wait_for_everyone()
         if self.main:
