@@ -9,6 +9,12 @@ the scheduler (this process, the Ray driver) decides from the files in it what i
 is retried by Ray on another node (``max_retries``); the retry resumes or redoes the job from the files, as a
 re-run of the study would. ``logs/nodes.jsonl`` records the node each finished job ran on; each job's log holds
 one header line per attempt (the node and host it ran on).
+
+A cluster: ``ray start --head --port 6379 --num-cpus 0`` on the machine that runs the study (the head then
+takes no jobs), ``ray start --address HEAD:6379`` on every worker node, each in the same Python environment
+with lorascope installed. On SLURM or Kubernetes, Ray's own launchers start these (the Ray docs' SLURM
+sbatch template; KubeRay's RayCluster); the study is then submitted from the head as above. Resume: run the
+same command again; the scheduler's death ends its Ray tasks, and with them the jobs they started.
 """
 
 from __future__ import annotations
