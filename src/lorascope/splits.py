@@ -1,7 +1,8 @@
 """The validation / test split of every evaluation pool: one deterministic rule, shared by evals and the report.
 
     split_of("hellaswag/1234")              -> 'validation' or 'test' (the same answer on every machine)
-    split_of("heldout_bpb:code-cpt/email")  -> a whole held-out package lands on one side
+    split_of("heldout/stdlib/email")        -> a held-out window's cluster is its package ("heldout/<group>",
+                                               evals.texts.heldout_windows): the whole package lands on one side
 
 Selections (learning rates, the best configuration) read the validation split only; every number in a report's
 headline comes from the test split, so no choice is scored on the items it was made with (see

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
-from .engine import max_length, model_device
+from .engine import max_length
+from .kl_cache import base_logprobs, kl_from_cached, row_offsets, target_logprobs, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import batches, pad_batch, pad_id, windows
+from .token_windows import batches, pad_id, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -38,20 +39,28 @@ KL_FIRST = 4  # positions after BOS reported apart as kl_first
 
 @torch.inference_mode()
 def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_FIRST, window: int | None = None,
-                token_budget: int = 1024, progress: bool = False) -> list[tuple[float, int, float, int]]:
+                token_budget: int = 1024, progress: bool = False,
+                cache: bool | None = None) -> list[tuple[float, int, float, int]]:
     """Per text: (sum of KL(reference || model) in nats over positions > ``first``, their count, the sum over
-    positions 1..``first``, their count); same windows as text_nll."""
+    positions 1..``first``, their count); same windows as text_nll. ``cache``: the reference's side comes from
+    (or is written to) the kl_cache, so only the model runs a forward pass; else both run. Default: cache when
+    the reference is worth it (kl_cache.worth_caching)."""
     window = min(window or 1024, max_length(model))
     rows = windows(tokenizer, texts, window, window // 2)
     out = [[0.0, 0, 0.0, 0] for _ in texts]
     same = reference is model  # the base against itself: KL is exactly 0, no forward pass needed
+    pad = pad_id(tokenizer)
     model.eval()
     reference.eval()
+    if cache is None:
+        cache = worth_caching(reference)
+    stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
+    off = row_offsets(rows)
     for b in tqdm(list(batches(rows, token_budget)), desc="kl_base", disable=not progress, dynamic_ncols=True):
-        kl = None if same else _kl_batch(model, reference, [rows[r][1] for r in b], pad_id(tokenizer))
-        for j, r in enumerate(b):
-            i, inp, tgt, start = rows[r]
-            per = [0.0] * len(tgt) if kl is None else kl[j, len(inp) - len(tgt): len(inp)].tolist()
+        kls = [None] * len(b) if same else _kl_rows(model, reference, rows, b, pad, stored, off)
+        for r, kl in zip(b, kls):
+            i, _, tgt, start = rows[r]
+            per = [0.0] * len(tgt) if kl is None else kl.tolist()
             for pos, v in enumerate(per, start):
                 k = 2 if pos <= first else 0
                 out[i][k] += v
@@ -59,14 +68,14 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     return [tuple(o) for o in out]
 
 
-def _kl_batch(model, reference, inputs: list[list[int]], pad: int) -> torch.Tensor:
-    """KL(reference || model) at every position of a padded batch: (batch, positions)."""
-    ids, mask = pad_batch(inputs, pad)
-    dev, rdev = model_device(model), model_device(reference)
-    lq = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), dim=-1)
-    lp = torch.log_softmax(reference(input_ids=ids.to(rdev), attention_mask=mask.to(rdev)).logits.float(),
-                           dim=-1).to(lq.device)
-    return (lp.exp() * (lp - lq)).sum(-1)
+def _kl_rows(model, reference, rows: list, b: list[int], pad: int, stored, off: list[int]) -> list[torch.Tensor]:
+    """KL(reference || model) at the scored positions of rows ``b``: one tensor per row."""
+    inputs, n = [rows[r][1] for r in b], [len(rows[r][2]) for r in b]
+    lqs = target_logprobs(model, inputs, n, pad)
+    if stored is None:
+        lps = target_logprobs(reference, inputs, n, pad)
+        return [(lp.exp() * (lp - lq.to(lp.device))).sum(-1) for lp, lq in zip(lps, lqs)]
+    return [kl_from_cached(stored[off[r]: off[r + 1]], lq) for r, lq in zip(b, lqs)]
 
 
 def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:

@@ -1,0 +1,130 @@
+"""The base model's side of KL(base || tuned), computed once per base model and text set, then memory-mapped.
+
+KL(p || q) at one position needs the whole base distribution p, so the cache holds, for every scored position
+(in the order token_windows.windows yields them), the base model's log-softmax over the vocabulary in float16.
+Disk cost: 2 bytes x vocabulary per scored token; for the embedded model (49,152 tokens) 96 KiB per token,
+about 0.98 GB per 10k tokens (the default ``kl_base``), 0.2 GB for ``kl_base:2000``. Every later checkpoint then
+runs one forward pass (the tuned model's) instead of two.
+
+Exactness: float16 rounds each log-probability by at most 2^-11 of its size, so the most probable tokens (log p
+near 0), which carry the KL, keep nearly all their precision; only tokens with p < e^-8 lose more than 0.004
+nats, weighted by p. The stored row is renormalised (log_softmax again) before use, so p stays a distribution
+and KL >= 0. The KL from the cache matches the two-pass KL within 1e-4 nats per token (tested on the tiny
+model, measured on the embedded one; see tests/test_kl_cache.py).
+
+The key is a hash of what determines the numbers, not of names: the model's config, a fingerprint of its
+weights (shape, dtype, float64 sum and a strided sample of every tensor: cheap, and two checkpoints that
+differ anywhere differ in it), its dtype, and the exact token rows scored (tokenizer, texts, token count and
+window all end up in them). A file is written beside its target and renamed, under a lock, so parallel jobs
+asking for the same base build it once.
+
+Example::
+
+    >>> lp = base_logprobs(base, rows, pad=2)      # (scored positions, vocab) float16, memory-mapped
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..assets import cache_dir, cache_lock
+from ..errors import LorascopeError
+from .engine import model_device
+from .token_windows import batches, pad_batch
+
+FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
+_SAMPLE = 4096  # elements hashed per tensor
+# Below this size a forward pass costs about what writing and reading 2 bytes x vocab per token does (a test's
+# tiny model would write 1 GB to skip a one-second pass); the embedded model has 135M.
+CACHE_MIN_PARAMS = 20_000_000
+
+
+def worth_caching(model) -> bool:
+    return sum(p.numel() for p in model.parameters()) >= CACHE_MIN_PARAMS
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over every tensor's name, shape, dtype, float64 sum and a strided sample of its values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{flat.double().sum().item():.17g}|".encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model, rows: list) -> str:
+    h = hashlib.sha256(f"kl-base-v{FORMAT}".encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    h.update(weights_fingerprint(model).encode())
+    for _, inp, tgt, _ in rows:
+        h.update(np.asarray(inp, dtype=np.int64).tobytes() + b"|" + np.asarray(tgt, dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def row_offsets(rows: list) -> list[int]:
+    """Start of each row's scored positions in the cache array (rows in windows() order)."""
+    out, n = [], 0
+    for _, _, tgt, _ in rows:
+        out.append(n)
+        n += len(tgt)
+    return out + [n]
+
+
+@torch.inference_mode()
+def target_logprobs(model, inputs: list[list[int]], ntargets: list[int], pad: int) -> list[torch.Tensor]:
+    """Per row, float32 log-softmax at its last ``ntargets`` input positions (the scored ones)."""
+    ids, mask = pad_batch(inputs, pad)
+    dev = model_device(model)
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+    return [torch.log_softmax(logits[j, len(s) - n: len(s)].float(), dim=-1)
+            for j, (s, n) in enumerate(zip(inputs, ntargets))]
+
+
+def base_logprobs(reference, rows: list, pad: int, token_budget: int = 1024, progress: bool = False) -> np.ndarray:
+    """(scored positions, vocab) float16 log-softmax of ``reference`` over ``rows``: built once, then read."""
+    path = cache_dir() / "kl-base" / f"{cache_key(reference, rows)}.npy"
+    with cache_lock(path):  # parallel jobs: one builds, the others wait and read
+        if not path.exists():
+            _build(reference, rows, pad, token_budget, path, progress)
+    return np.load(path, mmap_mode="r")
+
+
+def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    off = row_offsets(rows)
+    vocab = int(reference.get_output_embeddings().weight.shape[0])
+    need = off[-1] * vocab * 2
+    free = shutil.disk_usage(path.parent).free
+    if need > free * 0.9:
+        raise LorascopeError(f"{path.parent}: kl_base's base-model cache needs {need / 1e9:.2f} GB, "
+                             f"{free / 1e9:.2f} GB free (set LORASCOPE_CACHE elsewhere or ask for fewer tokens)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
+        reference.eval()
+        for b in tqdm(list(batches(rows, token_budget)), desc="kl_base (base, cached)", disable=not progress,
+                      dynamic_ncols=True):
+            lps = target_logprobs(reference, [rows[r][1] for r in b], [len(rows[r][2]) for r in b], pad)
+            for r, lp in zip(b, lps):
+                arr[off[r]: off[r + 1]] = lp.to(torch.float16).cpu().numpy()
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def kl_from_cached(stored: np.ndarray, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position from float16 base log-probs (renormalised) and the model's float32 log-probs."""
+    lp = torch.log_softmax(torch.from_numpy(np.array(stored, dtype=np.float32)).to(lq.device), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)

@@ -1,0 +1,97 @@
+"""The base side of KL is computed once and cached: the cached KL equals the two-pass KL, the cache is reused,
+keyed by weights and texts, built once under parallel demand; packed text scoring equals per-text scoring."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+TEXTS = ["The cat sat on the mat and looked at the door for a long while.",
+         "Rain fell over the hills; the farmers waited.",
+         "A short one.",
+         "Water boils at one hundred degrees Celsius at sea level, a fact every cook relies on."]
+TOL = 1e-4  # nats per token: float16 base log-probs (see kl_cache's docstring)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path))
+    return tmp_path / "kl-base"
+
+
+def _pair(tokenizer):
+    base = make_tiny_llama(len(tokenizer), seed=0)
+    tuned = make_tiny_llama(len(tokenizer), seed=0)
+    with torch.no_grad():  # a "fine-tune": every weight moved a little, so KL is clearly > 0
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base, tuned
+
+
+def test_cached_kl_equals_two_pass_kl_and_runs_the_base_once(tokenizer, cache):
+    from lorascope.evals.kl import kl_per_text
+
+    base, tuned = _pair(tokenizer)
+    two_pass = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=False)  # window 16: sliding rows
+    calls = []
+    base.register_forward_hook(lambda *a: calls.append(1))
+    first = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
+    built = len(calls)
+    again = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
+    assert built > 0 and len(calls) == built  # the second checkpoint never runs the base model
+    assert len(list(cache.glob("*.npy"))) == 1
+    assert first == again
+    for (s, n, fs, fn), (s2, n2, fs2, fn2) in zip(two_pass, first):
+        assert (n, fn) == (n2, fn2) and s + fs > 0.01 * (n + fn)
+        assert abs(s - s2) <= TOL * n and abs(fs - fs2) <= TOL * fn
+
+
+def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
+    from lorascope.evals import kl_cache
+    from lorascope.evals.kl import kl_per_text
+
+    base, tuned = _pair(tokenizer)
+    kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
+    kl_per_text(tuned, make_tiny_llama(len(tokenizer), seed=0), tokenizer, TEXTS, window=16, cache=True)  # same
+    assert kl_per_text(tuned, base, tokenizer, TEXTS[1:], window=16) and not kl_cache.worth_caching(base)  # tiny: off
+    assert len(list(cache.glob("*.npy"))) == 1
+    with torch.no_grad():
+        next(base.parameters())[0, 0] += 1e-3  # one weight of another base model
+    kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
+    kl_per_text(tuned, base, tokenizer, TEXTS[:2], window=16, cache=True)  # another text set
+    assert len(list(cache.glob("*.npy"))) == 3
+    assert not list(cache.glob(".*tmp"))  # no temp file left behind
+
+
+def test_parallel_requests_build_the_cache_once(tokenizer, cache, monkeypatch):
+    from lorascope.evals import kl_cache
+    from lorascope.evals.token_windows import windows
+
+    base, _ = _pair(tokenizer)
+    rows = windows(tokenizer, TEXTS, 16, 8)
+    builds, real = [], kl_cache._build
+    monkeypatch.setattr(kl_cache, "_build", lambda *a: (builds.append(1), real(*a)))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(kl_cache.base_logprobs(base, rows, 2))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(got) == 3
+    assert all(np.array_equal(g, got[0]) for g in got)
+    assert got[0].shape == (kl_cache.row_offsets(rows)[-1], len(tokenizer)) and got[0].dtype == np.float16
+
+
+def test_kl_base_with_a_token_count_is_the_forgetting_metric():
+    from lorascope.report.metrics import forgetting_metric, spec
+
+    plain, sized = spec("kl_base"), spec("kl_base:2000")
+    assert sized.task == "kl_base:2000" and (sized.metric, sized.role, sized.weight_field, sized.higher_better) \
+        == (plain.metric, plain.role, plain.weight_field, plain.higher_better)
+    assert forgetting_metric(["english_bpb", "kl_base:2000"]) == "kl_base:2000"
+    assert forgetting_metric(["english_bpb", "hellaswag"]) == "english_bpb"
