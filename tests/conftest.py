@@ -61,7 +61,7 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A real tiny study, run once per session by the real scheduler (inline executor): full FT and LoRA on a
-    repetitive code corpus, one checkpoint each, evaluated (held-out BPB, KL to the base on 600 tokens, ARC-Easy), analysed
+    repetitive code corpus, one checkpoint each, evaluated (held-out BPB, KL to the base on 2,500 tokens, ARC-Easy), analysed
     (spectrum, a rank-2 truncation, evaluated). Tests read it; copy it before changing anything in it."""
     import json
 
@@ -86,7 +86,7 @@ def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
                     {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
         # 16 held-out windows: both splits (validation / test, by a hash of each item's cluster) get some
         "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 16},
-                                                      {"tasks": ["kl_base:600"]},  # 600 tokens, not 10k
+                                                      {"tasks": ["kl_base:2500"]},  # 2,500 tokens, not 10k: >= 5 test-split texts
                                                       {"tasks": ["arc_easy"], "limit": 3}]},
         "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}}}))
     return run_study(cfg, [], root / "study", executor="inline", progress=False)
