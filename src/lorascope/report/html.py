@@ -4,8 +4,8 @@ shown as text, never as markup.
 
 Example::
 
-    >>> render("cost.html", header=["run", "tokens/s"], rows=[["full", 118.4]], caption=None)[:7]
-    '<table>'
+    >>> render("cost.html", rows=[])
+    Markup('<p class="notrun">Not run: no run has a summary.json yet.</p>')
 """
 
 from __future__ import annotations
