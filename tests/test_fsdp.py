@@ -6,7 +6,6 @@ sharded state onto the uninterrupted curve."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -77,21 +76,17 @@ def _run(args: list[str], out: Path) -> Path:
     return out
 
 
-def _kill9_tree(pid: int) -> None:
-    """SIGKILL the launcher and every process under it (torchrun starts each rank in a session of its own, so
-    killing the launcher's process group would leave the ranks training)."""
-    def children(p: int) -> list[int]:
+def _processes_writing(run: Path) -> list[int]:
+    """Processes on this machine whose command line names the run directory."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            argv = cmdline.read_bytes().split(b"\0")
         except OSError:
-            return []
-        return [int(k) for k in kids] + [g for k in kids for g in children(int(k))]
-
-    for p in [pid, *children(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            continue
+        if str(run).encode() in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def _curve(run: Path) -> list[float]:
@@ -179,8 +174,12 @@ def test_fsdp_resume_after_kill9_follows_the_uninterrupted_curve(fsdp_full, tiny
     progress = out / "state" / "progress.json"
     while time.time() < deadline and p.poll() is None and not progress.exists():
         time.sleep(0.05)
-    _kill9_tree(p.pid)  # the launcher and both ranks, no chance to clean up
+    p.kill()  # SIGKILL to the launcher; the ranks (in sessions of their own) die with it, also by SIGKILL
     p.wait()
+    deadline = time.time() + 20
+    while _processes_writing(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _processes_writing(out), "a rank outlived its launcher"
     assert progress.exists() and not (out / "COMPLETE").exists(), "killed too late to test a resume"
     # the saved state is sharded: one model shard and one optimizer shard per process (DCP files)
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):

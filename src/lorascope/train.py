@@ -47,7 +47,7 @@ from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
 from .fileio import atomic_write_text
 from .schedules import branch_multiplier, cooldown_start, multiplier
-from .sharded import enable_cpu_fsdp
+from .sharded import die_with_launcher, enable_cpu_fsdp
 from .trainplan import Plan
 
 
@@ -80,6 +80,7 @@ def _accelerator(t: TrainConfig):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    die_with_launcher()  # sharded: a rank never outlives its launcher
     # accelerate selects gloo (MULTI_CPU) for a multi-process launch only when told cpu=True.
     cpu = world_env > 1 and not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if t.precision == "bf16" else "no",
