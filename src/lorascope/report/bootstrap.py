@@ -122,6 +122,12 @@ def p_two_sided(boot: np.ndarray) -> float:
     return float(min(1.0, max(2 * tail, 1) / (len(b) + 1)))
 
 
+def p_one_sided(boot: np.ndarray) -> float:
+    """Bootstrap p-value of "the statistic is <= 0" against "> 0": (1 + replicates <= 0) / (B + 1)."""
+    b = boot[np.isfinite(boot)]
+    return float(min(1.0, (1 + (b <= 0).sum()) / (len(b) + 1)))
+
+
 def noise_text(seeds: tuple[int, int], tables: list[ClusterTable], n_boot: int) -> str:
     """What an interval covers, in words, for the report; seeds: (fewest, most) seeds of a compared point."""
     cl = " + ".join(f"{len(t.clusters)}" for t in tables)

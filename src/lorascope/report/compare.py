@@ -22,7 +22,7 @@ from .collect import BASE, Study
 from .metrics import MetricSpec, describe, forgetting_metric, learning_metric, signed, spec
 from .bootstrap import percentile_interval
 from .decide import MARGIN_FRACTION
-from .questions import answer, recommend
+from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
 from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
 
 
@@ -38,30 +38,34 @@ class Point:
     run_ids: list[str]
     labels: list[str]
     diverged: bool = False
+    role: str = "main"  # runs.json role: "main", or "lr-search" (trained only to choose an LR, often shorter)
     capacity: float | None = None  # trainable parameters / tokens seen (LoRA Without Regret's capacity ratio)
     # (task, metric) -> (mean over seeds, mean stderr, seed sd or None)
     values: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.method} lr={self.lr:g}" if self.lr is not None else self.method
+        name = f"{self.method} lr={self.lr:g}" if self.lr is not None else self.method
+        return name if self.role == "main" else f"{name} ({self.role})"
 
     def position(self, by: str) -> float | None:
         return self.epoch if by == "epoch" else self.tokens
 
 
 def points(st: Study, rows: list[dict]) -> list[Point]:
-    """Every (setting, method, lr, checkpoint) with eval rows, seeds pooled; truncations excluded."""
+    """Every (setting, method, lr, role, checkpoint) with eval rows, seeds pooled; truncations excluded. An LR-search
+    run is its own point even where it shares a checkpoint name with a main run: it trained another schedule."""
     grouped: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r["run_id"] != BASE and not r["checkpoint"].startswith("truncate-"):
-            grouped[(r["setting"], r["method"], r["lr"], r["checkpoint"])].append(r)
+            role = st.run(r["run_id"]).get("role") or "main"
+            grouped[(r["setting"], r["method"], r["lr"], role, r["checkpoint"])].append(r)
     out = []
-    for (setting, method, lr, ck), rs in grouped.items():
+    for (setting, method, lr, role, ck), rs in grouped.items():
         run_ids = sorted({r["run_id"] for r in rs})
         runs = [st.run(i) for i in run_ids]
         p = Point(setting, method, runs[0]["family"], lr, ck, rs[0]["tokens"], rs[0]["epoch"], run_ids,
-                  [r["label"] for r in runs], diverged=any(r["diverged"] for r in runs))
+                  [r["label"] for r in runs], diverged=any(r["diverged"] for r in runs), role=role)
         p.capacity = capacity_ratio(runs[0], p.tokens)
         by_metric: dict[tuple, list[dict]] = defaultdict(list)
         for r in rs:
@@ -71,7 +75,7 @@ def points(st: Study, rows: list[dict]) -> list[Point]:
             ses = [m["stderr"] for m in ms if m["stderr"] is not None]
             p.values[key] = (sum(vals) / len(vals), sum(ses) / len(ses) if ses else None, seed_spread(vals))
         out.append(p)
-    return sorted(out, key=lambda p: (p.setting, p.method, p.lr or 0, p.tokens or 0, p.epoch or 0))
+    return sorted(out, key=lambda p: (p.setting, p.method, p.lr or 0, p.role, p.tokens or 0, p.epoch or 0))
 
 
 def capacity_ratio(run: dict, tokens: int | None) -> float | None:
@@ -90,7 +94,7 @@ def finals(ps: list[Point]) -> list[Point]:
     by = axis(ps)
     last: dict[tuple, Point] = {}
     for p in ps:
-        k = (p.method, p.lr)
+        k = (p.method, p.lr, p.role)
         if k not in last or (p.position(by) or 0) > (last[k].position(by) or 0):
             last[k] = p
     return list(last.values())
@@ -125,12 +129,18 @@ class Headline:
     setting: str
     learning: MetricSpec | None
     forgetting: MetricSpec | None
-    table: list[dict]  # one row per configuration at its last checkpoint, test split
+    table: list[dict]  # one row per configuration at its last checkpoint, test split (with "capacity")
     sentences: list[str]
     recommended: Point | None = None
-    verdicts: list[dict] = field(default_factory=list)  # the paper's two questions, see questions.py
-    chosen_lrs: dict = field(default_factory=dict)  # method name -> LR chosen on the validation split
-    frontiers: dict = field(default_factory=dict)  # family -> {"points", "curve", "band"} for the Pareto figure
+    verdicts: list[dict] = field(default_factory=list)  # the paper's two questions, see questions.py; each
+    # tested one has "margin" (equivalence), "p" / "p_holm" (raw / Holm-adjusted), "correction", and the
+    # matched-learning one the common learning range "range"
+    chosen_lrs: dict = field(default_factory=dict)  # method name -> chosen LR (study's LR search, else validation)
+    frontiers: dict = field(default_factory=dict)  # family -> {"points", "capacity", "curve", "band"}
+    lr_choice: dict = field(default_factory=dict)  # method -> {"lr", "by", "bracketed", "status", "grid", ...}
+    margin_fraction: float | None = None  # equivalence margin: this share of the larger gain / forgetting
+    learning_tests: list[dict] = field(default_factory=list)  # per candidate: {"point", "p", "p_holm"}
+    correction: str = ""  # the multiplicity correction used, in words
 
 
 def _pick(st: Study, fin: list[Point], base: dict, dataset: str | None) -> tuple[MetricSpec | None,
@@ -152,38 +162,97 @@ def _pick(st: Study, fin: list[Point], base: dict, dataset: str | None) -> tuple
 
 
 def headline(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None) -> Headline:
-    """The setting's verdicts and recommendation: choices on the validation split, numbers on the test split."""
+    """One setting's headline (Holm's correction over this setting alone; ``study_headlines``: study-wide)."""
+    return study_headlines(st, ps, rows, [(setting, dataset)])[0]
+
+
+@dataclass
+class _Draft:
+    """A setting's headline before the study-wide corrections: done is set when it stopped early."""
+
+    setting: str
+    mine: list
+    sentences: list
+    L: MetricSpec | None = None
+    F: MetricSpec | None = None
+    fin: list = field(default_factory=list)
+    answer: Answer | None = None
+    done: Headline | None = None
+
+
+def study_headlines(st: Study, ps: list[Point], rows: list[dict],
+                    settings: list[tuple[str, str | None]]) -> list[Headline]:
+    """Every setting's verdicts and recommendation: choices on the validation split, numbers on the test split,
+    and Holm's correction over the whole study (every comparison of every setting; separately, every
+    configuration tested for a recommendation), since a reader takes the report's verdicts together."""
+    margin = float((st.config.get("report") or {}).get("margin") or MARGIN_FRACTION)
+    drafts = [_draft(st, ps, rows, s, d, margin) for s, d in settings]
+    live = [d for d in drafts if d.done is None]
+    k = settle([d.answer for d in live])
+    n = learning_tests([(d.answer, candidates(d.mine, d.fin, d.answer)) for d in live])
+    how = (f"significance is Holm-Bonferroni-corrected over all {k} comparison{'s' * (k != 1)} tested in the "
+           f"study (every setting and question); a configuration qualifies for a recommendation only if its learning "
+           f"over the base is significantly positive (one-sided bootstrap test, Holm-corrected over the study's "
+           f"{n} final main configuration{'s' * (n != 1)})")
+    return [d.done or _finish(d, margin, how) for d in drafts]
+
+
+def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: float) -> _Draft:
     base = base_values(rows)
     mine = [p for p in ps if p.setting == setting]
-    fin = finals(mine)
+    d = _Draft(setting, mine, [])
     if not base:
-        return Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
-                                                   "forgetting cannot be measured against it."])
-    L, F, out = _pick(st, fin, base, dataset)
-    if L is None:
-        return Headline(setting, L, F, [], out + ["Not run: no learning task (domain benchmark or held-out BPB) "
-                                                  "was evaluated on both the base model and the runs of this setting."])
-    out.append(f"Learning is {describe(L)}" + (f"; forgetting is {describe(F)}" if F else
-                                               "; no forgetting task was evaluated") +
-               ", each against the base model; choices are made on the validation split and every number "
-               "below is on the test split.")
-    margin = float((st.config.get("report") or {}).get("margin") or MARGIN_FRACTION)
-    a = answer(st, mine, L, F, axis(mine), margin)
-    if a.test is None or a.val is None:
-        return Headline(setting, L, F, [], out + [f"Not run: no per-item samples of {L.task} on both splits for "
-                                                  "the base model and the runs, so nothing can be tested."])
-    out.append(f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over "
-               "seeds and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); "
-               f"'equivalent' needs the 90% interval inside +-{margin:.0%} of the larger gain (learning) or "
-               "forgetting compared (TOST); significance is Holm-Bonferroni-corrected over this setting's "
-               "comparisons.")
-    fin_idx = [mine.index(p) for p in fin]
-    table = [_row(mine[i], i, a) for i in fin_idx]
-    pick, said = recommend(mine, fin_idx, a, L, margin, setting)
+        d.done = Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
+                                                    "forgetting cannot be measured against it."])
+        return d
+    d.L, d.F, d.sentences = _pick(st, finals(mine), base, dataset)
+    if d.L is None:
+        d.done = Headline(setting, None, d.F, [], d.sentences + [
+            "Not run: no learning task (domain benchmark or held-out BPB) was evaluated on both the base model "
+            "and the runs of this setting."])
+        return d
+    d.sentences.append(f"Learning is {describe(d.L)}" + (f"; forgetting is {describe(d.F)}" if d.F else
+                       "; no forgetting task was evaluated") + ", each against the base model; choices are made on "
+                       "the validation split and every number below is on the test split.")
+    d.answer = answer(st, mine, d.L, d.F, axis(mine), margin, searched=study_choices(st, setting))
+    if d.answer.test is None or d.answer.val is None:
+        d.done = Headline(setting, d.L, d.F, [], d.sentences + [
+            f"Not run: no per-item samples of {d.L.task} on both splits for the base model and the runs, so "
+            "nothing can be tested."])
+        return d
+    d.fin = [mine.index(p) for p in finals(mine)]
+    return d
+
+
+def _finish(d: _Draft, margin: float, how: str) -> Headline:
+    a, mine = d.answer, d.mine
+    out = d.sentences + [
+        f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over seeds "
+        "and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); 'equivalent' needs "
+        f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."]
+    out += lr_sentences(a.lr_choice)
+    pick, said = recommend(mine, d.fin, a, d.L, margin, d.setting)
     out += said
-    out += [f"{mine[i].name} diverged and is left out of every choice." for i in fin_idx if mine[i].diverged]
-    return Headline(setting, L, F, table, out, mine[pick] if pick is not None else None,
-                    a.verdicts, a.chosen_lrs, a.frontiers)
+    out += [f"{mine[i].name} diverged and is left out of every choice." for i in d.fin if mine[i].diverged]
+    tests = [{"point": mine[i], **a.learning_p[i]} for i in d.fin if i in a.learning_p]
+    return Headline(d.setting, d.L, d.F, [_row(mine[i], i, a) for i in d.fin], out,
+                    mine[pick] if pick is not None else None, a.verdicts, a.chosen_lrs, a.frontiers, a.lr_choice,
+                    margin, tests, how)
+
+
+def lr_sentences(choice: dict) -> list[str]:
+    """Where each chosen LR comes from, and whether it was bracketed (a worse LR tested on both sides)."""
+    out = []
+    for m, c in sorted(choice.items()):
+        if c["lr"] is None:
+            out.append(f"{m}: no LR chosen by {c['by']} ({c.get('status') or 'no result'}); it is left out of the "
+                       "learns-less question.")
+            continue
+        edge = "bracketed" if c["bracketed"] else "the only one tried" if len(c["grid"]) < 2 else \
+            "unbracketed (best at an edge of the grid tried)"
+        out.append(f"{m}: learning rate {c['lr']:g}, chosen by {c['by']}, {edge}; grid "
+                   f"{', '.join(f'{x:g}' for x in c['grid'])}.")
+    return out
 
 
 def _row(p: Point, i: int, a) -> dict:

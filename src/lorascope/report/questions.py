@@ -1,27 +1,36 @@
 """The paper's two questions for one setting, answered as tests on the test split; choices made on validation.
 
-1. learns_less: at each budget, each method at its learning rate chosen on validation, each family (full,
-   lora, ...) at its best method chosen on validation; the test-split learning difference LoRA - full.
+1. learns_less: at each budget, each method at its chosen learning rate, each family (full, lora, ...) at its
+   best method chosen on validation; the test-split learning difference LoRA - full. One choice, one place: when
+   the study ran an LR search for a method (STUDY/lr_search.json, made on the validation split), its chosen LR
+   is used and only the main runs (runs.json role "main") answer the question; with a fixed LR list the report
+   chooses on the validation split itself.
 2. forgets_less_at_equal_learning: the matched-learning forgetting difference LoRA - full of the families'
-   monotone frontiers over all their points (learning rates, budgets; seeds inside each point), see frontier.py.
-Both are bootstrapped hierarchically (seeds x item clusters, bootstrap.py), Holm-corrected together, and
-decided by decide.py; "yes" means the paper's claim holds (difference < 0).
+   monotone frontiers over all their points (learning rates, budgets, LR-search runs at their own budget too;
+   seeds inside each point), see frontier.py.
+Both are bootstrapped hierarchically (seeds x item clusters, bootstrap.py), Holm-corrected over every comparison
+of the study (``settle``, all settings together), and decided by decide.py; "yes" means the paper's claim holds
+(difference < 0).
 
 Example::
 
-    >>> a = answer(st, ps, L, F)           # ps: the setting's points
+    >>> a = answer(st, ps, L, F, "tokens", searched=study_choices(st, "code-cpt"))   # ps: the setting's points
+    >>> settle([a])                                                                  # Holm over the study
     >>> [(v["question"], v["verdict"]) for v in a.verdicts]
     [('learns_less', 'yes'), ('forgets_less_at_equal_learning', 'not resolved')]
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bootstrap import noise_text, p_two_sided, percentile_interval
-from .decide import MARGIN_FRACTION, decide, holm, power_note
+from ..errors import LorascopeError
+from .bootstrap import noise_text, p_one_sided, p_two_sided, percentile_interval
+from .decide import ALPHA, MARGIN_FRACTION, decide, holm, power_note
 from .frontier import common_range, fit, matched_boot, matched_difference
 from .measure import SplitMeasure, TestReplicates, measure_split
 from .metrics import MetricSpec
@@ -31,6 +40,9 @@ VAR_BOOT = 300  # replicates of the seeds-only / clusters-only bootstraps behind
 # 3 / 5 / 8 clusters (nominal 95%, 500 simulations, the tests' model); widened (bootstrap.small_sample_widen)
 # 94% / 96% / 93%. Below 5 the bootstrap has too few distinct resamples to be more than a formality.
 MIN_CLUSTERS = 5
+MAIN = "main"  # runs.json role of a run that answers the questions; "lr-search" runs only chose an LR
+STUDY_SEARCH = "the study's LR search (validation split)"
+REPORT_CHOICE = "the report (validation split; fixed LR list)"
 
 
 @dataclass
@@ -40,10 +52,28 @@ class Answer:
     frontiers: dict = field(default_factory=dict)
     val: SplitMeasure | None = None
     rep: TestReplicates | None = None
+    lr_choice: dict = field(default_factory=dict)  # method -> {"lr", "by", "bracketed", "status", "grid", ...}
+    ps: list = field(default_factory=list)
+    learning_p: dict = field(default_factory=dict)  # point index -> {"p", "p_holm"}: learning > 0 on test
 
     @property
     def test(self) -> SplitMeasure | None:
         return self.rep.both if self.rep else None
+
+
+def study_choices(st, setting: str) -> dict[str, dict]:
+    """The study's LR-search records of one setting (STUDY/lr_search.json), by method name; {} without one."""
+    f = st.path / "lr_search.json"
+    if not f.exists():
+        return {}
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LorascopeError(f"{f}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict):
+        raise LorascopeError(f"{f}: expected an object of 'setting/method' records")
+    return {r["method"]: r for r in doc.values() if isinstance(r, dict) and r.get("setting") == setting
+            and "method" in r}
 
 
 def choose(ps: list, idx: list[int], val: SplitMeasure) -> dict[str, int]:
@@ -58,12 +88,48 @@ def choose(ps: list, idx: list[int], val: SplitMeasure) -> dict[str, int]:
     return best
 
 
+def _same_lr(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+
+
+def at_chosen(ps: list, idx: list[int], val: SplitMeasure, searched: dict) -> dict[str, int]:
+    """Per method, its point at the chosen LR among idx: the study's choice for a searched method (never
+    re-chosen here: one choice, one place), the most validation learning for a method with a fixed LR list."""
+    out = choose(ps, [i for i in idx if ps[i].method not in searched], val)
+    for i in idx:
+        rec = searched.get(ps[i].method)
+        if rec and _same_lr(ps[i].lr, rec.get("chosen")) and i in val.learning:
+            out[ps[i].method] = i
+    return out
+
+
 def family_best(ps: list, per_method: dict[str, int], val: SplitMeasure) -> dict[str, int]:
     out: dict[str, int] = {}
     for i in per_method.values():
         f = ps[i].family
         if f not in out or val.learning[i] > val.learning[out[f]]:
             out[f] = i
+    return out
+
+
+def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str, dict]:
+    """What chose each method's LR, for the headline: the study's search record, or the report's own choice on
+    validation at the last budget (fixed lists). "bracketed": a worse LR was tested on both sides."""
+    out = {m: {"lr": r.get("chosen"), "by": STUDY_SEARCH, "bracketed": bool(r.get("bracketed")),
+               "status": r.get("status"), "grid": list(r.get("grid") or []), "diverged": list(r.get("diverged") or []),
+               "metric": r.get("metric"), "split": r.get("split")} for m, r in searched.items()}
+    main = [i for i, p in enumerate(ps) if p.role == MAIN and p.method not in searched]
+    if not main:
+        return out
+    last = max((ps[i].position(by) or 0) for i in main)
+    at_last = [i for i in main if (ps[i].position(by) or 0) == last]
+    for m, i in choose(ps, [i for i in at_last if not ps[i].diverged], val).items():
+        grid = sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].lr is not None})
+        inside = len(grid) >= 3 and grid[0] < ps[i].lr < grid[-1]
+        out[m] = {"lr": ps[i].lr, "by": REPORT_CHOICE, "bracketed": inside,
+                  "status": "chosen" if inside else "unbracketed" if len(grid) > 1 else "only one tried", "grid": grid,
+                  "diverged": sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].diverged}),
+                  "metric": None, "split": "validation"}
     return out
 
 
@@ -75,15 +141,12 @@ def _verdict(question: str, a: str, b: str, budget, est, boot, reason: str, nois
 
 
 def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise: str,
-                frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
-    """Question 1 at every budget; returns the pending comparisons and the chosen LR per method (last budget)."""
-    out, chosen, test = [], {}, rep.both
-    budgets = sorted({p.position(by) for p in ps if p.position(by) is not None})
-    for b in budgets:
-        idx = [i for i, p in enumerate(ps) if p.position(by) == b and not p.diverged and i in test.learning]
-        per_method = choose(ps, idx, val)
-        chosen = {m: ps[i].lr for m, i in per_method.items()}
-        fam = family_best(ps, per_method, val)
+                frac: float = MARGIN_FRACTION, searched: dict | None = None) -> list:
+    """Question 1 at every budget of the main runs, each method at its chosen LR; the pending comparisons."""
+    out, test, searched = [], rep.both, searched or {}
+    main = [i for i, p in enumerate(ps) if p.role == MAIN and not p.diverged and i in test.learning]
+    for b in sorted({ps[i].position(by) for i in main if ps[i].position(by) is not None}):
+        fam = family_best(ps, at_chosen(ps, [i for i in main if ps[i].position(by) == b], val, searched), val)
         if "full" not in fam:
             continue
         for f, i in fam.items():
@@ -95,16 +158,17 @@ def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise
             gains = [test.learning[i], test.learning[j]]
             lows = [percentile_interval(rep.arm("learning", k))[0] for k in (i, j)]
             v = _verdict("learns_less", ps[i].name, ps[j].name, b, est, d, "", noise,
-                         margin=frac * max(gains), points=(i, j))
+                         margin=frac * max(gains), points=(i, j), capacity=(ps[i].capacity, ps[j].capacity))
             if max(lows) <= 0:
                 v.update(verdict="not comparable", reason=f"nothing learned: neither {ps[i].name} nor {ps[j].name} "
                          "improved on the base model significantly on the test split")
             out.append(v)
-    return out, chosen
+    return out
 
 
 def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
-    """Question 2 per LoRA family against full FT, and the frontiers for the Pareto figure."""
+    """Question 2 per LoRA family against full FT, and the frontiers for the Pareto figure (every point, the
+    LR-search runs' included: each is a (method, LR, budget) configuration measured on the test split)."""
     test = rep.both
     fams: dict[str, list[int]] = {}
     for i, p in enumerate(ps):
@@ -112,7 +176,8 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
             fams.setdefault(p.family, []).append(i)
     pts = {f: [(test.learning[i], test.forgetting[i]) for i in idx] for f, idx in fams.items()}
     frontiers = {f: {"points": [(test.learning[i], test.forgetting[i], ps[i].name) for i in idx],
-                     "curve": fit(pts[f]), "band": None} for f, idx in fams.items()}
+                     "capacity": [ps[i].capacity for i in idx], "curve": fit(pts[f]), "band": None}
+                 for f, idx in fams.items()}
     out = []
     for f, idx in fams.items():
         if f == "full" or "full" not in fams:
@@ -121,7 +186,8 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
         rng = common_range(pts[f], pts["full"])
         frontiers[f]["band"] = rng
         frontiers["full"]["band"] = frontiers["full"]["band"] or rng
-        v = _verdict("forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j))
+        v = _verdict("forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j),
+                     range=rng)
         if rng is None:
             v.update(verdict="not comparable", reason=f"the learning ranges of {f} and full fine-tuning do not "
                      "overlap on the test split, so there is no equal-learning level to compare at")
@@ -133,7 +199,7 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
             boot = rep.of(lambda m: _matched(m, idx, j), est, _seeds(ps, idx + j))
             top = max(abs(y) for _, y in pts[f] + pts["full"])
             v.update(estimate=est, boot=boot, interval=percentile_interval(boot),
-                     margin=frac * top, range=rng, undefined=float(np.mean(~np.isfinite(boot))))
+                     margin=frac * top, undefined=float(np.mean(~np.isfinite(boot))))
         out.append(v)
     return out, frontiers
 
@@ -150,34 +216,58 @@ def _matched(m: SplitMeasure, ia: list[int], ib: list[int]) -> np.ndarray:
 
 
 def answer(st, ps: list, L: MetricSpec, F: MetricSpec | None, by: str, margin_fraction: float = MARGIN_FRACTION,
-           n_boot: int = 1000) -> Answer:
-    """Both questions for one setting's points, decided with Holm's correction over all comparisons made."""
+           n_boot: int = 1000, searched: dict | None = None) -> Answer:
+    """Both questions for one setting's points; the tested comparisons stay pending (verdict None, with their
+    replicates) until ``settle`` decides them with Holm's correction over the whole study."""
+    searched = searched or {}
     val = measure_split(st, ps, L, F, "validation", n_boot)
     rep = TestReplicates.make(st, ps, L, F, n_boot, VAR_BOOT)
     if val is None or rep is None:
-        return Answer(val=val, rep=rep)
+        return Answer(val=val, rep=rep, ps=ps)
     noise = noise_text(rep.both.n_seeds, rep.both.tables[:1], n_boot)
-    q1, chosen = learns_less(ps, val, rep, by, noise, margin_fraction)
+    lr_choice = lr_choices(ps, val, searched, by)
+    q1 = learns_less(ps, val, rep, by, noise, margin_fraction, searched)
     q2, frontiers = forgets_less(ps, rep, noise, margin_fraction) if F is not None else ([], {})
     vs = q1 + q2
     few = _too_few(rep.both)
     for v in vs:
         if v["verdict"] is None and few:
             v.update(verdict="not resolved", reason=few)
-    pending = [v for v in vs if v["verdict"] is None]
-    raw = [p_two_sided(v["boot"]) for v in pending]
-    for v, p, pa in zip(pending, raw, holm(raw)):
-        sign = -1  # the paper's direction: LoRA learns less / forgets less, a negative difference
-        v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], sign, p, len(pending))
-        v["p_holm"] = pa
+        if v["verdict"] is None:
+            v["p"] = p_two_sided(v["boot"])
+    chosen = {m: c["lr"] for m, c in lr_choice.items() if c["lr"] is not None}
+    return Answer(vs, chosen, frontiers, val, rep, lr_choice, ps)
+
+
+def settle(answers: list[Answer]) -> int:
+    """Decide every pending comparison of the study with Holm's correction over all of them (every setting and
+    question: the family-wise error of the whole report); returns the number of comparisons corrected over."""
+    pending = [(a, v) for a in answers for v in a.verdicts if v["verdict"] is None]
+    k = len(pending)
+    for (a, v), pa in zip(pending, holm([v["p"] for _, v in pending])):
+        v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], -1, v["p"], k)
+        v["p_holm"] = pa  # sign -1: the paper's direction, LoRA learns less / forgets less
+        v["correction"] = f"Holm over the {k} comparison{'s' * (k != 1)} of the study (all settings)"
         if v["verdict"] == "not resolved":
-            v["power"] = _power(rep, v, ps)
-    for v in vs:
-        tested = v.pop("boot", None) is not None and "p_holm" in v
-        v.pop("points", None)
-        if tested:
-            v["correction"] = f"Holm over {len(pending)} comparison{'s' * (len(pending) != 1)} of this setting"
-    return Answer(vs, chosen, frontiers, val, rep)
+            v["power"] = _power(a.rep, v, a.ps)
+    for a in answers:
+        for v in a.verdicts:
+            v.pop("boot", None)
+            v.pop("points", None)
+    return k
+
+
+def learning_tests(cands: list[tuple[Answer, list[int]]]) -> int:
+    """One-sided test "learning over the base > 0" on the test split for every candidate point of a
+    recommendation, Holm-corrected over all candidates of the study; fills Answer.learning_p. Returns the count."""
+    flat = []
+    for a, idx in cands:
+        for i in idx:
+            if a.test is not None and i in a.test.learning:
+                flat.append((a, i, p_one_sided(a.rep.arm("learning", i))))
+    for (a, i, p), pa in zip(flat, holm([p for *_, p in flat])):
+        a.learning_p[i] = {"p": p, "p_holm": pa}
+    return len(flat)
 
 
 def _too_few(test: SplitMeasure) -> str:
@@ -201,16 +291,25 @@ def _power(rep: TestReplicates, v: dict, ps: list) -> str:
     return power_note(v["estimate"], vs, vc, n_seeds, rep.n_clusters, v.get("margin"))
 
 
+def candidates(ps: list, fin: list[int], a: Answer) -> list[int]:
+    """The points a recommendation may pick: final main runs (an LR-search run only chose an LR), not diverged,
+    measured on both splits."""
+    if a.test is None or a.val is None:
+        return []
+    return [i for i in fin if ps[i].role == MAIN and not ps[i].diverged and i in a.test.learning
+            and i in a.val.learning]
+
+
 def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION,
               setting: str = "") -> tuple[int | None, list[str]]:
     """(point index or None, sentences). Only points whose test-split learning over the base is significantly
-    positive qualify; among them the choice reads validation: the least validation forgetting among those
-    within the margin of the best validation learning. Without a qualifier, what to change instead."""
+    positive (one-sided, Holm-corrected over the study's candidates: learning_tests) qualify; among them the
+    choice reads validation: the least validation forgetting among those within the margin of the best
+    validation learning. Without a qualifier, what to change instead."""
     val, test = a.val, a.test
     if few := _too_few(test):
         return None, [f"No recommendation for {setting}: {few}."]
-    cands = [i for i in fin if not ps[i].diverged and i in test.learning and i in val.learning
-             and percentile_interval(a.rep.arm("learning", i))[0] > 0]
+    cands = [i for i in candidates(ps, fin, a) if a.learning_p.get(i, {}).get("p_holm", 1.0) < ALPHA]
     if not cands:
         return None, advice(ps, fin, a, L)
     top = max(val.learning[i] for i in cands)
@@ -219,7 +318,7 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
         max(near, key=lambda i: val.learning[i])
     lo, hi = percentile_interval(a.rep.arm("learning", pick))
     why = (f"its learning over the base model is significantly positive on the test split ({test.learning[pick]:+.4g} "
-           f"[{lo:+.4g}, {hi:+.4g}])")
+           f"[{lo:+.4g}, {hi:+.4g}], one-sided Holm-adjusted p = {a.learning_p[pick]['p_holm']:.3g})")
     if len(near) > 1:
         why += (f", and among the {len(near)} configurations within {frac:.0%} of the best validation learning it "
                 "forgets the least on the validation split")
@@ -232,7 +331,7 @@ def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
     """What to change when nothing qualifies for a recommendation (learning rate, budget, data)."""
     test = a.test
     out = [f"No recommendation: no configuration improved {L.task} significantly over the base model on the "
-           "test split, so none is recommended."]
+           "test split (one-sided test, Holm-corrected over the study's configurations), so none is recommended."]
     div = [ps[i].name for i in fin if ps[i].diverged]
     if div:
         out.append(f"Diverged: {', '.join(div)}; lower their learning rates.")
@@ -247,19 +346,9 @@ def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
         out.append(f"Every configuration made {L.task} worse than the base model: try learning rates below the "
                    f"lowest tried ({lows}), and check that the training data matches the target domain.")
         return out
-    top = [f"{m} ({lr:g})" for m, lr in _top_edge(ps, fin, a).items()]
+    top = [f"{m} ({c['lr']:g})" for m, c in sorted(a.lr_choice.items())
+           if c["lr"] is not None and not c["bracketed"] and len(c["grid"]) > 1 and _same_lr(c["lr"], max(c["grid"]))]
     out.append("The gains are within noise: train on more tokens or evaluate more items and seeds" +
-               (f"; the best validation learning rate is the largest tried for {', '.join(top)}: try larger ones."
+               (f"; the chosen learning rate is the largest tried for {', '.join(top)}: try larger ones."
                 if top else "."))
-    return out
-
-
-def _top_edge(ps: list, fin: list[int], a: Answer) -> dict[str, float]:
-    """Methods whose validation-chosen learning rate is the largest of their grid (the search may stop short)."""
-    per = choose(ps, [i for i in fin if not ps[i].diverged], a.val)
-    out = {}
-    for m, i in per.items():
-        grid = [ps[j].lr for j in fin if ps[j].method == m and ps[j].lr is not None]
-        if len(grid) > 1 and ps[i].lr == max(grid):
-            out[m] = ps[i].lr
     return out

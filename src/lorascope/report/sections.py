@@ -14,7 +14,7 @@ import json
 from markupsafe import Markup
 
 from .collect import Study, result_metrics
-from .compare import Headline, Point, axis, base_values, difference, finals, headline, vs_full_table
+from .compare import Headline, Point, axis, base_values, difference, finals, study_headlines, vs_full_table
 from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, role_keys,
                       short_task, truncation_figure)
 from .html import render
@@ -249,4 +249,4 @@ def provenance_section(st: Study) -> Markup:
 
 
 def headlines(st: Study, ps: list[Point], rows: list[dict]) -> list[Headline]:
-    return [headline(st, ps, rows, s, d) for s, d in settings_of(st)]
+    return study_headlines(st, ps, rows, settings_of(st))
