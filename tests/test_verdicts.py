@@ -170,29 +170,44 @@ def _evals(d: Path, base: dict, shift: dict, rng) -> None:
     (d / "results.json").write_text(json.dumps(res))
 
 
-def _study(d: Path, learn: dict, forget: dict, lrs: dict, extra: tuple = (), n: int = 160) -> Path:
-    """Base + one full and one LoRA configuration, 2 seeds, one checkpoint; learn/forget: method -> BPB shift;
-    extra: more (method, lr, learn, forget) configurations."""
+def _run(d: Path, base: dict, rng, setting: str, mname: str, lr: float, seed: int, shifts: dict,
+         role: str = "main") -> dict:
+    """One run's files; shifts: checkpoint tokens -> (learning, forgetting) as BPB shifts of its evaluation."""
+    rid = f"{setting}-{mname}-{lr:g}-s{seed}" + ("-search" if role != "main" else "")
+    for tokens, (gain, loss) in shifts.items():
+        ck = d / "runs" / rid / "checkpoints" / f"tok-{tokens:012d}"
+        ck.mkdir(parents=True)
+        (ck / "lorascope.json").write_text(json.dumps({"tokens": tokens}))
+        _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -gain, "english_bpb": loss}, rng)
+    (d / "runs" / rid / "summary.json").write_text(json.dumps(
+        {"trainable_parameters": 8192 if mname == "full" else 512}))
+    return {"run_id": rid, "label": rid, "setting": setting, "dataset": "code-cpt", "lr": lr, "seed": seed,
+            "method_name": mname, "method": FULL if mname == "full" else LORA, "role": role}
+
+
+def _base(d: Path, n: int = 160):
     rng = np.random.default_rng(0)
     base = {"heldout_bpb:code-cpt": rng.uniform(0.8, 1.2, n), "english_bpb": rng.uniform(0.9, 1.1, n)}
     _evals(d / "evals" / "base", base, {}, rng)
-    runs = []
-    configs = [(m, lrs[m], learn[m], forget[m]) for m in ("full", "lora-r16")] + list(extra)
-    for mname, lr, gain, loss in configs:
-        method = FULL if mname == "full" else LORA
-        for seed in (0, 1):
-            rid = f"{mname}-{lr:g}-s{seed}"
-            runs.append({"run_id": rid, "label": rid, "setting": "code-cpt", "dataset": "code-cpt", "lr": lr,
-                         "seed": seed, "method_name": mname, "method": method})
-            ck = d / "runs" / rid / "checkpoints" / "tok-000000004096"
-            ck.mkdir(parents=True)
-            (ck / "lorascope.json").write_text(json.dumps({"tokens": 4096}))
-            (d / "runs" / rid / "summary.json").write_text(json.dumps(
-                {"trainable_parameters": 8192 if mname == "full" else 512}))
-            _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -gain, "english_bpb": loss}, rng)
+    return base, rng
+
+
+def _write(d: Path, runs: list[dict], searches: dict | None = None) -> Path:
     (d / "runs.json").write_text(json.dumps(runs))
     (d / "study.yaml").write_text("name: t\nmodel: embedded\n")
+    if searches is not None:
+        (d / "lr_search.json").write_text(json.dumps(searches))
     return d
+
+
+def _study(d: Path, learn: dict, forget: dict, lrs: dict, extra: tuple = (), n: int = 160) -> Path:
+    """Base + one full and one LoRA configuration, 2 seeds, one checkpoint; learn/forget: method -> BPB shift;
+    extra: more (method, lr, learn, forget) configurations."""
+    base, rng = _base(d, n)
+    configs = [(m, lrs[m], learn[m], forget[m]) for m in ("full", "lora-r16")] + list(extra)
+    runs = [_run(d, base, rng, "code-cpt", m, lr, seed, {4096: (gain, loss)})
+            for m, lr, gain, loss in configs for seed in (0, 1)]
+    return _write(d, runs)
 
 
 def _headline(d: Path):
@@ -231,7 +246,7 @@ def test_planted_tie_is_not_a_verdict_and_numbers_come_from_test_items(tmp_path)
     # the table's learning is recomputable from the test-split samples alone
     row = next(r for r in h.table if r["point"].name == "full lr=1e-05")
     per = []
-    for rid in ("base", "full-1e-05-s0", "full-1e-05-s1"):
+    for rid in ("base", "code-cpt-full-1e-05-s0", "code-cpt-full-1e-05-s1"):
         sub = "base" if rid == "base" else f"{rid}/tok-000000004096"
         recs = [json.loads(x) for x in (tmp_path / "evals" / sub / "samples" / "heldout_bpb_code-cpt.jsonl")
                 .read_text().splitlines()]
@@ -258,7 +273,8 @@ def test_gains_within_noise_say_what_to_try(tmp_path):
     assert h.recommended is None
     text = " ".join(h.sentences)
     assert "within noise" in text and "largest tried for full (1e-05), lora-r16 (0.0001)" in text
-    assert h.chosen_lrs == {"full": 1e-5, "lora-r16": 1e-4}
+    assert h.chosen_lrs == {"full": 1e-5, "lora-r16": 1e-4}  # fixed LR lists: the report chooses on validation
+    assert all("fixed LR list" in c["by"] and c["status"] == "unbracketed" for c in h.lr_choice.values())
 
 
 def test_too_few_test_clusters_abstain(tmp_path):
@@ -268,3 +284,82 @@ def test_too_few_test_clusters_abstain(tmp_path):
     q1 = next(v for v in h.verdicts if v["question"] == "learns_less")
     assert q1["verdict"] == "not resolved" and "item cluster" in q1["reason"] and "raise the evaluation" in q1["reason"]
     assert h.recommended is None and any(s.startswith("No recommendation for code-cpt: only") for s in h.sentences)
+
+
+def _searched_study(d: Path) -> Path:
+    """lrs: auto with the search at the first budget (2,048 tokens, seed 0, role lr-search), then 2 seeds of the
+    chosen LR trained to 4,096 with a checkpoint at 2,048 (as the evidence preset). The search runs' values are
+    planted so that choosing again on them would pick other points than the study's choice."""
+    base, rng = _base(d)
+    runs = []
+    for m, grid, shifts in (("full", (1e-5, 3e-5, 1e-4), ((0.05, 0.01), (0.12, 0.02), (0.40, 0.08))),
+                            ("lora-r16", (1e-4, 3e-4, 1e-3), ((0.02, 0.0), (0.06, 0.005), (0.35, 0.05)))):
+        runs += [_run(d, base, rng, "code-cpt", m, lr, 0, {2048: sh}, role="lr-search") for lr, sh in zip(grid, shifts)]
+    for m, lr, early, late in (("full", 3e-5, (0.10, 0.02), (0.30, 0.05)), ("lora-r16", 3e-4, (0.10, 0.01), (0.10, 0.01))):
+        runs += [_run(d, base, rng, "code-cpt", m, lr, s, {2048: early, 4096: late}) for s in (0, 1)]
+    rec = lambda m, grid, lr, br: {"setting": "code-cpt", "method": m, "metric": "heldout_bpb:code-cpt",  # noqa: E731
+                                   "split": "validation", "grid": list(grid), "chosen": lr, "bracketed": br,
+                                   "status": "chosen" if br else "unbracketed", "diverged": [], "extensions": 0}
+    return _write(d, runs, {"code-cpt/full": rec("full", (1e-5, 3e-5, 1e-4), 3e-5, True),
+                            "code-cpt/lora-r16": rec("lora-r16", (1e-4, 3e-4, 1e-3), 3e-4, False)})
+
+
+def test_study_lr_search_choice_is_used_and_search_runs_are_only_frontier_points(tmp_path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+
+    h = _headline(_searched_study(tmp_path))
+    assert h.chosen_lrs == {"full": 3e-5, "lora-r16": 3e-4}  # the study's choice, not re-made on these numbers
+    assert h.lr_choice["full"]["bracketed"] and not h.lr_choice["lora-r16"]["bracketed"]
+    assert all("LR search" in c["by"] for c in h.lr_choice.values())
+    assert any("lora-r16: learning rate 0.0003" in s and "unbracketed" in s for s in h.sentences)
+    q1 = {v["budget"]: v for v in h.verdicts if v["question"] == "learns_less"}
+    assert set(q1) == {2048, 4096}
+    assert all((v["a"], v["b"]) == ("lora-r16 lr=0.0003", "full lr=3e-05") for v in q1.values())
+    # at 2,048 tokens the main runs tie (0.10 vs 0.10); the search runs there (0.35 vs 0.40) must not enter
+    assert abs(q1[2048]["estimate"]) < 0.01 and abs(q1[4096]["estimate"] + 0.2) < 0.01
+    assert q1[4096]["verdict"] == "yes" and q1[4096]["capacity"] == (512 / 4096, 8192 / 4096)
+    labels = [p[2] for p in h.frontiers["lora"]["points"]]
+    assert "lora-r16 lr=0.001 (lr-search)" in labels and "lora-r16 lr=0.0003" in labels
+    assert len(h.frontiers["lora"]["capacity"]) == len(labels)
+    q2 = next(v for v in h.verdicts if v["question"] == "forgets_less_at_equal_learning")
+    assert q2["range"] == h.frontiers["lora"]["band"] and q2["range"][0] < q2["range"][1]
+    assert h.recommended is not None and h.recommended.role == "main"
+    st = load_study_dir(tmp_path)
+    main = [p for p in points(st, metric_rows(st)) if p.name == "full lr=3e-05" and p.tokens == 2048]
+    assert len(main) == 1 and len(main[0].run_ids) == 2  # the seed-0 search run is not pooled with the main seeds
+
+
+def _two_settings(d: Path) -> Path:
+    base, rng = _base(d)
+    runs = []
+    for setting, gap in (("code-cpt", 0.15), ("code-cpt-2", 0.03)):
+        for m, lr, gain, loss in (("full", 1e-5, 0.10, 0.02), ("full", 3e-5, 0.10 + gap, 0.04),
+                                  ("lora-r16", 1e-4, 0.05, 0.005), ("lora-r16", 3e-4, 0.10 + gap / 3, 0.015)):
+            runs += [_run(d, base, rng, setting, m, lr, s, {4096: (gain, loss)}) for s in (0, 1)]
+    return _write(d, runs)
+
+
+def test_holm_runs_over_every_comparison_of_the_study(tmp_path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import headline, points, study_headlines
+
+    st = load_study_dir(_two_settings(tmp_path))
+    rows = metric_rows(st)
+    ps = points(st, rows)
+    hs = study_headlines(st, ps, rows, [("code-cpt", "code-cpt"), ("code-cpt-2", "code-cpt")])
+    tested = [v for h in hs for v in h.verdicts if "p_holm" in v]
+    assert {v["question"] for v in tested} == {"learns_less", "forgets_less_at_equal_learning"}
+    assert len({id(h) for h in hs}) == 2 and all(v["correction"].startswith(f"Holm over the {len(tested)} ")
+                                                 for v in tested)
+    assert np.allclose([v["p_holm"] for v in tested], holm([v["p"] for v in tested]))  # one family: the study
+    alone = headline(st, ps, rows, "code-cpt", "code-cpt")
+    mine = [v for v in alone.verdicts if "p_holm" in v]
+    assert len(mine) < len(tested)
+    assert all(a["p_holm"] <= b["p_holm"] for a, b in zip(mine, tested[:len(mine)]))
+    # the recommendation's "learning significantly above the base" test: one-sided, Holm over the study's finals
+    tests = [t for h in hs for t in h.learning_tests]
+    assert len(tests) == 8 and np.allclose([t["p_holm"] for t in tests], holm([t["p"] for t in tests]))
+    assert all(h.recommended is not None and
+               next(t for t in h.learning_tests if t["point"] is h.recommended)["p_holm"] < 0.05 for h in hs)
+    assert all("Holm-Bonferroni-corrected over all" in " ".join(h.sentences) for h in hs)
