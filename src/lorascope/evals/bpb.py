@@ -14,7 +14,8 @@ Tasks:
 - ``english_bpb``: general English prose (lorascope.evals.texts.english_texts).
 - ``heldout_bpb:<dataset>``: windows of a training dataset's held-out documents (lorascope.evals.texts).
 
-Texts longer than the model's window are scored with sliding windows (token_windows.py). Clusters for the
+Texts longer than the model's window are scored with sliding windows, short ones packed several to a sequence
+without seeing each other (token_windows.py). Clusters for the
 validation/test split: a benchmark item's is "<benchmark>/<id>" (humaneval_bpb's HumanEval/3 sits on the same
 side as humaneval's), a held-out window's is its source file, an English text's is its id.
 
@@ -35,10 +36,10 @@ from tqdm.auto import tqdm
 from .. import benchdata
 from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
-from .engine import Request, encode_pair, max_length, model_device, score
+from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import batches, pad_batch, pad_id, windows
+from .token_windows import packed_batches, pad_id, target_logits, windows
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -55,18 +56,14 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     pad = pad_id(tokenizer)
     out = [[0.0, 0] for _ in texts]
     model.eval()
-    dev = model_device(model)
     bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
-    for b in batches(rows, token_budget):
-        ids, mask = pad_batch([rows[r][1] for r in b], pad)
-        ids, mask = ids.to(dev), mask.to(dev)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for j, r in enumerate(b):
-            i, inp, tgt, _ = rows[r]
-            lp = logp[j, len(inp) - len(tgt): len(inp)].gather(1, torch.tensor(tgt, device=dev).unsqueeze(1))
+    for seqs in packed_batches(rows, token_budget):
+        for r, logits in target_logits(model, rows, seqs, pad).items():
+            i, _, tgt, _ = rows[r]
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tgt, device=logits.device)[:, None])
             out[i][0] -= lp.sum().item()
             out[i][1] += len(tgt)
-        bar.update(len(b))
+            bar.update(1)
     bar.close()
     return [(a, n) for a, n in out]
 

@@ -31,7 +31,7 @@ from .engine import max_length
 from .kl_cache import base_logprobs, kl_from_cached, row_offsets, target_logprobs, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import batches, pad_id, windows
+from .token_windows import packed_batches, pad_id, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -56,9 +56,9 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
         cache = worth_caching(reference)
     stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
-    for b in tqdm(list(batches(rows, token_budget)), desc="kl_base", disable=not progress, dynamic_ncols=True):
-        kls = [None] * len(b) if same else _kl_rows(model, reference, rows, b, pad, stored, off)
-        for r, kl in zip(b, kls):
+    for seqs in tqdm(packed_batches(rows, token_budget), desc="kl_base", disable=not progress, dynamic_ncols=True):
+        kls = {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
+        for r, kl in kls.items():
             i, _, tgt, start = rows[r]
             per = [0.0] * len(tgt) if kl is None else kl.tolist()
             for pos, v in enumerate(per, start):
@@ -68,14 +68,14 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     return [tuple(o) for o in out]
 
 
-def _kl_rows(model, reference, rows: list, b: list[int], pad: int, stored, off: list[int]) -> list[torch.Tensor]:
-    """KL(reference || model) at the scored positions of rows ``b``: one tensor per row."""
-    inputs, n = [rows[r][1] for r in b], [len(rows[r][2]) for r in b]
-    lqs = target_logprobs(model, inputs, n, pad)
+def _kl_rows(model, reference, rows: list, seqs: list[list[int]], pad: int, stored,
+             off: list[int]) -> dict[int, torch.Tensor]:
+    """KL(reference || model) at the scored positions of the rows packed in ``seqs``: one tensor per row."""
+    lqs = target_logprobs(model, rows, seqs, pad)
     if stored is None:
-        lps = target_logprobs(reference, inputs, n, pad)
-        return [(lp.exp() * (lp - lq.to(lp.device))).sum(-1) for lp, lq in zip(lps, lqs)]
-    return [kl_from_cached(stored[off[r]: off[r + 1]], lq) for r, lq in zip(b, lqs)]
+        lps = target_logprobs(reference, rows, seqs, pad)
+        return {r: (lps[r].exp() * (lps[r] - lq.to(lps[r].device))).sum(-1) for r, lq in lqs.items()}
+    return {r: kl_from_cached(stored[off[r]: off[r + 1]], lq) for r, lq in lqs.items()}
 
 
 def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:

@@ -35,8 +35,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
-from .engine import model_device
-from .token_windows import batches, pad_batch
+from .token_windows import packed_batches, target_logits
 
 FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
@@ -79,14 +78,9 @@ def row_offsets(rows: list) -> list[int]:
     return out + [n]
 
 
-@torch.inference_mode()
-def target_logprobs(model, inputs: list[list[int]], ntargets: list[int], pad: int) -> list[torch.Tensor]:
-    """Per row, float32 log-softmax at its last ``ntargets`` input positions (the scored ones)."""
-    ids, mask = pad_batch(inputs, pad)
-    dev = model_device(model)
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-    return [torch.log_softmax(logits[j, len(s) - n: len(s)].float(), dim=-1)
-            for j, (s, n) in enumerate(zip(inputs, ntargets))]
+def target_logprobs(model, rows: list, seqs: list[list[int]], pad: int) -> dict[int, torch.Tensor]:
+    """Per row of the packed sequences ``seqs``: float32 log-softmax at its scored positions."""
+    return {r: torch.log_softmax(lg.float(), dim=-1) for r, lg in target_logits(model, rows, seqs, pad).items()}
 
 
 def base_logprobs(reference, rows: list, pad: int, token_budget: int = 1024, progress: bool = False) -> np.ndarray:
@@ -112,10 +106,9 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
         reference.eval()
-        for b in tqdm(list(batches(rows, token_budget)), desc="kl_base (base, cached)", disable=not progress,
-                      dynamic_ncols=True):
-            lps = target_logprobs(reference, [rows[r][1] for r in b], [len(rows[r][2]) for r in b], pad)
-            for r, lp in zip(b, lps):
+        for seqs in tqdm(packed_batches(rows, token_budget), desc="kl_base (base, cached)", disable=not progress,
+                         dynamic_ncols=True):
+            for r, lp in target_logprobs(reference, rows, seqs, pad).items():
                 arr[off[r]: off[r + 1]] = lp.to(torch.float16).cpu().numpy()
         arr.flush()
         del arr

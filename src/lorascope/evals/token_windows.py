@@ -1,14 +1,23 @@
-"""Token windows for scoring whole texts: sliding windows, token-budgeted batches, right padding.
+"""Token windows for scoring whole texts: sliding windows, packed into sequences, token-budgeted batches.
 
 Every token after the BOS stand-in is a target exactly once, with up to ``window`` tokens of left context, so
 a text longer than the model's context is scored like lm-eval's rolling loglikelihood (stride = window / 2).
+
+Packing: the scored texts are short (~70 tokens on average for the English pool), so rows are packed several
+to a sequence of PACK_WIDTH tokens with positions restarting per row and a block-diagonal causal mask: no row
+attends to another, so what is measured does not change (tested against rows scored alone). The attention
+mask is dense, so a wider sequence pays attention FLOPs for masked pairs; measured on the embedded model
+(CPU time, one run, forward passes over 2k KL tokens): packed into 256 tokens 1.10x the padded per-row
+batches, into 1024 only 1.02x.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .engine import prefix_token_id
+from .engine import model_device, prefix_token_id
+
+PACK_WIDTH = 256  # tokens per packed sequence: short texts share one, attention stays cheap (see module doc)
 
 
 def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple[int, list[int], list[int], int]]:
@@ -26,28 +35,56 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
     return rows
 
 
-def batches(rows: list, budget: int):
-    """Rows grouped so that each batch holds at most ``budget`` padded tokens (logits are vocab-sized)."""
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
-    batch: list[int] = []
-    for r in order:
-        width = len(rows[batch[0]][1]) if batch else len(rows[r][1])
-        if batch and (len(batch) + 1) * width > budget:
-            yield batch
-            batch = []
-        batch.append(r)
-    if batch:
-        yield batch
+def packed_batches(rows: list, budget: int, width: int = PACK_WIDTH) -> list[list[list[int]]]:
+    """Rows packed into sequences of at most ``width`` tokens (a longer row alone), first fit, longest first;
+    sequences grouped into batches of at most ``budget`` padded tokens (logits are vocab-sized).
+    Returns batches of sequences of row indices."""
+    seqs: list[list[int]] = []
+    room: list[int] = []
+    for r in sorted(range(len(rows)), key=lambda r: -len(rows[r][1])):
+        n = len(rows[r][1])
+        k = next((k for k, free in enumerate(room) if free >= n), None)
+        if k is None:
+            seqs.append([])
+            room.append(max(width, n))
+            k = len(seqs) - 1
+        seqs[k].append(r)
+        room[k] -= n
+    used = [sum(len(rows[r][1]) for r in sq) for sq in seqs]
+    out: list[list[list[int]]] = []
+    widest = 0
+    for k in sorted(range(len(seqs)), key=lambda k: -used[k]):  # fullest first: similar widths share a batch
+        if not out or (len(out[-1]) + 1) * widest > budget:
+            out.append([])
+            widest = used[k]
+        out[-1].append(seqs[k])
+    return out
 
 
-def pad_batch(seqs: list[list[int]], pad: int):
-    width = max(len(s) for s in seqs)
+@torch.inference_mode()
+def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[int, torch.Tensor]:
+    """Logits at each row's target positions, the rows packed into the sequences ``seqs``. Positions restart at
+    0 for every row and a block-diagonal causal mask keeps rows from seeing each other, so each row is scored
+    as if alone (same tokens, positions and context; only float rounding differs, ~1e-5 in log-probabilities)."""
+    width = max(sum(len(rows[r][1]) for r in s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
+    spans = []
+    for j, s in enumerate(seqs):
+        o = 0
+        for k, r in enumerate(s):
+            inp, n = rows[r][1], len(rows[r][1])
+            ids[j, o: o + n], pos[j, o: o + n], doc[j, o: o + n] = torch.tensor(inp), torch.arange(n), k
+            spans.append((r, j, o + n - len(rows[r][2]), o + n))
+            o += n
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & torch.ones(width, width).tril().bool()
+    allowed |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no all-masked row (NaN)
+    dtype, dev = next(model.parameters()).dtype, model_device(model)
+    # additive float mask: eager attention adds it, SDPA takes it; a 4D mask is used as given by transformers
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev),
+                   use_cache=False).logits
+    return {r: logits[j, a:b] for r, j, a, b in spans}
 
 
 def pad_id(tokenizer) -> int:
