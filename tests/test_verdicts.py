@@ -363,3 +363,36 @@ def test_holm_runs_over_every_comparison_of_the_study(tmp_path):
     assert all(h.recommended is not None and
                next(t for t in h.learning_tests if t["point"] is h.recommended)["p_holm"] < 0.05 for h in hs)
     assert all("Holm-Bonferroni-corrected over all" in " ".join(h.sentences) for h in hs)
+
+
+def test_every_metric_table_is_on_the_test_split(tmp_path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points, vs_full_table
+
+    d = _study(tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01},
+               {"full": 1e-5, "lora-r16": 1e-4})
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    tab = vs_full_table(st, points(st, rows), rows, "code-cpt")
+
+    def test_items(sub: str, task: str) -> list[float]:
+        f = d / "evals" / sub / "samples" / f"{task.replace(':', '_')}.jsonl"
+        return [r["bpb"] for r in map(json.loads, f.read_text().splitlines()) if r["split"] == "test"]
+
+    assert {r["split"] for r in tab} == {"test"} and len(tab) == 4
+    for r in tab:
+        task, subs = r["spec"].task, [f"{rid}/tok-000000004096" for rid in r["point"].run_ids]
+        per_seed = [np.mean(test_items(s, task)) for s in subs]
+        assert r["value"] == pytest.approx(np.mean(per_seed)) and r["n_items"] == len(test_items(subs[0], task))
+        base = np.mean(test_items("base", task))
+        signed = base - np.mean(per_seed) if task.startswith("heldout") else np.mean(per_seed) - base
+        assert r["vs_base"].estimate == pytest.approx(signed) and r["vs_base"].n == r["n_items"]
+        assert r["vs_full"] is None if r["point"].family == "full" else r["vs_full"].n == r["n_items"]
+
+
+def test_paired_bootstrap_weights_items_as_the_metric_does():
+    from lorascope.report.stats import paired_bootstrap
+
+    a, b = [[{"t1": 0.3, "t2": 0.1}]], [[{"t1": 0.1, "t2": 0.1}]]
+    iv = paired_bootstrap(a, b, weights=[{"t1": 30.0, "t2": 10.0}])
+    assert iv.estimate == pytest.approx(0.2 * 30 / 40) and paired_bootstrap(a, b).estimate == pytest.approx(0.1)

@@ -15,11 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .collect import BASE, Study
-from .metrics import MetricSpec, describe, forgetting_metric, learning_metric, signed, spec
+from .collect import BASE, Study, stderr_key
+from .metrics import FORGETTING_TASKS, MetricSpec, describe, forgetting_metric, learning_metric, signed, spec
 from .bootstrap import percentile_interval
 from .decide import MARGIN_FRACTION
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
@@ -104,20 +105,54 @@ def base_values(rows: list[dict]) -> dict:
     return {(r["task"], r["metric"]): (r["value"], r["stderr"]) for r in rows if r["run_id"] == BASE}
 
 
+def split_value(res: dict | None, s: MetricSpec, split: str = "test") -> tuple[float, float | None, int] | None:
+    """(value, stderr, items) of s on one split of a results.json ("by_split"), or None where it has none;
+    forgetting_mean is the mean of its three tasks."""
+    parts = []
+    for t in FORGETTING_TASKS if s.task == "forgetting_mean" else (s.task,):
+        d = (((res or {}).get("tasks") or {}).get(t) or {}).get("by_split", {}).get(split) or {}
+        m = spec(t).metric
+        v, se = d.get(m), d.get(stderr_key(m))
+        if not isinstance(v, (int, float)) or not d.get("n"):
+            return None
+        parts.append((float(v), float(se) if isinstance(se, (int, float)) else None, int(d["n"])))
+    ses = [x[1] for x in parts]
+    se = math.sqrt(sum(x ** 2 for x in ses)) / len(parts) if None not in ses else None
+    return sum(x[0] for x in parts) / len(parts), se, sum(x[2] for x in parts)
+
+
+def point_split_value(st: Study, p: Point, s: MetricSpec, split: str = "test") -> tuple | None:
+    """(mean over seeds, mean stderr, seed sd, items) of s on one split for a point, None unless every seed has it."""
+    got = [split_value(st.evals.get((rid, p.checkpoint)), s, split) for rid in p.run_ids]
+    if not got or None in got:
+        return None
+    ses = [g[1] for g in got]
+    return (sum(g[0] for g in got) / len(got), sum(ses) / len(ses) if None not in ses else None,
+            seed_spread([g[0] for g in got]), got[0][2])
+
+
 def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) -> Interval | None:
-    """Signed (learning or forgetting, per s.role) difference of a over b (b None = the base model)."""
+    """Signed (learning or forgetting, per s.role) difference of a over b (b None = the base model), on the
+    test split: paired over test items from the samples, else from the test split's stderrs ("by_split"),
+    else (results written before splits, no samples) from all items, which Interval.method says."""
     key = (s.task, s.metric)
     if key not in a.values or (b is not None and key not in b.values) or (b is None and key not in base):
         return None
+    w: list = []
+    ib = [item_values(st, BASE, None, s, weights=w)] if b is None else \
+        [item_values(st, r, b.checkpoint, s, weights=w) for r in b.run_ids]
     ia = [item_values(st, r, a.checkpoint, s) for r in a.run_ids]
-    ib = [item_values(st, BASE, None, s)] if b is None else [item_values(st, r, b.checkpoint, s) for r in b.run_ids]
-    iv = None
-    if all(ia) and all(ib):
-        iv = paired_bootstrap(ia, ib)
+    iv = paired_bootstrap(ia, ib, weights=w[:len(ib[0])]) if all(ia) and all(ib) else None
     if iv is None:
-        va, sa, _ = a.values[key]
-        vb, sb = base[key] if b is None else b.values[key][:2]
-        iv = stderr_interval(va, sa, vb, sb)
+        ta = point_split_value(st, a, s)
+        tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
+        if ta is not None and tb is not None:
+            iv = stderr_interval(ta[0], ta[1], tb[0], tb[1])
+        else:
+            va, sa, _ = a.values[key]
+            vb, sb = base[key] if b is None else b.values[key][:2]
+            iv = stderr_interval(va, sa, vb, sb)
+            iv = iv and Interval(iv.estimate, iv.lo, iv.hi, iv.n, iv.method + ", all items (no test split)")
     if iv is None:
         return None
     positive = signed(s, 1.0, 0.0) > 0  # does a raw increase count as more learning/forgetting?
@@ -267,7 +302,8 @@ def _row(p: Point, i: int, a) -> dict:
 
 
 def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) -> list[dict]:
-    """Every known task at each last checkpoint: value, stderr, seed sd, difference vs base and vs best full FT."""
+    """Every known task at each last checkpoint, on the test split: value, stderr, seed sd, difference vs base
+    and vs the best full FT (best chosen on the validation split; all items only where a study has no splits)."""
     base = base_values(rows)
     fin = finals([p for p in ps if p.setting == setting])
     fulls = [p for p in fin if p.family == "full" and not p.diverged]
@@ -280,8 +316,18 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
             ref = None
             having = [q for q in fulls if (task, metric) in q.values]
             if having and p.family != "full":
-                ref = max(having, key=lambda q: q.values[(task, metric)][0] * (1 if s.higher_better else -1))
+                ref = max(having, key=lambda q: _for_choice(st, q, s) * (1 if s.higher_better else -1))
+            test = point_split_value(st, p, s)
+            split = "test" if test is not None else "all items"
+            v, se, sd = test[:3] if test is not None else (v, se, sd)
             out.append({"point": p, "spec": s, "value": v, "stderr": se, "seed_sd": sd, "n_seeds": len(p.run_ids),
+                        "split": split, "n_items": test[3] if test is not None else None,
                         "vs_base": difference(st, s, p, None, base) if base else None,
                         "vs_full": difference(st, s, p, ref, base) if ref else None, "full": ref})
     return out
+
+
+def _for_choice(st: Study, p: Point, s: MetricSpec) -> float:
+    """A point's value for a choice: its validation split, or all items where a study has no splits."""
+    val = point_split_value(st, p, s, "validation")
+    return val[0] if val is not None else p.values[(s.task, s.metric)][0]

@@ -1,4 +1,4 @@
-"""Intervals for differences: paired bootstrap over evaluation items (seeded), from the samples files.
+"""Intervals for differences: paired bootstrap over the items of one split (seeded), from the samples files.
 
 Two models evaluated on the same items differ item by item far less than their two stderrs suggest, so the
 difference is resampled per item (paired). Several seeds of one configuration are averaged per item first.
@@ -52,35 +52,29 @@ class Interval:
         return f"{f(self.estimate)} [{f(self.lo)}, {f(self.hi)}]"
 
 
-def item_values(st: Study, run_id: str, ckpt: str | None, s: MetricSpec) -> list[ItemValues] | None:
-    """Per-item values of one task's headline metric (one dict per part: three for forgetting_mean)."""
-    tasks = FORGETTING_TASKS if s.task == "forgetting_mean" else (s.task,)
+def item_values(st: Study, run_id: str, ckpt: str | None, s: MetricSpec, split: str = "test",
+                weights: list | None = None) -> list[ItemValues] | None:
+    """Per-item values of one task's headline metric on one split (one dict per part: three for
+    forgetting_mean), None without samples. weights: a list that receives each part's {item id: weight} (KL's
+    tokens per text; 1 elsewhere)."""
     parts = []
-    for task in tasks:
-        field = spec(task).item_field
-        recs = st.samples(run_id, ckpt, task)
-        if recs is None or not field:
+    for task in FORGETTING_TASKS if s.task == "forgetting_mean" else (s.task,):
+        got = split_items(st, run_id, ckpt, task, split)
+        if got is None:
             return None
-        if field == "passed":
-            # pass@1 of a problem with n samples, c passing, is c/n (the unbiased estimator at k=1)
-            groups: dict[str, list[float]] = {}
-            for r in recs:
-                groups.setdefault(str(r["id"]), []).append(float(bool(r.get("passed"))))
-            vals = {k: sum(v) / len(v) for k, v in groups.items()}
-        else:
-            vals = {str(r["id"]): float(r[field]) for r in recs if isinstance(r.get(field), (int, float))}
-        if not vals:
-            return None
-        parts.append(vals)
+        parts.append(got[0])
+        if weights is not None:
+            weights.append(got[2])
     return parts
 
 
 def paired_bootstrap(a: list[list[ItemValues]], b: list[list[ItemValues]], seed: int = 0,
-                     n_boot: int = N_BOOT) -> Interval | None:
+                     n_boot: int = N_BOOT, weights: list[dict] | None = None) -> Interval | None:
     """95% percentile interval of mean(a) - mean(b).
 
     a, b: per seed (outer list), per part (inner list), item values. Items are paired by id over the items
-    every seed of both sides has; None when some part has no common item.
+    every seed of both sides has; None when some part has no common item. weights: per part, item id ->
+    weight of the item in its part's mean (a token-weighted KL is a ratio of sums; missing: unweighted).
     """
     rng = np.random.default_rng(seed)
     n_parts = len(a[0])
@@ -92,9 +86,12 @@ def paired_bootstrap(a: list[list[ItemValues]], b: list[list[ItemValues]], seed:
             return None
         ids = sorted(ids)
         d = np.array([np.mean([x[p][i] for x in a]) - np.mean([x[p][i] for x in b]) for i in ids])
+        w = np.array([(weights[p] if weights else {}).get(i, 1.0) for i in ids], dtype=float)
+        if w.sum() <= 0:
+            w = np.ones_like(d)
         idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-        boot += d[idx].mean(axis=1) / n_parts
-        est += float(d.mean()) / n_parts
+        boot += (d * w)[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-300) / n_parts
+        est += float((d * w).sum() / w.sum()) / n_parts
         n_items += len(d)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return Interval(est, float(lo), float(hi), n_items, "paired bootstrap")
