@@ -98,17 +98,22 @@ def test_kl_base_with_a_token_count_is_the_forgetting_metric():
 
 
 def test_packed_rows_score_as_if_alone(tokenizer):
-    from lorascope.evals.token_windows import packed_batches, target_logits, windows
+    from lorascope.evals.token_windows import PACK_WIDTH, pack_width, packed_batches, target_logits, windows
 
     model = make_tiny_llama(len(tokenizer), seed=1)
     rows = windows(tokenizer, TEXTS, 16, 8)  # sliding rows of 3..16 tokens
     plan = packed_batches(rows, budget=64, width=24)
+    alone_plan = packed_batches(rows, budget=64, width=0)  # attention kernels without 4D masks: a row each
+    assert all(len(s) == 1 for b in alone_plan for s in b) and pack_width(model) == PACK_WIDTH
+    model.config._attn_implementation = "flash_attention_2"
+    assert pack_width(model) == 0
+    model.config._attn_implementation = "sdpa"
     seqs = [s for b in plan for s in b]
     assert sorted(r for s in seqs for r in s) == list(range(len(rows)))  # every row once
     assert len(seqs) < len(rows) and any(len(s) > 1 for s in seqs)  # rows do share sequences
     assert all(sum(len(rows[r][1]) for r in s) <= 24 for s in seqs)
     assert all(len(b) * max(sum(len(rows[r][1]) for r in s) for s in b) <= 64 or len(b) == 1 for b in plan)
-    for b in plan:
+    for b in plan + alone_plan:
         for r, got in target_logits(model, rows, b, pad=2).items():
             _, inp, tgt, _ = rows[r]
             alone = model(input_ids=torch.tensor([inp])).logits[0, len(inp) - len(tgt):]

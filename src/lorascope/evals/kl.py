@@ -34,7 +34,7 @@ from .engine import max_length
 from .kl_cache import base_logprobs, kl_from_cached, row_offsets, target_logprobs, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import packed_batches, pad_id, windows
+from .token_windows import pack_width, packed_batches, pad_id, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -59,7 +59,7 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
         cache = worth_caching(reference)
     stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
-    for seqs in tqdm(packed_batches(rows, token_budget), desc="kl_base", disable=not progress, dynamic_ncols=True):
+    for seqs in tqdm(packed_batches(rows, token_budget, pack_width(model)), desc="kl_base", disable=not progress, dynamic_ncols=True):
         kls = {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
         for r, kl in kls.items():
             i, _, tgt, start = rows[r]

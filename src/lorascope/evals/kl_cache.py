@@ -36,7 +36,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
-from .token_windows import packed_batches, target_logits
+from .token_windows import pack_width, packed_batches, target_logits
 
 FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
@@ -107,7 +107,7 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
         reference.eval()
-        for seqs in tqdm(packed_batches(rows, token_budget), desc="kl_base (base, cached)", disable=not progress,
+        for seqs in tqdm(packed_batches(rows, token_budget, pack_width(reference)), desc="kl_base (base, cached)", disable=not progress,
                          dynamic_ncols=True):
             for r, lp in target_logprobs(reference, rows, seqs, pad).items():
                 arr[off[r]: off[r + 1]] = lp.to(torch.float16).cpu().numpy()

@@ -35,6 +35,13 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
     return rows
 
 
+def pack_width(model) -> int:
+    """PACK_WIDTH where the attention kernel takes a 4D additive mask as given (eager, SDPA), else 0: one row
+    per sequence (flash attention kernels take no such mask)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    return PACK_WIDTH if impl in ("eager", "sdpa") else 0
+
+
 def packed_batches(rows: list, budget: int, width: int = PACK_WIDTH) -> list[list[list[int]]]:
     """Rows packed into sequences of at most ``width`` tokens (a longer row alone), first fit, longest first;
     sequences grouped into batches of at most ``budget`` padded tokens (logits are vocab-sized).
@@ -77,9 +84,13 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
             ids[j, o: o + n], pos[j, o: o + n], doc[j, o: o + n] = torch.tensor(inp), torch.arange(n), k
             spans.append((r, j, o + n - len(rows[r][2]), o + n))
             o += n
+    dev = model_device(model)
+    if all(len(s) == 1 for s in seqs):  # nothing packed: a plain padding mask, which every attention kernel takes
+        out = model(input_ids=ids.to(dev), attention_mask=(doc >= 0).long().to(dev), use_cache=False).logits
+        return {r: out[j, a:b] for r, j, a, b in spans}
     allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & torch.ones(width, width).tril().bool()
     allowed |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no all-masked row (NaN)
-    dtype, dev = next(model.parameters()).dtype, model_device(model)
+    dtype = next(model.parameters()).dtype
     # additive float mask: eager attention adds it, SDPA takes it; a 4D mask is used as given by transformers
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
     logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev),
