@@ -59,7 +59,8 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
         cache = worth_caching(reference)
     stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
-    for seqs in tqdm(packed_batches(rows, token_budget, pack_width(model)), desc="kl_base", disable=not progress, dynamic_ncols=True):
+    plan = packed_batches(rows, token_budget, pack_width(model))
+    for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
         kls = {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
         for r, kl in kls.items():
             i, _, tgt, start = rows[r]

@@ -107,8 +107,8 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
         reference.eval()
-        for seqs in tqdm(packed_batches(rows, token_budget, pack_width(reference)), desc="kl_base (base, cached)", disable=not progress,
-                         dynamic_ncols=True):
+        plan = packed_batches(rows, token_budget, pack_width(reference))
+        for seqs in tqdm(plan, desc="kl_base (base, cached)", disable=not progress, dynamic_ncols=True):
             for r, lp in target_logprobs(reference, rows, seqs, pad).items():
                 arr[off[r]: off[r + 1]] = lp.to(torch.float16).cpu().numpy()
         arr.flush()
