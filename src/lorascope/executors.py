@@ -1,21 +1,27 @@
 """Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current() /
 busy()``; the scheduler (lorascope.study) decides what to submit, the executor only runs it.
 
-    ex = LocalExecutor(study_dir, jobs=2)       # subprocesses on this machine (the default)
+    ex = LocalExecutor(study_dir, jobs=2)       # a worker process per slot on this machine (the default)
     ex = RayExecutor(study_dir, jobs=8, address="HEAD:6379")  # Ray tasks on a cluster (lorascope.raycluster)
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
     ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
 
-Local and Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID`` (under ``accelerate launch`` for
-training when the study has a launcher; lorascope.jobs.job_command): a job killed half-way leaves
-only its own partial files (which the next attempt redoes or resumes) and never the parent's state.
+Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID`` (under ``accelerate launch`` for training when
+the study has a launcher; lorascope.jobs.job_command). Local jobs run that same job function in a long-lived
+worker per slot (lorascope.worker), and launcher jobs as that command. Either way a job killed half-way leaves
+only its own partial files (which the next attempt redoes or resumes) and never the parent's state, and a
+killed study takes its job processes with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -47,27 +53,72 @@ def log_path(d: Path, job_id: str) -> Path:
     return d / "logs" / (job_id.replace(":", "_") + ".log")
 
 
-class LocalExecutor:
-    """Up to `jobs` subprocesses at once; each job's output in DIR/logs/<job>.log."""
+class _Worker:
+    """One lorascope.worker process (a job slot) and the job it runs, if any."""
 
-    def __init__(self, d: Path, jobs: int):
-        self.d, self.jobs, self.running = d, jobs, {}
+    def __init__(self, d: Path, jobs: int, first_log):
+        # the worker's own output (import warnings or errors) goes to the log of the job that started it
+        self.p = subprocess.Popen([sys.executable, "-m", "lorascope.worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=first_log, env=job_env(jobs), text=True,
+                                  preexec_fn=_die_with_parent)
+        self.job: str | None = None
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def send(self, d: Path, job_id: str) -> None:
+        self.job = job_id
+        self.p.stdin.write(json.dumps({"dir": str(d), "job": job_id, "log": str(log_path(d, job_id))}) + "\n")
+        self.p.stdin.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.p.stdin.close()  # end of requests: an idle worker exits
+        try:
+            self.p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+class LocalExecutor:
+    """Up to `jobs` jobs at once on this machine, each job's output in DIR/logs/<job>.log. Jobs run in one
+    worker process per slot (lorascope.worker), started on first use and reused, so a job does not pay the
+    interpreter start and imports again; a training job under a study's launcher (accelerate launch) gets its
+    own processes, and so does every job with ``workers=False`` (one process per job, the reference the worker
+    path is tested against). ``timing[job]["startup_s"]``: seconds from submit to the job's start in a worker."""
+
+    def __init__(self, d: Path, jobs: int, workers: bool = True):
+        self.d, self.jobs, self.running, self.use_workers = d, jobs, {}, workers
+        self.workers: list[_Worker] = []
+        self.submitted: dict[str, float] = {}
+        self.timing: dict[str, dict] = {}
 
     def slots(self) -> int:
-        return self.jobs - len(self.running)
+        return self.jobs - len(self.current())
 
     def current(self) -> list[str]:
-        return list(self.running)
+        return list(self.running) + [w.job for w in self.workers if w.job]
 
     def busy(self) -> bool:
         """Jobs submitted whose end poll() has not reported yet."""
-        return bool(self.running)
+        return bool(self.current())
 
     def submit(self, job_id: str) -> None:
-        log = open(log_path(self.d, job_id), "w")
-        p = subprocess.Popen(job_cmd(self.d, job_id), stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs),
-                             preexec_fn=_die_with_parent)
-        self.running[job_id] = (p, log)
+        cmd, log = job_cmd(self.d, job_id), open(log_path(self.d, job_id), "w")
+        self.submitted[job_id] = time.time()
+        if cmd[1:3] != ["-m", "lorascope.jobs"] or not self.use_workers:  # e.g. a launcher: processes of its own
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs),
+                                 preexec_fn=_die_with_parent)
+            self.running[job_id] = (p, log)
+            return
+        with log:
+            w = next((w for w in self.workers if not w.job and w.alive()), None)
+            if w is None:
+                self.workers = [w for w in self.workers if w.job or w.alive()]
+                w = _Worker(self.d, self.jobs, log)
+                self.workers.append(w)
+            w.send(self.d, job_id)
 
     def poll(self) -> list[tuple[str, int]]:
         done = []
@@ -76,9 +127,38 @@ class LocalExecutor:
                 log.close()
                 done.append((jid, p.returncode))
                 del self.running[jid]
-        if not done:
-            time.sleep(0.2)
+        done += self._poll_workers(0.0 if done else 0.2)
         return done
+
+    def _poll_workers(self, wait: float) -> list[tuple[str, int]]:
+        busy = [w for w in self.workers if w.job]
+        if not busy:
+            time.sleep(wait)
+            return []
+        ready, _, _ = select.select([w.p.stdout for w in busy], [], [], wait)
+        done = []
+        for w in busy:
+            line = w.p.stdout.readline() if w.p.stdout in ready else None
+            if line:
+                r = json.loads(line)
+                self.timing[r["job"]] = {"startup_s": round(max(r["started"] - self.submitted[r["job"]], 0.0), 2)}
+                done.append((r["job"], r["rc"]))
+            elif line == "" or not w.alive():  # the worker died: its job failed, a new worker takes the next
+                rc = w.p.wait() or 1
+                with open(log_path(self.d, w.job), "a") as log:
+                    log.write(f"error: the job's worker process ended (exit code {rc})\n")
+                done.append((w.job, rc))
+                self.workers.remove(w)
+            else:
+                continue
+            w.job = None
+        return done
+
+    def close(self) -> None:
+        """End the idle workers (a worker also exits when this process does)."""
+        for w in self.workers:
+            w.close()
+        self.workers = []
 
 
 class InlineExecutor:

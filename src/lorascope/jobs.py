@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from .config import RunConfig
@@ -192,6 +193,20 @@ def run_job(d: Path, job_id: str) -> None:
     elif kind == "eval-trunc":
         model_dir = d / "analysis" / rid / "truncate" / f"r{job['rank']}"
         evaluate_into(study, str(model_dir), done_marker(d, job).parent)
+
+
+def run_logged(d: Path, job_id: str) -> int:
+    """Run a job in this process, its failure written to stderr: the job's return code (0 ok, 2 a
+    LorascopeError, 1 anything else), so a failed job does not stop the jobs run after it in this process."""
+    try:
+        run_job(d, job_id)
+    except LorascopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception:  # the log says why; the next job runs
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ The study directory (``out``)::
     study.yaml   runs.json   jobs.json      the resolved study, its runs (ids, labels, configs) and job graph
     lr_search.json                      per setting/method with lrs: auto: grid, validation values, chosen LR
     commands.txt                        every command that ran this study; LOCK is held while one runs
-    logs/<job>.log  logs/jobs.jsonl     each job's output; one line per finished job (rc, elapsed_s)
+    logs/<job>.log  logs/jobs.jsonl     each job's output; one line per finished job (rc, elapsed_s, startup_s)
     runs/<run_id>/                      training run (see lorascope.runlog); DIVERGED if it blew up
     evals/base/results.json             the base model
     evals/<run_id>/<ckpt>/results.json  merged over eval groups; groups/<i>/ hold each group's raw output
@@ -102,6 +102,7 @@ class Scheduler:
             took = time.time() - self.started[jid]
             with open(self.d / "logs" / "jobs.jsonl", "a") as f:
                 f.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(took, 2),
+                                    **getattr(self.ex, "timing", {}).pop(jid, {}),  # startup_s, if measured
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
             ended.append((jid, rc, took))
         if ended:
@@ -155,8 +156,12 @@ def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with study_lock(out):
         _claim(out, study)
-        sched = Scheduler(study, out, EXECUTORS[executor](out, jobs, **(executor_opts or {})))
-        _drive(sched, study.name, progress)
+        ex = EXECUTORS[executor](out, jobs, **(executor_opts or {}))
+        try:
+            sched = Scheduler(study, out, ex)
+            _drive(sched, study.name, progress)
+        finally:
+            getattr(ex, "close", lambda: None)()  # e.g. the local executor's idle workers
     sched.raise_if_failed()
     return out
 
