@@ -118,3 +118,18 @@ def test_packed_rows_score_as_if_alone(tokenizer):
             _, inp, tgt, _ = rows[r]
             alone = model(input_ids=torch.tensor([inp])).logits[0, len(inp) - len(tgt):]
             assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5)  # no leakage, same positions
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_file(tokenizer, cache, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lorascope.errors import LorascopeError
+    from lorascope.evals import kl_cache
+    from lorascope.evals.token_windows import windows
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(LorascopeError, match="kl-base: kl_base's base-model cache needs .* GB free"):
+        kl_cache.base_logprobs(make_tiny_llama(len(tokenizer)), windows(tokenizer, TEXTS, 16, 8), 2)
+    assert not list(cache.glob("*.npy")) and not list(cache.glob(".*tmp"))
