@@ -295,7 +295,8 @@ def _searched_study(d: Path) -> Path:
     for m, grid, shifts in (("full", (1e-5, 3e-5, 1e-4), ((0.05, 0.01), (0.12, 0.02), (0.40, 0.08))),
                             ("lora-r16", (1e-4, 3e-4, 1e-3), ((0.02, 0.0), (0.06, 0.005), (0.35, 0.05)))):
         runs += [_run(d, base, rng, "code-cpt", m, lr, 0, {2048: sh}, role="lr-search") for lr, sh in zip(grid, shifts)]
-    for m, lr, early, late in (("full", 3e-5, (0.10, 0.02), (0.30, 0.05)), ("lora-r16", 3e-4, (0.10, 0.01), (0.10, 0.01))):
+    for m, lr, early, late in (("full", 3e-5, (0.10, 0.02), (0.30, 0.05)),
+                               ("lora-r16", 3e-4, (0.10, 0.01), (0.10, 0.01))):
         runs += [_run(d, base, rng, "code-cpt", m, lr, s, {2048: early, 4096: late}) for s in (0, 1)]
     rec = lambda m, grid, lr, br: {"setting": "code-cpt", "method": m, "metric": "heldout_bpb:code-cpt",  # noqa: E731
                                    "split": "validation", "grid": list(grid), "chosen": lr, "bracketed": br,
@@ -396,3 +397,12 @@ def test_paired_bootstrap_weights_items_as_the_metric_does():
     a, b = [[{"t1": 0.3, "t2": 0.1}]], [[{"t1": 0.1, "t2": 0.1}]]
     iv = paired_bootstrap(a, b, weights=[{"t1": 30.0, "t2": 10.0}])
     assert iv.estimate == pytest.approx(0.2 * 30 / 40) and paired_bootstrap(a, b).estimate == pytest.approx(0.1)
+
+
+def test_learns_less_compares_every_lora_method_with_full(tmp_path):
+    # a family-best comparison would show only r16 (as good as full) and hide the rank-1 gap
+    h = _headline(_study(tmp_path, {"full": 0.3, "lora-r16": 0.3}, {"full": 0.05, "lora-r16": 0.05},
+                         {"full": 1e-5, "lora-r16": 1e-4}, extra=(("lora-r1", 1e-3, 0.1, 0.01),)))
+    q1 = {v["a"]: v for v in h.verdicts if v["question"] == "learns_less"}
+    assert set(q1) == {"lora-r16 lr=0.0001", "lora-r1 lr=0.001"} and {v["b"] for v in q1.values()} == {"full lr=1e-05"}
+    assert q1["lora-r1 lr=0.001"]["verdict"] == "yes" and q1["lora-r16 lr=0.0001"]["verdict"] != "yes"

@@ -2,15 +2,18 @@
 against full fine-tuning, and each setting's headline: the paper's two questions as verdicts (questions.py),
 the learning rates chosen on the validation split, the frontiers, and a recommendation that can abstain.
 
-A *curve* is one configuration of a setting: (method name, learning rate); its *points* are its checkpoints
-(or, with separate runs per budget, the final checkpoints of those runs). Seeds of one point are pooled.
+A *curve* is one configuration of a setting: (method name, learning rate, role); its *points* are its
+checkpoints (or, with separate runs per budget, the final checkpoints of those runs). Seeds of one point are
+pooled; an LR-search run (runs.json role "lr-search") makes points of its own. Every reported number is on the
+test split. ``study_headlines`` builds every setting's headline at once, so that Holm's correction covers the
+whole study.
 
 Example::
 
     >>> st = load_study_dir(Path("studies/quick")); rows = metric_rows(st)
-    >>> ps = points(st, rows); h = headline(st, ps, rows, "code-cpt", "code-cpt")
-    >>> h.chosen_lrs, [(v["question"], v["verdict"]) for v in h.verdicts]
-    ({'full': 2e-05, 'lora-r16': 0.0002}, [('learns_less', 'yes'), ('forgets_less_at_equal_learning', 'not resolved')])
+    >>> ps = points(st, rows); [h] = study_headlines(st, ps, rows, [("code-cpt", "code-cpt")])
+    >>> h.chosen_lrs, h.lr_choice["full"]["bracketed"], [v["verdict"] for v in h.verdicts]
+    ({'full': 2e-05, 'lora-r16': 0.0002}, True, ['yes', 'not resolved'])
 """
 
 from __future__ import annotations

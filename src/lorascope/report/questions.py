@@ -1,7 +1,8 @@
 """The paper's two questions for one setting, answered as tests on the test split; choices made on validation.
 
-1. learns_less: at each budget, each method at its chosen learning rate, each family (full, lora, ...) at its
-   best method chosen on validation; the test-split learning difference LoRA - full. One choice, one place: when
+1. learns_less: at each budget, each LoRA method at its chosen learning rate against full fine-tuning at its
+   own (the full-FT method best on validation if there are several); the test-split learning difference
+   LoRA - full, per method, since rank and targets are where a capacity gap shows. One choice, one place: when
    the study ran an LR search for a method (STUDY/lr_search.json, made on the validation split), its chosen LR
    is used and only the main runs (runs.json role "main") answer the question; with a fixed LR list the report
    chooses on the validation split itself.
@@ -146,13 +147,11 @@ def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise
     out, test, searched = [], rep.both, searched or {}
     main = [i for i, p in enumerate(ps) if p.role == MAIN and not p.diverged and i in test.learning]
     for b in sorted({ps[i].position(by) for i in main if ps[i].position(by) is not None}):
-        fam = family_best(ps, at_chosen(ps, [i for i in main if ps[i].position(by) == b], val, searched), val)
-        if "full" not in fam:
+        per = at_chosen(ps, [i for i in main if ps[i].position(by) == b], val, searched)
+        j = family_best(ps, per, val).get("full")
+        if j is None:
             continue
-        for f, i in fam.items():
-            if f == "full":
-                continue
-            j = fam["full"]
+        for i in sorted(i for i in per.values() if ps[i].family != "full"):
             est = test.learning[i] - test.learning[j]
             d = rep.of(lambda m: m.boot_learning[i] - m.boot_learning[j], est, _seeds(ps, [i, j]))
             gains = [test.learning[i], test.learning[j]]
