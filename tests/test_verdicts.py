@@ -313,7 +313,7 @@ def test_study_lr_search_choice_is_used_and_search_runs_are_only_frontier_points
     assert h.chosen_lrs == {"full": 3e-5, "lora-r16": 3e-4}  # the study's choice, not re-made on these numbers
     assert h.lr_choice["full"]["bracketed"] and not h.lr_choice["lora-r16"]["bracketed"]
     assert all("LR search" in c["by"] for c in h.lr_choice.values())
-    assert any("lora-r16: learning rate 0.0003" in s and "unbracketed" in s for s in h.sentences)
+    assert any("lora-r16: learning rate 0.0003" in s and "at 2,048 tokens, unbracketed" in s for s in h.sentences)
     q1 = {v["budget"]: v for v in h.verdicts if v["question"] == "learns_less"}
     assert set(q1) == {2048, 4096}
     assert all((v["a"], v["b"]) == ("lora-r16 lr=0.0003", "full lr=3e-05") for v in q1.values())

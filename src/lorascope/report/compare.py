@@ -268,7 +268,7 @@ def _finish(d: _Draft, margin: float, how: str) -> Headline:
         f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over seeds "
         "and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); 'equivalent' needs "
         f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."]
-    out += lr_sentences(a.lr_choice)
+    out += lr_sentences(a.lr_choice, "epochs" if axis(mine) == "epoch" else "tokens")
     pick, said = recommend(mine, d.fin, a, d.L, margin, d.setting)
     out += said
     out += [f"{mine[i].name} diverged and is left out of every choice." for i in d.fin if mine[i].diverged]
@@ -278,7 +278,7 @@ def _finish(d: _Draft, margin: float, how: str) -> Headline:
                     margin, tests, how)
 
 
-def lr_sentences(choice: dict) -> list[str]:
+def lr_sentences(choice: dict, unit: str = "tokens") -> list[str]:
     """Where each chosen LR comes from, and whether it was bracketed (a worse LR tested on both sides)."""
     out = []
     for m, c in sorted(choice.items()):
@@ -288,7 +288,8 @@ def lr_sentences(choice: dict) -> list[str]:
             continue
         edge = "bracketed" if c["bracketed"] else "the only one tried" if len(c["grid"]) < 2 else \
             "unbracketed (best at an edge of the grid tried)"
-        out.append(f"{m}: learning rate {c['lr']:g}, chosen by {c['by']}, {edge}; grid "
+        at = f" at {c['at']:,} {unit}" if c.get("at") else ""
+        out.append(f"{m}: learning rate {c['lr']:g}, chosen by {c['by']}{at}, {edge}; grid "
                    f"{', '.join(f'{x:g}' for x in c['grid'])}.")
     return out
 

@@ -115,10 +115,13 @@ def family_best(ps: list, per_method: dict[str, int], val: SplitMeasure) -> dict
 
 def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str, dict]:
     """What chose each method's LR, for the headline: the study's search record, or the report's own choice on
-    validation at the last budget (fixed lists). "bracketed": a worse LR was tested on both sides."""
+    validation at the last budget (fixed lists). "bracketed": a worse LR was tested on both sides; "at": the
+    budget (tokens or epochs, per `by`) the choice was made at (the LR-search runs' own, when they were shorter)."""
     out = {m: {"lr": r.get("chosen"), "by": STUDY_SEARCH, "bracketed": bool(r.get("bracketed")),
                "status": r.get("status"), "grid": list(r.get("grid") or []), "diverged": list(r.get("diverged") or []),
-               "metric": r.get("metric"), "split": r.get("split")} for m, r in searched.items()}
+               "metric": r.get("metric"), "split": r.get("split"),
+               "at": max((p.position(by) or 0 for p in ps if p.method == m and p.role != MAIN), default=None)}
+           for m, r in searched.items()}
     main = [i for i, p in enumerate(ps) if p.role == MAIN and p.method not in searched]
     if not main:
         return out
@@ -130,7 +133,7 @@ def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str
         out[m] = {"lr": ps[i].lr, "by": REPORT_CHOICE, "bracketed": inside,
                   "status": "chosen" if inside else "unbracketed" if len(grid) > 1 else "only one tried", "grid": grid,
                   "diverged": sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].diverged}),
-                  "metric": None, "split": "validation"}
+                  "metric": None, "split": "validation", "at": last}
     return out
 
 
