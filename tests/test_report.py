@@ -225,9 +225,11 @@ def _section(text: str, anchor: str) -> str:
 
 def test_recommendation_follows_the_data(study):
     _, html, _ = study
+    # each setting's recommendation is in its summary box, which opens the section (the page's first screen)
     head = _section(html.read_text(), "headline")
-    code = head.split("<h3>math-ift</h3>")[0]
-    math = head.split("<h3>math-ift</h3>")[1]
+    boxes = dict(re.findall(r'<div class="summary"><b>([^<]*)</b>(.*?)</div>', head, re.S))
+    code, math = boxes["code-cpt"], boxes["math-ift"]
+    assert head.index('<div class="summary">') < head.index('<div class="verdict">')
     assert "Recommended for code-cpt: full lr=2e-05" in code
     assert "Recommended for math-ift: lora-r16 lr=0.0001" in math
 

@@ -14,14 +14,16 @@ import json
 from markupsafe import Markup
 
 from .collect import Study, result_metrics
-from .compare import Headline, Point, axis, base_values, difference, finals, study_headlines, vs_full_table
+from .compare import (Headline, Point, axis, base_values, difference, finals, lr_sentences, study_headlines,
+                      vs_full_table)
 from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, role_keys,
                       short_task, truncation_figure)
 from .html import render
 from .metrics import spec
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
 from .timing import timing_rows
-from .verdict_view import frontier_figure, lr_rows, verdict_lines
+from .verdict_view import (CAPACITY_RULE, frontier_figure, lr_choice_rows, lr_rows, shorten, split_sentences,
+                           verdict_lines)
 
 
 def settings_of(st: Study) -> list[tuple[str, str | None]]:
@@ -41,20 +43,33 @@ def _headline_rows(h: Headline) -> list[list]:
     for r in sorted(h.table, key=lambda r: -(r["learning"].estimate if r["learning"] else float("inf"))):
         p: Point = r["point"]
         lr = r["learning"]
-        rows.append([p.name, p.family, p.checkpoint, len(p.run_ids), _iv(lr), _iv(r["forgetting"]),
-                     lr.n if lr else None, lr.method if lr else None, "diverged" if p.diverged else ""])
+        rows.append([p.name, p.family, p.checkpoint, len(p.run_ids), r.get("capacity"), _iv(lr),
+                     _iv(r["forgetting"]), lr.n if lr else None, lr.method if lr else None,
+                     "diverged" if p.diverged else ""])
     return rows
 
 
+def _headline_setting(h: Headline, family: dict[str, str], by: str) -> dict:
+    tasks = [s.task for s in (h.learning, h.forgetting) if s]
+    unit = "epochs" if by == "epoch" else "tokens"
+    # the LR sentences repeat the "how each LR was chosen" table, which replaces them where there is one
+    said = set(lr_sentences(h.lr_choice, unit)) if h.lr_choice else set()
+    read, todo = split_sentences([shorten(x, tasks) for x in h.sentences if x not in said])
+    return {"setting": h.setting, "read": read, "todo": todo,
+            "rows": _headline_rows(h) if h.table and h.learning else [],
+            "learning": short_task(h.learning.task) if h.learning else "none",
+            "forgetting": short_task(h.forgetting.task) if h.forgetting else "none",
+            "verdicts": verdict_lines(h, by), "lrs": lr_rows(h.chosen_lrs, family),
+            "choice": lr_choice_rows(h.lr_choice, family, h.learning.task if h.learning else None, unit),
+            "margin": h.margin_fraction, "correction": h.correction}
+
+
 def headline_section(st: Study, hs: list[Headline], ps: list[Point] = ()) -> Markup:
+    """Each setting's verdicts and recommendation first (the page's first screen), then the numbers behind them."""
     family = {r.get("method_name"): r["family"] for r in st.runs}
     settings = [] if not st.runs else [
-        {"setting": h.setting, "sentences": h.sentences, "rows": _headline_rows(h) if h.table and h.learning else [],
-         "learning": h.learning.task if h.learning else "none",
-         "forgetting": h.forgetting.task if h.forgetting else "none",
-         "verdicts": verdict_lines(h, axis([p for p in ps if p.setting == h.setting])),
-         "lrs": lr_rows(h.chosen_lrs, family)} for h in hs]
-    return render("headline.html", settings=settings)
+        _headline_setting(h, family, axis([p for p in ps if p.setting == h.setting])) for h in hs]
+    return render("headline.html", settings=settings, capacity_rule=CAPACITY_RULE)
 
 
 def _fig(png: str | None, caption: str | None = None) -> dict:

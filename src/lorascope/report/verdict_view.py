@@ -1,5 +1,6 @@
-"""What the headline shows of a setting's verdicts (questions.py): one line per question and comparison, the
-learning rates chosen on validation with the LoRA / full FT ratio, and the paper-style frontier figure.
+"""What the headline shows of a setting's verdicts (questions.py): one line per question and comparison (with its
+margin, p-values, correction, capacity ratios and common learning range), the learning rates chosen on
+validation with the LoRA / full FT ratio and how each was chosen, and the paper-style frontier figure.
 
 Example::
 
@@ -12,37 +13,82 @@ Example::
 from __future__ import annotations
 
 from .compare import Headline
-from .figures import colors, new_figure, outside_legend, to_png
+from .figures import colors, new_figure, outside_legend, short_task, to_png
 
 QUESTIONS = {"learns_less": "Does {a} learn less than {b}{at}?",
              "forgets_less_at_equal_learning": "Does {a} forget less than {b} at equal learning?"}
+
+
+CAPACITY_RULE = ("Capacity: trainable parameters per token seen. Rule of thumb ('LoRA Without Regret', Schulman "
+                 "et al. 2025): LoRA keeps up with full fine-tuning while its trainable parameters are at least the "
+                 "tokens it trains on (capacity >= 1); below that it may learn less.")
 
 
 def _num(x: float) -> str:
     return f"{round(x, 4) + 0.0:+.4g}"  # + 0.0: a rounded -0.0 prints as +0
 
 
+def shorten(text: str, tasks) -> str:
+    """text with each task's full name (heldout_bpb:/long/path/code.jsonl) as the tables and figures show it."""
+    for t in sorted({t for t in tasks if t}, key=len, reverse=True):  # longest first: one path may prefix another
+        text = text.replace(t, short_task(t))
+    return text
+
+
+def _capacity(v: dict) -> str | None:
+    """The learns-less comparison's capacity ratios (LoRA, full), flagged where LoRA's is below the rule's 1."""
+    lora, full = v.get("capacity") or (None, None)
+    if lora is None and full is None:
+        return None
+    text = "capacity (trainable params / token): " + ", ".join(
+        f"{who}: {'–' if c is None else f'{c:.3g}'}" for who, c in ((v.get("a"), lora), (v.get("b"), full)))
+    if lora is not None and lora < 1:
+        text += " — LoRA below 1, where the rule of thumb expects it to learn less"
+    return text
+
+
+def _tests(v: dict, frac: float | None) -> list[str]:
+    """The statistics behind one verdict: equivalence margin, raw and Holm-adjusted p, common learning range."""
+    out = []
+    if v.get("margin") is not None:
+        of = "gain" if v["question"] == "learns_less" else "forgetting"
+        out.append(f"equivalence margin ±{abs(v['margin']):.3g}" + (
+            "" if frac is None else f" ({frac:.0%} of the larger {of} compared)"))
+    if v.get("p") is not None:  # 2 digits: a bootstrap p is a count over its replicates
+        out.append(f"p = {v['p']:.2g}" + (f", Holm-adjusted p = {v['p_holm']:.2g}" if v.get("p_holm") is not None
+                                          else ""))
+    if v["question"] == "forgets_less_at_equal_learning" and "range" in v:
+        r = v["range"]
+        out.append("common learning range: none (the two families' learning ranges do not overlap)" if r is None
+                   else f"common learning range {_num(r[0])} to {_num(r[1])}")
+    return out
+
+
 def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
-    """{"text", "verdict", "numbers", "reason", "notes"} per verdict, in the engine's order; `by`: the budget's
-    unit ("tokens" or "epoch")."""
+    """{"text", "verdict", "gist", "numbers", "tests", "capacity", "reason", "notes"} per verdict, in the engine's
+    order ("gist": the difference and interval, else the reason, for the first screen); `by`: the budget's unit
+    ("tokens" or "epoch")."""
+    tasks = [s.task for s in (h.learning, h.forgetting) if s]
     out = []
     for v in h.verdicts:
         b = v.get("budget")
         at = "" if b is None else f" (at epoch {b:g})" if by == "epoch" else f" (at {b:,} tokens)"
         q = QUESTIONS.get(v["question"], v["question"] + " ({a} vs {b}{at})")
-        numbers = None
+        numbers, gist = None, shorten(v.get("reason") or "", tasks)
         if v.get("estimate") is not None:
-            numbers = f"difference {v.get('a')} − {v.get('b')}: {_num(v['estimate'])}"
+            est = _num(v["estimate"])
             if v.get("interval") is not None:
-                lo, hi = v["interval"]
-                numbers += f" [{_num(lo)}, {_num(hi)}] ({v.get('level', 0.95):.0%} interval)"
-            if v.get("range") is not None:
-                numbers += f", over the learning range {_num(v['range'][0])} to {_num(v['range'][1])}"
+                est += f" [{_num(v['interval'][0])}, {_num(v['interval'][1])}]"
+            numbers = f"difference {v.get('a')} − {v.get('b')}: {est}" + (
+                f" ({v.get('level', 0.95):.0%} interval)" if v.get("interval") is not None else "")
+            what = "learning" if v["question"] == "learns_less" else "forgetting at equal learning"
+            gist = f"{what}, {v.get('a')} − {v.get('b')}: {est}"
         notes = [x for x in (f"noise: {v['noise']}" if v.get("noise") else None,
                              f"{v['split']} split" if v.get("split") else None, v.get("correction"),
                              v.get("power")) if x]
         out.append({"text": q.format(a=v.get("a"), b=v.get("b"), at=at), "verdict": v["verdict"],
-                    "numbers": numbers, "reason": v.get("reason") or "", "notes": notes})
+                    "gist": gist, "numbers": numbers, "tests": _tests(v, h.margin_fraction), "capacity": _capacity(v),
+                    "reason": shorten(v.get("reason") or "", tasks), "notes": notes})
     return out
 
 
@@ -52,6 +98,33 @@ def lr_rows(chosen: dict[str, float], family: dict[str, str]) -> list[list]:
     ref = chosen[fulls[0]] if len(fulls) == 1 and chosen[fulls[0]] else None
     return [[m, family.get(m), lr, lr / ref if ref and family.get(m) not in (None, "full") and lr else None]
             for m, lr in sorted(chosen.items(), key=lambda x: (family.get(x[0]) != "full", x[0]))]
+
+
+def lr_choice_rows(choice: dict[str, dict], family: dict[str, str], metric: str | None,
+                   unit: str = "tokens") -> list[list]:
+    """[method, chosen by, validation metric (split), grid tried, chosen LR, bracketed, diverged LRs, at budget]
+    per method, full FT first. `metric`: the headline learning task, which the report's own choice reads when the
+    record names none."""
+    rows = []
+    for m, c in sorted(choice.items(), key=lambda x: (family.get(x[0]) != "full", x[0])):
+        grid = c.get("grid") or []
+        edge = "bracketed" if c.get("bracketed") else "only one tried" if len(grid) < 2 else \
+            "unbracketed (best at an edge)"
+        what = c.get("metric") or metric
+        rows.append([m, c.get("by"), f"{short_task(what) if what else '–'} ({c.get('split') or 'validation'})",
+                     ", ".join(f"{x:g}" for x in grid) or "–", c.get("lr"),
+                     edge if c.get("lr") is not None else c.get("status") or "no result",
+                     ", ".join(f"{x:g}" for x in c.get("diverged") or []) or "none",
+                     f"{c['at']:,} {unit}" if c.get("at") else "–"])
+    return rows
+
+
+def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
+    """(how to read, what to do): the recommendation (or abstention, or why nothing could be tested) and the
+    advice after it go on the first screen; compare.py appends them last."""
+    starts = ("Recommended for", "No recommendation", "Not run")
+    i = next((k for k, x in enumerate(sentences) if x.startswith(starts)), len(sentences))
+    return sentences[:i], sentences[i:]
 
 
 def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
