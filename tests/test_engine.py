@@ -141,14 +141,21 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
     task = WinoGrande()
     reqs = [r for d in task.load(task.split)[:8] for r in task.requests(task.to_item(d), "")]
     c = _Count(tiny_model)
-    shared = score(tiny_model, tokenizer, reqs, batch_size=4)
-    n_shared, c.tokens = c.tokens, 0
-    monkeypatch.setattr(engine, "MIN_SIBLING", 10 ** 9)
-    alone = score(tiny_model, tokenizer, reqs, batch_size=4)
+
+    def run(overhead: float, sharing: bool):
+        monkeypatch.setitem(engine._OVERHEAD, tiny_model, overhead)
+        monkeypatch.setattr(engine, "MIN_SIBLING", 4 if sharing else 10 ** 9)
+        c.tokens = 0
+        return score(tiny_model, tokenizer, reqs, batch_size=4), c.tokens
+
+    (shared, n_shared), (alone, n_alone) = run(1.0, True), run(1.0, False)
+    # a costly pass (as timed on a loaded CPU) is not spent on a few shared tokens: the pairs then run alone
+    (costly, n_costly), (_, n_costly_alone) = run(10_000.0, True), run(10_000.0, False)
     c.close()
-    assert _max_diff(shared, alone) <= 1e-4
+    assert _max_diff(shared, alone) <= 1e-4 and _max_diff(costly, alone) <= 1e-4
     assert _max_diff(shared, score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
-    assert n_shared < 0.85 * c.tokens  # the common text ran once per pair
+    assert n_shared < 0.85 * n_alone  # the common text ran once per pair
+    assert n_costly == n_costly_alone
 
 
 def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer):

@@ -320,9 +320,12 @@ def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad:
     """Per item, its whole past as segments: group prefix + everything of its context but the last token.
 
     Leaders (and lone items) run their context after the group prefix; followers then run only their tail after
-    the group prefix and the part of the leader's cache they share.
+    the group prefix and the part of the leader's cache they share, unless all they share is worth less than
+    the one more pass that takes.
     """
     glen = [sum(s.n for s in segs) for segs in gsegs]
+    if sum(m for f in fams for _, m in f[1:]) < overhead:  # the tails' pass would cost more than it saves
+        fams = [[(i, 0)] for f in fams for i, _ in f]
     own: dict[int, _Seg] = {}
     heads = [f[0][0] for f in fams if len(items[f[0][0]].ctx) - 1 > glen[items[f[0][0]].group]]
     runs = _run_context(model, [items[i].ctx[glen[items[i].group]: -1] for i in heads],
