@@ -227,7 +227,7 @@ def test_recommendation_follows_the_data(study):
     _, html, _ = study
     # each setting's recommendation is in its summary box, which opens the section (the page's first screen)
     head = _section(html.read_text(), "headline")
-    boxes = dict(re.findall(r'<div class="summary"><b>([^<]*)</b>(.*?)</div>', head, re.S))
+    boxes = dict(re.findall(r'<div class="summary">Setting <b>([^<]*)</b>(.*?)</div>', head, re.S))
     code, math = boxes["code-cpt"], boxes["math-ift"]
     assert head.index('<div class="summary">') < head.index('<div class="verdict">')
     assert "Recommended for code-cpt: full lr=2e-05" in code
@@ -551,3 +551,120 @@ def test_where_the_time_went_adds_up_from_the_job_log(real):
     assert over == pytest.approx(wall - train) and per_job == pytest.approx(over / n) and over > 0
     assert rows["truncate"][6] is None and rows["truncate"][5] == rows["truncate"][2]  # records no work
     assert "Where the time went" in html.read_text() and "overhead per job" in _section(html.read_text(), "time")
+
+
+def _real_headline(d: Path):
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+    from lorascope.report.sections import headlines
+
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    [h] = headlines(st, points(st, rows), rows)
+    return st, h
+
+
+def test_capacity_ratio_on_every_configuration_and_in_the_learns_less_verdict(real):
+    d, html = real
+    st, h = _real_headline(d)
+    head = _section(html.read_text(), "headline")
+    summary = {r["run_id"]: r["summary"] for r in st.runs}
+    for row in h.table:
+        p = row["point"]
+        # trainable parameters per token seen, from the run's own summary.json
+        assert row["capacity"] == pytest.approx(summary[p.run_ids[0]]["trainable_parameters"] / p.tokens)
+        assert re.search(rf"<td>{re.escape(p.name)}</td>(<td>[^<]*</td>){{3}}<td>{row['capacity']:.4g}</td>", head)
+    caps = {r["point"].family: r["capacity"] for r in h.table}
+    assert caps["full"] > caps["lora"]  # full FT trains every weight, LoRA a few
+    [q1] = [v for v in h.verdicts if v["question"] == "learns_less"]
+    lora, full = q1["capacity"]
+    assert (lora, full) == (pytest.approx(caps["lora"]), pytest.approx(caps["full"]))
+    assert f"{q1['a']}: {lora:.3g}, {q1['b']}: {full:.3g}" in head
+    assert "LoRA Without Regret" in head and "trainable parameters are at least the tokens" in head
+
+
+def test_verdicts_show_margin_p_values_correction_and_common_range(real):
+    from markupsafe import escape
+
+    d, html = real
+    _, h = _real_headline(d)
+    head = _section(html.read_text(), "headline")
+    lines = re.findall(r'<div class="verdict">(.*?)</div>', head, re.S)
+    assert len(lines) == len(h.verdicts) == 2
+    q1, q2 = h.verdicts
+    assert q1["question"] == "learns_less" and q1["p_holm"] >= q1["p"] > 0
+    assert f"equivalence margin ±{q1['margin']:.3g} ({h.margin_fraction:.0%} of the larger gain compared)" in lines[0]
+    assert f"p = {q1['p']:.2g}, Holm-adjusted p = {q1['p_holm']:.2g}" in lines[0] and q1["correction"] in lines[0]
+    # the tiny study's LoRA and full FT learn at disjoint levels: no common range, said in words
+    assert q2["range"] is None and "common learning range: none" in lines[1]
+    assert h.correction and str(escape(h.correction)) in head
+
+
+def test_common_range_renders_from_a_headline(tmp_path):
+    from lorascope.report.collect import Study
+    from lorascope.report.sections import headline_section
+
+    h = _headline_with_verdicts()
+    h.margin_fraction = 0.1
+    h.verdicts[1].update(margin=0.004, p=0.3, p_holm=0.6)
+    text = str(headline_section(Study(path=tmp_path, runs=[{"method_name": "full", "family": "full"}]), [h]))
+    q2 = re.findall(r'<div class="verdict">(.*?)</div>', text, re.S)[1]
+    assert "common learning range +0.1 to +0.3" in q2 and "p = 0.3, Holm-adjusted p = 0.6" in q2
+    assert "equivalence margin ±0.004 (10% of the larger forgetting compared)" in q2
+
+
+def test_how_each_lr_was_chosen(real, tmp_path):
+    from lorascope.report.collect import Study
+    from lorascope.report.sections import headline_section
+
+    d, html = real
+    _, h = _real_headline(d)
+    head = _section(html.read_text(), "headline")
+    # the tiny study tries one LR per method at its only budget: the report chooses it, unbracketed by construction
+    for m, c in h.lr_choice.items():
+        assert re.search(rf"<tr><td>{m}</td><td>{re.escape(c['by'])}</td><td>heldout_bpb:code.jsonl \(validation\)"
+                         rf"</td><td>{c['lr']:g}</td><td>{c['lr']:.4g}</td><td>only one tried</td><td>none</td>"
+                         rf"<td>{c['at']:,} tokens</td></tr>", head), m
+    assert "learning rate 0.01, chosen by" not in head  # the table replaces the sentences it repeats
+    h2 = _headline_with_verdicts()
+    h2.lr_choice = {
+        "full": {"lr": 2e-5, "by": "the study's LR search (validation split)", "bracketed": True, "status": "chosen",
+                 "grid": [1e-5, 2e-5, 4e-5], "diverged": [], "metric": "heldout_bpb:/data/x/code.jsonl",
+                 "split": "validation", "at": 4096},
+        "lora-r16": {"lr": 4e-4, "by": "the study's LR search (validation split)", "bracketed": False,
+                     "status": "unbracketed", "grid": [1e-4, 2e-4, 4e-4, 8e-4], "diverged": [8e-4],
+                     "metric": "heldout_bpb:/data/x/code.jsonl", "split": "validation", "at": 4096},
+        "lora-r64": {"lr": None, "by": "the study's LR search (validation split)", "bracketed": False,
+                     "status": "failed", "grid": [], "diverged": [], "metric": None, "split": None, "at": None}}
+    runs = [{"method_name": m, "family": f} for m, f in (("full", "full"), ("lora-r16", "lora"), ("lora-r64", "lora"))]
+    text = str(headline_section(Study(path=tmp_path, runs=runs), [h2]))
+    rows = {r[0]: r[1:] for r in re.findall(r"<tr>((?:<td>[^<]*</td>){8})</tr>", text) for r in
+            [re.findall(r"<td>([^<]*)</td>", r)]}
+    assert rows["full"][1:] == ["heldout_bpb:code.jsonl (validation)", "1e-05, 2e-05, 4e-05", "2e-05", "bracketed",
+                                "none", "4,096 tokens"]
+    assert rows["lora-r16"][4:6] == ["unbracketed (best at an edge)", "0.0008"]
+    assert rows["lora-r64"][3:5] == ["–", "failed"]
+    assert "/data/x" not in text
+
+
+def test_sentences_name_the_heldout_task_as_the_tables_do(real):
+    from lorascope.report.figures import short_task
+
+    d, html = real
+    _, h = _real_headline(d)
+    head = _section(html.read_text(), "headline")
+    full, short = h.learning.task, short_task(h.learning.task)
+    assert full != short and any(full in s for s in h.sentences)
+    assert full not in head and f"Learning is {short} bpb" in head
+
+
+def test_first_screen_says_both_answers_and_the_recommendation(real):
+    d, html = real
+    _, h = _real_headline(d)
+    head = _section(html.read_text(), "headline")
+    [box] = re.findall(r'<div class="summary">Setting <b>cpt</b>(.*?)</div>', head, re.S)
+    answers = re.findall(r'<b class="answer">([^<]*)</b>', box)
+    assert answers == [v["verdict"] for v in h.verdicts] and len(answers) == 2
+    rec = re.findall(r'<p class="rec">([^<]*)</p>', box)
+    assert len(rec) == 1 and rec[0].startswith("Recommended for cpt: " if h.recommended else "No recommendation")
+    assert head.index(box) < head.index('<div class="verdict">')

@@ -81,8 +81,9 @@ def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
                 est += f" [{_num(v['interval'][0])}, {_num(v['interval'][1])}]"
             numbers = f"difference {v.get('a')} − {v.get('b')}: {est}" + (
                 f" ({v.get('level', 0.95):.0%} interval)" if v.get("interval") is not None else "")
-            what = "learning" if v["question"] == "learns_less" else "forgetting at equal learning"
-            gist = f"{what}, {v.get('a')} − {v.get('b')}: {est}"
+            what, less = ("learning", "learned") if v["question"] == "learns_less" else \
+                ("forgetting at equal learning", "forgets")
+            gist = f"{what}, {v.get('a')} − {v.get('b')}: {est} (below 0: {v.get('a')} {less} less)"
         notes = [x for x in (f"noise: {v['noise']}" if v.get("noise") else None,
                              f"{v['split']} split" if v.get("split") else None, v.get("correction"),
                              v.get("power")) if x]
