@@ -611,6 +611,16 @@ def test_common_range_renders_from_a_headline(tmp_path):
     q2 = re.findall(r'<div class="verdict">(.*?)</div>', text, re.S)[1]
     assert "common learning range +0.1 to +0.3" in q2 and "p = 0.3, Holm-adjusted p = 0.6" in q2
     assert "equivalence margin ±0.004 (10% of the larger forgetting compared)" in q2
+    # an abstention opens the first screen too (amber, not the recommendation's green), its task name shortened
+    from lorascope.report.metrics import spec
+
+    h.learning = spec("heldout_bpb:/data/x/code.jsonl")
+    h.sentences = ["Learning is ...", "No recommendation: no configuration improved heldout_bpb:/data/x/code.jsonl.",
+                   "Diverged: full lr=0.1; lower their learning rates."]
+    text = str(headline_section(Study(path=tmp_path, runs=[{"method_name": "full", "family": "full"}]), [h]))
+    [box] = re.findall(r'<div class="summary">(.*?)</div>', text, re.S)
+    assert '<p class="abstain">No recommendation: no configuration improved heldout_bpb:code.jsonl.</p>' in box
+    assert "Diverged: full lr=0.1" in box and "Learning is" not in box and 'class="rec"' not in text
 
 
 def test_how_each_lr_was_chosen(real, tmp_path):
@@ -665,6 +675,8 @@ def test_first_screen_says_both_answers_and_the_recommendation(real):
     [box] = re.findall(r'<div class="summary">Setting <b>cpt</b>(.*?)</div>', head, re.S)
     answers = re.findall(r'<b class="answer">([^<]*)</b>', box)
     assert answers == [v["verdict"] for v in h.verdicts] and len(answers) == 2
-    rec = re.findall(r'<p class="rec">([^<]*)</p>', box)
-    assert len(rec) == 1 and rec[0].startswith("Recommended for cpt: " if h.recommended else "No recommendation")
+    # a recommendation is green, an abstention amber: both are the first sentence after the answers
+    rec = re.findall(r'<p class="(rec|abstain)">([^<]*)</p>', box)
+    assert rec == [("rec", next(s for s in h.sentences if s.startswith("Recommended for cpt: ")))] if h.recommended \
+        else len(rec) == 1 and rec[0][0] == "abstain" and rec[0][1].startswith("No recommendation")
     assert head.index(box) < head.index('<div class="verdict">')
