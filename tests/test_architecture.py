@@ -1,0 +1,109 @@
+"""The shape of the house, checked: no import circles (lazy imports inside functions included), stages that meet
+only in files, and a README tree that lists the files that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "lorascope"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> lorascope modules it imports anywhere in its body (top level or inside functions)."""
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, is_pkg, node)
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            for t in targets:
+                while t and t not in files:  # 'lorascope.evals.api.evaluate' -> 'lorascope.evals.api'
+                    t = t.rpartition(".")[0]
+                if t and t != mod and not mod.startswith(t + "."):  # a package's own __init__ is not a cycle
+                    graph[mod].add(t)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (c := visit(n)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_no_import_circles():
+    assert _cycle(import_graph()) is None, " -> ".join(_cycle(import_graph()))
+
+
+def test_cycle_finder_finds_a_planted_circle():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert _cycle(g) == ["a", "b", "c", "a"]
+
+
+def test_stages_meet_only_in_files():
+    g = import_graph()
+    stages = {"train": ("lorascope.train",), "evals": ("lorascope.evals",), "analysis": ("lorascope.analysis",)}
+    for name, prefixes in stages.items():
+        others = [p for n, ps in stages.items() if n != name for p in ps]
+        for mod, deps in g.items():
+            if mod.startswith(prefixes):
+                bad = sorted(d for d in deps if d.startswith(tuple(others)))
+                assert not bad, f"{mod} ({name}) imports {bad}"
+
+
+def test_report_imports_no_model_code():
+    g = import_graph()
+    allowed = ("lorascope.report", "lorascope.layout", "lorascope.splits", "lorascope.fileio", "lorascope.errors",
+               "lorascope.evals.results")
+    for mod, deps in g.items():
+        if mod.startswith("lorascope.report"):
+            bad = sorted(d for d in deps if not d.startswith(allowed))
+            assert not bad, f"{mod} imports {bad}"
+
+
+def test_readme_tree_lists_the_files_that_exist():
+    readme = (SRC.parent / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = set(re.findall(r"([\w/]+\.py)", tree))
+    for f in listed:
+        hits = list(PKG.rglob(Path(f).name))
+        assert hits, f"README tree lists {f}, which does not exist"
+    for p in PKG.rglob("*.py"):
+        if p.name != "__init__.py" and p.name != "__main__.py":
+            assert p.name in tree, f"{p.relative_to(SRC)} is missing from the README tree"
