@@ -107,3 +107,14 @@ def test_readme_tree_lists_the_files_that_exist():
     for p in PKG.rglob("*.py"):
         if p.name != "__init__.py" and p.name != "__main__.py":
             assert p.name in tree, f"{p.relative_to(SRC)} is missing from the README tree"
+
+
+def test_atomic_writes_keep_ordinary_file_permissions(tmp_path):
+    import os
+
+    from lorascope.fileio import atomic_write_json
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "atomic.json", {})
+    assert os.stat(tmp_path / "atomic.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
