@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorascope.executors import LocalExecutor, log_path
+from lorascope.executors import LocalExecutor
+from lorascope.layout import job_log_path as log_path
 from lorascope.study import run_study
 
 

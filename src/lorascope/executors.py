@@ -26,31 +26,15 @@ import time
 import traceback
 from pathlib import Path
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # A killed study must not leave orphan jobs writing into the directory a re-run is now using.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def job_cmd(d: Path, job_id: str) -> list[str]:
-    from .jobs import job_command
-
-    return job_command(d, job_id)
+from .jobs import job_command
+from .layout import job_log_path
+from .lifetime import die_with_parent
 
 
 def job_env(jobs: int) -> dict:
     """Split the cores between parallel jobs (models.load_base reads LORASCOPE_THREADS)."""
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     return {**os.environ, "LORASCOPE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-
-
-def log_path(d: Path, job_id: str) -> Path:
-    return d / "logs" / (job_id.replace(":", "_") + ".log")
 
 
 class _Worker:
@@ -60,7 +44,7 @@ class _Worker:
         # the worker's own output (import warnings or errors) goes to the log of the job that started it
         self.p = subprocess.Popen([sys.executable, "-m", "lorascope.worker"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=first_log, env=job_env(jobs), text=True,
-                                  preexec_fn=_die_with_parent)
+                                  preexec_fn=die_with_parent)
         self.job: str | None = None
 
     def alive(self) -> bool:
@@ -68,7 +52,7 @@ class _Worker:
 
     def send(self, d: Path, job_id: str) -> None:
         self.job = job_id
-        self.p.stdin.write(json.dumps({"dir": str(d), "job": job_id, "log": str(log_path(d, job_id))}) + "\n")
+        self.p.stdin.write(json.dumps({"dir": str(d), "job": job_id, "log": str(job_log_path(d, job_id))}) + "\n")
         self.p.stdin.flush()
 
     def close(self) -> None:
@@ -105,11 +89,11 @@ class LocalExecutor:
         return bool(self.current())
 
     def submit(self, job_id: str) -> None:
-        cmd, log = job_cmd(self.d, job_id), open(log_path(self.d, job_id), "w")
+        cmd, log = job_command(self.d, job_id), open(job_log_path(self.d, job_id), "w")
         self.submitted[job_id] = time.time()
         if cmd[1:3] != ["-m", "lorascope.jobs"] or not self.use_workers:  # e.g. a launcher: processes of its own
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs),
-                                 preexec_fn=_die_with_parent)
+                                 preexec_fn=die_with_parent)
             self.running[job_id] = (p, log)
             return
         with log:
@@ -145,7 +129,7 @@ class LocalExecutor:
                 done.append((r["job"], r["rc"]))
             elif line == "" or not w.alive():  # the worker died: its job failed, a new worker takes the next
                 rc = w.p.wait() or 1
-                with open(log_path(self.d, w.job), "a") as log:
+                with open(job_log_path(self.d, w.job), "a") as log:
                     log.write(f"error: the job's worker process ended (exit code {rc})\n")
                 done.append((w.job, rc))
                 self.workers.remove(w)
@@ -182,7 +166,7 @@ class InlineExecutor:
         from .jobs import run_job
 
         rc = 0
-        with open(log_path(self.d, job_id), "w") as log:
+        with open(job_log_path(self.d, job_id), "w") as log:
             try:
                 run_job(self.d, job_id)
             except LorascopeError as e:

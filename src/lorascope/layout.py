@@ -23,3 +23,10 @@ def checkpoint_name(kind: str, value: int) -> str:
 def samples_filename(task: str) -> str:
     """samples/<task>.jsonl; ':' of parametric names (heldout_bpb:code) becomes '_'."""
     return task.replace(":", "_").replace("/", "_") + ".jsonl"
+
+
+def job_log_path(study_dir, job_id: str):
+    """STUDY/logs/<job>.log: a study job's output (':' of job ids such as 'train:1a2b' becomes '_')."""
+    from pathlib import Path
+
+    return Path(study_dir) / "logs" / (job_id.replace(":", "_") + ".log")

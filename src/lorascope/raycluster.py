@@ -27,7 +27,9 @@ import subprocess
 from pathlib import Path
 
 from .errors import LorascopeError
-from .executors import _die_with_parent, job_cmd, log_path
+from .jobs import job_command
+from .layout import job_log_path
+from .lifetime import die_with_parent
 
 KINDS = ("train", "eval", "spectrum", "truncate", "eval-trunc")
 DEFAULT = {"cpus": 1.0, "gpus": 0.0, "memory": None}
@@ -71,11 +73,11 @@ def run_job_task(d: str, job_id: str, threads: int) -> dict:
 
     node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
     env = {**os.environ, "LORASCOPE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    with open(log_path(Path(d), job_id), "a") as log:  # appended: one header per attempt stays visible
+    with open(job_log_path(Path(d), job_id), "a") as log:  # appended: one header per attempt stays visible
         log.write(f"== lorascope job {job_id} on ray node {node} (host {host}, pid {os.getpid()})\n")
         log.flush()
-        rc = subprocess.run(job_cmd(Path(d), job_id), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent).returncode
+        rc = subprocess.run(job_command(Path(d), job_id), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent).returncode
     return {"rc": rc, "node": node, "host": host}
 
 

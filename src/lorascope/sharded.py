@@ -17,16 +17,15 @@ from __future__ import annotations
 import os
 
 from .errors import LorascopeError
+from .lifetime import die_with_parent
 
 
 def die_with_launcher() -> None:
     """torchrun starts each rank in a session of its own, so a killed launcher (a killed study, a Ray task lost
     with its node) would leave the ranks training into the run directory a re-run then resumes. Tie each
     rank's life to the launcher's."""
-    from .executors import _die_with_parent
-
     if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _die_with_parent()
+        die_with_parent()
         if os.getppid() == 1:  # the launcher died before the line above took effect
             os._exit(1)
 

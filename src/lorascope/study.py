@@ -110,12 +110,12 @@ class Scheduler:
         return ended
 
     def raise_if_failed(self) -> None:
-        from .executors import log_path
+        from .layout import job_log_path
 
         real = sorted(k for k, v in self.failed.items() if v != -1)
         if real:
             raise LorascopeError(f"{len(real)} job(s) failed ({len(self.failed) - len(real)} more blocked), first: "
-                                 f"{real[0]} (log: {log_path(self.d, real[0])}); fix and re-run to continue")
+                                 f"{real[0]} (log: {job_log_path(self.d, real[0])}); fix and re-run to continue")
 
 
 @contextlib.contextmanager
@@ -186,7 +186,7 @@ def _drive(sched: Scheduler, name: str, progress: bool) -> None:
     """Run the scheduler to the end under a progress bar (one printed line per finished job)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .executors import log_path
+    from .layout import job_log_path
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[current]}"), disable=not progress) as bar:
@@ -200,4 +200,4 @@ def _drive(sched: Scheduler, name: str, progress: bool) -> None:
             for jid, rc, took in ended if progress else []:
                 n = len(sched.ok) + len(sched.failed)
                 bar.console.print(f"[green]done[/green] {jid} in {took:.0f} s ({n}/{len(sched.jobs)})"
-                                  if rc == 0 else f"[red]failed[/red] {jid} (log: {log_path(sched.d, jid)})")
+                                  if rc == 0 else f"[red]failed[/red] {jid} (log: {job_log_path(sched.d, jid)})")
