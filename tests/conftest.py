@@ -28,6 +28,42 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True):
     return model
 
 
+def write_code_corpus(directory: Path, n: int = 60, repeat: int = 8) -> Path:
+    """A small .jsonl of Python functions (n documents, each one function repeated) for tiny training runs."""
+    import json
+
+    rows = [{"text": f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * repeat} for i in range(n)]
+    p = Path(directory) / "code.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return p
+
+
+def processes_naming(path: Path, also: bytes | None = None) -> list[int]:
+    """Processes on this machine with `path` (a run or study dir) as an argument (and `also`, when given):
+    what a kill may have left behind."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(path).encode() in argv and (also is None or also in argv):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from 2 threads, and on a busy machine OpenMP's spinning threads make each step
+    ~10x slower; one thread also makes in-process and subprocess runs sum floats in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["LORASCOPE_THREADS"] = "1"
+    yield
+    os.environ.pop("LORASCOPE_THREADS", None)
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from lorascope.models import load_tokenizer

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import processes_naming, write_code_corpus
 import torch
 
 from lorascope import runlog
@@ -37,21 +39,13 @@ def test_every_launch_config_is_tested_or_marked_untested():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["LORASCOPE_THREADS"] = "1"
+def _one_thread(one_thread):
     yield
-    os.environ.pop("LORASCOPE_THREADS", None)
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rows = [{"text": f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8} for i in range(60)]
-    p = tmp_path_factory.mktemp("data") / "code.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows))
-    return p
+    return write_code_corpus(tmp_path_factory.mktemp("data"))
 
 
 def _args(model_dir, corpus, kind: str, **train) -> list[str]:
@@ -74,19 +68,6 @@ def _run(args: list[str], out: Path) -> Path:
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0, log[-4000:]
     return out
-
-
-def _processes_writing(run: Path) -> list[int]:
-    """Processes on this machine whose command line names the run directory."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(run).encode() in argv:
-            pids.append(int(cmdline.parent.name))
-    return pids
 
 
 def _curve(run: Path) -> list[float]:
@@ -177,9 +158,9 @@ def test_fsdp_resume_after_kill9_follows_the_uninterrupted_curve(fsdp_full, tiny
     p.kill()  # SIGKILL to the launcher; the ranks (in sessions of their own) die with it, also by SIGKILL
     p.wait()
     deadline = time.time() + 20
-    while _processes_writing(out) and time.time() < deadline:
+    while processes_naming(out) and time.time() < deadline:
         time.sleep(0.1)
-    assert not _processes_writing(out), "a rank outlived its launcher"
+    assert not processes_naming(out), "a rank outlived its launcher"
     assert progress.exists() and not (out / "COMPLETE").exists(), "killed too late to test a resume"
     # the saved state is sharded: one model shard and one optimizer shard per process (DCP files)
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):

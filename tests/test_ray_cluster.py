@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import processes_naming
 import yaml
 
 from lorascope.errors import LorascopeError
@@ -150,19 +152,6 @@ def _check_complete_once_and_same(d: Path, ref: Path) -> list[dict]:
     return jobs
 
 
-def _job_processes(d: Path) -> list[int]:
-    """Processes on this machine running a job of study d."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"lorascope.jobs" in argv and str(d).encode() in argv:
-            pids.append(int(cmdline.parent.name))
-    return pids
-
-
 @pytest.mark.slow
 def test_killed_driver_leaves_no_job_behind_and_a_rerun_completes(cluster, study_and_ref, tmp_path):
     cfg, ref = study_and_ref
@@ -175,9 +164,9 @@ def test_killed_driver_leaves_no_job_behind_and_a_rerun_completes(cluster, study
     p.wait()
     assert not list(d.glob("runs/*/COMPLETE")), "killed too late to test a resume"
     deadline = time.time() + 30
-    while _job_processes(d) and time.time() < deadline:
+    while processes_naming(d, b"lorascope.jobs") and time.time() < deadline:
         time.sleep(0.2)
-    assert not _job_processes(d), "a job outlived the study that started it"
+    assert not processes_naming(d, b"lorascope.jobs"), "a job outlived the study that started it"
     _finish(_start(cfg, d, cluster.address))  # the same command again
     _check_complete_once_and_same(d, ref)
 

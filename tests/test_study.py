@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import write_code_corpus
 import yaml
 
 from lorascope.errors import ConfigError, LorascopeError
@@ -143,10 +145,7 @@ def test_overrides_index_lists_and_star():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rows = [{"text": f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 8} for i in range(60)]
-    p = tmp_path_factory.mktemp("data") / "code.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows))
-    return p
+    return write_code_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import write_code_corpus
 import torch
 
 from lorascope import runlog, studyconfig
@@ -29,23 +31,13 @@ TPS = 64  # tokens per step in these tests
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads, and on a busy machine OpenMP's spinning threads make each step
-    ~10x slower; one thread also makes in-process and subprocess runs sum floats in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["LORASCOPE_THREADS"] = "1"
+def _one_thread(one_thread):
     yield
-    os.environ.pop("LORASCOPE_THREADS", None)
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rows = [{"text": f"def add_{i}(a, b):\n    '''Add {i}.'''\n    return a + b + {i}\n\n" * 4} for i in range(40)]
-    p = tmp_path_factory.mktemp("data") / "code.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows))
-    return p
+    return write_code_corpus(tmp_path_factory.mktemp("data"), n=40, repeat=4)
 
 
 def _cfg(model_dir, corpus, kind="lora", **train):
@@ -337,8 +329,8 @@ def test_a_file_named_gguf_that_is_not_one_is_one_error_line(tmp_path, monkeypat
 def test_two_processes_match_one(tiny_model_dir, corpus, tmp_path):
     cfg = _cfg(tiny_model_dir, corpus, max_tokens=8 * TPS)
     one = train(cfg, tmp_path / "one", progress=False)
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu-gloo-2proc.yaml"),
-           "-m", "lorascope", "train", os.devnull, *_overrides(cfg), "--out", str(tmp_path / "two")]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu-gloo-2proc.yaml"), "-m", "lorascope", "train", os.devnull, *_overrides(cfg), "--out", str(tmp_path / "two")]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
