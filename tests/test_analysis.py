@@ -342,11 +342,8 @@ def test_cli_reports_user_error(runs, tmp_path):
 
 @pytest.mark.integration
 def test_embedded_full_vs_lora_spectrum(tmp_path):
-    try:
-        from lorascope.train import train
-    except ImportError:
-        pytest.skip("lorascope.train is not available yet")
     from lorascope.config import RunConfig
+    from lorascope.train import train
 
     docs = {}
     for method, lr in (({"kind": "full"}, 2e-5), ({"kind": "lora", "rank": 16, "targets": "all"}, 2e-4)):

@@ -1,6 +1,7 @@
 """Data: packing, IFT masking, decontamination, determinism, held-out split, user files, errors."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -236,11 +237,9 @@ def test_errors_name_file_and_field(tmp_path, tokenizer, name, content, kw, msg)
     assert name in str(e.value)
 
 
-def test_hub_dataset_needs_datasets_package(tokenizer):
-    import importlib.util
-
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed: the hub path would try the network")
+def test_hub_dataset_needs_datasets_package(tokenizer, monkeypatch):
+    # whether or not datasets is installed here: a None entry in sys.modules makes `import datasets` fail
+    monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(LorascopeError, match=r"'hf:org/set' needs the datasets package \(pip install datasets\)"):
         load_dataset(DataConfig(dataset="hf:org/set", regime="ift"), tokenizer, 16)
 
