@@ -394,3 +394,15 @@ def test_embedded_model_code_cpt(kind, lr, tmp_path, monkeypatch):
         peft_model.merge_and_unload().save_pretrained(merged_dir)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
         assert (merged(input_ids=probe).logits - want).abs().max().item() < 1e-4
+
+
+def test_peak_memory_is_this_runs_not_the_process_lifetime():
+    """A study worker runs job after job: a small run after a big allocation must report its own peak."""
+    import numpy as np
+
+    big = np.ones(600 * 2**20 // 8)  # ~600 MiB touched
+    big[::512] = 2.0
+    after_big = runlog.peak_memory_bytes()
+    del big
+    runlog.reset_peak_memory()
+    assert runlog.peak_memory_bytes() < after_big - 400 * 2**20

@@ -65,10 +65,30 @@ def first_difference(a, b, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} != {b!r}"
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: a study worker runs job after job in one process, and a LoRA run must not report the
+    peak of the full-FT run before it. Linux resets the RSS high-water mark through /proc/self/clear_refs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the process-lifetime peak (ru_maxrss) is what can be measured
+
+
 def peak_memory_bytes() -> int:
-    """Peak device memory on GPU, else peak RSS of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak device memory on GPU, else peak RSS since the last reset_peak_memory() (Linux VmHWM; elsewhere the
+    process-lifetime ru_maxrss, in KiB on Linux)."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -112,6 +112,7 @@ def train(cfg: RunConfig, out: Path, *, progress: bool = True) -> Path:
     _check_run_dir(out, resolved)
     if (out / "COMPLETE").exists():
         return out
+    runlog.reset_peak_memory()  # this run's peak, not an earlier job's in the same worker process
     # Everything that can fail on user input (setup) happens before the run record is written.
     trainer = Trainer.setup(cfg, out)
     trainer.write_record(resolved)
