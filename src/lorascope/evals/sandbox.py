@@ -269,9 +269,20 @@ def mode() -> Mode:
         return _MODE
 
 
+# The interpreter by its real path: a virtual environment under /tmp (a checkout there) would vanish under the
+# sample's private tmpfs, while the real interpreter rarely lives there. Samples need only the standard library.
+_PYTHON = os.path.realpath(sys.executable)
+
+
+def _under_private_dir(path: str) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in _PRIVATE_DIRS)
+
+
 def _with_private_tmp(base: Mode) -> Mode:
     """``base`` plus a private /tmp if this machine allows one; otherwise ``base`` with the reason why not."""
     note = _probe_private_tmp()
+    if not note and _under_private_dir(_PYTHON):
+        note = f"the Python interpreter ({_PYTHON}) lives under a directory the private tmpfs would hide"
     if not note:
         full = Mode(base.drop_uid, base.netns, private_tmp=True)
         r = _run("open('/tmp/probe', 'w').write('x')", Limits(timeout=5.0), full)
@@ -336,7 +347,7 @@ def _run(program: str, limits: Limits, md: Mode) -> ExecResult:
             os.chmod(work, 0o700)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _WRAPPER, str(wfd), str(limits.timeout)],
+                [_PYTHON, "-I", "-c", _WRAPPER, str(wfd), str(limits.timeout)],
                 cwd=work, env=_env(tmpdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, pass_fds=(wfd,), start_new_session=True,
                 preexec_fn=_preexec(limits, md, uid))
