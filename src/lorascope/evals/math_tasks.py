@@ -88,6 +88,19 @@ def _metric(name: str, values: list[float]) -> dict[str, float]:
     return {name: mu, f"{base}_stderr,{filt}": se}
 
 
+def _select_and_generate(ctx: EvalContext, name: str, all_docs: list[dict], max_new_tokens: int,
+                         stop: list[str], prompt_of) -> tuple[list[dict], list, int]:
+    """The items left after exclusions and the limit, the completions of each, and how many were excluded."""
+    excluded = ctx.excluded_ids.get(name, [])
+    docs = select_items(all_docs, excluded, ctx.limit)
+    if not docs:
+        raise LorascopeError(f"{name}: no items left to evaluate (limit/excluded ids)")
+    comps = generate(ctx.model, ctx.tokenizer, [prompt_of(d) for d in docs], max_new_tokens=max_new_tokens,
+                     stop=stop, batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress,
+                     desc=f"{name} generate")
+    return docs, comps, len(all_docs) - len(select_items(all_docs, excluded, None))
+
+
 class GSM8K(GenerativeTask):
     name = "gsm8k"
     max_new_tokens = 256
@@ -101,21 +114,15 @@ class GSM8K(GenerativeTask):
     def run(self, ctx: EvalContext) -> TaskResult:
         shots = 5 if ctx.shots is None else ctx.shots
         prefix = self.prompt_prefix(shots)
-        all_docs = benchdata.gsm8k()
-        excluded = ctx.excluded_ids.get(self.name, [])
-        docs = select_items(all_docs, excluded, ctx.limit)
-        if not docs:
-            raise LorascopeError("gsm8k: no items left to evaluate (limit/excluded ids)")
-        prompts = [f"{prefix}Question: {d['question']}\nAnswer:" for d in docs]
-        comps = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=GSM8K_STOP,
-                         batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress, desc="gsm8k generate")
+        docs, comps, n_excluded = _select_and_generate(ctx, self.name, benchdata.gsm8k(), self.max_new_tokens,
+                                                       GSM8K_STOP, lambda d: f"{prefix}Question: {d['question']}\nAnswer:")
         samples = []
         for d, (c,) in zip(docs, comps):
             gold = _gsm_norm(d["answer"])
             ps, pf = gsm8k_strict(c), gsm8k_flexible(c)
             samples.append({"id": d["id"], "completion": c, "gold": gold, "strict": ps, "flexible": pf,
                             "strict_correct": ps == gold, "flexible_correct": pf == gold})
-        info = {"n": len(docs), "shots": shots, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
+        info = {"n": len(docs), "shots": shots, "excluded": n_excluded,
                 "fewshot_source": "Wei et al. CoT exemplars in '#### N' format", "stop": GSM8K_STOP,
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
         return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
@@ -256,14 +263,8 @@ class Math500(GenerativeTask):
         if shots not in (0, *range(1, len(pool) + 1)):
             raise LorascopeError(f"math500: shots must be between 0 and {len(pool)}, got {shots}")
         prefix = "".join(f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n" for s in pool[:shots])
-        all_docs = benchdata.math500()
-        excluded = ctx.excluded_ids.get(self.name, [])
-        docs = select_items(all_docs, excluded, ctx.limit)
-        if not docs:
-            raise LorascopeError("math500: no items left to evaluate (limit/excluded ids)")
-        prompts = [f"{prefix}Problem:\n{d['problem']}\n\nSolution:" for d in docs]
-        comps = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=MATH_STOP,
-                         batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress, desc="math500 generate")
+        docs, comps, n_excluded = _select_and_generate(ctx, self.name, benchdata.math500(), self.max_new_tokens,
+                                                       MATH_STOP, lambda d: f"{prefix}Problem:\n{d['problem']}\n\nSolution:")
         samples, how_counts = [], {"final_answer_line": 0, "boxed": 0, "none": 0}
         for d, (c,) in zip(docs, comps):
             gold = last_boxed(d["solution"])
@@ -273,7 +274,7 @@ class Math500(GenerativeTask):
             samples.append({"id": d["id"], "level": d["level"], "completion": c, "pred": pred, "gold": gold,
                             "extracted_from": how, "correct": math_equal(pred, gold),
                             "correct_math_verify": bool(verified), "math_verify_error": verified is None})
-        info = {"n": len(docs), "shots": shots, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
+        info = {"n": len(docs), "shots": shots, "excluded": n_excluded,
                 "answer_extraction": how_counts, "stop": MATH_STOP, "max_new_tokens": self.max_new_tokens,
                 "decoding": "greedy", "normalisation": {"exact_match,none": "Hendrycks strip_string",
                                                         "exact_match,math_verify": "math-verify (sympy equivalence)"},
