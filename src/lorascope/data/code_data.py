@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..assets import package_dir
-from .files import code_files, code_sources, is_heldout, package_version, read_text
+from .files import assign, code_files, code_sources, is_heldout, package_version, read_text
 
 
 def code_cpt() -> tuple[list, list, list, list]:
@@ -32,11 +32,7 @@ def code_cpt() -> tuple[list, list, list, list]:
     for group, f in tqdm(code_files(), desc="code-cpt: reading files", unit="file", leave=False):
         text = read_text(f)
         if text and text.strip():
-            if is_heldout(group):
-                heldout.append(text)
-                groups.append(group)
-            else:
-                train.append(text)
+            assign(text, group, train, heldout, groups)
     return train, heldout, code_sources(), groups
 
 
@@ -128,11 +124,7 @@ def code_ift() -> tuple[list, list, list, list]:
         for ex in docstring_pairs(text) if text else []:
             if ex["prompt"] not in seen:  # vendored copies of the same function
                 seen.add(ex["prompt"])
-                if is_heldout(group):
-                    heldout.append(ex)
-                    groups.append(group)
-                else:
-                    train.append(ex)
+                assign(ex, group, train, heldout, groups)
     sources = [{"name": "reasoning-gym CodeI/O (codeio*.jsonl.gz)", "version": package_version("reasoning-gym"),
                 "licence": "Apache-2.0", "documents": n_codeio},
                {"name": "docstring -> function pairs mined from the code-cpt corpus", "from": code_sources(),

