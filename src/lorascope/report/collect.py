@@ -43,6 +43,9 @@ class Study:
     truncations: dict = field(default_factory=dict)  # (run_id, 'r16') -> truncation.json (without per-matrix)
     commands: str = ""
     jobs: list = field(default_factory=list)  # logs/jobs.jsonl: one line per finished job (job, rc, elapsed_s)
+    # samples files already read: every split, headline and table asks again, and the files do not change while
+    # a report is built (read-only callers)
+    _samples: dict = field(default_factory=dict, repr=False)
 
     def run(self, run_id: str) -> dict:
         return next(r for r in self.runs if r["run_id"] == run_id)
@@ -53,7 +56,9 @@ class Study:
         if run_id != BASE:
             d = d / ckpt
         f = d / "samples" / samples_filename(task)
-        return read_samples(f) if f.exists() else None
+        if f not in self._samples:
+            self._samples[f] = read_samples(f) if f.exists() else None
+        return self._samples[f]
 
 
 def _json(path: Path):
