@@ -259,6 +259,25 @@ def test_dropout_zero_is_peft_itself_bit_for_bit(model_dirs):
     assert _train(ours, m, steps=3) == _train(stock, m, steps=3)
 
 
+def test_shared_dropout_backward_keeps_a_bool_mask_and_is_dropout():
+    """The dropped copy's backward is mask / (1 - p) (what nn.Dropout computes) and saves a bool mask, not the
+    fp32 noise nn.Dropout keeps on CPU: 4x less activation memory per adapter input."""
+    from lorascope.methods import SharedInputDropout
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    out = SharedInputDropout(0.25).train()(x)
+    assert type(out.grad_fn).__name__ == "NativeDropoutBackward0"
+    saved = [getattr(out.grad_fn, a) for a in dir(out.grad_fn) if a.startswith("_saved_")]
+    assert any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in saved)
+    assert not any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == x.numel() for t in saved)
+    up = torch.randn_like(out)
+    out.backward(up)
+    kept = out != 0
+    assert torch.allclose(x.grad, up * kept / 0.75) and torch.allclose(out[kept], x[kept] / 0.75)
+    assert 0.2 < 1 - kept.float().mean().item() < 0.3
+
+
 def test_lora_dropout_one_mask_per_input(model_dirs):
     """Adapters reading one input (q/k/v; gate/up) get the same dropped copy; other inputs and other forward
     passes get their own masks; eval mode drops nothing."""

@@ -50,7 +50,9 @@ class SharedInputDropout(torch.nn.Dropout):
 
     The dropped copy is kept as an attribute of the input tensor itself, so it lives exactly as long as that
     input (no cache to clear, nothing held across steps); an in-place change of the input (its version) or
-    another p draws afresh."""
+    another p draws afresh. The mask is drawn by ``torch.native_dropout``, whose backward keeps a bool mask: on
+    CPU ``nn.Dropout`` multiplies by an fp32 noise tensor and keeps that for backward (4 bytes per element, ~0.6
+    GiB per step at seq 256 x batch 4 on a 135M model) — same expectation, a quarter of the memory."""
 
     _ATTR = "_lorascope_lora_dropout"
 
@@ -61,7 +63,7 @@ class SharedInputDropout(torch.nn.Dropout):
         hit = getattr(x, self._ATTR, None)
         if hit is not None and hit[0] == key:
             return hit[1]
-        out = super().forward(x)
+        out = torch.native_dropout(x, self.p, True)[0]
         setattr(x, self._ATTR, (key, out))
         return out
 
