@@ -613,7 +613,7 @@ def test_common_range_renders_from_a_headline(tmp_path):
     text = str(headline_section(Study(path=tmp_path, runs=[{"method_name": "full", "family": "full"}]), [h]))
     q2 = re.findall(r'<div class="verdict">(.*?)</div>', text, re.S)[1]
     assert "common learning range +0.1 to +0.3" in q2 and "p = 0.3, Holm-adjusted p = 0.6" in q2
-    assert "equivalence margin ±0.004 (10% of the larger forgetting compared)" in q2
+    assert "equivalence margin ±0.004 (10% of the larger forgetting of the two frontiers atop the common range)" in q2
     # an abstention opens the first screen too (amber, not the recommendation's green), its task name shortened
     from lorascope.report.metrics import spec
 

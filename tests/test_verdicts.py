@@ -12,7 +12,7 @@ import pytest
 from lorascope.report.bootstrap import (ClusterTable, Draws, p_two_sided, percentile_interval, small_sample_widen,
                                         t_quantile)
 from lorascope.report.decide import decide, holm, power_note
-from lorascope.report.frontier import common_range, isotonic, matched_difference
+from lorascope.report.frontier import common_range, compared_forgetting, fit, matched_difference
 
 
 def _crossed(rng, S, C, m, sd_seed, sd_cluster, sd_item, shift=0.0):
@@ -96,15 +96,17 @@ def test_one_seed_interval_covers_items_only():
     assert "hierarchical" in noise_text((3, 3), [t], 100) and "training noise" not in noise_text((5, 5), [t], 100)
 
 
-def test_isotonic_is_the_monotone_least_squares_fit():
-    y = np.array([1.0, 3.0, 2.0, 4.0, 0.0, 5.0])
-    f = isotonic(y)
-    assert np.all(np.diff(f) >= 0) and abs(f.sum() - y.sum()) < 1e-12  # monotone, mean kept
+def test_frontier_keeps_only_undominated_points_so_a_bad_lr_cannot_move_it():
     rng = np.random.default_rng(0)
-    for _ in range(200):  # no random monotone vector fits better
-        g = np.sort(rng.normal(2.5, 2, len(y)))
-        assert ((f - y) ** 2).sum() <= ((g - y) ** 2).sum() + 1e-12
-    assert list(isotonic(np.array([3.0, 1.0]), np.array([3.0, 1.0]))) == [2.5, 2.5]
+    pts = [(float(x), float(y)) for x, y in rng.uniform(0, 1, (30, 2))]
+    front = fit(pts)
+    assert all(not (q[0] >= p[0] and q[1] <= p[1] and q != p) for p in front for q in pts)  # none beaten
+    assert all(any(f[0] >= p[0] and f[1] <= p[1] for f in front) for p in pts)  # every point is covered
+    assert [y for _, y in front] == sorted(y for _, y in front)  # forgetting rises with learning
+    other = [(x, y + 0.1) for x, y in pts]
+    bad = [(-0.5, 2.0), (0.1, 1.5)]  # diverging learning rates: learned little, forgot much
+    assert matched_difference(pts + bad, other) == matched_difference(pts, other)
+    assert compared_forgetting(pts + bad, other) == compared_forgetting(pts, other)  # nor widen the margin
 
 
 def test_matched_learning_recovers_a_planted_offset():

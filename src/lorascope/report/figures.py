@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .compare import Point, axis
+from .frontier import pareto_front
 from .metrics import MetricSpec, spec
 
 DPI = 90
@@ -230,12 +231,6 @@ def loss_figure(runs: list[dict]) -> tuple[str | None, str | None]:
     return to_png(fig), cap
 
 
-def _frontier(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated points when both coordinates are 'higher is better', sorted by the first."""
-    front = [p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)]
-    return sorted(set(front))
-
-
 def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> str | None:
     """Learning (y) vs forgetting metric (x), one point per configuration x checkpoint, each family's frontier."""
     lk, fk = (L.task, L.metric), (F.task, F.metric)
@@ -254,7 +249,7 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
     for i, fam in enumerate(sorted({p.family for p in pts})):
         # frontier in 'higher is better' coordinates, drawn back in the metrics' own units
         sx, sy = (1 if F.higher_better else -1), (1 if L.higher_better else -1)
-        front = _frontier([(sx * p.values[fk][0], sy * p.values[lk][0]) for p in pts if p.family == fam])
+        front = pareto_front([(sx * p.values[fk][0], sy * p.values[lk][0]) for p in pts if p.family == fam])
         if front:
             ax.plot([sx * x for x, _ in front], [sy * y for _, y in front], fam_style[i % 4], color="gray",
                     lw=1.5, label=f"{fam} frontier")

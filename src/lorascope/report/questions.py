@@ -7,7 +7,7 @@
    is used and only the main runs (runs.json role "main") answer the question; with a fixed LR list the report
    chooses on the validation split itself.
 2. forgets_less_at_equal_learning: the matched-learning forgetting difference LoRA - full of the families'
-   monotone frontiers over all their points (learning rates, budgets, LR-search runs at their own budget too;
+   lower-left (Pareto) frontiers over all their points (learning rates, budgets, LR-search runs at their own budget too;
    seeds inside each point), see frontier.py.
 Both are bootstrapped hierarchically (seeds x item clusters, bootstrap.py), Holm-corrected over every comparison
 of the study (``settle``, all settings together), and decided by decide.py; "yes" means the paper's claim holds
@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import LorascopeError
 from .bootstrap import noise_text, p_one_sided, p_two_sided, percentile_interval
 from .decide import ALPHA, MARGIN_FRACTION, decide, holm, power_note
-from .frontier import common_range, fit, matched_boot, matched_difference
+from .frontier import common_range, compared_forgetting, fit, matched_boot, matched_difference
 from .measure import SplitMeasure, TestReplicates, measure_split
 from .metrics import MetricSpec
 
@@ -199,7 +199,7 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
         else:
             est = matched_difference(pts[f], pts["full"])
             boot = rep.of(lambda m: _matched(m, idx, j), est, _seeds(ps, idx + j))
-            top = max(abs(y) for _, y in pts[f] + pts["full"])
+            top = compared_forgetting(pts[f], pts["full"])
             v.update(estimate=est, boot=boot, interval=percentile_interval(boot),
                      margin=frac * top, undefined=float(np.mean(~np.isfinite(boot))))
         out.append(v)

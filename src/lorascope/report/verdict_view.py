@@ -51,9 +51,9 @@ def _tests(v: dict, frac: float | None) -> list[str]:
     """The statistics behind one verdict: equivalence margin, raw and Holm-adjusted p, common learning range."""
     out = []
     if v.get("margin") is not None:
-        of = "gain" if v["question"] == "learns_less" else "forgetting"
+        of = "gain compared" if v["question"] == "learns_less" else "forgetting of the two frontiers atop the common range"
         out.append(f"equivalence margin ±{abs(v['margin']):.3g}" + (
-            "" if frac is None else f" ({frac:.0%} of the larger {of} compared)"))
+            "" if frac is None else f" ({frac:.0%} of the larger {of})"))
     if v.get("p") is not None:  # 2 digits: a bootstrap p is a count over its replicates
         out.append(f"p = {v['p']:.2g}" + (f", Holm-adjusted p = {v['p_holm']:.2g}" if v.get("p_holm") is not None
                                           else ""))
@@ -130,7 +130,7 @@ def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
 
 def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
     """Learning (x) vs forgetting (y), both vs the base and on the test split: each family's points, its
-    monotone frontier, and the matched-learning band where the families are compared. Returns (png, caption)."""
+    lower-left (Pareto) frontier, and the matched-learning band where the families are compared. Returns (png, caption)."""
     fams = {f: fr for f, fr in frontiers.items() if fr.get("points")}
     if not fams:
         return None, None
@@ -153,7 +153,8 @@ def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
     ax.grid(alpha=0.3)
     outside_legend(ax)
     cap = ("Each dot is one configuration (learning rate, budget; seeds pooled) on the test split; lines are each "
-           "family's monotone frontier (forgetting never decreasing with learning). ")
+           "family's frontier: the configurations no other of the family beats on both counts (learned at least "
+           "as much and forgot no more). ")
     cap += (f"Shaded: the learning range both families reach ({_num(band[0])} to {_num(band[1])}), where "
             "forgetting is compared at equal learning." if band else
             "No shaded band: the families' learning ranges do not overlap, so they cannot be compared at equal "
