@@ -408,3 +408,19 @@ def test_learns_less_compares_every_lora_method_with_full(tmp_path):
     q1 = {v["a"]: v for v in h.verdicts if v["question"] == "learns_less"}
     assert set(q1) == {"lora-r16 lr=0.0001", "lora-r1 lr=0.001"} and {v["b"] for v in q1.values()} == {"full lr=1e-05"}
     assert q1["lora-r1 lr=0.001"]["verdict"] == "yes" and q1["lora-r16 lr=0.0001"]["verdict"] != "yes"
+
+
+def test_lora_is_set_against_the_full_ft_that_learned_most_on_every_task(tmp_path):
+    """One reference full FT per row, chosen on validation learning: not, on the forgetting task, the full FT
+    that forgot least because it learned least (which would make LoRA look like it forgot more)."""
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points, vs_full_table
+
+    d = _study(tmp_path, {"full": 0.3, "lora-r16": 0.2}, {"full": 0.05, "lora-r16": 0.03},
+               {"full": 1e-4, "lora-r16": 1e-3}, extra=(("full", 1e-6, 0.01, 0.001),))
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    lora = [r for r in vs_full_table(st, points(st, rows), rows, "code-cpt") if r["point"].family == "lora"]
+    assert len(lora) == 2 and {r["full"].lr for r in lora} == {1e-4}
+    forget = next(r for r in lora if r["spec"].role == "forgetting")
+    assert forget["vs_full"].estimate < 0  # LoRA forgot less than the full FT it is compared with

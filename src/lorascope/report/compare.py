@@ -307,7 +307,7 @@ def _row(p: Point, i: int, a) -> dict:
 
 def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) -> list[dict]:
     """Every known task at each last checkpoint, on the test split: value, stderr, seed sd, difference vs base
-    and vs the best full FT (best chosen on the validation split; all items only where a study has no splits)."""
+    and vs the reference full FT of that point (full_reference)."""
     base = base_values(rows)
     fin = finals([p for p in ps if p.setting == setting])
     fulls = [p for p in fin if p.family == "full" and not p.diverged]
@@ -317,10 +317,7 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
             s = spec(task)
             if s is None or s.metric != metric:
                 continue
-            ref = None
-            having = [q for q in fulls if (task, metric) in q.values]
-            if having and p.family != "full":
-                ref = max(having, key=lambda q: _for_choice(st, q, s) * (1 if s.higher_better else -1))
+            ref = full_reference(st, [q for q in fulls if (task, metric) in q.values], p)
             test = point_split_value(st, p, s)
             split = "test" if test is not None else "all items"
             v, se, sd = test[:3] if test is not None else (v, se, sd)
@@ -329,6 +326,25 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
                         "vs_base": difference(st, s, p, None, base) if base else None,
                         "vs_full": difference(st, s, p, ref, base) if ref else None, "full": ref})
     return out
+
+
+def full_reference(st: Study, fulls: list[Point], p: Point) -> Point | None:
+    """The full FT a LoRA point is set against, the same for every task: at p's budget where one was trained
+    there, the one that learned most on the validation split (all items where a study has no splits), on its
+    first learning task by name.
+
+    Not the best full FT per task: on a forgetting task that is the one that learned least (a tiny LR, a short
+    LR-search run), which would make every LoRA look like it forgot more than full fine-tuning."""
+    if p.family == "full" or not fulls:
+        return None
+    same = [q for q in fulls if q.tokens == p.tokens] or fulls
+    learn = sorted({k for q in same for k in q.values if (sk := spec(k[0])) and sk.role == "learning"
+                    and sk.metric == k[1]})
+    if not learn:
+        return None
+    s = spec(learn[0][0])
+    having = [q for q in same if learn[0] in q.values]
+    return max(having, key=lambda q: _for_choice(st, q, s) * (1 if s.higher_better else -1))
 
 
 def _for_choice(st: Study, p: Point, s: MetricSpec) -> float:
