@@ -8,7 +8,13 @@ each trained for WARMUP + STEPS optimizer steps by
 each in its own subprocess so peak RSS is per configuration. tokens/s is timed over the STEPS after WARMUP
 (model loading, the first steps and the final save are excluded in both). Ratio = lorascope / peer.
 
-    python bench/train_throughput.py [--steps 6] [--warmup 2] [--only lora-r16]
+MFU: model FLOPs per token x tokens/s over this machine's fp32 matmul peak, measured first in the same run
+(best of repeated 2048^2 matmuls on the same threads). FLOPs per token, recomputation not counted (PaLM's
+convention): full FT 6N + 12 L d T (N: weights of every matmul incl. the tied lm_head; L layers, d attention
+width, T sequence length); LoRA 4N (forward + input gradients: the frozen weights get none) + 6 N_lora +
+12 L d T.
+
+    python bench/train_throughput.py [--steps 6] [--warmup 2] [--only lora-r16] [--seq 256]
 """
 
 from __future__ import annotations
@@ -22,8 +28,47 @@ import tempfile
 import time
 from pathlib import Path
 
-SEQ, BATCH, LR = 256, 4, {"full": 2e-5, "lora-r16": 2e-4, "lora-r256": 1e-4}
+BATCH, LR = 4, {"full": 2e-5, "lora-r16": 2e-4, "lora-r256": 1e-4}
 METHODS = ("full", "lora-r16", "lora-r256")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+SEQ = 256  # --seq sets it (and the workers inherit it through their command line)
+
+
+def matmul_peak(n: int = 2048, reps: int = 8) -> float:
+    """fp32 matmul FLOP/s of this process's threads: the best of `reps` timed n x n products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # first call: allocation and thread pool start
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flops_per_token(method: str) -> float:
+    """Training FLOPs per token of the embedded model under `method` (see the module docstring)."""
+    import torch
+
+    from lorascope.models import load_base
+
+    model, _ = load_base("embedded")
+    c = model.config
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attn = 12 * c.num_hidden_layers * c.num_attention_heads * getattr(c, "head_dim", c.hidden_size //
+                                                                       c.num_attention_heads) * SEQ
+    r = _rank(method)
+    if r is None:
+        return 6 * n + attn
+    lora = sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS)
+    return 4 * n + 6 * lora + attn
 
 
 def _rank(method: str) -> int | None:
@@ -61,8 +106,7 @@ def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
     r = _rank(method)
     if r is not None:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]))
+                                                 target_modules=list(TARGETS)))
     data = load_dataset(DataConfig(dataset="code-cpt"), tok, SEQ, "train")
     marks: list[float] = []
 
@@ -84,7 +128,8 @@ def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
 
 
 def run_worker(impl: str, method: str, steps: int, warmup: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, method, "--steps", str(steps), "--warmup", str(warmup)]
+    cmd = [sys.executable, __file__, "--worker", impl, method, "--steps", str(steps), "--warmup", str(warmup),
+           "--seq", str(SEQ)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{impl} {method} failed:\n{r.stderr[-3000:]}")
@@ -92,12 +137,15 @@ def run_worker(impl: str, method: str, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
+    global SEQ
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", choices=METHODS, default=None)
+    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("--only", choices=METHODS, nargs="+", default=None)
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SEQ = args.seq
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (timing starts at the end of a warmup step)")
     if args.worker:
@@ -108,20 +156,30 @@ def main() -> None:
         res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(res))
         return
+    compare(args.only or list(METHODS), args.steps, args.warmup)
 
-    print(f"seq {SEQ} x batch {BATCH}, {args.warmup} warmup + {args.steps} timed steps, fp32, AdamW; "
-          "each cell its own subprocess")
+
+def compare(methods: list[str], steps: int, warmup: int) -> None:
+    """Every method by both implementations, one subprocess each; then LoRA against full FT in lorascope."""
+    peak = matmul_peak()
+    print(f"seq {SEQ} x batch {BATCH}, {warmup} warmup + {steps} timed steps, fp32, AdamW; each cell its own "
+          f"subprocess; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (measured now)")
     print(f"{'method':10} {'trainable':>11} {'lorascope tok/s':>16} {'trainer tok/s':>14} {'ratio':>6} "
-          f"{'lorascope RSS':>14} {'trainer RSS':>12} {'ratio':>6}")
-    for method in [args.only] if args.only else METHODS:
-        a = run_worker("lorascope", method, args.steps, args.warmup)
-        b = run_worker("trainer", method, args.steps, args.warmup)
-        gib = 2 ** 30
+          f"{'MFU ours':>9} {'MFU peer':>9} {'lorascope RSS':>14} {'trainer RSS':>12} {'ratio':>6}")
+    ours, gib = {}, 2 ** 30
+    for method in methods:
+        fpt = flops_per_token(method)
+        a = ours[method] = run_worker("lorascope", method, steps, warmup)
+        b = run_worker("trainer", method, steps, warmup)
         print(f"{method:10} {a['trainable']:>11,} {a['tokens_per_s']:>16.1f} {b['tokens_per_s']:>14.1f} "
-              f"{a['tokens_per_s'] / b['tokens_per_s']:>6.2f} {a['peak_rss_bytes'] / gib:>12.2f}Gi "
+              f"{a['tokens_per_s'] / b['tokens_per_s']:>6.2f} {a['tokens_per_s'] * fpt / peak:>9.0%} "
+              f"{b['tokens_per_s'] * fpt / peak:>9.0%} {a['peak_rss_bytes'] / gib:>12.2f}Gi "
               f"{b['peak_rss_bytes'] / gib:>10.2f}Gi {a['peak_rss_bytes'] / b['peak_rss_bytes']:>6.2f}", flush=True)
         if a["trainable"] != b["trainable"]:
             print(f"  note: trainable parameters differ ({a['trainable']} vs {b['trainable']})")
+    for method in [m for m in ours if m != "full" and "full" in ours]:
+        print(f"lorascope {method} / full: tokens/s {ours[method]['tokens_per_s'] / ours['full']['tokens_per_s']:.2f}"
+              f"x, peak RSS {ours[method]['peak_rss_bytes'] / ours['full']['peak_rss_bytes']:.2f}x")
 
 
 if __name__ == "__main__":
