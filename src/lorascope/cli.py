@@ -194,8 +194,11 @@ def report(study_dir: Path = typer.Argument(..., help="a study directory")):
     typer.echo(str(path))
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:  # pragma: no cover - the console script; tests drive `app` in-process
+    from .procenv import reexec_with_hugepages
+
+    reexec_with_hugepages(["-m", "lorascope.cli", *sys.argv[1:]])
+    app(prog_name="lorascope")
 
 
 if __name__ == "__main__":  # pragma: no cover

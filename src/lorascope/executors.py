@@ -26,15 +26,15 @@ import time
 import traceback
 from pathlib import Path
 
+from . import procenv
 from .jobs import job_command
 from .layout import job_log_path
 from .lifetime import die_with_parent
 
 
 def job_env(jobs: int) -> dict:
-    """Split the cores between parallel jobs (models.load_base reads LORASCOPE_THREADS)."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    return {**os.environ, "LORASCOPE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    """Split the cores between parallel jobs; see procenv.job_env."""
+    return procenv.job_env(max(1, (os.cpu_count() or 1) // max(1, jobs)))
 
 
 class _Worker:

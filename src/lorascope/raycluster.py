@@ -30,6 +30,7 @@ from .errors import LorascopeError
 from .jobs import job_command
 from .layout import job_log_path
 from .lifetime import die_with_parent
+from .procenv import job_env
 
 KINDS = ("train", "eval", "spectrum", "truncate", "eval-trunc")
 DEFAULT = {"cpus": 1.0, "gpus": 0.0, "memory": None}
@@ -72,7 +73,7 @@ def run_job_task(d: str, job_id: str, threads: int) -> dict:
     import ray
 
     node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
-    env = {**os.environ, "LORASCOPE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env = job_env(threads)
     with open(job_log_path(Path(d), job_id), "a") as log:  # appended: one header per attempt stays visible
         log.write(f"== lorascope job {job_id} on ray node {node} (host {host}, pid {os.getpid()})\n")
         log.flush()
