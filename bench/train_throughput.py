@@ -6,7 +6,9 @@ each trained for WARMUP + STEPS optimizer steps by
     lorascope.train.train (the project's loop: accelerate, run record, state saves)
     vs transformers.Trainer on the same model/adapter and the same tokenised rows (the peer),
 each in its own subprocess so peak RSS is per configuration. tokens/s is timed over the STEPS after WARMUP
-(model loading, the first steps and the final save are excluded in both). Ratio = lorascope / peer.
+(model loading, the first steps and the final save are excluded in both). Ratio = lorascope / peer. Both
+loops' workers run with the malloc tunables lorascope gives its own jobs (procenv: huge pages on glibc);
+LORASCOPE_HUGEPAGES=0 measures both without.
 
 MFU: model FLOPs per token x tokens/s over this machine's fp32 matmul peak, measured first in the same run
 (best of repeated 2048^2 matmuls on the same threads). FLOPs per token, recomputation not counted (PaLM's
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,13 +39,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SEQ = 256  # --seq sets it (and the workers inherit it through their command line)
 
 
-def matmul_peak(n: int = 2048, reps: int = 8) -> float:
-    """fp32 matmul FLOP/s of this process's threads: the best of `reps` timed n x n products."""
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """fp32 matmul FLOP/s of this process's threads: the best of `reps` timed n x n products into a preallocated
+    output (a fresh 16 MiB output per product would time page faults, not arithmetic)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # first call: allocation and thread pool start
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)  # first call: thread pool start
+    best = min(_timed(lambda: torch.mm(a, b, out=c)) for _ in range(reps))
     return 2 * n ** 3 / best
 
 
@@ -130,10 +134,17 @@ def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
 def run_worker(impl: str, method: str, steps: int, warmup: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, method, "--steps", str(steps), "--warmup", str(warmup),
            "--seq", str(SEQ)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if r.returncode != 0:
         raise SystemExit(f"{impl} {method} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict:
+    """Both loops' workers get the malloc lorascope gives its own jobs (procenv; LORASCOPE_HUGEPAGES=0: off)."""
+    from lorascope.procenv import with_hugepages
+
+    return with_hugepages(dict(os.environ))
 
 
 def main() -> None:
@@ -163,7 +174,8 @@ def compare(methods: list[str], steps: int, warmup: int) -> None:
     """Every method by both implementations, one subprocess each; then LoRA against full FT in lorascope."""
     peak = matmul_peak()
     print(f"seq {SEQ} x batch {BATCH}, {warmup} warmup + {steps} timed steps, fp32, AdamW; each cell its own "
-          f"subprocess; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (measured now)")
+          f"subprocess; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (measured now); both loops' workers with "
+          f"GLIBC_TUNABLES={_env().get('GLIBC_TUNABLES', '(unset)')}")
     print(f"{'method':10} {'trainable':>11} {'lorascope tok/s':>16} {'trainer tok/s':>14} {'ratio':>6} "
           f"{'MFU ours':>9} {'MFU peer':>9} {'lorascope RSS':>14} {'trainer RSS':>12} {'ratio':>6}")
     ours, gib = {}, 2 ** 30
