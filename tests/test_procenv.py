@@ -25,12 +25,15 @@ def test_tunable_is_added_once_kept_beside_others_and_can_be_refused():
 @pytest.mark.skipif(not GLIBC, reason="the tunable exists on glibc >= 2.35 only")
 def test_a_process_reexecutes_itself_once_with_the_tunable():
     probe = ("import os, sys; from lorascope.procenv import reexec_with_hugepages; print(os.getpid()); "
-             "reexec_with_hugepages(['-c', 'import os; print(os.getpid(), "
-             "os.environ[\"GLIBC_TUNABLES\"])'])")
+             "sys.argv[0] = 'typed-command'; "
+             "reexec_with_hugepages(['-c', 'import os, sys; from lorascope.procenv import restore_argv0; "
+             "restore_argv0(); print(os.getpid(), os.environ[\"GLIBC_TUNABLES\"], sys.argv[0], "
+             "\"LORASCOPE_ARGV0\" in os.environ)'])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LORASCOPE_HUGEPAGES")}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     first, second = out.stdout.split("\n")[:2]
-    assert second.split() == [first, "glibc.malloc.hugetlb=1"]  # same process (exec), now with the tunable
+    # same process (exec), now with the tunable, and the command as typed (for the provenance)
+    assert second.split() == [first, "glibc.malloc.hugetlb=1", "typed-command", "False"]
     again = subprocess.run([sys.executable, "-c", probe], env={**env, "LORASCOPE_HUGEPAGES": "0"},
                            capture_output=True, text=True, check=True)
     assert again.stdout.split() == [again.stdout.split()[0]]  # opted out: no re-exec

@@ -16,6 +16,7 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+_ARGV0 = "LORASCOPE_ARGV0"  # the re-executed process's original sys.argv[0]
 _MIN_GLIBC = (2, 35)
 
 
@@ -50,4 +51,11 @@ def reexec_with_hugepages(args: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *args], env)
+    os.execve(sys.executable, [sys.executable, *args], {**env, _ARGV0: sys.argv[0]})
+
+
+def restore_argv0() -> None:
+    """After a re-exec, sys.argv[0] is the module's file: give back the command the user typed (what the
+    provenance records), and keep it from the job processes' environment."""
+    if _ARGV0 in os.environ:
+        sys.argv[0] = os.environ.pop(_ARGV0)
