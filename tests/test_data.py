@@ -40,6 +40,25 @@ def test_pack_stream_no_padding_reconstructs():
     assert np.array_equal(ds[3]["labels"].numpy(), ds[3]["input_ids"].numpy())
 
 
+def test_cpt_rows_start_with_bos_when_the_tokenizer_adds_one(tmp_path, tokenizer):
+    import copy
+
+    dc = DataConfig(dataset=str(_write_jsonl(tmp_path / "c.jsonl", _code_rows())))
+    plain = load_dataset(dc, tokenizer, seq_len=32)  # this tokenizer adds no BOS: rows are bare stream slices
+    assert plain[0]["input_ids"][0] != tokenizer.bos_token_id
+    tok = copy.deepcopy(tokenizer)
+    tok.add_bos_token = True  # a Gemma/Llama-style tokenizer: every text it encodes starts with BOS
+    ds = load_dataset(dc, tok, seq_len=32)
+    rows = [ds[i] for i in range(len(ds))]
+    assert all(len(r["input_ids"]) == 32 and r["input_ids"][0] == tok.bos_token_id for r in rows)
+    assert all(r["labels"].tolist() == r["input_ids"].tolist() for r in rows)
+    # after the BOS, the rows are the same stream, cut 31 tokens at a time
+    flat = np.concatenate([plain[i]["input_ids"].numpy() for i in range(len(plain))])
+    body = np.concatenate([r["input_ids"][1:].numpy() for r in rows])
+    n = min(len(flat), len(body))
+    assert np.array_equal(flat[:n], body[:n]) and len(ds) >= len(plain)
+
+
 def test_pack_examples_keeps_masks_and_boundaries():
     toks = np.arange(1, 16, dtype=np.int32)
     labels = toks.copy()

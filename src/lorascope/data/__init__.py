@@ -53,7 +53,7 @@ from .code_data import code_cpt, code_ift
 from .decontam import decontaminate, default_decontaminator, doc_text, kept_indices
 from .files import package_version
 from .math_data import gsm8k_symbolic_ids, math_cpt, math_ift, math_ift_excluded_eval_ids
-from .pack import PackedDataset, ift_format, pack_examples, pack_stream, tokenize_docs
+from .pack import PackedDataset, ift_format, pack_examples, pack_stream, row_prefix, tokenize_docs
 
 BUILDERS = {"code-cpt": code_cpt, "math-cpt": math_cpt, "code-ift": code_ift, "math-ift": math_ift}
 BUILTIN = ("code-cpt", "math-cpt", "code-ift", "math-ift")
@@ -215,7 +215,7 @@ def load_dataset(dcfg: DataConfig, tokenizer, seq_len: int, split: str = "train"
         raise LorascopeError(f"train.seq_len: must be >= 2 (got {seq_len})")
     tokens, labels, lengths = _tokenized(dcfg, tokenizer, split)
     if dcfg.regime == "cpt":
-        ds = pack_stream(tokens, seq_len)
+        ds = pack_stream(tokens, seq_len, row_prefix(tokenizer))
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ds = pack_examples(tokens, labels, lengths, seq_len, pad or 0)
