@@ -399,3 +399,26 @@ def test_embedded_model_forgetting_tasks_plausible(tmp_path):
     assert 0.15 <= m["arc_challenge"]["acc_norm,none"] <= 0.5
     assert 0.35 <= m["winogrande"]["acc,none"] <= 0.7
     assert 0.25 < res["derived"]["forgetting_mean"]["value"] < 0.6
+
+
+def test_unreachable_hub_id_fails_at_once_naming_the_model(monkeypatch):
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    from lorascope import models
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))  # a port nobody listens on: the connection is refused
+    port = srv.getsockname()[1]
+    srv.close()
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(LorascopeError, match=r"model 'someorg/no-such-model': .*cannot be reached"):
+        models.resolve_base("someorg/no-such-model")
+    # a cached hub id loads from the cache: no probe, no error
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    assert models.resolve_base("someorg/cached-model") == "someorg/cached-model"

@@ -123,7 +123,30 @@ def resolve_base(spec: str) -> str:
         return str(p)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise LorascopeError(f"model path '{spec}' does not exist")
-    return spec  # hub id: transformers raises its own clear error offline
+    _check_hub(spec)
+    return spec
+
+
+def _check_hub(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail at once, naming the model, when a hub id is neither cached nor downloadable: offline,
+    transformers retries for about a minute before it says so. Skipped where a proxy or offline mode is set
+    (a direct connection says nothing there)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+    from huggingface_hub import try_to_load_from_cache
+
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if hub.HF_HUB_OFFLINE or proxied or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        raise LorascopeError(f"model '{repo_id}': not a local path, not in the Hugging Face cache, and "
+                             f"{url.hostname} cannot be reached to download it ({e.strerror or e})") from None
 
 
 def load_tokenizer(spec: str):
