@@ -52,7 +52,7 @@ def test_cached_kl_equals_two_pass_kl_and_runs_the_base_once(tokenizer, cache):
 
 
 def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
-    from lorascope.evals import kl_cache
+    from lorascope.evals import kl_cache, token_windows
     from lorascope.evals.kl import kl_per_text
 
     base, tuned = _pair(tokenizer)
@@ -69,7 +69,7 @@ def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
 
 
 def test_parallel_requests_build_the_cache_once(tokenizer, cache, monkeypatch):
-    from lorascope.evals import kl_cache
+    from lorascope.evals import kl_cache, token_windows
     from lorascope.evals.token_windows import windows
 
     base, _ = _pair(tokenizer)
@@ -125,7 +125,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_file(tokenizer, cache, mon
     from collections import namedtuple
 
     from lorascope.errors import LorascopeError
-    from lorascope.evals import kl_cache
+    from lorascope.evals import kl_cache, token_windows
     from lorascope.evals.token_windows import windows
 
     usage = namedtuple("usage", "total used free")
@@ -133,3 +133,18 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_file(tokenizer, cache, mon
     with pytest.raises(LorascopeError, match="kl-base: kl_base's base-model cache needs .* GB free"):
         kl_cache.base_logprobs(make_tiny_llama(len(tokenizer)), windows(tokenizer, TEXTS, 16, 8), 2)
     assert not list(cache.glob("*.npy")) and not list(cache.glob(".*tmp"))
+
+
+def test_kl_rows_in_chunks_equals_the_whole_formula(monkeypatch):
+    from lorascope.evals import kl_cache, token_windows
+
+    g = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(37, 101, generator=g) * 3, torch.randn(37, 101, generator=g) * 3
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    whole = (lp.exp() * (lp - lq)).sum(-1)
+    monkeypatch.setattr(token_windows, "CHUNK_BYTES", 4 * 101 * 5)  # 5 positions a chunk: 8 chunks, the last short
+    assert len(list(token_windows.row_chunks(37, 101))) == 8
+    assert torch.allclose(kl_cache.kl_rows(p_logits, q_logits), whole, atol=1e-6)
+    stored = kl_cache.log_probs_f16(p_logits)  # the cache's float16 rows, renormalised when read
+    assert np.array_equal(stored, lp.to(torch.float16).numpy())
+    assert torch.allclose(kl_cache.kl_rows(stored, q_logits), whole, atol=2e-3)

@@ -39,7 +39,7 @@ from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import pack_width, packed_batches, pad_id, target_logits, windows
+from .token_windows import pack_width, packed_batches, pad_id, target_logits, target_nll, windows
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -60,8 +60,7 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     for seqs in packed_batches(rows, token_budget, pack_width(model)):
         for r, logits in target_logits(model, rows, seqs, pad).items():
             i, _, tgt, _ = rows[r]
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tgt, device=logits.device)[:, None])
-            out[i][0] -= lp.sum().item()
+            out[i][0] += target_nll(logits, tgt).sum().item()
             out[i][1] += len(tgt)
             bar.update(1)
     bar.close()

@@ -6,8 +6,8 @@ positions of each text. The reference is ctx.reference_model (the base model). M
 
 - ``kl``: token-weighted mean over every scored token except the first KL_FIRST positions after the BOS
   stand-in, with ``kl_stderr`` (texts as clusters, ratio-estimator standard error);
-- ``kl_first`` (and ``kl_first_stderr``): the same over those first positions alone. Training never sees a
-  text start right after BOS (CPT packs documents), so a format shift there measures drift, not forgetting;
+- ``kl_first`` (and ``kl_first_stderr``): the same over those first positions alone. CPT packs documents, so
+  training rarely sees a text start right after BOS: a format shift there measures drift, not forgetting;
 - ``kl_text_mean``: the mean of per-text means (the old headline; short texts weigh as much as long ones).
 
 Cost: the base model's side is computed once per base model and text set and cached (kl_cache: 0.98 GB of disk
@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
 from .engine import max_length
-from .kl_cache import base_logprobs, kl_from_cached, row_offsets, target_logprobs, worth_caching
+from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import pack_width, packed_batches, pad_id, windows
+from .token_windows import pack_width, packed_batches, pad_id, target_logits, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -75,11 +75,11 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
 def _kl_rows(model, reference, rows: list, seqs: list[list[int]], pad: int, stored,
              off: list[int]) -> dict[int, torch.Tensor]:
     """KL(reference || model) at the scored positions of the rows packed in ``seqs``: one tensor per row."""
-    lqs = target_logprobs(model, rows, seqs, pad)
+    lqs = target_logits(model, rows, seqs, pad)
     if stored is None:
-        lps = target_logprobs(reference, rows, seqs, pad)
-        return {r: (lps[r].exp() * (lps[r] - lq.to(lps[r].device))).sum(-1) for r, lq in lqs.items()}
-    return {r: kl_from_cached(stored[off[r]: off[r + 1]], lq) for r, lq in lqs.items()}
+        lps = target_logits(reference, rows, seqs, pad)
+        return {r: kl_rows(lps[r], lq.to(lps[r].device)) for r, lq in lqs.items()}
+    return {r: kl_rows(stored[off[r]: off[r + 1]], lq) for r, lq in lqs.items()}
 
 
 def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:

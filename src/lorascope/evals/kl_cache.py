@@ -36,7 +36,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
-from .token_windows import pack_width, packed_batches, target_logits
+from .token_windows import pack_width, packed_batches, row_chunks, target_logits
 
 FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
@@ -79,9 +79,12 @@ def row_offsets(rows: list) -> list[int]:
     return out + [n]
 
 
-def target_logprobs(model, rows: list, seqs: list[list[int]], pad: int) -> dict[int, torch.Tensor]:
-    """Per row of the packed sequences ``seqs``: float32 log-softmax at its scored positions."""
-    return {r: torch.log_softmax(lg.float(), dim=-1) for r, lg in target_logits(model, rows, seqs, pad).items()}
+def log_probs_f16(logits: torch.Tensor) -> np.ndarray:
+    """float16 log-softmax of (positions, vocab) logits, computed chunk by chunk."""
+    out = np.empty(tuple(logits.shape), dtype=np.float16)
+    for c in row_chunks(*logits.shape):
+        out[c] = torch.log_softmax(logits[c].float(), dim=-1).to(torch.float16).cpu().numpy()
+    return out
 
 
 def base_logprobs(reference, rows: list, pad: int, token_budget: int = 1024, progress: bool = False) -> np.ndarray:
@@ -109,8 +112,8 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         reference.eval()
         plan = packed_batches(rows, token_budget, pack_width(reference))
         for seqs in tqdm(plan, desc="kl_base (base, cached)", disable=not progress, dynamic_ncols=True):
-            for r, lp in target_logprobs(reference, rows, seqs, pad).items():
-                arr[off[r]: off[r + 1]] = lp.to(torch.float16).cpu().numpy()
+            for r, lg in target_logits(reference, rows, seqs, pad).items():
+                arr[off[r]: off[r + 1]] = log_probs_f16(lg)
         arr.flush()
         del arr
         os.replace(tmp, path)
@@ -118,9 +121,15 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         tmp.unlink(missing_ok=True)
 
 
-def kl_from_cached(stored: np.ndarray, lq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position from float16 base log-probs (renormalised) and the model's float32 log-probs."""
-    # the float16 rows are copied as they are and widened by torch: numpy's float16 -> float32 cast runs
-    # element by element (4.3 s vs 0.06 s for 1,024 positions x 262k vocabulary, measured); both are exact
-    lp = torch.log_softmax(torch.from_numpy(np.array(stored)).to(lq.device).float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+def kl_rows(p, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position, in chunks: ``p`` is the reference's float16 log-probs from the cache (numpy,
+    renormalised here) or its logits (tensor); ``q_logits`` the model's logits at the same positions."""
+    out = torch.empty(q_logits.shape[0], dtype=torch.float32, device=q_logits.device)
+    for c in row_chunks(*q_logits.shape):
+        # the float16 rows are copied as they are and widened by torch: numpy's float16 -> float32 cast runs
+        # element by element (4.3 s vs 0.06 s for 1,024 positions x 262k vocabulary, measured); both exact
+        pc = torch.from_numpy(np.array(p[c])) if isinstance(p, np.ndarray) else p[c]
+        lp = torch.log_softmax(pc.to(q_logits.device).float(), dim=-1)
+        lq = torch.log_softmax(q_logits[c].float(), dim=-1)
+        out[c] = (lp.exp() * (lp - lq)).sum(-1)
+    return out

@@ -98,5 +98,27 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
     return {r: logits[j, a:b] for r, j, a, b in spans}
 
 
+# Positions per chunk of a vocabulary-wide temporary: at 16 MiB or less, glibc serves it from the heap and reuses
+# it (larger blocks are fresh mmaps, paid in page faults on every call). One KL batch of 1,024 positions, CPU
+# time on the embedded model: 0.49 s whole, 0.14 s in chunks, same values (kl_cache.kl_rows).
+CHUNK_BYTES = 16 << 20
+
+
+def row_chunks(n: int, vocab: int):
+    """Slices of ``n`` positions whose float32 rows over ``vocab`` fit CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def target_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """Negative log-likelihood of each target under (positions, vocab) logits, in chunks (see CHUNK_BYTES)."""
+    tgt = torch.tensor(targets, device=logits.device)[:, None]
+    out = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
+    for c in row_chunks(*logits.shape):
+        x = logits[c].float()
+        out[c] = torch.logsumexp(x, dim=-1) - x.gather(1, tgt[c])[:, 0]
+    return out
+
+
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
