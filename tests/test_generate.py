@@ -1,13 +1,16 @@
 """Generation's shortcuts give the outputs of the plain method (relational tests on the tiny random Llama):
-token-sized batches and the static cache give one-at-a-time greedy outputs, and the stop-string table decodes
-fewer rows while stopping at exactly the step a full decode of every row would."""
+continuous batching, token-sized batches and the static cache give one-at-a-time greedy outputs, and the
+stop-string table decodes fewer rows while stopping at exactly the step a full decode of every row would."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
+import transformers
 
+from lorascope.evals import continuous
 from lorascope.evals import generate as gen
 from lorascope.evals.generate import StopOnText, generate
 
@@ -35,6 +38,7 @@ def test_token_sized_batches_greedy_equal_one_at_a_time(tiny_model, tokenizer):
 
 
 def test_static_cache_same_outputs_as_dynamic(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setattr(continuous, "supports", lambda model: False)  # model.generate's path
     static = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
     assert gen._gen_config(tiny_model, tokenizer, 10, 0.0, 1.0, 0, ()).cache_implementation == "static"
     plain_config = gen._gen_config
@@ -75,7 +79,10 @@ def test_stop_table_stops_where_a_full_decode_does(tokenizer):
     assert crit.decoded_rows < sum(expected.get(r, 24) for r in range(len(rows)))
 
 
-def test_stop_strings_cut_outputs_as_with_a_full_decode(tiny_model, tokenizer, monkeypatch):
+@pytest.mark.parametrize("path", ["continuous", "generate"])
+def test_stop_strings_cut_outputs_as_with_a_full_decode(tiny_model, tokenizer, monkeypatch, path):
+    if path == "generate":
+        monkeypatch.setattr(continuous, "supports", lambda model: False)
     free = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
     stop = [free[0][0][3:6] or "e", "e", "\n"]
     fast = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, stop=stop, progress=False)
@@ -83,3 +90,53 @@ def test_stop_strings_cut_outputs_as_with_a_full_decode(tiny_model, tokenizer, m
     full = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, stop=stop, progress=False)
     assert fast == full
     assert all(not any(s in o[0] for s in stop) for o in fast)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tokenizer):
+    """The tiny Llama with large query/key weights: attention is peaked, so a wrong position, mask or cache
+    column changes the tokens (at the default init, attention is nearly uniform and hides such errors)."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer), seed=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12)
+            layer.self_attn.k_proj.weight.mul_(12)
+    return model
+
+
+def test_continuous_batching_refills_slots_mid_decode_and_equals_one_at_a_time(sharp_model, tokenizer, monkeypatch):
+    tiny_model = sharp_model
+    free = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=1, progress=False)
+    stop = ["e", free[0][0][2:4] or "a"]  # rows stop at different steps
+    one = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=1, stop=stop, progress=False)
+    joins = []
+    add = continuous._Batch.add
+
+    def spy(self, cache, length):
+        joins.append((self.cache is not None, self.mask.shape[1], length))
+        add(self, cache, length)
+    monkeypatch.setattr(continuous._Batch, "add", spy)
+    assert continuous.supports(tiny_model)
+    for slots in (2, 3):
+        assert generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=slots, stop=stop,
+                        progress=False) == one
+    assert any(busy and width > length for busy, width, length in joins)  # joined rows already decoding
+    # prompts in input order (not longest first): a longer prompt joins, and the batch is padded to it
+    joins.clear()
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    new = continuous.greedy(tiny_model, ids, slots=2, max_new_tokens=12, ends=ends,
+                            stopped=gen.RowStop(tokenizer, stop))
+    texts = [[gen.truncate_at_stop(gen._continuation(tokenizer, i, gen._until(t, ends)), stop)]
+             for i, t in zip(ids, new)]
+    assert texts == one and any(busy and width < length for busy, width, length in joins)
+
+
+def test_models_with_sliding_window_caches_keep_model_generate():
+    import types
+
+    assert continuous.supports(types.SimpleNamespace(config=transformers.LlamaConfig(num_hidden_layers=2)))
+    sliding = transformers.MistralConfig(num_hidden_layers=2, sliding_window=8)
+    assert not continuous.supports(types.SimpleNamespace(config=sliding))

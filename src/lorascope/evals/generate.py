@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import LorascopeError
+from . import continuous
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -69,6 +70,25 @@ def _may_end_stop(tokenizer, stop: tuple[str, ...]) -> torch.Tensor:
     flags = [not x.startswith(base) or len(x) == len(base) or "\ufffd" in x or any(c in x[len(base):] for c in last)
              for x in texts]
     return torch.tensor(flags, dtype=torch.bool)
+
+
+class RowStop:
+    """Whether a stop string has appeared in one row's new tokens, called once per appended token: decodes
+    only when the newest token can end a stop string (:func:`_may_end_stop`), and then only the last few."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 4  # see StopOnText
+        self.may_end = _may_end_stop(tokenizer, tuple(sorted(set(self.stop)))) if self.stop else None
+
+    def __call__(self, new_ids: list[int]) -> bool:
+        if not self.stop:
+            return False
+        t = new_ids[-1]
+        if t < len(self.may_end) and not self.may_end[t]:
+            return False
+        text = self.tokenizer.decode(new_ids[-self.window:], skip_special_tokens=True)
+        return any(s in text for s in self.stop)
 
 
 class StopOnText(StoppingCriteria):
@@ -173,18 +193,29 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     model.eval()
     try:
         with tqdm(total=len(rows), desc=desc, disable=not progress, leave=False) as bar:
-            for b, chunk in enumerate(_batches([len(enc[i]) for i, _ in rows], batch_size, max_new_tokens)):
-                batch = [rows[k] for k in chunk]
-                new = _run_batch(model, tokenizer, [enc[i] for i, _ in batch], cfg, stop, ends,
-                                 seed * 1_000_003 + b)
-                for toks, (i, s) in zip(new, batch):
-                    out[i][s] = truncate_at_stop(_continuation(tokenizer, enc[i], _until(toks, ends)), stop)
-                bar.update(len(batch))
+            ids = [enc[i] for i, _ in rows]
+            if greedy and batch_size > 1 and continuous.supports(model):
+                new = continuous.greedy(model, ids, slots=batch_size, max_new_tokens=max_new_tokens, ends=ends,
+                                        stopped=RowStop(tokenizer, stop), on_done=lambda _: bar.update(1))
+            else:
+                new = _in_batches(model, tokenizer, ids, cfg, stop, ends, batch_size, seed, bar)
+        for toks, (i, s) in zip(new, rows):
+            out[i][s] = truncate_at_stop(_continuation(tokenizer, enc[i], _until(toks, ends)), stop)
     finally:
         model.train(was_training)
     if copies < num_samples:
         out = [o * num_samples for o in out]
     return out
+
+
+def _in_batches(model, tokenizer, ids: list[list[int]], cfg: GenerationConfig, stop: Sequence[str], ends: set,
+                batch_size: int, seed: int, bar) -> list[list[int]]:
+    """New token ids per prompt (sorted longest first) from ``model.generate`` on token-sized batches."""
+    new: list[list[int]] = []
+    for b, chunk in enumerate(_batches([len(x) for x in ids], batch_size, cfg.max_new_tokens)):
+        new += _run_batch(model, tokenizer, [ids[k] for k in chunk], cfg, stop, ends, seed * 1_000_003 + b)
+        bar.update(len(chunk))
+    return new
 
 
 def _batches(lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
