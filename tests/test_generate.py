@@ -140,3 +140,22 @@ def test_models_with_sliding_window_caches_keep_model_generate():
     assert continuous.supports(types.SimpleNamespace(config=transformers.LlamaConfig(num_hidden_layers=2)))
     sliding = transformers.MistralConfig(num_hidden_layers=2, sliding_window=8)
     assert not continuous.supports(types.SimpleNamespace(config=sliding))
+
+
+def test_shared_prompt_prefix_is_prefilled_once_with_the_same_outputs(sharp_model, tokenizer, monkeypatch):
+    prefix = "Question: what is one and one?\nAnswer: two.\n\nQuestion: and two and two?\nAnswer: four.\n\n"
+    prompts = [prefix + p for p in PROMPTS]
+    one = generate(sharp_model, tokenizer, prompts, max_new_tokens=8, batch_size=1, stop=["e"], progress=False)
+    fed = []
+    forward = sharp_model.forward
+
+    def spy(*a, **k):
+        fed.append(k["input_ids"].numel())
+        return forward(*a, **k)
+    monkeypatch.setattr(sharp_model, "forward", spy)
+    assert generate(sharp_model, tokenizer, prompts, max_new_tokens=8, batch_size=3, stop=["e"],
+                    progress=False) == one
+    n_prefix = len(tokenizer(prefix)["input_ids"])
+    n_prompts = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert fed[0] >= n_prefix - 1  # the shared tokens first, once
+    assert sum(fed) < n_prompts  # prefills and decode steps together fed fewer tokens than the prompts hold
