@@ -1,9 +1,9 @@
 """Batched vs one-at-a-time greedy generation on the embedded model (5-shot GSM8K and HumanEval prompts).
 
-Compares lorascope.evals.generate.generate with ``--batch-size`` (token-sized batches, static KV cache, stop
-strings checked only where a new token can end one) against the same function with batch_size=1 (each prompt
-prefilled and decoded alone, as per-item ``model.generate`` calls do) on the same items, with each task's own
-stop strings, and checks the outputs are identical. Prints wall and CPU-time ratios (the CPU-time ratio is
+Compares lorascope.evals.generate.generate with ``--batch-size`` (greedy: continuous batching with the shared
+few-shot prefix prefilled once, stop strings checked only where a new token can end one) against the same
+function with batch_size=1 (``model.generate`` on each prompt alone, static KV cache, as per-item calls do) on
+the same items, with each task's own stop strings, and checks the outputs are identical. Prints wall and CPU-time ratios (the CPU-time ratio is
 the robust one when other jobs share the cores).
 
     python bench/generation.py [--items 20] [--max-new-tokens 128] [--batch-size 8]

@@ -1,8 +1,11 @@
 """Batched, KV-cached text generation with per-sequence stop strings (for HumanEval, MBPP, GSM8K, MATH).
 
 ``generate(model, tokenizer, prompts, ...)`` returns, for every prompt, ``num_samples`` completions: the
-decoded text after the prompt, cut at the first stop string. It drives HF ``model.generate`` (so plain HF
-models and unmerged PeftModels both work) on left-padded batches:
+decoded text after the prompt, cut at the first stop string. Greedy decoding with ``batch_size > 1`` on a
+model whose cache is plain full attention runs continuous batching (continuous.py: ``batch_size`` rows decode
+at once and a stopped row's slot takes the next prompt; shared few-shot prefixes are prefilled once). Every
+other case drives HF ``model.generate`` (plain HF models and unmerged PeftModels both work) on left-padded
+batches:
 
 - prompts are tokenised one by one (the tokenizer's own special-token convention), sorted by length (longest
   first, so padding is small and memory trouble shows at once) and left-padded into batches sized by tokens:
