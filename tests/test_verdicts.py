@@ -424,3 +424,22 @@ def test_lora_is_set_against_the_full_ft_that_learned_most_on_every_task(tmp_pat
     assert len(lora) == 2 and {r["full"].lr for r in lora} == {1e-4}
     forget = next(r for r in lora if r["spec"].role == "forgetting")
     assert forget["vs_full"].estimate < 0  # LoRA forgot less than the full FT it is compared with
+
+
+def test_a_recommended_lr_at_the_edge_of_its_grid_carries_a_caveat(tmp_path):
+    import json
+
+    d = _searched_study(tmp_path / "bracketed")
+    h = _headline(d)
+    assert h.recommended is not None and not any(s.startswith("Caveat:") for s in h.sentences)
+    method = h.recommended.method
+    f = d / "lr_search.json"
+    rec = json.loads(f.read_text())
+    key = f"code-cpt/{method}"
+    rec[key].update(bracketed=False, status="unbracketed", grid=[rec[key]["chosen"], rec[key]["chosen"] * 3.16])
+    f.write_text(json.dumps(rec))
+    h = _headline(d)
+    caveat = [s for s in h.sentences if s.startswith("Caveat:")]
+    assert len(caveat) == 1 and "is the lowest of those tried" in caveat[0] and "a lower one may learn more" in caveat[0]
+    i = h.sentences.index(caveat[0])
+    assert h.sentences[i - 1].startswith("Recommended for code-cpt:")

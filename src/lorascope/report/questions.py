@@ -326,7 +326,19 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
                 "forgets the least on the validation split")
     else:
         why += ", and it learned the most on the validation split"
-    return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."]
+    return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."] + edge_caveat(a.lr_choice.get(ps[pick].method))
+
+
+def edge_caveat(choice: dict | None) -> list[str]:
+    """A sentence when the recommended LR is the best of its grid but sits at the grid's edge."""
+    grid = sorted((choice or {}).get("grid") or [])
+    lr = (choice or {}).get("lr")
+    if lr is None or len(grid) < 2 or choice.get("bracketed"):
+        return []
+    low = lr <= grid[0]
+    return [f"Caveat: its learning rate {lr:g} is the {'lowest' if low else 'highest'} of those tried "
+            f"({', '.join(f'{g:g}' for g in grid)}), so a {'lower' if low else 'higher'} one may learn more; widen "
+            "the search (lrs: {auto: {max_extensions: ...}}) before settling on it."]
 
 
 def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
