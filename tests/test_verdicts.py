@@ -440,6 +440,7 @@ def test_a_recommended_lr_at_the_edge_of_its_grid_carries_a_caveat(tmp_path):
     f.write_text(json.dumps(rec))
     h = _headline(d)
     caveat = [s for s in h.sentences if s.startswith("Caveat:")]
-    assert len(caveat) == 1 and "is the lowest of those tried" in caveat[0] and "a lower one may learn more" in caveat[0]
+    assert len(caveat) == 1 and "is the lowest of those tried" in caveat[0]
+    assert "a lower one may learn more" in caveat[0]
     i = h.sentences.index(caveat[0])
     assert h.sentences[i - 1].startswith("Recommended for code-cpt:")

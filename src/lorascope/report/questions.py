@@ -326,7 +326,8 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
                 "forgets the least on the validation split")
     else:
         why += ", and it learned the most on the validation split"
-    return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."] + edge_caveat(a.lr_choice.get(ps[pick].method))
+    caveat = edge_caveat(a.lr_choice.get(ps[pick].method))
+    return pick, [f"Recommended for {setting}: {ps[pick].name} — {why}."] + caveat
 
 
 def edge_caveat(choice: dict | None) -> list[str]:
