@@ -4,9 +4,9 @@ CPT: documents joined by EOS into one stream, cut into full seq_len rows (no pad
 dropped); labels = input_ids (the model shifts). When the tokenizer puts BOS first by default (Gemma, Llama 2/3,
 Mistral), each row is BOS + seq_len-1 stream tokens: such models are conditioned on that first token (Gemma 3
 270M's loss on a code window rises from 2.8 to 4.6 nats/token without it), so rows without it would train the
-model on inputs it never sees at evaluation, where every text starts with BOS. IFT: each pair rendered with the tokenizer's chat template
-(user = prompt, assistant = response); labels are -100 on the prompt, so the loss is on the response including
-its end-of-turn token; whole examples are packed greedily (next-fit, in order) into seq_len rows, an example
+model on inputs it never sees at evaluation, where every text starts with BOS. IFT: each pair rendered with
+the tokenizer's chat template (user = prompt, assistant = response); labels are -100 on the prompt, so the
+loss is on the response including its end-of-turn token; whole examples are packed greedily (next-fit, in order) into seq_len rows, an example
 longer than seq_len is truncated, and only the tail of a row is padding (attention 0, labels -100). Packed
 examples attend to earlier ones in the row, as TRL's default packing does; the loss masks keep the objective
 per response. Tokenizers without a chat template get a plain "### Instruction / ### Response" format

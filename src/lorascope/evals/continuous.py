@@ -89,7 +89,7 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _shared_prefix(model, prompts: list[list[int]], device) -> tuple[DynamicCache, int] | None:
+def _shared_prefix(model, prompts: list[list[int]], device, head: dict) -> tuple[DynamicCache, int] | None:
     """The KV cache of the tokens every prompt starts with (few-shot examples), computed once, and its length;
     each prompt keeps at least one token of its own. None when fewer than MIN_SHARED tokens are shared."""
     n = min(len(p) for p in prompts) - 1 if prompts else 0
@@ -98,8 +98,7 @@ def _shared_prefix(model, prompts: list[list[int]], device) -> tuple[DynamicCach
     if n < MIN_SHARED:
         return None
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompts[0][:n]], device=device), past_key_values=cache, use_cache=True,
-          **_head_kwargs(model))
+    model(input_ids=torch.tensor([prompts[0][:n]], device=device), past_key_values=cache, use_cache=True, **head)
     return cache, n
 
 
@@ -120,7 +119,7 @@ def greedy(model, prompts: list[list[int]], *, slots: int, max_new_tokens: int, 
         toks = new[i]
         return toks[-1] in ends or len(toks) >= max_new_tokens or stopped(toks)
 
-    shared = _shared_prefix(model, prompts, device)
+    shared = _shared_prefix(model, prompts, device, head)
     while queue or active:
         while queue and len(active) < slots:
             i = queue.pop()

@@ -81,7 +81,8 @@ class RowStop:
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.window = max((len(s.encode()) for s in self.stop), default=0) + 4  # see StopOnText
+        # a token is at least one byte; a few extra cover partial UTF-8 sequences
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 4
         self.may_end = _may_end_stop(tokenizer, tuple(sorted(set(self.stop)))) if self.stop else None
 
     def __call__(self, new_ids: list[int]) -> bool:
@@ -90,11 +91,14 @@ class RowStop:
         t = new_ids[-1]
         if t < len(self.may_end) and not self.may_end[t]:
             return False
-        text = self.tokenizer.decode(new_ids[-self.window:], skip_special_tokens=True)
+        return self._hit(new_ids[-self.window:])
+
+    def _hit(self, tail: list[int]) -> bool:
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in self.stop)
 
 
-class StopOnText(StoppingCriteria):
+class StopOnText(RowStop, StoppingCriteria):
     """Per-row stop when a stop string appears in the text generated after column ``start``.
 
     Written here because HF's ``stop_strings`` rebuilds tables over the whole vocabulary on every
@@ -104,10 +108,8 @@ class StopOnText(StoppingCriteria):
     """
 
     def __init__(self, tokenizer, stop: Sequence[str], start: int, ignore: Sequence[int] = ()):
-        self.tokenizer, self.stop, self.start = tokenizer, [s for s in stop if s], start
-        # a token is at least one byte; a few extra cover partial UTF-8 sequences
-        self.window = max((len(s.encode()) for s in self.stop), default=0) + 4
-        self.may_end = _may_end_stop(tokenizer, tuple(sorted(set(self.stop)))) if self.stop else None
+        RowStop.__init__(self, tokenizer, stop)
+        self.start = start
         self.ignore = torch.tensor(sorted(set(ignore)), dtype=torch.long)
         self.stopped: torch.Tensor | None = None
         self.seen = start  # columns already checked
@@ -134,8 +136,7 @@ class StopOnText(StoppingCriteria):
             tails = input_ids[rows, first:].tolist()
             self.decoded_rows += len(rows)
             for r, tail in zip(rows, tails):
-                text = self.tokenizer.decode(tail, skip_special_tokens=True)
-                if any(s in text for s in self.stop):
+                if self._hit(tail):
                     self.stopped[r] = done[r] = True
         return done
 
