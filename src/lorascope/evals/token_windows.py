@@ -100,7 +100,8 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
 
 # Positions per chunk of a vocabulary-wide temporary: at 16 MiB or less, glibc serves it from the heap and reuses
 # it (larger blocks are fresh mmaps, paid in page faults on every call). One KL batch of 1,024 positions, CPU
-# time on the embedded model: 0.49 s whole, 0.14 s in chunks, same values (kl_cache.kl_rows).
+# time on the embedded model, 3 repetitions while another study shared the cores: 0.49 s whole, 0.14 s in
+# chunks, same values (kl_cache.kl_rows).
 CHUNK_BYTES = 16 << 20
 
 
