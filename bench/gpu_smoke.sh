@@ -9,6 +9,7 @@
 #
 #   bash bench/gpu_smoke.sh [OUT_DIR]          # default: a new temporary directory
 #   PYTHON=/path/to/python bash bench/gpu_smoke.sh
+#   MODEL=/path/to/hf_dir bash bench/gpu_smoke.sh   # any model spec the loader accepts (default: embedded)
 #
 # Exits non-zero at the first failure, with the step's log; without CUDA (or bitsandbytes) it fails at once.
 set -euo pipefail
@@ -37,7 +38,7 @@ files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
 (out / "code.jsonl").write_text("\n".join(json.dumps({"text": f.read_text(errors="ignore")[:6000]}) for f in files))
 EOF
 
-TRAIN=(model=embedded "data.dataset=$OUT/code.jsonl" train.precision=bf16 train.seq_len=256 train.batch_size=8
+TRAIN=("model=${MODEL:-embedded}" "data.dataset=$OUT/code.jsonl" train.precision=bf16 train.seq_len=256 train.batch_size=8
        train.max_tokens=16384 "train.checkpoints=[8192]" train.save_state_every=4)
 step() {  # step NAME COMMAND...: run, time it, show the log tail on failure
   local name=$1; shift

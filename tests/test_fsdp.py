@@ -173,3 +173,20 @@ def test_fsdp_resume_after_kill9_follows_the_uninterrupted_curve(fsdp_full, tiny
     meta = json.loads((out / "meta.json").read_text())
     assert [(s["start_step"], s["processes"]) for s in meta["sessions"]] == [(0, 2), (at, 2)] and at > 0
     print(f"\nresumed from step {at}: max |loss - uninterrupted| = {diff:.2e}")
+
+
+def test_bf16_sharding_reduces_gradients_and_returns_the_loss_in_fp32(monkeypatch):
+    """accelerate's own bf16 FSDP2 policy reduces gradients in bf16 and casts the model's outputs, the loss
+    included, to bf16 (on a GPU the logged loss moved in 2^-5 steps). Ours computes in bf16 and keeps fp32 for
+    the reduction and the loss, also after accelerate applies the launch's mixed precision to the plugin."""
+    from lorascope.sharded import fsdp_plugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    plugin = fsdp_plugin("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with a plugin it is given
+    p = plugin.mixed_precision_policy
+    assert (p.param_dtype, p.reduce_dtype, p.output_dtype) == (torch.bfloat16, torch.float32, None)
+    assert fsdp_plugin("fp32").mixed_precision_policy is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert fsdp_plugin("bf16") is None

@@ -34,18 +34,37 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def enable_cpu_fsdp(acc) -> None:
+def fsdp_plugin(precision: str):
+    """The FSDP plugin for an FSDP launch (None otherwise): the launch config's FSDP_* settings, and for bf16
+    the mixed-precision policy below instead of accelerate's.
+
+    accelerate's bf16 policy also reduces gradients and casts the model's outputs to bf16: gradients summed
+    over ranks lose precision as ranks grow, and the loss (computed in fp32 by transformers) comes back rounded
+    to bf16's 2^-5 steps near a loss of 6. Here parameters compute in bf16, gradients are reduced in fp32
+    (torchtitan's default) and outputs keep the dtype they were computed in."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if not fsdp_requested():
+        return None
+    policy = None
+    if precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)  # reads the FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise LorascopeError("fsdp_config.fsdp_version: lorascope shards with FSDP2 (fsdp_version: 2)")
+    return plugin
+
+
+def enable_cpu_fsdp(acc, plugin) -> None:
     """Turn a multi-process CPU accelerator that an FSDP launch config asked for into an FSDP2 one."""
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
 
-    if not fsdp_requested() or acc.distributed_type != DistributedType.MULTI_CPU:
+    if plugin is None or acc.distributed_type != DistributedType.MULTI_CPU:
         return
-    plugin = FullyShardedDataParallelPlugin()  # reads the launch config's FSDP_* variables
-    if plugin.fsdp_version != 2:
-        raise LorascopeError("fsdp_config.fsdp_version: FSDP on CPU needs FSDP2 (fsdp_version: 2)")
-    if acc.state.mixed_precision != "no":  # as accelerate does for its own FSDP setup
-        plugin.set_mixed_precision(acc.state.mixed_precision)
     acc.state.fsdp_plugin = plugin
     # accelerate re-reads distributed_type from PartialState whenever an AcceleratorState is created, so set
     # both, as accelerate itself does at the end of AcceleratorState.__init__

@@ -47,7 +47,7 @@ from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
 from .fileio import atomic_write_text
 from .schedules import branch_multiplier, cooldown_start, multiplier
-from .sharded import die_with_launcher, enable_cpu_fsdp
+from .sharded import die_with_launcher, enable_cpu_fsdp, fsdp_plugin
 from .trainplan import Plan
 
 
@@ -83,9 +83,10 @@ def _accelerator(t: TrainConfig):
     die_with_launcher()  # sharded: a rank never outlives its launcher
     # accelerate selects gloo (MULTI_CPU) for a multi-process launch only when told cpu=True.
     cpu = world_env > 1 and not torch.cuda.is_available()
+    plugin = fsdp_plugin(t.precision)  # None unless an FSDP launch config asked for sharding
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if t.precision == "bf16" else "no",
-                      gradient_accumulation_steps=t.grad_accum)
-    enable_cpu_fsdp(acc)  # sharded: FSDP2 on CPU/gloo when an FSDP launch config asked for it
+                      gradient_accumulation_steps=t.grad_accum, fsdp_plugin=None if cpu else plugin)
+    enable_cpu_fsdp(acc, plugin)  # sharded: FSDP2 on CPU/gloo when an FSDP launch config asked for it
     if acc.num_processes != world_env:
         raise LorascopeError(f"launched as {world_env} processes but accelerate set up {acc.num_processes}; "
                              "see configs/accelerate/ for working launch configs")
