@@ -7,8 +7,8 @@ each trained for WARMUP + STEPS optimizer steps by
     vs transformers.Trainer on the same model/adapter and the same tokenised rows (the peer),
 each in its own subprocess so peak RSS is per configuration. tokens/s is timed over the STEPS after WARMUP
 (model loading, the first steps and the final save are excluded in both). Ratio = lorascope / peer. Both
-loops' workers run with the malloc tunables lorascope gives its own jobs (procenv: huge pages on glibc);
-LORASCOPE_HUGEPAGES=0 measures both without.
+loops' workers run with the allocator lorascope gives its own jobs (procenv: mimalloc preloaded, else glibc's
+huge-page tunable); LORASCOPE_MALLOC=system measures both with glibc's malloc as it is.
 
 MFU: model FLOPs per token x tokens/s over this machine's fp32 matmul peak, measured first in the same run
 (best of repeated 2048^2 matmuls on the same threads). FLOPs per token, recomputation not counted (PaLM's
@@ -141,10 +141,19 @@ def run_worker(impl: str, method: str, steps: int, warmup: int) -> dict:
 
 
 def _env() -> dict:
-    """Both loops' workers get the malloc lorascope gives its own jobs (procenv; LORASCOPE_HUGEPAGES=0: off)."""
-    from lorascope.procenv import with_hugepages
+    """Both loops' workers get the allocator lorascope gives its own jobs (procenv; LORASCOPE_MALLOC=system:
+    glibc's malloc as it is)."""
+    from lorascope.procenv import with_fast_malloc
 
-    return with_hugepages(dict(os.environ))
+    return with_fast_malloc(dict(os.environ))
+
+
+def _allocator() -> str:
+    env = _env()
+    if env.get("LD_PRELOAD"):
+        return "LD_PRELOAD=" + Path(env["LD_PRELOAD"].split(":")[0]).name + " " + " ".join(
+            f"{k}={v}" for k, v in env.items() if k.startswith("MIMALLOC_"))
+    return f"GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '(unset)')}"
 
 
 def main() -> None:
@@ -175,7 +184,7 @@ def compare(methods: list[str], steps: int, warmup: int) -> None:
     peak = matmul_peak()
     print(f"seq {SEQ} x batch {BATCH}, {warmup} warmup + {steps} timed steps, fp32, AdamW; each cell its own "
           f"subprocess; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (measured now); both loops' workers with "
-          f"GLIBC_TUNABLES={_env().get('GLIBC_TUNABLES', '(unset)')}")
+          f"{_allocator()}")
     print(f"{'method':10} {'trainable':>11} {'lorascope tok/s':>16} {'trainer tok/s':>14} {'ratio':>6} "
           f"{'MFU ours':>9} {'MFU peer':>9} {'lorascope RSS':>14} {'trainer RSS':>12} {'ratio':>6}")
     ours, gib = {}, 2 ** 30

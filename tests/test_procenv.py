@@ -1,4 +1,5 @@
-"""Job processes' environment: threads per job and glibc's huge-page malloc tunable, reaching the processes."""
+"""Job processes' environment: threads per job and the allocator (mimalloc preloaded, else glibc's huge-page
+tunable), reaching the processes."""
 from __future__ import annotations
 
 import os
@@ -10,30 +11,47 @@ import pytest
 from lorascope import procenv
 
 GLIBC = procenv._glibc_ok()
+LIB = procenv.mimalloc_library()
+CLEAN = {k: v for k, v in os.environ.items() if k not in (*procenv._KEYS, "LORASCOPE_MALLOC")}
+
+
+def test_mimalloc_ships_with_lorascope_on_linux():
+    # a dependency on Linux: without it every job would fall back to glibc unnoticed
+    assert LIB is not None or not sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(LIB is None, reason="mimalloc is preloaded on Linux only")
+def test_mimalloc_is_preloaded_once_beside_other_settings_and_can_be_refused():
+    env = procenv.with_fast_malloc({"LD_PRELOAD": "/x/libother.so", "MIMALLOC_PURGE_DELAY": "50"})
+    assert env["LD_PRELOAD"] == f"{LIB}:/x/libother.so"
+    assert env["MIMALLOC_PURGE_DELAY"] == "50"  # the user's setting wins
+    assert env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] == "1"
+    assert procenv.with_fast_malloc(env) == env
+    assert procenv.with_fast_malloc({"LORASCOPE_MALLOC": "system"}) == {"LORASCOPE_MALLOC": "system"}
+    job = procenv.job_env(3, {"PATH": "/bin"})
+    assert job["LORASCOPE_THREADS"] == job["OMP_NUM_THREADS"] == "3" and job["LD_PRELOAD"] == LIB
 
 
 @pytest.mark.skipif(not GLIBC, reason="the tunable exists on glibc >= 2.35 only (musl, macOS: nothing to add)")
-def test_tunable_is_added_once_kept_beside_others_and_can_be_refused():
-    env = procenv.with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+def test_without_mimalloc_glibc_gets_the_huge_page_tunable(monkeypatch):
+    monkeypatch.setattr(procenv, "mimalloc_library", lambda: None)
+    env = procenv.with_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert procenv.with_hugepages(env) == env
-    assert "GLIBC_TUNABLES" not in procenv.with_hugepages({"LORASCOPE_HUGEPAGES": "0"})
-    job = procenv.job_env(3, {"PATH": "/bin"})
-    assert job["LORASCOPE_THREADS"] == job["OMP_NUM_THREADS"] == "3" and "hugetlb=1" in job["GLIBC_TUNABLES"]
+    assert procenv.with_fast_malloc(env) == env and "LD_PRELOAD" not in env
 
 
-@pytest.mark.skipif(not GLIBC, reason="the tunable exists on glibc >= 2.35 only")
-def test_a_process_reexecutes_itself_once_with_the_tunable():
-    probe = ("import os, sys; from lorascope.procenv import reexec_with_hugepages; print(os.getpid()); "
+@pytest.mark.skipif(LIB is None, reason="mimalloc is preloaded on Linux only")
+def test_a_process_reexecutes_itself_once_and_then_allocates_with_mimalloc():
+    maps = 'open(\\"/proc/self/maps\\").read()'
+    probe = ("import os, sys; from lorascope.procenv import reexec_with_fast_malloc; print(os.getpid()); "
              "sys.argv[0] = 'typed-command'; "
-             "reexec_with_hugepages(['-c', 'import os, sys; from lorascope.procenv import restore_argv0; "
-             "restore_argv0(); print(os.getpid(), os.environ[\"GLIBC_TUNABLES\"], sys.argv[0], "
+             "reexec_with_fast_malloc(['-c', 'import os, sys; from lorascope.procenv import restore_argv0; "
+             f"restore_argv0(); print(os.getpid(), \"libmimalloc\" in {maps}, sys.argv[0], "
              "\"LORASCOPE_ARGV0\" in os.environ)'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LORASCOPE_HUGEPAGES")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], env=CLEAN, capture_output=True, text=True, check=True)
     first, second = out.stdout.split("\n")[:2]
-    # same process (exec), now with the tunable, and the command as typed (for the provenance)
-    assert second.split() == [first, "glibc.malloc.hugetlb=1", "typed-command", "False"]
-    again = subprocess.run([sys.executable, "-c", probe], env={**env, "LORASCOPE_HUGEPAGES": "0"},
+    # same process (exec), now with mimalloc mapped in, and the command as typed (for the provenance)
+    assert second.split() == [first, "True", "typed-command", "False"]
+    again = subprocess.run([sys.executable, "-c", probe], env={**CLEAN, "LORASCOPE_MALLOC": "system"},
                            capture_output=True, text=True, check=True)
     assert again.stdout.split() == [again.stdout.split()[0]]  # opted out: no re-exec

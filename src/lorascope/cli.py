@@ -195,9 +195,9 @@ def report(study_dir: Path = typer.Argument(..., help="a study directory")):
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive `app` in-process
-    from .procenv import reexec_with_hugepages, restore_argv0
+    from .procenv import reexec_with_fast_malloc, restore_argv0
 
-    reexec_with_hugepages(["-m", "lorascope.cli", *sys.argv[1:]])
+    reexec_with_fast_malloc(["-m", "lorascope.cli", *sys.argv[1:]])
     restore_argv0()
     app(prog_name="lorascope")
 

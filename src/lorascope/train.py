@@ -46,6 +46,7 @@ from . import runlog
 from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
 from .fileio import atomic_write_text
+from .headloss import HeadLoss
 from .schedules import branch_multiplier, cooldown_start, multiplier
 from .sharded import die_with_launcher, enable_cpu_fsdp, fsdp_plugin
 from .trainplan import Plan
@@ -62,6 +63,13 @@ def _optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
     # fused: one pass over each parameter instead of ~10 elementwise kernels (torch >= 2.4, CPU and CUDA); it is
     # also HF Trainer's default AdamW. For full FT the optimizer step is ~10% of a step on CPU otherwise.
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
+
+
+def _probe(row: dict, n: int = 32) -> dict:
+    """A one-row batch of a training row's first `n` tokens, every one a target (an IFT row's prompt has none):
+    what HeadLoss.install checks itself on."""
+    batch = {k: v[None, :n] for k, v in row.items()}
+    return {**batch, "labels": batch["input_ids"].clone()}
 
 
 def _set_lr(opt: torch.optim.Optimizer, mult: float) -> float:
@@ -132,8 +140,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, out: Path, acc, model, tok, data, manifest: dict, plan: Plan, opt,
-                 counts: tuple[int, int]):
+                 counts: tuple[int, int], head_loss: HeadLoss | None = None):
         self.cfg, self.t, self.out, self.acc = cfg, cfg.train, out, acc
+        self.head_loss = head_loss  # None: transformers' own loss (headloss.py says where each is used)
         self.model, self.tok, self.data, self.manifest, self.plan, self.opt = model, tok, data, manifest, plan, opt
         self.n_trainable, self.n_total = counts
         self.world, self.main = acc.num_processes, acc.is_main_process
@@ -163,13 +172,14 @@ class Trainer:
         manifest = dataset_manifest(cfg.data, tok)
         plan = Plan(t, len(data))
         model = methods.apply_method(model, cfg.method, work_dir=out / "init")
+        head_loss = HeadLoss.install(model, _probe(data[0]), t.precision)
         opt = _optimizer(methods.param_groups(model, cfg.method, t.lr, t.weight_decay), t)
         counts = methods.trainable_parameters(model), methods.total_parameters(model)
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and cfg.method.init == "loftq":
             raise LorascopeError("method.init: loftq merges its adapter in place at save time, which sharded "
                                  "(FSDP/ZeRO) weights do not allow; train LoftQ on one process")
         model, opt = acc.prepare(model, opt)
-        return cls(cfg, out, acc, model, tok, data, manifest, plan, opt, counts)
+        return cls(cfg, out, acc, model, tok, data, manifest, plan, opt, counts, head_loss)
 
     def write_record(self, resolved: dict) -> None:
         """The run directory: config, data manifest, and a state.tmp a kill left complete promoted to state."""
@@ -242,7 +252,7 @@ class Trainer:
             inputs = {k: torch.stack([data[i][k] for i in mine]).to(acc.device) for k in data[mine[0]]}
             with acc.accumulate(self.model):
                 with acc.autocast():
-                    loss = self.model(**inputs, num_items_in_batch=n_items).loss
+                    loss = self.loss(inputs, n_items)
                 acc.backward(loss * (self.world * t.grad_accum))
                 if acc.sync_gradients:
                     gn = acc.clip_grad_norm_(self.trained, t.grad_clip or float("inf"))
@@ -252,6 +262,12 @@ class Trainer:
         self.processed += t.tokens_per_step
         loss_v = acc.reduce(local, reduction="sum").item()
         return {"loss": loss_v, "lr": lr, "grad_norm": float(gn) if gn is not None else None}
+
+    def loss(self, inputs: dict, n_items: int) -> torch.Tensor:
+        """Sum of the micro-batch's token losses / n_items (the whole optimizer step's predicted tokens)."""
+        if self.head_loss is not None:
+            return self.head_loss.loss(self.model, inputs, n_items)
+        return self.model(**inputs, num_items_in_batch=n_items).loss
 
     def save_checkpoint(self, s: int, mult: float, cooldown: dict | None = None) -> None:
         """Checkpoint of the budget ending at step `s` (its last lr multiplier `mult`), with lorascope.json."""
