@@ -53,7 +53,7 @@ def test_loss_and_gradients_equal_transformers(kind, tie, chunk_rows, monkeypatc
     model, batch = _model(kind, tie), _batch()
     n = int((batch["labels"][:, 1:] != -100).sum())
     want, gw = _grads(model, lambda: model(**batch, num_items_in_batch=n).loss)
-    hl = HeadLoss.install(model, {**_batch(1), "labels": _batch(1)["input_ids"]}, "fp32")
+    hl = HeadLoss.install(model, {k: v[0] for k, v in _batch(1).items()}, "fp32")
     assert hl is not None
     got, gg = _grads(model, lambda: hl.loss(model, batch, n))
     assert got == pytest.approx(want, rel=1e-6)
@@ -68,18 +68,18 @@ def test_loss_and_gradients_equal_transformers(kind, tie, chunk_rows, monkeypatc
 def test_stands_aside_where_it_would_not_be_exact(caplog):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    probe = {"input_ids": _batch()["input_ids"][:1], "labels": _batch()["input_ids"][:1]}
+    row = {k: v[0] for k, v in _batch().items()}  # a training row (its prompt is no target)
     # soft-capped logits (Gemma 2): the probe catches it, and the head is left as it was
     torch.manual_seed(0)
     gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            head_dim=16, final_logit_softcapping=0.5))
     with caplog.at_level("INFO", logger="lorascope.headloss"):
-        assert HeadLoss.install(gemma, probe, "fp32") is None
+        assert HeadLoss.install(gemma, row, "fp32") is None
     assert "transformers gives" in caplog.text
     assert "forward" not in vars(gemma.get_output_embeddings())
     # bf16 (autocast) and an adapted head keep transformers' loss without a probe
-    assert HeadLoss.install(_model("full", True), probe, "bf16") is None
+    assert HeadLoss.install(_model("full", True), row, "bf16") is None
     lora_head = apply_method(make_tiny_llama(VOCAB, tie=False),
                              MethodConfig(kind="lora", rank=4, targets=["q_proj", "lm_head"]))
-    assert HeadLoss.install(lora_head, probe, "fp32") is None
+    assert HeadLoss.install(lora_head, row, "fp32") is None

@@ -88,14 +88,15 @@ class HeadLoss:
             self.labels = None
 
     @classmethod
-    def install(cls, model, probe: dict, precision: str) -> "HeadLoss | None":
-        """A HeadLoss on `model`'s output head where it is exact (module doc), else None (transformers' loss)."""
+    def install(cls, model, row: dict, precision: str) -> "HeadLoss | None":
+        """A HeadLoss on `model`'s output head where it is exact (module doc), else None (transformers' loss).
+        `row`: a training row, whose first tokens make the probe."""
         head = model.get_output_embeddings()
         if precision != "fp32" or type(head) is not torch.nn.Linear or head.bias is not None:
             return None
         hl = cls(head)
         head.forward = hl._forward
-        ok, why = hl._agrees(model, probe)
+        ok, why = hl._agrees(model, _probe(row))
         if not ok:
             del head.forward  # back to the class's own
             log.info("training loss: transformers' (the chunked head loss %s)", why)
@@ -105,10 +106,11 @@ class HeadLoss:
     def _agrees(self, model, probe: dict) -> tuple[bool, str]:
         was = model.training
         model.eval()
+        n = n_targets(probe["labels"])
         try:
             with torch.no_grad():
-                want = model(**probe, num_items_in_batch=_n_items(probe["labels"])).loss
-                got = self.loss(model, probe, _n_items(probe["labels"]))
+                want = model(**probe, num_items_in_batch=n).loss
+                got = self.loss(model, probe, n)
         except Exception as e:  # noqa: BLE001 - any failure means: not this model; say which
             return False, f"failed on a probe batch ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         finally:
@@ -118,5 +120,12 @@ class HeadLoss:
         return True, ""
 
 
-def _n_items(labels: torch.Tensor) -> int:
+def n_targets(labels: torch.Tensor) -> int:
+    """Predicted tokens of unshifted `labels` (a row, or a batch of rows): the loss's n_items, at least 1."""
     return max(1, int((labels[..., 1:] != IGNORE).sum()))
+
+
+def _probe(row: dict, n: int = 32) -> dict:
+    """A one-row batch of a training row's first `n` tokens, every one a target (an IFT row's prompt has none)."""
+    batch = {k: v[None, :n] for k, v in row.items()}
+    return {**batch, "labels": batch["input_ids"].clone()}

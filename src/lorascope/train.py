@@ -46,7 +46,7 @@ from . import runlog
 from .config import RunConfig, TrainConfig, dump
 from .errors import LorascopeError
 from .fileio import atomic_write_text
-from .headloss import HeadLoss
+from .headloss import HeadLoss, n_targets
 from .schedules import branch_multiplier, cooldown_start, multiplier
 from .sharded import die_with_launcher, enable_cpu_fsdp, fsdp_plugin
 from .trainplan import Plan
@@ -63,13 +63,6 @@ def _optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
     # fused: one pass over each parameter instead of ~10 elementwise kernels (torch >= 2.4, CPU and CUDA); it is
     # also HF Trainer's default AdamW. For full FT the optimizer step is ~10% of a step on CPU otherwise.
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
-
-
-def _probe(row: dict, n: int = 32) -> dict:
-    """A one-row batch of a training row's first `n` tokens, every one a target (an IFT row's prompt has none):
-    what HeadLoss.install checks itself on."""
-    batch = {k: v[None, :n] for k, v in row.items()}
-    return {**batch, "labels": batch["input_ids"].clone()}
 
 
 def _set_lr(opt: torch.optim.Optimizer, mult: float) -> float:
@@ -172,7 +165,7 @@ class Trainer:
         manifest = dataset_manifest(cfg.data, tok)
         plan = Plan(t, len(data))
         model = methods.apply_method(model, cfg.method, work_dir=out / "init")
-        head_loss = HeadLoss.install(model, _probe(data[0]), t.precision)
+        head_loss = HeadLoss.install(model, data[0], t.precision)
         opt = _optimizer(methods.param_groups(model, cfg.method, t.lr, t.weight_decay), t)
         counts = methods.trainable_parameters(model), methods.total_parameters(model)
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and cfg.method.init == "loftq":
@@ -243,7 +236,7 @@ class Trainer:
         rows, per, rank = self.plan.rows(s), t.batch_size // self.world, acc.process_index
         # Token-weighted mean over the whole optimizer step (all micro-batches, all processes): each micro
         # loss is sum/n_items; x(world*grad_accum) undoes accelerate's /grad_accum and DDP's mean over ranks.
-        n_items = max(1, sum(int((data[i]["labels"][1:] != -100).sum()) for i in rows))
+        n_items = n_targets(torch.stack([data[i]["labels"] for i in rows]))
         local = torch.zeros((), device=acc.device)
         gn = None
         self.model.train()
