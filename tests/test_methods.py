@@ -305,3 +305,20 @@ def test_lora_dropout_one_mask_per_input(model_dirs):
     model.eval()
     model(input_ids=BATCH)
     assert (seen["q_proj"] == 0).float().mean().item() < 0.01
+
+
+def test_keep_mask_rate_and_seeding():
+    """Each entry kept with probability 1 - p; the same seed gives the same mask, the next draw another."""
+    from lorascope.methods import keep_mask
+
+    x = torch.empty(400, 500)
+    torch.manual_seed(3)
+    m1, m2 = keep_mask(x, 0.05), keep_mask(x, 0.05)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(x, 0.05), m1) and not torch.equal(m1, m2)
+    assert m1.shape == x.shape and m1.dtype == torch.bool
+    drop = 1 - m1.float().mean().item()
+    assert abs(drop - 0.05) < 4 * (0.05 * 0.95 / x.numel()) ** 0.5  # within 4 standard errors
+    assert keep_mask(torch.empty(7), 0.0).all() and not keep_mask(torch.empty(1001), 1.0 - 2 ** -33).any()
+    odd = keep_mask(torch.empty(3, 3), 0.5)  # an odd count of entries: half of the last 64-bit draw unused
+    assert odd.shape == (3, 3)

@@ -45,13 +45,26 @@ _INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 _MOVES_BASE = ("pissa", "olora")
 
 
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool tensor shaped like x, each entry True with probability 1 - p (p to 2^-32), from torch's generator.
+
+    32 random bits an entry, taken as halves of 64-bit draws: ``rand_like(x) >= p`` makes an fp32 per entry
+    through a slower path (2 cores, 1024 x 1536 entries, medians of 7 alternated rounds: 4.25 ms against 5.43).
+    Seeded, and saved with a training state, with torch's RNG like nn.Dropout."""
+    n = x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    # a threshold past int32's range would wrap around in the comparison
+    threshold = min(round(p * 2 ** 32), 2 ** 32 - 1) - 2 ** 31
+    return (bits.view(torch.int32)[:n] >= threshold).view(x.shape)
+
+
 class SharedInputDropout(torch.nn.Dropout):
     """nn.Dropout that hands every adapter fed the same input tensor the same dropped copy (one mask, one copy).
 
     The dropped copy is kept as an attribute of the input tensor itself, so it lives exactly as long as that
     input (no cache to clear, nothing held across steps); an in-place change of the input (its version) or
-    another p draws afresh. The mask is a bool tensor from ``rand_like(x) >= p`` rather than nn.Dropout's: on CPU
-    that one multiplies by an fp32 noise tensor from ``bernoulli_`` and keeps it for backward (4 bytes an element
+    another p draws afresh. The graph keeps a bool mask (``keep_mask``) rather than nn.Dropout's: on CPU that
+    one multiplies by an fp32 noise tensor from ``bernoulli_`` and keeps it for backward (4 bytes an element
     against 1), and measured slower (LoRA r16 training 149 vs 162 tokens/s on 2 cores; ``native_dropout``'s bool
     path was slower still, 131). Same distribution: each entry kept with probability 1 - p, scaled by 1/(1-p)."""
 
@@ -64,7 +77,7 @@ class SharedInputDropout(torch.nn.Dropout):
         hit = getattr(x, self._ATTR, None)
         if hit is not None and hit[0] == key:
             return hit[1]
-        out = x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+        out = torch.where(keep_mask(x, self.p), x, 0.0).mul_(1.0 / (1.0 - self.p))
         setattr(x, self._ATTR, (key, out))
         return out
 
