@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import procenv
 from .fileio import atomic_write_json, atomic_write_text
 
 
@@ -67,7 +68,9 @@ def first_difference(a, b, prefix: str = "") -> str:
 
 def reset_peak_memory() -> None:
     """Start a new peak: a study worker runs job after job in one process, and a LoRA run must not report the
-    peak of the full-FT run before it. Linux resets the RSS high-water mark through /proc/self/clear_refs."""
+    peak of the full-FT run before it. The allocator first gives back what it keeps of earlier jobs; then Linux
+    resets the RSS high-water mark through /proc/self/clear_refs."""
+    procenv.release_memory()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:

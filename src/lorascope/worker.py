@@ -61,8 +61,13 @@ def run_to_log(d: str, job_id: str, log_file: str) -> int:
 
 
 def _release_memory() -> None:
+    """What a finished job held goes back to the kernel, not only to the allocator (an idle worker stays small)."""
     gc.collect()
     import torch
+
+    from .procenv import release_memory
+
+    release_memory()
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
