@@ -10,13 +10,14 @@ each in its own subprocess so peak RSS is per configuration. tokens/s is timed o
 loops' workers run with the allocator lorascope gives its own jobs (procenv: mimalloc preloaded, else glibc's
 huge-page tunable); LORASCOPE_MALLOC=system measures both with glibc's malloc as it is.
 
-MFU: model FLOPs per token x tokens/s over this machine's fp32 matmul peak, measured first in the same run
-(best of repeated 2048^2 matmuls on the same threads). FLOPs per token, recomputation not counted (PaLM's
+MFU: model FLOPs per token x tokens/s over this machine's fp32 matmul peak, measured by each worker right after
+its run (best of repeated 2048^2 matmuls on the same threads; a peak measured once at the start can be taken in a
+slow moment of a shared machine and put MFU above 100%). FLOPs per token, recomputation not counted (PaLM's
 convention): full FT 6N + 12 L d T (N: weights of every matmul incl. the tied lm_head; L layers, d attention
 width, T sequence length); LoRA 4N (forward + input gradients: the frozen weights get none) + 6 N_lora +
 12 L d T.
 
-    python bench/train_throughput.py [--steps 6] [--warmup 2] [--only lora-r16] [--seq 256]
+    python bench/train_throughput.py [--steps 6] [--warmup 2] [--only lora-r16] [--seq 256] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=SEQ)
     ap.add_argument("--only", choices=METHODS, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="alternated repetitions of every cell (median, range)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     SEQ = args.seq
@@ -174,33 +176,71 @@ def main() -> None:
             fn = worker_lorascope if impl == "lorascope" else worker_trainer
             res = fn(method, args.steps, args.warmup, Path(d))
         res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res["matmul_peak"] = matmul_peak()  # this run's own: the machine's speed drifts between runs
         print(json.dumps(res))
         return
-    compare(args.only or list(METHODS), args.steps, args.warmup)
+    compare(args.only or list(METHODS), args.steps, args.warmup, args.repeats)
 
 
-def compare(methods: list[str], steps: int, warmup: int) -> None:
-    """Every method by both implementations, one subprocess each; then LoRA against full FT in lorascope."""
-    peak = matmul_peak()
+IMPLS = ("lorascope", "trainer")
+
+
+def compare(methods: list[str], steps: int, warmup: int, repeats: int) -> None:
+    """Every method by both implementations, one subprocess each, `repeats` times in alternating order (the
+    machine's speed drifts by 6-12% between runs: a ratio is taken within each repetition, between neighbouring
+    runs, and its median and range over the repetitions are printed); then LoRA against full FT in lorascope."""
     print(f"seq {SEQ} x batch {BATCH}, {warmup} warmup + {steps} timed steps, fp32, AdamW; each cell its own "
-          f"subprocess; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (measured now); both loops' workers with "
-          f"{_allocator()}")
-    print(f"{'method':10} {'trainable':>11} {'lorascope tok/s':>16} {'trainer tok/s':>14} {'ratio':>6} "
+          f"subprocess, {repeats} repetition(s) in alternating order, median [min-max]; MFU against the fp32 "
+          f"matmul peak each worker measures after its run; both loops' workers with {_allocator()}")
+    cells: dict[tuple[str, str], list[dict]] = {(m, i): [] for m in methods for i in IMPLS}
+    for rep in range(repeats):
+        order = [(m, i) for m in methods for i in IMPLS]
+        for method, impl in order[::-1] if rep % 2 else order:
+            cells[method, impl].append(run_worker(impl, method, steps, warmup))
+    print(f"{'method':10} {'trainable':>11} {'lorascope tok/s':>22} {'trainer tok/s':>22} {'ratio':>18} "
           f"{'MFU ours':>9} {'MFU peer':>9} {'lorascope RSS':>14} {'trainer RSS':>12} {'ratio':>6}")
-    ours, gib = {}, 2 ** 30
+    gib = 2 ** 30
     for method in methods:
         fpt = flops_per_token(method)
-        a = ours[method] = run_worker("lorascope", method, steps, warmup)
-        b = run_worker("trainer", method, steps, warmup)
-        print(f"{method:10} {a['trainable']:>11,} {a['tokens_per_s']:>16.1f} {b['tokens_per_s']:>14.1f} "
-              f"{a['tokens_per_s'] / b['tokens_per_s']:>6.2f} {a['tokens_per_s'] * fpt / peak:>9.0%} "
-              f"{b['tokens_per_s'] * fpt / peak:>9.0%} {a['peak_rss_bytes'] / gib:>12.2f}Gi "
-              f"{b['peak_rss_bytes'] / gib:>10.2f}Gi {a['peak_rss_bytes'] / b['peak_rss_bytes']:>6.2f}", flush=True)
-        if a["trainable"] != b["trainable"]:
-            print(f"  note: trainable parameters differ ({a['trainable']} vs {b['trainable']})")
-    for method in [m for m in ours if m != "full" and "full" in ours]:
-        print(f"lorascope {method} / full: tokens/s {ours[method]['tokens_per_s'] / ours['full']['tokens_per_s']:.2f}"
-              f"x, peak RSS {ours[method]['peak_rss_bytes'] / ours['full']['peak_rss_bytes']:.2f}x")
+        a, b = cells[method, "lorascope"], cells[method, "trainer"]
+        ta, tb = _col(a, "tokens_per_s"), _col(b, "tokens_per_s")
+        ra, rb = _col(a, "peak_rss_bytes"), _col(b, "peak_rss_bytes")
+        print(f"{method:10} {a[0]['trainable']:>11,} {_spread(ta):>22} {_spread(tb):>22} "
+              f"{_spread([x / y for x, y in zip(ta, tb)], 2):>18} {_mfu(a, fpt):>9.0%} "
+              f"{_mfu(b, fpt):>9.0%} {_median(ra) / gib:>12.2f}Gi {_median(rb) / gib:>10.2f}Gi "
+              f"{_median(ra) / _median(rb):>6.2f}", flush=True)
+        if a[0]["trainable"] != b[0]["trainable"]:
+            print(f"  note: trainable parameters differ ({a[0]['trainable']} vs {b[0]['trainable']})")
+    if "full" not in methods:
+        return
+    full = cells["full", "lorascope"]
+    for method in [m for m in methods if m != "full"]:
+        mine = cells[method, "lorascope"]
+        speed = [x / y for x, y in zip(_col(mine, "tokens_per_s"), _col(full, "tokens_per_s"))]
+        rss = [x / y for x, y in zip(_col(mine, "peak_rss_bytes"), _col(full, "peak_rss_bytes"))]
+        print(f"lorascope {method} / full: tokens/s {_spread(speed, 2)}x, peak RSS {_spread(rss, 2)}x")
+
+
+def _mfu(runs: list[dict], fpt: float) -> float:
+    """Median over runs of model FLOP/s over the matmul peak that run's worker measured right after it."""
+    return _median([r["tokens_per_s"] * fpt / r["matmul_peak"] for r in runs])
+
+
+def _col(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs]
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs)
+
+
+def _spread(xs: list[float], digits: int = 1) -> str:
+    """'median [min-max]', or the one value."""
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{_median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
 
 
 if __name__ == "__main__":
