@@ -262,11 +262,11 @@ def test_dropout_zero_is_peft_itself_bit_for_bit(model_dirs):
 def test_shared_dropout_backward_keeps_a_bool_mask_and_is_dropout():
     """The dropped copy's backward is mask / (1 - p) (what nn.Dropout computes) and its graph saves a bool mask,
     not the fp32 noise nn.Dropout keeps on CPU: 4x less activation memory per adapter input."""
-    from lorascope.methods import SharedInputDropout
+    from lorascope.methods import ForwardCount, SharedInputDropout
 
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
-    out = SharedInputDropout(0.25).train()(x)
+    out = SharedInputDropout(0.25, ForwardCount()).train()(x)
     saved, todo = [], [out.grad_fn]
     while todo:  # every tensor the graph between x and out keeps for backward
         fn = todo.pop()
@@ -322,3 +322,29 @@ def test_keep_mask_rate_and_seeding():
     assert keep_mask(torch.empty(7), 0.0).all() and not keep_mask(torch.empty(1001), 1.0 - 2 ** -33).any()
     odd = keep_mask(torch.empty(3, 3), 0.5)  # an odd count of entries: half of the last 64-bit draw unused
     assert odd.shape == (3, 3)
+
+
+def test_one_input_tensor_in_two_forward_passes_gets_two_masks():
+    """An adapted layer fed the same unchanged tensor in two training passes draws a new mask each pass (and the
+    second backward does not reach into the first pass's freed graph)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorascope.methods import _share_dropout
+
+    class Direct(torch.nn.Module):  # the adapted layer reads the model's input as it is
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Direct(), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["proj"]))
+    _share_dropout(model, 0.5)
+    seen = []
+    model.base_model.model.proj.lora_dropout["default"].register_forward_hook(lambda _m, _a, out: seen.append(out))
+    model.train()
+    x = torch.randn(64, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+    assert not torch.equal(seen[0] == 0, seen[1] == 0)
