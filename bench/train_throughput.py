@@ -23,9 +23,11 @@ width, T sequence length); LoRA 4N (forward + input gradients: the frozen weight
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,13 +59,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+@functools.lru_cache(maxsize=1)
+def _embedded_model():
+    """The embedded model, loaded once for the FLOP counts of every method."""
+    from lorascope.models import load_base
+
+    return load_base("embedded")[0]
+
+
 def flops_per_token(method: str) -> float:
     """Training FLOPs per token of the embedded model under `method` (see the module docstring)."""
     import torch
 
-    from lorascope.models import load_base
-
-    model, _ = load_base("embedded")
+    model = _embedded_model()
     c = model.config
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     attn = 12 * c.num_hidden_layers * c.num_attention_heads * getattr(c, "head_dim", c.hidden_size //
@@ -207,8 +215,8 @@ def compare(methods: list[str], steps: int, warmup: int, repeats: int) -> None:
         ra, rb = _col(a, "peak_rss_bytes"), _col(b, "peak_rss_bytes")
         print(f"{method:10} {a[0]['trainable']:>11,} {_spread(ta):>22} {_spread(tb):>22} "
               f"{_spread([x / y for x, y in zip(ta, tb)], 2):>18} {_mfu(a, fpt):>9.0%} "
-              f"{_mfu(b, fpt):>9.0%} {_median(ra) / gib:>12.2f}Gi {_median(rb) / gib:>10.2f}Gi "
-              f"{_median(ra) / _median(rb):>6.2f}", flush=True)
+              f"{_mfu(b, fpt):>9.0%} {statistics.median(ra) / gib:>12.2f}Gi {statistics.median(rb) / gib:>10.2f}Gi "
+              f"{statistics.median(ra) / statistics.median(rb):>6.2f}", flush=True)
         if a[0]["trainable"] != b[0]["trainable"]:
             print(f"  note: trainable parameters differ ({a[0]['trainable']} vs {b[0]['trainable']})")
     if "full" not in methods:
@@ -223,24 +231,18 @@ def compare(methods: list[str], steps: int, warmup: int, repeats: int) -> None:
 
 def _mfu(runs: list[dict], fpt: float) -> float:
     """Median over runs of model FLOP/s over the matmul peak that run's worker measured right after it."""
-    return _median([r["tokens_per_s"] * fpt / r["matmul_peak"] for r in runs])
+    return statistics.median([r["tokens_per_s"] * fpt / r["matmul_peak"] for r in runs])
 
 
 def _col(runs: list[dict], key: str) -> list[float]:
     return [r[key] for r in runs]
 
 
-def _median(xs: list[float]) -> float:
-    import statistics
-
-    return statistics.median(xs)
-
-
 def _spread(xs: list[float], digits: int = 1) -> str:
     """'median [min-max]', or the one value."""
     if len(xs) == 1:
         return f"{xs[0]:.{digits}f}"
-    return f"{_median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+    return f"{statistics.median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
 
 
 if __name__ == "__main__":

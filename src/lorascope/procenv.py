@@ -97,18 +97,15 @@ def restore_argv0() -> None:
         sys.argv[0] = os.environ.pop(_ARGV0)
 
 
-def release_memory() -> str | None:
+def release_memory() -> None:
     """Hand the memory the allocator keeps for reuse back to the kernel, so that the next job's peak RSS starts
     from what is live (mimalloc: ``mi_collect(true)``, which purges at once what the delay above holds; glibc:
-    ``malloc_trim``). Which allocator did it, or None (neither found)."""
+    ``malloc_trim``; elsewhere nothing)."""
     try:
         libc = ctypes.CDLL(None)
     except OSError:
-        return None
+        return
     if hasattr(libc, "mi_collect"):
         libc.mi_collect(ctypes.c_bool(True))
-        return "mimalloc"
-    if hasattr(libc, "malloc_trim"):
+    elif hasattr(libc, "malloc_trim"):
         libc.malloc_trim(ctypes.c_size_t(0))
-        return "glibc"
-    return None
