@@ -3,8 +3,9 @@
 #   1. bf16 full fine-tuning, a few steps on the embedded model      (lorascope train, train.precision=bf16)
 #   2. bf16 LoRA, the same steps                                       (checkpoint reloads through PEFT)
 #   3. LoftQ init (bitsandbytes NF4) + bf16 LoRA                       (saved merged, as a full model)
-#   4. FSDP2 on one GPU through accelerate launch                     (configs/accelerate/fsdp-gpu.yaml)
+#   4. FSDP2 on one GPU through accelerate launch, full FT and LoRA   (configs/accelerate/fsdp-gpu.yaml)
 #   5. one evaluation of the LoRA run                                  (lorascope eval, held-out BPB)
+#   6. LoRA dropout masks drawn on the GPU keep entries at rate 1 - p  (methods.keep_mask, CUDA generator)
 # Data: the first 120 modules of Python's standard library as code text (the held-out BPB uses its held-out part).
 #
 #   bash bench/gpu_smoke.sh [OUT_DIR]          # default: a new temporary directory
@@ -85,14 +86,18 @@ step fsdp-setup "${ACC[@]}" "$OUT/fsdp_check.py"
 step fsdp-full-bf16 "${ACC[@]}" -m lorascope train /dev/null "${TRAIN[@]}" method.kind=full train.lr=5e-5 \
   --out "$OUT/fsdp-full-bf16"
 check_run "$OUT/fsdp-full-bf16"
+step fsdp-lora-bf16 "${ACC[@]}" -m lorascope train /dev/null "${TRAIN[@]}" method.kind=lora method.rank=16 \
+  train.lr=5e-4 --out "$OUT/fsdp-lora-bf16"
+check_run "$OUT/fsdp-lora-bf16"
 "$PY" - "$OUT" <<'EOF' || die "FSDP run: loss curve differs from the single-process bf16 run"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 curve = lambda r: [json.loads(l)["loss"] for l in (out / r / "loss.jsonl").read_text().splitlines()]
-a, b = curve("full-bf16"), curve("fsdp-full-bf16")
-d = max(abs(x - y) for x, y in zip(a, b))
-print(f"   FSDP vs plain bf16 full FT: max |loss diff| = {d:.3g} over {len(a)} steps (bf16 smoke tolerance 0.1)")
-assert len(a) == len(b) and d < 0.1
+for kind in ("full", "lora"):
+    a, b = curve(f"{kind}-bf16"), curve(f"fsdp-{kind}-bf16")
+    d = max(abs(x - y) for x, y in zip(a, b))
+    print(f"   FSDP vs plain bf16 {kind}: max |loss diff| = {d:.3g} over {len(a)} steps (bf16 smoke tolerance 0.1)")
+    assert len(a) == len(b) and d < 0.1
 EOF
 
 step eval-lora "$PY" -m lorascope eval "$OUT/lora-bf16" --tasks "heldout_bpb:$OUT/code.jsonl" --limit 20 \
@@ -104,5 +109,16 @@ r = json.load(open(sys.argv[1]))
 bpb = r["tasks"][task]["metrics"]["bpb"]
 assert math.isfinite(bpb) and bpb > 0, bpb
 print(f"   {task}: bpb {bpb:.3f}")
+EOF
+"$PY" - <<'EOF' || die "keep_mask on CUDA: keep rate off by more than 4 standard errors"
+import torch
+from lorascope.methods import keep_mask
+torch.manual_seed(0)
+x = torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16)
+for p in (0.05, 0.5, 0.999):
+    rate = keep_mask(x, p).float().mean().item()
+    se = (p * (1 - p) / x.numel()) ** 0.5
+    print(f"   keep_mask p={p}: kept {rate:.6f} (want {1 - p:.6f}, {abs(rate - 1 + p) / se:.1f} s.e.)")
+    assert abs(rate - (1 - p)) < 4 * se
 EOF
 echo "gpu smoke: all steps passed ($SECONDS s); outputs in $OUT"
