@@ -32,9 +32,14 @@ from .layout import job_log_path
 from .lifetime import die_with_parent
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def job_env(jobs: int) -> dict:
-    """Split the cores between parallel jobs; see procenv.job_env."""
-    return procenv.job_env(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    """Split the usable cores between parallel jobs; see procenv.job_env."""
+    return procenv.job_env(max(1, usable_cores() // max(1, jobs)))
 
 
 class _Worker:

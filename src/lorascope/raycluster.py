@@ -93,7 +93,8 @@ class RayExecutor:
         addr = address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():
             try:
-                ray.init(address=addr, num_cpus=None if addr else jobs, log_to_driver=False,
+                # "local": a Ray of its own on this machine, never one a `ray start` left running here
+                ray.init(address=addr or "local", num_cpus=None if addr else jobs, log_to_driver=False,
                          **({} if addr else {"include_dashboard": False}))
             except ConnectionError as e:
                 raise LorascopeError(f"--address: no Ray cluster at {addr}: {e}") from None
