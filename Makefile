@@ -20,7 +20,7 @@ study: setup
 	$(BIN)/lorascope report $(STUDY_DIR)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration

@@ -12,8 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def _pin_xdist_worker() -> int:
+    """Under pytest-xdist (``make test`` runs 2 workers), each worker and every process it starts keep to one core
+    of their own: two workers with 2 threads each on 2 cores would spin against each other (OpenMP), and the
+    study's job processes size their threads from the cores they may use (executors.job_env)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return 2
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+    return 1
+
+
 # Keep tests from fighting over the 2 cores when several processes run them.
-torch.set_num_threads(int(os.environ.get("LORASCOPE_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("LORASCOPE_TEST_THREADS", _pin_xdist_worker())))
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True):
