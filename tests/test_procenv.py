@@ -76,3 +76,17 @@ def test_a_new_peak_starts_from_live_memory_not_what_the_allocator_kept():
                          capture_output=True, text=True, check=True)
     on, off = map(float, out.stdout.split()[-2:])
     assert on < 0.1 and off > 0.4, (on, off)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_jobs_split_the_cores_this_process_may_use():
+    """taskset / cpusets: a study kept to k cores gives each of j jobs k // j threads, whatever the machine has
+    (under ``make test`` this worker is itself kept to one core; the probe widens its own mask first)."""
+    probe = ("import os, sys; from lorascope.executors import job_env\n"
+             "os.sched_setaffinity(0, set(range(os.cpu_count()))); k = int(sys.argv[1])\n"
+             "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:k]))\n"
+             "print(len(os.sched_getaffinity(0)), job_env(1)['LORASCOPE_THREADS'], job_env(2)['LORASCOPE_THREADS'])")
+    for k in (1, os.cpu_count()):
+        out = subprocess.run([sys.executable, "-c", probe, str(k)], capture_output=True, text=True, check=True)
+        n, one, two = map(int, out.stdout.split())
+        assert (one, two) == (n, max(1, n // 2)) and n <= k
