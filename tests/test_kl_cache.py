@@ -148,3 +148,29 @@ def test_kl_rows_in_chunks_equals_the_whole_formula(monkeypatch):
     stored = kl_cache.log_probs_f16(p_logits)  # the cache's float16 rows, renormalised when read
     assert np.array_equal(stored, lp.to(torch.float16).numpy())
     assert torch.allclose(kl_cache.kl_rows(stored, q_logits), whole, atol=2e-3)
+
+
+def test_reused_head_output_gives_the_heads_own_logits_batch_after_batch(tokenizer):
+    """Every batch's logits through the one reused buffer equal the head's own (to the bit), the buffer is
+    allocated once for batches of every size, and the head is itself again afterwards; heads that are not a
+    plain Linear are left alone."""
+    from lorascope.evals.token_windows import packed_batches, padded_tokens, reused_head_output, target_logits, windows
+
+    model = make_tiny_llama(len(tokenizer), seed=2)
+    rows = windows(tokenizer, TEXTS, 16, 8)
+    plan = packed_batches(rows, budget=64, width=16)
+    assert len({padded_tokens(rows, b) for b in plan}) > 1  # batches of several sizes
+    want = [{r: t.clone() for r, t in target_logits(model, rows, b, pad=2).items()} for b in plan]
+    head = model.get_output_embeddings()
+    with reused_head_output(model, max(padded_tokens(rows, b) for b in plan)):
+        seen = set()
+        for b, w in zip(plan, want):
+            got = target_logits(model, rows, b, pad=2)
+            seen |= {t.untyped_storage().data_ptr() for t in got.values()}
+            assert got.keys() == w.keys() and all(torch.equal(got[r], w[r]) for r in w)
+        assert len(seen) == 1
+    assert "forward" not in vars(head)
+    wrapped = torch.nn.Sequential(head)
+    model.set_output_embeddings(wrapped)
+    with reused_head_output(model, 64):
+        assert "forward" not in vars(wrapped) and "forward" not in vars(head)

@@ -39,7 +39,8 @@ from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import pack_width, packed_batches, pad_id, target_logits, target_nll, windows
+from .token_windows import (pack_width, packed_batches, pad_id, padded_tokens, reused_head_output, target_logits,
+                            target_nll, windows)
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -57,12 +58,14 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     out = [[0.0, 0] for _ in texts]
     model.eval()
     bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
-    for seqs in packed_batches(rows, token_budget, pack_width(model)):
-        for r, logits in target_logits(model, rows, seqs, pad).items():
-            i, _, tgt, _ = rows[r]
-            out[i][0] += target_nll(logits, tgt).sum().item()
-            out[i][1] += len(tgt)
-            bar.update(1)
+    plan = packed_batches(rows, token_budget, pack_width(model))
+    with reused_head_output(model, max((padded_tokens(rows, b) for b in plan), default=0)):
+        for seqs in plan:
+            for r, logits in target_logits(model, rows, seqs, pad).items():
+                i, _, tgt, _ = rows[r]
+                out[i][0] += target_nll(logits, tgt).sum().item()
+                out[i][1] += len(tgt)
+                bar.update(1)
     bar.close()
     return [(a, n) for a, n in out]
 

@@ -34,7 +34,7 @@ from .engine import max_length
 from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import pack_width, packed_batches, pad_id, target_logits, windows
+from .token_windows import pack_width, packed_batches, pad_id, padded_tokens, reused_head_output, target_logits, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -60,15 +60,18 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
     plan = packed_batches(rows, token_budget, pack_width(model))
-    for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
-        kls = {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
-        for r, kl in kls.items():
-            i, _, tgt, start = rows[r]
-            per = [0.0] * len(tgt) if kl is None else kl.tolist()
-            for pos, v in enumerate(per, start):
-                k = 2 if pos <= first else 0
-                out[i][k] += v
-                out[i][k + 1] += 1
+    most = max((padded_tokens(rows, b) for b in plan), default=0)
+    with reused_head_output(model, most), reused_head_output(reference, most if stored is None else 0):
+        for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
+            kls = ({r: None for s in seqs for r in s} if same
+                   else _kl_rows(model, reference, rows, seqs, pad, stored, off))
+            for r, kl in kls.items():
+                i, _, tgt, start = rows[r]
+                per = [0.0] * len(tgt) if kl is None else kl.tolist()
+                for pos, v in enumerate(per, start):
+                    k = 2 if pos <= first else 0
+                    out[i][k] += v
+                    out[i][k + 1] += 1
     return [tuple(o) for o in out]
 
 
