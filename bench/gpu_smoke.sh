@@ -6,6 +6,7 @@
 #   4. FSDP2 on one GPU through accelerate launch, full FT and LoRA   (configs/accelerate/fsdp-gpu.yaml)
 #   5. one evaluation of the LoRA run                                  (lorascope eval, held-out BPB)
 #   6. LoRA dropout masks drawn on the GPU keep entries at rate 1 - p  (methods.keep_mask, CUDA generator)
+#   7. whole-text scoring through the reused head buffer = the head's own logits, fp32 and bf16 (token_windows)
 # Data: the first 120 modules of Python's standard library as code text (the held-out BPB uses its held-out part).
 #
 #   bash bench/gpu_smoke.sh [OUT_DIR]          # default: a new temporary directory
@@ -120,5 +121,25 @@ for p in (0.05, 0.5, 0.999):
     se = (p * (1 - p) / x.numel()) ** 0.5
     print(f"   keep_mask p={p}: kept {rate:.6f} (want {1 - p:.6f}, {abs(rate - 1 + p) / se:.1f} s.e.)")
     assert abs(rate - (1 - p)) < 4 * se
+EOF
+"$PY" - "${MODEL:-embedded}" "$OUT/code.jsonl" <<'EOF' || die "scoring through the reused head buffer differs from the head's own"
+import json, sys, torch
+from lorascope.models import load_base
+from lorascope.evals import bpb, kl, token_windows
+texts = [json.loads(l)["text"] for l in open(sys.argv[2])][:48]
+own = lambda model, n: token_windows.reused_head_output(model, 0)  # 0 rows: the head's own forward
+for dtype in (torch.float32, torch.bfloat16):
+    m, tok = load_base(sys.argv[1], dtype)
+    ref, _ = load_base(sys.argv[1], dtype)
+    m, ref = m.cuda(), ref.cuda()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    got = [bpb.text_nll(m, tok, texts), kl.kl_per_text(m, ref, tok, texts[:16], cache=False)]
+    bpb.reused_head_output = kl.reused_head_output = own
+    want = [bpb.text_nll(m, tok, texts), kl.kl_per_text(m, ref, tok, texts[:16], cache=False)]
+    bpb.reused_head_output = kl.reused_head_output = token_windows.reused_head_output
+    print(f"   reused head buffer, {dtype}: {sum(n for _, n in got[0])} tokens, NLL and KL equal: {got == want}")
+    assert got == want
 EOF
 echo "gpu smoke: all steps passed ($SECONDS s); outputs in $OUT"
