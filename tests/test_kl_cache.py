@@ -174,3 +174,17 @@ def test_reused_head_output_gives_the_heads_own_logits_batch_after_batch(tokeniz
     model.set_output_embeddings(wrapped)
     with reused_head_output(model, 64):
         assert "forward" not in vars(wrapped) and "forward" not in vars(head)
+
+
+def test_kl_with_a_head_shared_by_model_and_reference_is_not_overwritten(tokenizer, monkeypatch):
+    """A model and a reference holding one head module (e.g. a model and its own base modules): the reference's
+    pass must not overwrite the model's logits in the reused buffer."""
+    from lorascope.evals import kl, token_windows
+
+    model = make_tiny_llama(len(tokenizer), seed=0, tie=False)
+    reference = make_tiny_llama(len(tokenizer), seed=1, tie=False)
+    reference.lm_head = model.lm_head
+    got = kl.kl_per_text(model, reference, tokenizer, TEXTS, cache=False)
+    monkeypatch.setattr(kl, "reused_head_output", lambda m, n: token_windows.reused_head_output(m, 0))
+    want = kl.kl_per_text(model, reference, tokenizer, TEXTS, cache=False)
+    assert got == want and sum(s for s, *_ in want) > 0
