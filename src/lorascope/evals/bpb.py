@@ -39,7 +39,7 @@ from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import (pack_width, packed_batches, pad_id, padded_tokens, reused_head_output, target_logits,
+from .token_windows import (largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits,
                             target_nll, windows)
 
 
@@ -59,7 +59,7 @@ def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stri
     model.eval()
     bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
     plan = packed_batches(rows, token_budget, pack_width(model))
-    with reused_head_output(model, max((padded_tokens(rows, b) for b in plan), default=0)):
+    with reused_head_output(model, largest_batch(rows, plan)):
         for seqs in plan:
             for r, logits in target_logits(model, rows, seqs, pad).items():
                 i, _, tgt, _ = rows[r]

@@ -34,7 +34,8 @@ from .engine import max_length
 from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import pack_width, packed_batches, pad_id, padded_tokens, reused_head_output, target_logits, windows
+from .token_windows import (largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits,
+                            windows)
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -60,7 +61,7 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
     plan = packed_batches(rows, token_budget, pack_width(model))
-    most = max((padded_tokens(rows, b) for b in plan), default=0)
+    most = largest_batch(rows, plan)
     if stored is None and _head(model) is _head(reference):  # one head module: its second pass would overwrite
         most = 0                                               # the first pass's logits in the shared buffer
     with reused_head_output(model, most), reused_head_output(reference, most if stored is None else 0):

@@ -36,7 +36,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
-from .token_windows import pack_width, packed_batches, padded_tokens, reused_head_output, row_chunks, target_logits
+from .token_windows import largest_batch, pack_width, packed_batches, reused_head_output, row_chunks, target_logits
 
 FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
@@ -111,7 +111,7 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
         reference.eval()
         plan = packed_batches(rows, token_budget, pack_width(reference))
-        with reused_head_output(reference, max((padded_tokens(rows, b) for b in plan), default=0)):
+        with reused_head_output(reference, largest_batch(rows, plan)):
             for seqs in tqdm(plan, desc="kl_base (base, cached)", disable=not progress, dynamic_ncols=True):
                 for r, lg in target_logits(reference, rows, seqs, pad).items():
                     arr[off[r]: off[r + 1]] = log_probs_f16(lg)

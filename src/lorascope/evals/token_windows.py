@@ -75,10 +75,15 @@ def padded_tokens(rows: list, seqs: list[list[int]]) -> int:
     return len(seqs) * max(sum(len(rows[r][1]) for r in s) for s in seqs)
 
 
+def largest_batch(rows: list, plan: list[list[list[int]]]) -> int:
+    """The most positions any batch of ``plan`` (packed_batches) lays out: what reused_head_output holds."""
+    return max((padded_tokens(rows, b) for b in plan), default=0)
+
+
 @contextlib.contextmanager
 def reused_head_output(model, positions: int):
     """While open, a plain ``nn.Linear`` output head writes its logits into one buffer of ``positions`` rows
-    (the largest batch's padded_tokens), allocated once for every batch.
+    (largest_batch of the plan), allocated once for every batch.
 
     The logits of a batch are (tokens x vocabulary): ~340 MB at 2k tokens and a 49k vocabulary, a fresh block
     each batch whose pages the kernel must fault in again. Measured on the 2-core machine: 400 MB written into
