@@ -76,8 +76,9 @@ class SharedInputDropout(torch.nn.Dropout):
     p or another forward pass of the model (``passes``) draws afresh: an input tensor fed unchanged to two passes
     gets two masks, and the second pass does not reuse the first one's graph. The graph keeps a bool mask
     (``keep_mask``) rather than nn.Dropout's: on CPU that one multiplies by an fp32 noise tensor from
-    ``bernoulli_`` and keeps it for backward (4 bytes an element against 1), and measured slower (LoRA r16 training 149 vs 162 tokens/s on 2 cores; ``native_dropout``'s bool
-    path was slower still, 131). Same distribution: each entry kept with probability 1 - p, scaled by 1/(1-p)."""
+    ``bernoulli_`` and keeps it for backward (4 bytes an element against 1), and measured slower (LoRA r16
+    training 149 vs 162 tokens/s on 2 cores; ``native_dropout``'s bool path was slower still, 131). Same
+    distribution: each entry kept with probability 1 - p, scaled by 1/(1-p)."""
 
     _ATTR = "_lorascope_lora_dropout"
 

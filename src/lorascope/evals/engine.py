@@ -85,6 +85,11 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def output_head(model):
+    """The model's output embedding (its LM head), or None for a model without one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 @dataclass
 class _Item:
     ctx: list[int]
@@ -207,7 +212,7 @@ def _head_only_at(model, flat_idx: torch.Tensor):
     The model's own head code (and any elementwise logit post-processing after it) then sees a [1, n, hidden]
     input, so its logits come back as [1, n, vocab]; a model without an output embedding is left alone.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if head is None:
         yield
         return

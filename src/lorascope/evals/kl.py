@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
-from .engine import max_length
+from .engine import max_length, output_head
 from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
@@ -62,8 +62,8 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     off = row_offsets(rows)
     plan = packed_batches(rows, token_budget, pack_width(model))
     most = largest_batch(rows, plan)
-    if stored is None and _head(model) is _head(reference):  # one head module: its second pass would overwrite
-        most = 0                                               # the first pass's logits in the shared buffer
+    if stored is None and output_head(model) is output_head(reference):
+        most = 0  # one head module for both: the reference's pass would overwrite the model's logits in its buffer
     with reused_head_output(model, most), reused_head_output(reference, most if stored is None else 0):
         for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
             kls = ({r: None for s in seqs for r in s} if same
@@ -76,10 +76,6 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
                     out[i][k] += v
                     out[i][k + 1] += 1
     return [tuple(o) for o in out]
-
-
-def _head(model):
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def _kl_rows(model, reference, rows: list, seqs: list[list[int]], pad: int, stored,

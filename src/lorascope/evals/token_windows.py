@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from .engine import model_device, prefix_token_id
+from .engine import model_device, output_head, prefix_token_id
 
 PACK_WIDTH = 256  # tokens per packed sequence: short texts share one, attention stays cheap (see module doc)
 
@@ -70,9 +70,14 @@ def packed_batches(rows: list, budget: int, width: int = PACK_WIDTH) -> list[lis
     return out
 
 
+def batch_width(rows: list, seqs: list[list[int]]) -> int:
+    """The longest packed sequence of a batch: every sequence is padded to it."""
+    return max(sum(len(rows[r][1]) for r in s) for s in seqs)
+
+
 def padded_tokens(rows: list, seqs: list[list[int]]) -> int:
     """Positions of one batch as target_logits lays it out: sequences x the longest sequence."""
-    return len(seqs) * max(sum(len(rows[r][1]) for r in s) for s in seqs)
+    return len(seqs) * batch_width(rows, seqs)
 
 
 def largest_batch(rows: list, plan: list[list[list[int]]]) -> int:
@@ -93,7 +98,7 @@ def reused_head_output(model, positions: int):
     overwritten by the next batch: target_logits' callers consume them first. Same arithmetic as the module's
     own forward (one mm over the flattened rows, then the bias). Heads of another type (LoRA-wrapped,
     quantised) and batches larger than the buffer take the module's own path."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if positions <= 0 or type(head) is not torch.nn.Linear or "forward" in vars(head):
         yield
         return
@@ -122,7 +127,7 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
     """Logits at each row's target positions, the rows packed into the sequences ``seqs``. Positions restart at
     0 for every row and a block-diagonal causal mask keeps rows from seeing each other, so each row is scored
     as if alone (same tokens, positions and context; only float rounding differs, ~1e-5 in log-probabilities)."""
-    width = padded_tokens(rows, seqs) // len(seqs)
+    width = batch_width(rows, seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
     spans = []
