@@ -164,6 +164,39 @@ def test_bpb_matches_manual_computation(tiny_model, tokenizer):
     assert wn == n and wnll == pytest.approx(chunked, abs=1e-3)
 
 
+def test_windows_give_every_target_its_stride_segment_context_in_fewer_tokens(tokenizer):
+    from lorascope.evals.token_windows import windows
+
+    def contexts(rows):  # (text, target position) -> where its left context starts
+        out = {}
+        for i, inp, tgt, s in rows:
+            e = s + len(tgt)
+            assert inp[len(inp) - len(tgt) + 1:] == tgt[:-1]  # targets are the input shifted by one
+            for p in range(s, e):
+                assert (i, p) not in out  # every target once
+                out[i, p] = e - 1 - len(inp)
+        return out
+
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    texts = [" ".join(words[: k % 12 + 1] * (k // 3 + 1)) for k in range(40)]
+    for window, stride in [(8, 4), (8, 3), (8, 8), (5, 1), (16, 8), (7, 5)]:
+        # the plain stride segmentation: segment [s, s + stride) sees the window tokens before its end
+        plain = []
+        for i, t in enumerate(texts):
+            toks = [tokenizer.bos_token_id or tokenizer.eos_token_id] + tokenizer.encode(t, add_special_tokens=False)
+            for s in range(1, len(toks), stride):
+                e = min(s + stride, len(toks))
+                plain.append((i, toks[max(0, e - 1 - window): e - 1], toks[s:e], s))
+        rows = windows(tokenizer, texts, window, stride)
+        assert contexts(rows) == contexts(plain)
+        fed, plain_fed = sum(len(r[1]) for r in rows), sum(len(r[1]) for r in plain)
+        # fewer input tokens wherever several stride segments fit in one window, else the same rows
+        assert fed < plain_fed if window // stride >= 2 else rows == plain
+        assert all(len(r[1]) <= window for r in rows)
+    short = windows(tokenizer, [" ".join(words)], 16, 4)
+    assert len(short) == 1  # a text within the window is one row, not one per stride segment
+
+
 def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     from conftest import make_tiny_llama
     from lorascope.evals.kl import kl_per_text

@@ -101,7 +101,7 @@ def test_packed_rows_score_as_if_alone(tokenizer):
     from lorascope.evals.token_windows import PACK_WIDTH, pack_width, packed_batches, target_logits, windows
 
     model = make_tiny_llama(len(tokenizer), seed=1)
-    rows = windows(tokenizer, TEXTS, 16, 8)  # sliding rows of 3..16 tokens
+    rows = windows(tokenizer, TEXTS, 16, 8)  # rows of 4..16 tokens, the longer texts in sliding windows
     plan = packed_batches(rows, budget=64, width=24)
     alone_plan = packed_batches(rows, budget=64, width=0)  # attention kernels without 4D masks: a row each
     assert all(len(s) == 1 for b in alone_plan for s in b) and pack_width(model) == PACK_WIDTH
@@ -157,7 +157,7 @@ def test_reused_head_output_gives_the_heads_own_logits_batch_after_batch(tokeniz
     from lorascope.evals.token_windows import packed_batches, padded_tokens, reused_head_output, target_logits, windows
 
     model = make_tiny_llama(len(tokenizer), seed=2)
-    rows = windows(tokenizer, TEXTS, 16, 8)
+    rows = windows(tokenizer, TEXTS, 8, 4)
     plan = packed_batches(rows, budget=64, width=16)
     assert len({padded_tokens(rows, b) for b in plan}) > 1  # batches of several sizes
     want = [{r: t.clone() for r, t in target_logits(model, rows, b, pad=2).items()} for b in plan]

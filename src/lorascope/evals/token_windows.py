@@ -24,13 +24,20 @@ PACK_WIDTH = 256  # tokens per packed sequence: short texts share one, attention
 
 def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple[int, list[int], list[int], int]]:
     """Sliding windows: (text index, input tokens, target tokens, position of the first target); every token
-    after the BOS stand-in is a target exactly once, with up to ``window`` tokens of left context. Positions
-    count from 1 = the first token after BOS."""
+    after the BOS stand-in is a target exactly once, with up to ``window`` tokens of left context: the targets
+    of a segment of ``stride`` tokens see the ``window`` tokens before the segment's end. Positions count from
+    1 = the first token after BOS."""
     assert 0 < stride <= window
     rows = []
     for i, text in enumerate(texts):
         toks = [prefix_token_id(tokenizer)] + tokenizer.encode(text, add_special_tokens=False)
-        for s in range(1, len(toks), stride):
+        # The stride segments that end within window + 1 tokens all take their context from the text's start,
+        # so each one's input is a prefix of the last one's: one row scores them all, with the same context
+        # for every target (a text of 430 tokens at window 1024: 430 input tokens instead of 512 + 429).
+        first = min(1 + stride * (window // stride), len(toks))
+        if first > 1:
+            rows.append((i, toks[: first - 1], toks[1:first], 1))
+        for s in range(first, len(toks), stride):
             e = min(s + stride, len(toks))
             inp = toks[max(0, e - 1 - window): e - 1]
             rows.append((i, inp, toks[s:e], s))
