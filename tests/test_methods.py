@@ -17,6 +17,7 @@ from lorascope.errors import ConfigError, LorascopeError
 from lorascope.analysis.weights import iter_matrices, load_pair
 from lorascope.methods import (adapted_matrix_names, apply_method, checkpoint_size_bytes, param_groups,
                                save_checkpoint, trainable_parameters)
+from lorascope.models import load_model
 
 VOCAB = 1000
 BATCH = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -104,6 +105,8 @@ def test_variant_trains_saves_reloads(variant, model_dirs, tmp_path):
         assert json.loads((ck / "adapter_config.json").read_text())["r"] == 2 * m.rank
     reloaded = PeftModel.from_pretrained(_load(model_dirs[True]), str(ck)).eval()
     assert _maxdiff(_logits(reloaded), ref) <= 1e-4
+    merged, _ = load_model(f"{tmp_path / 'run'}:ck", merge=True)  # what evaluations score
+    assert not isinstance(merged, PeftModel) and _maxdiff(_logits(merged), ref) <= 1e-4
 
     # dW as the analysis computes it from the checkpoint == merged in memory - ORIGINAL base
     in_memory = _merged_in_memory(model)

@@ -18,7 +18,10 @@ Example::
     >>> res = evaluate("embedded", ["hellaswag", "english_bpb"], Path("out/base"), limit=100)
     >>> res["tasks"]["hellaswag"]["metrics"]["acc_norm,none"]
 
-A LoRA checkpoint of a run is evaluated unmerged (PEFT forward), which scores like the merged model.
+A LoRA checkpoint of a run is evaluated with its adapters merged into the (float32) base weights: the same
+function up to float32 rounding (tested for every method variant), and a plain forward pass without PEFT's
+rank-r side products: held-out BPB of a ``quick`` LoRA checkpoint (24 windows, one thread, alternated) took
+38.1 / 35.4 s merged against 38.3 / 39.8 s unmerged, total NLL equal to 2e-8 relative.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _load(model: Any, tokenizer, exclude_ids: dict | None) -> tuple[Any, Any, st
     excluded: dict[str, list] = {}
     if isinstance(model, str):
         spec = model
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, merge=True)
         excluded = _excluded_ids(spec)
     else:
         name = getattr(getattr(model, "config", None), "_name_or_path", "")
