@@ -33,7 +33,7 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
         toks = [prefix_token_id(tokenizer)] + tokenizer.encode(text, add_special_tokens=False)
         # The stride segments that end within window + 1 tokens all take their context from the text's start,
         # so each one's input is a prefix of the last one's: one row scores them all, with the same context
-        # for every target (a text of 430 tokens at window 1024: 430 input tokens instead of 512 + 429).
+        # for every target (a text of 868 tokens at window 1024: 868 input tokens instead of 512 + 868).
         first = min(1 + stride * (window // stride), len(toks))
         if first > 1:
             rows.append((i, toks[: first - 1], toks[1:first], 1))
