@@ -32,15 +32,12 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
     for i, text in enumerate(texts):
         toks = [prefix_token_id(tokenizer)] + tokenizer.encode(text, add_special_tokens=False)
         # The stride segments that end within window + 1 tokens all take their context from the text's start,
-        # so each one's input is a prefix of the last one's: one row scores them all, with the same context
-        # for every target (a text of 868 tokens at window 1024: 868 input tokens instead of 512 + 868).
+        # so each one's input is a prefix of the last one's: they are one segment, with the same context for
+        # every target (a text of 868 tokens at window 1024: 868 input tokens instead of 512 + 868).
         first = min(1 + stride * (window // stride), len(toks))
-        if first > 1:
-            rows.append((i, toks[: first - 1], toks[1:first], 1))
-        for s in range(first, len(toks), stride):
-            e = min(s + stride, len(toks))
-            inp = toks[max(0, e - 1 - window): e - 1]
-            rows.append((i, inp, toks[s:e], s))
+        starts = [1, *range(first, len(toks), stride)] if first > 1 else []
+        for s, e in zip(starts, starts[1:] + [len(toks)]):
+            rows.append((i, toks[max(0, e - 1 - window): e - 1], toks[s:e], s))
     return rows
 
 
