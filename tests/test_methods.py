@@ -248,24 +248,83 @@ def test_embedded_lora_r16_all_reloads(tmp_path):
         assert _maxdiff(plain(input_ids=x).logits, ref) <= 1e-4
 
 
-def test_dropout_zero_is_peft_itself_bit_for_bit(model_dirs):
-    """With method.dropout=0 nothing of ours sits in the LoRA path: losses equal stock peft's to the bit."""
+def _grads(model, seed=0):
+    """Loss and the trained parameters' gradients of one forward + backward (dropout masks drawn from `seed`)."""
+    model.train()
+    torch.manual_seed(seed)
+    loss = model(input_ids=BATCH, labels=BATCH).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _nonzero_b(model):
+    """A non-zero B everywhere (peft starts B at zero, where the update and A's gradient vanish)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+
+
+def _assert_close_grads(a, b):
+    (loss_a, ga), (loss_b, gb) = a, b
+    assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_b)
+    assert ga.keys() == gb.keys() and any("lora_A" in n for n in ga)
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fused_update_trains_as_stock_peft(model_dirs, rslora):
+    """With dropout 0, our LoRA layers (the update fused into the base output) give stock peft's loss and
+    gradients to float rounding, and train to the same losses."""
     from peft import LoraConfig, get_peft_model
 
-    m = MethodConfig(kind="lora", rank=4, dropout=0.0)
+    from lorascope.lora_layers import FusedUpdate
+
+    m = MethodConfig(kind="lora", rank=4, dropout=0.0, use_rslora=rslora)
     torch.manual_seed(0)
     ours = apply_method(_load(model_dirs[True]), m)
     torch.manual_seed(0)
     stock = get_peft_model(_load(model_dirs[True]), LoraConfig(r=4, lora_alpha=m.lora_alpha, lora_dropout=0.0,
                                                                target_modules=m.target_modules,
-                                                               task_type="CAUSAL_LM"))
-    assert _train(ours, m, steps=3) == _train(stock, m, steps=3)
+                                                               use_rslora=rslora, task_type="CAUSAL_LM"))
+    fused = [v for mod in ours.modules() for v in getattr(mod, "lora_variant", {}).values()]
+    assert len(fused) == len(m.target_modules) * 2 and all(isinstance(v, FusedUpdate) for v in fused)
+    _nonzero_b(ours)
+    _nonzero_b(stock)
+    _assert_close_grads(_grads(ours), _grads(stock))
+    losses, want = _train(ours, m, steps=3), _train(stock, m, steps=3)
+    assert losses != pytest.approx(losses[:1] * 3)  # it trains
+    assert losses == pytest.approx(want, rel=1e-5)
+
+
+def test_fused_update_with_dropout_and_merging_equal_peft_arithmetic(model_dirs):
+    """With dropout (the same masks) the fused update gives peft's own update's loss and gradients; merging
+    through it (merge_and_unload, merge / unmerge) is peft's vanilla arithmetic."""
+    m = MethodConfig(kind="lora", rank=4, dropout=0.1)
+    fused = apply_method(_load(model_dirs[False]), m)
+    _nonzero_b(fused)
+    plain = copy.deepcopy(fused)
+    for mod in plain.modules():
+        getattr(mod, "lora_variant", {}).clear()  # peft's own forward and merge, same dropout layers
+    _assert_close_grads(_grads(fused, seed=5), _grads(plain, seed=5))
+    fused.eval()
+    want = _logits(fused)
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    w0 = layer.base_layer.weight.clone()
+    layer.merge()
+    assert _maxdiff(layer.base_layer.weight, w0) > 1e-4
+    layer.unmerge()
+    assert _maxdiff(layer.base_layer.weight, w0) <= 1e-6
+    assert _maxdiff(_logits(fused.merge_and_unload()), want) <= 1e-5
 
 
 def test_shared_dropout_backward_keeps_a_bool_mask_and_is_dropout():
     """The dropped copy's backward is mask / (1 - p) (what nn.Dropout computes) and its graph saves a bool mask,
     not the fp32 noise nn.Dropout keeps on CPU: 4x less activation memory per adapter input."""
-    from lorascope.methods import ForwardCount, SharedInputDropout
+    from lorascope.lora_layers import ForwardCount, SharedInputDropout
 
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
@@ -311,8 +370,9 @@ def test_lora_dropout_one_mask_per_input(model_dirs):
 
 
 def test_keep_mask_rate_and_seeding():
-    """Each entry kept with probability 1 - p; the same seed gives the same mask, the next draw another."""
-    from lorascope.methods import keep_mask
+    """Each entry kept with probability 1 - realised_p(p) (p to 2**-17); the same seed gives the same mask, the
+    next draw another; a p that rounds to 1 drops everything, and the dropout then gives zeros, not NaN."""
+    from lorascope.lora_layers import ForwardCount, SharedInputDropout, keep_mask, realised_p
 
     x = torch.empty(400, 500)
     torch.manual_seed(3)
@@ -320,11 +380,16 @@ def test_keep_mask_rate_and_seeding():
     torch.manual_seed(3)
     assert torch.equal(keep_mask(x, 0.05), m1) and not torch.equal(m1, m2)
     assert m1.shape == x.shape and m1.dtype == torch.bool
-    drop = 1 - m1.float().mean().item()
-    assert abs(drop - 0.05) < 4 * (0.05 * 0.95 / x.numel()) ** 0.5  # within 4 standard errors
+    for p in (0.05, 0.3, 2 ** -16):
+        drop = 1 - keep_mask(x, p).float().mean().item()
+        assert abs(drop - realised_p(p)) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # within 4 standard errors
+    ps = torch.rand(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    assert max(abs(realised_p(p) - p) for p in ps) <= 2 ** -17 and realised_p(0.25) == 0.25
     assert keep_mask(torch.empty(7), 0.0).all() and not keep_mask(torch.empty(1001), 1.0 - 2 ** -33).any()
-    odd = keep_mask(torch.empty(3, 3), 0.5)  # an odd count of entries: half of the last 64-bit draw unused
-    assert odd.shape == (3, 3)
+    odd = keep_mask(torch.empty(3, 3), 0.5)  # 9 entries: part of the last 64-bit draw unused
+    assert odd.shape == (3, 3) and odd.dtype == torch.bool
+    zeros = SharedInputDropout(1.0 - 2 ** -20, ForwardCount()).train()(torch.randn(5, 5))
+    assert torch.equal(zeros, torch.zeros(5, 5))
 
 
 def test_one_input_tensor_in_two_forward_passes_gets_two_masks():
@@ -332,7 +397,7 @@ def test_one_input_tensor_in_two_forward_passes_gets_two_masks():
     second backward does not reach into the first pass's freed graph)."""
     from peft import LoraConfig, get_peft_model
 
-    from lorascope.methods import _share_dropout
+    from lorascope.lora_layers import speed_up
 
     class Direct(torch.nn.Module):  # the adapted layer reads the model's input as it is
         def __init__(self):
@@ -343,7 +408,7 @@ def test_one_input_tensor_in_two_forward_passes_gets_two_masks():
             return self.proj(x)
 
     model = get_peft_model(Direct(), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["proj"]))
-    _share_dropout(model, 0.5)
+    speed_up(model, 0.5)
     seen = []
     model.base_model.model.proj.lora_dropout["default"].register_forward_hook(lambda _m, _a, out: seen.append(out))
     model.train()

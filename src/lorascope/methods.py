@@ -17,10 +17,10 @@ Inits that move the base weights (PiSSA, OLoRA) are saved through peft's
 ``path_initial_model_for_weight_conversion``: the saved adapter (rank 2r) applies to the ORIGINAL base, so
 ``PeftModel.from_pretrained(original_base, ckpt)`` and dW = merged - original base are both right. That
 conversion keeps only the LoRA matrices, so PiSSA/OLoRA with DoRA or trained embeddings is refused up front.
-LoRA dropout (``method.dropout`` > 0) draws ONE mask per input tensor, shared by every adapter reading that input
-(q/k/v read the same normed hidden states, gate/up the same MLP input): peft would draw and copy one per adapter,
-7 per block where 4 inputs exist. Each adapter still sees its input with dropout applied as in the LoRA paper; what
-changes is only that adapters of one input see the same dropped copy. With dropout 0 peft's no-copy Identity stays.
+
+Every LoRA model built here gets ``lora_layers.speed_up``: one dropout mask per input tensor (shared by
+the adapters reading it) and the plain LoRA update fused into the base output; both equal peft's LoRA up to
+float rounding (that module says how, and what each saved).
 
 LoftQ (peft 0.21) needs CUDA and bitsandbytes; elsewhere it is refused with a one-line reason. LoftQ replaces
 the base weights by their quantised copy, which no adapter conversion can express; LoftQ checkpoints are
@@ -43,75 +43,6 @@ from .layout import CKPT_META
 log = logging.getLogger(__name__)
 _INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 _MOVES_BASE = ("pissa", "olora")
-
-
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool tensor shaped like x, each entry True with probability 1 - p (p to 2^-32), from torch's generator.
-
-    32 random bits an entry, taken as halves of 64-bit draws: ``rand_like(x) >= p`` makes an fp32 per entry
-    through a slower path (2 cores, 1024 x 1536 entries, medians of 7 alternated rounds: 4.25 ms against 5.43).
-    Seeded, and saved with a training state, with torch's RNG like nn.Dropout."""
-    n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
-    # a threshold past int32's range would wrap around in the comparison
-    threshold = min(round(p * 2 ** 32), 2 ** 32 - 1) - 2 ** 31
-    return (bits.view(torch.int32)[:n] >= threshold).view(x.shape)
-
-
-class ForwardCount:
-    """Counts a model's forward passes (as its forward pre-hook): a dropped copy is shared within one pass only."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, module, args) -> None:
-        self.n += 1
-
-
-class SharedInputDropout(torch.nn.Dropout):
-    """nn.Dropout that hands every adapter fed the same input tensor the same dropped copy (one mask, one copy).
-
-    The dropped copy is kept as an attribute of the input tensor itself, so it lives exactly as long as that
-    input (no cache to clear, nothing held across steps); an in-place change of the input (its version), another
-    p or another forward pass of the model (``passes``) draws afresh: an input tensor fed unchanged to two passes
-    gets two masks, and the second pass does not reuse the first one's graph. The graph keeps a bool mask
-    (``keep_mask``) rather than nn.Dropout's: on CPU that one multiplies by an fp32 noise tensor from
-    ``bernoulli_`` and keeps it for backward (4 bytes an element against 1), and measured slower (LoRA r16
-    training 149 vs 162 tokens/s on 2 cores; ``native_dropout``'s bool path was slower still, 131). Same
-    distribution: each entry kept with probability 1 - p, scaled by 1/(1-p)."""
-
-    _ATTR = "_lorascope_lora_dropout"
-
-    def __init__(self, p: float, passes: ForwardCount) -> None:
-        super().__init__(p)
-        self.passes = passes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        key = (self.p, x._version, self.passes.n)
-        hit = getattr(x, self._ATTR, None)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        out = torch.where(keep_mask(x, self.p), x, 0.0).mul_(1.0 / (1.0 - self.p))
-        setattr(x, self._ATTR, (key, out))
-        return out
-
-
-def _share_dropout(model, p: float) -> None:
-    """Replace peft's per-adapter nn.Dropout by SharedInputDropout (same p, same train/eval mode), counting the
-    model's forward passes."""
-    from peft.tuners.lora import LoraLayer
-
-    passes = ForwardCount()
-    model.register_forward_pre_hook(passes)
-    for mod in model.modules():
-        if isinstance(mod, LoraLayer):
-            for name, d in list(mod.lora_dropout.items()):
-                if isinstance(d, torch.nn.Dropout):
-                    shared = SharedInputDropout(p, passes)
-                    shared.train(d.training)
-                    mod.lora_dropout[name] = shared
 
 
 def _linear_leaf_names(model) -> set[str]:
@@ -138,6 +69,8 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
 
     from peft import LoraConfig, get_peft_model
 
+    from .lora_layers import speed_up
+
     _check_lora(model, m, work_dir)
     modules_to_save, tie = _modules_to_save(model, m)
     cfg = LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
@@ -149,8 +82,7 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
         pm = get_peft_model(model, cfg)
     except (ValueError, ImportError, RuntimeError) as e:
         raise LorascopeError(f"method: peft could not build {m.label()}: {str(e).splitlines()[0]}") from None
-    if m.dropout > 0:
-        _share_dropout(pm, m.dropout)
+    speed_up(pm, m.dropout)
     pm.train(was_training)  # peft's new dropout modules start in training mode whatever the model's mode
     if m.init in _MOVES_BASE:
         # peft's documented recipe: save the initial adapter as a plain LoRA, for conversion at save time.
