@@ -66,6 +66,40 @@ def test_loss_and_gradients_equal_transformers(kind, tie, chunk_rows, monkeypatc
         assert model(input_ids=batch["input_ids"]).logits.shape == (3, 24, VOCAB)
 
 
+@pytest.mark.parametrize("want_w", [False, True])
+def test_a_chunk_holds_one_vocabulary_wide_block(want_w, monkeypatch):
+    """While the loss runs, at most one (rows x vocabulary) block of a chunk is alive at a time (logits, their
+    exponentials and the gradient share it), whatever needs a gradient."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Blocks(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.alive, self.most, self.weight = {}, 0, weight.untyped_storage().data_ptr()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == VOCAB and t.shape[0] > 1 and \
+                        t.untyped_storage().data_ptr() != self.weight:  # not a view of the head's weight
+                    self.alive[t.untyped_storage().data_ptr()] = weakref.ref(t)
+            self.alive = {k: r for k, r in self.alive.items() if r() is not None}
+            self.most = max(self.most, len(self.alive))
+            return out
+
+    monkeypatch.setattr(headloss, "CHUNK_BYTES", 4 * VOCAB * 16)  # 16 rows a chunk: 4 chunks of 64 rows
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 24, generator=g, requires_grad=True)
+    w = torch.randn(VOCAB, 24, generator=g, requires_grad=want_w)
+    labels = torch.randint(0, VOCAB, (64,), generator=g)
+    blocks = Blocks(w)
+    with blocks:
+        headloss.linear_cross_entropy(h, w, labels, 64.0).backward()
+    assert blocks.most == 1 and h.grad is not None
+
+
 def test_stands_aside_where_it_would_not_be_exact(caplog):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
