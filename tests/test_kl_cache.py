@@ -58,6 +58,9 @@ def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
     base, tuned = _pair(tokenizer)
     kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
     kl_per_text(tuned, make_tiny_llama(len(tokenizer), seed=0), tokenizer, TEXTS, window=16, cache=True)  # same
+    moved = make_tiny_llama(len(tokenizer), seed=0)
+    moved.config._name_or_path = "/another/cache/dir/model"  # the same weights read from elsewhere
+    kl_per_text(tuned, moved, tokenizer, TEXTS, window=16, cache=True)
     assert kl_per_text(tuned, base, tokenizer, TEXTS[1:], window=16) and not kl_cache.worth_caching(base)  # tiny: off
     assert len(list(cache.glob("*.npy"))) == 1
     with torch.no_grad():

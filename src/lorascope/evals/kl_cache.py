@@ -13,9 +13,9 @@ and KL >= 0. Tested tolerance: the KL from the cache is within 1e-4 nats per tok
 test_kl_cache.py; the tiny model's worst text differs by 4e-6). Measured on the embedded model (2k tokens, a
 LoRA checkpoint with KL 1.2e-4): 4e-7 nats per token overall, 1.5e-6 for the worst text.
 
-The key is a hash of what determines the numbers, not of names: the model's config, a fingerprint of its
-weights (shape, dtype, float64 sum and a strided sample of every tensor: cheap, and a change anywhere in a
-tensor moves its sum), and the exact token rows scored (tokenizer, texts, token count and
+The key is a hash of what determines the numbers, not of names: the model's config (less the path it was read
+from), a fingerprint of its weights (shape, dtype, float64 sum and a strided sample of every tensor: cheap, and a
+change anywhere in a tensor moves its sum), and the exact token rows scored (tokenizer, texts, token count and
 window all end up in them). A file is written beside its target and renamed, under a lock, so parallel jobs
 asking for the same base build it once.
 
@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -63,7 +64,9 @@ def weights_fingerprint(model) -> str:
 
 def cache_key(model, rows: list) -> str:
     h = hashlib.sha256(f"kl-base-v{FORMAT}".encode())
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)  # where the weights were read from: one model converted under two cache dirs
+    h.update(json.dumps(config, sort_keys=True).encode())
     h.update(weights_fingerprint(model).encode())
     for _, inp, tgt, _ in rows:
         h.update(np.asarray(inp, dtype=np.int64).tobytes() + b"|" + np.asarray(tgt, dtype=np.int64).tobytes())
