@@ -493,6 +493,7 @@ def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
 
 
 def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus, monkeypatch):
+    import lorascope.evalestimate
     import lorascope.trainestimate
     from lorascope.studycost import dry_run
 
@@ -503,6 +504,8 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
         return {"tokens_processed": 1000, "epochs": 1.0, "measured": {"tokens_per_s": 50.0}}
 
     monkeypatch.setattr(lorascope.trainestimate, "dry_run", fake_measure)
+    monkeypatch.setattr(lorascope.evalestimate, "measure_evals",  # tested in test_evalestimate.py
+                        lambda study: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0})
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({
         "seeds": [0], "settings": [{"name": "ift", "separate_runs": True,
@@ -517,7 +520,7 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
     tokens = {int(m.group(1)): int(m.group(2).replace(",", ""))
               for m in re.finditer(r"/e(\d+) +main +([\d,]+) tokens", out)}
     assert tokens == {1: 1000, 2: 2000} and "training tokens: 3,000 planned" in out
-    # 3,000 tokens at 50 tokens/s + 3 evaluations (base, 2 runs) x 60 s = 4 min
+    # 3,000 tokens at 50 tokens/s + 3 evaluations (base, 2 runs) x (10 s load + 50 s english_bpb) = 4 min
     assert "estimated time: 4 min" in out and "MEASURED" in out and "not counted" not in out
 
 

@@ -160,9 +160,10 @@ def study(ctx: typer.Context,
           tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the "
                                              "--dry-run estimate assumes (default: embedded model on 2 CPU cores)"),
           eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
-                                           "estimate assumes"),
+                                           "estimate assumes without --measure"),
           measure: bool = typer.Option(False, "--measure", help="with --dry-run: measure the training pace of "
-                                       "each setting x method on this machine (loads the model; minutes)")):
+                                       "each setting x method and the eval groups' time on the base model, on "
+                                       "this machine (loads the model; minutes)")):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
     if dry_run:
         from .studyconfig import load_study

@@ -7,8 +7,10 @@ the search will choose, shown as ``lr<chosen>``), its training tokens and checkp
 tokens in total (and with every allowed grid extension), and an estimated time. The training pace is either
 stated (``--tokens-per-s``, printed as an assumption) or, with ``--measure``, measured per (setting, method) by
 ``lorascope.trainestimate`` (the run set up as training does, a few timed steps; this loads the model and
-builds the data, so it takes minutes). Evaluation is a stated time per job (``--eval-job-s``). Both speeds are
-for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide the estimate.
+builds the data, so it takes minutes). Evaluation is a stated time per job (``--eval-job-s``) or, with
+``--measure``, the study's eval groups timed on its base model (``lorascope.evalestimate``; one more evaluation
+and a half). Both speeds are for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide
+the estimate.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
     ext = sum(planned_tokens(RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"])))
               or 0 for r in extra)
     n_eval = kinds["eval"] + kinds["eval-trunc"]
+    eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure)
     pace_note = ("the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
                  if measure else f"{tokens_per_s:g} tokens/s (ASSUMED, --tokens-per-s: the whole machine's, "
                                  f"whatever --jobs; --measure measures it)")
@@ -91,10 +94,26 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
               f"training tokens: {total:,} planned" + (f" (+ {unknown} epoch-budget runs not counted)" if unknown
                                                       else "") + (f"; up to {total + ext:,} if every LR search "
                                                                   f"uses all its extensions" if ext else ""),
-              f"estimated time: {_hms(train_s + n_eval * eval_job_s)} = training {_hms(train_s)} at {pace_note} + "
-              f"{n_eval} evaluation jobs x {eval_job_s:g} s (ASSUMED, --eval-job-s); analysis jobs and set-up not "
+              f"estimated time: {_hms(train_s + eval_s)} = training {_hms(train_s)} at {pace_note} + "
+              f"{n_eval} evaluation jobs: {eval_note}; analysis jobs and set-up not "
               f"included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown else "")]
     return "\n".join(lines)
+
+
+def _eval_estimate(study: StudyConfig, graph: list[dict], eval_job_s: float, measure: bool) -> tuple[float, str]:
+    """(seconds of every evaluation job, how they were found): measured per eval task on the base model with
+    --measure (evalestimate), else the stated seconds per job."""
+    evals = [j for j in graph if j["kind"] in ("eval", "eval-trunc")]
+    if not measure or not evals:
+        return len(evals) * eval_job_s, f"{len(evals)} x {eval_job_s:g} s (ASSUMED, --eval-job-s; --measure measures)"
+    from .evalestimate import job_seconds, measure_evals
+
+    cost = measure_evals(study)
+    per_job = [job_seconds(study, j, cost) for j in evals]
+    tasks = ", ".join(f"{k} {v:.0f} s" for k, v in cost["task_s"].items())
+    total = sum(per_job) + cost["kl_cache_s"]
+    return total, (f"{_hms(total)} MEASURED on the base model ({tasks}; a model load {cost['load_s']:.1f} s a job"
+                   + (f"; the KL base cache {cost['kl_cache_s']:.0f} s once" if cost["kl_cache_s"] else "") + ")")
 
 
 def _hms(seconds: float) -> str:
