@@ -14,7 +14,7 @@ fetch and bookkeeping count, as lorascope's ``run_step`` timing counts its own. 
 configuration: ``train_throughput.py`` measures it. MFU uses train_throughput's FLOP counts and one fp32 matmul
 peak measured after the rounds.
 
-    python bench/train_paired.py [--rounds 8]
+    python bench/train_paired.py [--rounds 8] [--seq 256]
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ class TrainerStepper:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=tt.SEQ)
     args = ap.parse_args()
+    tt.SEQ = args.seq  # train_throughput's FLOP counts and configurations read it
     from lorascope.procenv import reexec_with_fast_malloc
 
     reexec_with_fast_malloc(sys.argv)
