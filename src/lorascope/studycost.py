@@ -8,8 +8,8 @@ tokens in total (and with every allowed grid extension), and an estimated time. 
 stated (``--tokens-per-s``, printed as an assumption) or, with ``--measure``, measured per (setting, method) by
 ``lorascope.trainestimate`` (the run set up as training does, a few timed steps; this loads the model and
 builds the data, so it takes minutes). Evaluation is a stated time per job (``--eval-job-s``) or, with
-``--measure``, the study's eval groups timed on its base model (``lorascope.evalestimate``; one more evaluation
-and a half). Both speeds are for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide
+``--measure``, the study's eval groups timed on its base model (``lorascope.evalestimate``: one evaluation of
+the base model, its KL tasks twice). Both speeds are for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide
 the estimate.
 """
 
