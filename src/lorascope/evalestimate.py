@@ -21,42 +21,42 @@ from pathlib import Path
 
 from .studyconfig import StudyConfig
 
-KL = "kl_base"
-
 
 def measure_evals(study: StudyConfig) -> dict:
     """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build}."""
-    from .evals.api import evaluate
+    from .evals.api import evaluate, uses_reference
+    from .jobs import group_options
     from .models import load_model
 
     t = time.perf_counter()
     model, tok = load_model(study.model)
     load_s = time.perf_counter() - t
-    ref = load_model(study.model)[0] if any(_is_kl(x) for g in study.evals.groups for x in g.tasks) else None
+    kl_tasks = {x for g in study.evals.groups for x in g.tasks if uses_reference(x)}
+    ref = load_model(study.model)[0] if kl_tasks else None
     task_s: dict[str, float] = {}
-    kl_first: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lorascope-eval-estimate-") as work:
+        def run(i: int, tasks: list[str], tag: str) -> dict[str, float]:
+            res = evaluate(model, tasks, Path(work) / f"{i}-{tag}", tokenizer=tok, reference=ref, progress=False,
+                           **group_options(study, study.evals.groups[i]))
+            return {name: rec["elapsed_s"] for name, rec in res["tasks"].items()}
+
+        first: dict[str, float] = {}
         for i, g in enumerate(study.evals.groups):
-            for n in range(2 if any(_is_kl(x) for x in g.tasks) else 1):
-                res = evaluate(model, g.tasks, Path(work) / f"{i}-{n}", tokenizer=tok, limit=g.limit, shots=g.shots,
-                               samples=g.samples, temperature=g.temperature, batch_size=study.evals.batch_size,
-                               allow_code_execution=g.allow_code_execution, reference=ref, progress=False)
-                for name, rec in res["tasks"].items():
-                    if n == 0 and _is_kl(name):
-                        kl_first[name] = rec["elapsed_s"]
-                    task_s[name] = rec["elapsed_s"]
-    kl_cache_s = sum(max(0.0, kl_first[k] - task_s[k]) for k in kl_first)
+            first.update(run(i, g.tasks, "first"))
+            kl = [x for x in g.tasks if uses_reference(x)]
+            if kl:  # again, now from the cache the first run built: what each KL job pays
+                task_s.update(run(i, kl, "cached"))
+    task_s = {**first, **task_s}
+    kl_cache_s = sum(max(0.0, first[k] - task_s[k]) for k in kl_tasks)
     return {"task_s": task_s, "load_s": round(load_s, 2), "kl_cache_s": round(kl_cache_s, 2)}
 
 
 def job_seconds(study: StudyConfig, job: dict, cost: dict) -> float:
     """Estimated seconds of one eval or eval-trunc job: a model load and the measured tasks of its groups
     (``eval:base`` skips kl_base: the base against itself needs no forward pass)."""
+    from .evals.api import uses_reference
+
     groups = job.get("groups") or range(len(study.evals.groups))
     base = job["kind"] == "eval" and job.get("run") is None
-    tasks = [x for i in groups for x in study.evals.groups[i].tasks if not (base and _is_kl(x))]
+    tasks = [x for i in groups for x in study.evals.groups[i].tasks if not (base and uses_reference(x))]
     return cost["load_s"] + sum(cost["task_s"].get(x, 0.0) for x in tasks)
-
-
-def _is_kl(task: str) -> bool:
-    return task.partition(":")[0] == KL

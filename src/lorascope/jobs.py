@@ -112,6 +112,12 @@ def excluded_by_runs(d: Path) -> dict[str, list]:
     return out
 
 
+def group_options(study: StudyConfig, g) -> dict:
+    """evaluate()'s settings for the eval group ``g`` of ``study``: how every job (and the dry run) runs it."""
+    return {"limit": g.limit, "shots": g.shots, "samples": g.samples, "temperature": g.temperature,
+            "batch_size": study.evals.batch_size, "allow_code_execution": g.allow_code_execution}
+
+
 def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None,
                   exclude_ids: dict[str, list] | None = None) -> None:
     """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
@@ -130,9 +136,7 @@ def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | 
         if res_file.exists():
             res = json.loads(res_file.read_text())
         else:
-            res = evaluate(spec, g.tasks, gdir, limit=g.limit, shots=g.shots, samples=g.samples,
-                           temperature=g.temperature, batch_size=study.evals.batch_size,
-                           allow_code_execution=g.allow_code_execution, exclude_ids=exclude_ids, progress=False)
+            res = evaluate(spec, g.tasks, gdir, exclude_ids=exclude_ids, progress=False, **group_options(study, g))
         merged["tasks"].update(res["tasks"])
         merged["derived"].update(res.get("derived", {}))
         merged["groups"].append({"tasks": g.tasks, "limit": g.limit, "settings": res.get("settings")})

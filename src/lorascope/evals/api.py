@@ -105,11 +105,16 @@ def _load(model: Any, tokenizer, exclude_ids: dict | None) -> tuple[Any, Any, st
     return model, tokenizer, spec, excluded
 
 
+def uses_reference(task: str) -> bool:
+    """Whether ``task`` (a name, with or without ``:<argument>``) scores against a reference model: kl_base."""
+    return task.partition(":")[0] == "kl_base"
+
+
 def _reference(tasks: list[str], spec: str, model, reference: Any):
     """The model kl_base compares against (default: the base model of ``spec``), or None when not needed."""
     from ..models import base_of, load_model
 
-    if not any(t.partition(":")[0] == "kl_base" for t in tasks):
+    if not any(uses_reference(t) for t in tasks):
         return None
     if reference is None and spec.startswith("<"):
         raise LorascopeError("kl_base on an in-memory model needs reference= (the base model)")
