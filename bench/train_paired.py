@@ -36,15 +36,9 @@ RATIOS = (("lorascope lora-r16", "lorascope full"), ("lorascope lora-r16 p=0", "
 
 
 def lorascope_stepper(method: str, dropout: float, tmp: Path):
-    from lorascope.config import RunConfig
     from lorascope.train import Trainer
 
-    r = tt._rank(method)
-    m = {"kind": "full"} if r is None else {"kind": "lora", "rank": r, "targets": "all", "dropout": dropout}
-    cfg = RunConfig(model="embedded", data={"dataset": "code-cpt"}, method=m,
-                    train={"seq_len": tt.SEQ, "batch_size": tt.BATCH, "max_tokens": 10 ** 7, "lr": tt.LR[method],
-                           "schedule": "constant", "warmup_frac": 0.0})
-    tr = Trainer.setup(cfg, tmp)
+    tr = Trainer.setup(tt.lorascope_config(method, 10 ** 7, dropout), tmp)
     count = iter(range(10 ** 6))
     return lambda: tr.run_step(next(count), 1.0)
 
@@ -54,21 +48,10 @@ class TrainerStepper:
 
     def __init__(self, method: str, steps: int, tmp: Path) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+        from transformers import TrainerCallback
         from transformers.trainer_callback import PrinterCallback
 
-        from lorascope.config import DataConfig
-        from lorascope.data import load_dataset
-        from lorascope.models import load_base
-
         self.turn, self.done, threads = threading.Semaphore(0), threading.Semaphore(0), torch.get_num_threads()
-        model, tok = load_base("embedded")
-        r = tt._rank(method)
-        if r is not None:
-            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                     target_modules=list(tt.TARGETS)))
-        data = load_dataset(DataConfig(dataset="code-cpt"), tok, tt.SEQ, "train")
         stepper = self
 
         class Handover(TrainerCallback):
@@ -76,13 +59,7 @@ class TrainerStepper:
                 stepper.done.release()
                 stepper.turn.acquire()
 
-        args = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=tt.BATCH,
-                                 max_steps=steps + 1, learning_rate=tt.LR[method], lr_scheduler_type="constant",
-                                 optim="adamw_torch", adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-                                 logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                                 disable_tqdm=True, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                          callbacks=[Handover()])
+        trainer = tt.peer_trainer(method, steps + 1, tmp, Handover())
         trainer.remove_callback(PrinterCallback)  # its log line each step; the logging itself stays, as timed
 
         def run() -> None:

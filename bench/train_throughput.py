@@ -88,17 +88,21 @@ def _rank(method: str) -> int | None:
     return None if method == "full" else int(method.split("-r")[1])
 
 
-def worker_lorascope(method: str, steps: int, warmup: int, tmp: Path) -> dict:
+def lorascope_config(method: str, max_tokens: int, dropout: float = 0.05):
+    """The RunConfig lorascope trains `method` with here (LoRA: all 7 projections, alpha 2r)."""
     from lorascope.config import RunConfig
-    from lorascope.train import train
 
     r = _rank(method)
-    cfg = RunConfig(model="embedded", data={"dataset": "code-cpt"},
-                    method={"kind": "full"} if r is None else {"kind": "lora", "rank": r, "targets": "all"},
-                    train={"seq_len": SEQ, "batch_size": BATCH, "max_tokens": (steps + warmup) * SEQ * BATCH,
-                           "lr": LR[method], "schedule": "constant", "warmup_frac": 0.0,
-                           "save_state_every": 10_000})
-    run = train(cfg, tmp / "run", progress=False)
+    m = {"kind": "full"} if r is None else {"kind": "lora", "rank": r, "targets": "all", "dropout": dropout}
+    return RunConfig(model="embedded", data={"dataset": "code-cpt"}, method=m,
+                     train={"seq_len": SEQ, "batch_size": BATCH, "max_tokens": max_tokens, "lr": LR[method],
+                            "schedule": "constant", "warmup_frac": 0.0, "save_state_every": 10_000})
+
+
+def worker_lorascope(method: str, steps: int, warmup: int, tmp: Path) -> dict:
+    from lorascope.train import train
+
+    run = train(lorascope_config(method, (steps + warmup) * SEQ * BATCH), tmp / "run", progress=False)
     rows = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     dt = rows[-1]["elapsed_s"] - rows[warmup - 1]["elapsed_s"]
     s = json.loads((run / "summary.json").read_text())
@@ -106,10 +110,10 @@ def worker_lorascope(method: str, steps: int, warmup: int, tmp: Path) -> dict:
             "final_loss": rows[-1]["loss"]}
 
 
-def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
-    import torch
+def peer_trainer(method: str, max_steps: int, tmp: Path, callback):
+    """transformers.Trainer on the embedded model (+ PEFT LoRA with the same adapter) and the same rows."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     from lorascope.config import DataConfig
     from lorascope.data import load_dataset
@@ -121,21 +125,28 @@ def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, task_type="CAUSAL_LM",
                                                  target_modules=list(TARGETS)))
     data = load_dataset(DataConfig(dataset="code-cpt"), tok, SEQ, "train")
+    args = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=BATCH, max_steps=max_steps,
+                             learning_rate=LR[method], lr_scheduler_type="constant", optim="adamw_torch",
+                             adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                   callbacks=[callback])
+
+
+def worker_trainer(method: str, steps: int, warmup: int, tmp: Path) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
     marks: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.time())
 
-    args = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=BATCH, max_steps=steps + warmup,
-                             learning_rate=LR[method], lr_scheduler_type="constant", optim="adamw_torch",
-                             adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                             dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                      callbacks=[Clock()])
+    trainer = peer_trainer(method, steps + warmup, tmp, Clock())
     out = trainer.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"tokens_per_s": steps * SEQ * BATCH / (marks[-1] - marks[warmup - 1]), "trainable": trainable,
             "final_loss": float(out.training_loss), "threads": torch.get_num_threads()}
 
