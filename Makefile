@@ -20,6 +20,7 @@ study: setup
 	$(BIN)/lorascope report $(STUDY_DIR)
 
 test: setup
+	$(BIN)/ruff check -q . && $(BIN)/ruff format --check -q .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-integration: setup

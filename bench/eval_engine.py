@@ -34,7 +34,7 @@ def preds(items, spans, scored):
     """(acc, acc_norm) prediction per item; an item is one request, or one per choice (WinoGrande)."""
     out, at = [], 0
     for it, n in zip(items, spans):
-        lls = [ll for res in scored[at: at + n] for ll, _ in res]
+        lls = [ll for res in scored[at : at + n] for ll, _ in res]
         at += n
         norm = [ll / len(c) for ll, c in zip(lls, it.choices)]
         out.append((lls.index(max(lls)), norm.index(max(norm))))
@@ -44,8 +44,10 @@ def preds(items, spans, scored):
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     model, tok = load_base("embedded")
-    print(f"embedded model, {torch.get_num_threads()} threads, {n} items per task, batch 8 (naive: 8 sequences "
-          f"per pass; engine: the same padded-token budget per pass)")
+    print(
+        f"embedded model, {torch.get_num_threads()} threads, {n} items per task, batch 8 (naive: 8 sequences "
+        f"per pass; engine: the same padded-token budget per pass)"
+    )
     rows = []
     for task in (HellaSwag(), ArcChallenge(), WinoGrande()):
         for shots in (0, 5):
@@ -60,9 +62,12 @@ def main() -> None:
             dmax = max(abs(a[0] - b[0]) for ra, rb in zip(fast, naive) for a, b in zip(ra, rb))
             same = preds(items, spans, fast) == preds(items, spans, naive)
             rows.append((task.name, shots, t_naive, t_fast, t_naive / t_fast, dmax, same))
-            print(f"{task.name:14s} {shots}-shot  wall: naive {t_naive:7.1f} s engine {t_fast:6.1f} s "
-                  f"= {t_naive / t_fast:5.2f}x | cpu: naive {c_naive:7.1f} s engine {c_fast:6.1f} s "
-                  f"= {c_naive / c_fast:5.2f}x | max|dloglik| {dmax:.2e} | same predictions: {same}", flush=True)
+            print(
+                f"{task.name:14s} {shots}-shot  wall: naive {t_naive:7.1f} s engine {t_fast:6.1f} s "
+                f"= {t_naive / t_fast:5.2f}x | cpu: naive {c_naive:7.1f} s engine {c_fast:6.1f} s "
+                f"= {c_naive / c_fast:5.2f}x | max|dloglik| {dmax:.2e} | same predictions: {same}",
+                flush=True,
+            )
     ok = all(r[6] and r[5] <= 1e-3 for r in rows)
     print("all predictions identical and |dloglik| <= 1e-3:", ok)
     sys.exit(0 if ok else 1)

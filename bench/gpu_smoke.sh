@@ -113,7 +113,7 @@ print(f"   {task}: bpb {bpb:.3f}")
 EOF
 "$PY" - <<'EOF' || die "keep_mask on CUDA: keep rate off by more than 4 standard errors"
 import torch
-from lorascope.methods import keep_mask
+from lorascope.train.methods import keep_mask
 torch.manual_seed(0)
 x = torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16)
 for p in (0.05, 0.5, 0.999):

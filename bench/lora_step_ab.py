@@ -4,7 +4,7 @@ Between separate processes this machine's tokens/s spread by up to 10%, more tha
 each comparison switches one thing on and off between the optimizer steps of ONE model (the loop's
 ``Trainer.run_step``: embedded model, LoRA r16 on all seven projections, dropout 0.05, seq 256 x batch 4,
 code-cpt rows) and prints paired ratios of step times, median [min-max]:
-    peft's own update (lorascope.lora_layers.FusedUpdate switched off) against the fused update;
+    peft's own update (lorascope.train.lora_layers.FusedUpdate switched off) against the fused update;
     the head loss as it is against the same loss with ``headloss.CHUNK_BYTES`` at 48 and 32 MiB.
 It re-executes itself under the allocator lorascope gives its training jobs (``procenv.reexec_with_fast_malloc``).
 
@@ -23,18 +23,27 @@ from pathlib import Path
 
 def _trainer():
     from lorascope.config import RunConfig
-    from lorascope.train import Trainer
+    from lorascope.train.loop import Trainer
 
-    cfg = RunConfig(model="embedded", data={"dataset": "code-cpt"},
-                    method={"kind": "lora", "rank": 16, "targets": "all"},
-                    train={"seq_len": 256, "batch_size": 4, "max_tokens": 10 ** 6, "lr": 1e-4,
-                           "schedule": "constant", "warmup_frac": 0.0})
+    cfg = RunConfig(
+        model="embedded",
+        data={"dataset": "code-cpt"},
+        method={"kind": "lora", "rank": 16, "targets": "all"},
+        train={
+            "seq_len": 256,
+            "batch_size": 4,
+            "max_tokens": 10**6,
+            "lr": 1e-4,
+            "schedule": "constant",
+            "warmup_frac": 0.0,
+        },
+    )
     return Trainer.setup(cfg, Path(tempfile.mkdtemp()))
 
 
 def _switches(tr) -> dict:
     """name -> function that puts the model in that configuration."""
-    from lorascope import headloss
+    from lorascope.train import headloss
 
     fused = {mod: dict(mod.lora_variant) for mod in tr.model.modules() if getattr(mod, "lora_variant", None)}
 
@@ -44,11 +53,16 @@ def _switches(tr) -> dict:
                 mod.lora_variant.clear()
                 if use_fused:
                     mod.lora_variant.update(variants)
-            headloss.CHUNK_BYTES = chunk_mib * 2 ** 20
+            headloss.CHUNK_BYTES = chunk_mib * 2**20
+
         return apply
 
-    return {"as is": config(True, 64), "peft's update": config(False, 64), "head 48 MiB": config(True, 48),
-            "head 32 MiB": config(True, 32)}
+    return {
+        "as is": config(True, 64),
+        "peft's update": config(False, 64),
+        "head 48 MiB": config(True, 48),
+        "head 32 MiB": config(True, 32),
+    }
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def main() -> None:
 
     t = time.time()
     with lapack_threads():
-        s_plain = [[torch.linalg.svdvals(w) for w in trio] for trio in trios]
+        _ = [[torch.linalg.svdvals(w) for w in trio] for trio in trios]
     t_plain = time.time() - t
     t = time.time()
     s_torch = [[singular_values(w) for w in trio] for trio in trios]  # transposes wide matrices
@@ -67,10 +67,16 @@ def main() -> None:
     t = time.time()
     s_sp = [[scipy.linalg.svdvals(w, check_finite=False) for w in trio] for trio in np_trios]
     t_sp = time.time() - t
-    err = max(float(np.max(np.abs(a.numpy() - b)) / max(float(b[0]), 1e-30))
-              for ta, tb in zip(s_torch, s_np) for a, b in zip(ta, tb))
-    err_sp = max(float(np.max(np.abs(a.numpy() - b)) / max(float(b[0]), 1e-30))
-                 for ta, tb in zip(s_torch, s_sp) for a, b in zip(ta, tb))
+    err = max(
+        float(np.max(np.abs(a.numpy() - b)) / max(float(b[0]), 1e-30))
+        for ta, tb in zip(s_torch, s_np)
+        for a, b in zip(ta, tb)
+    )
+    err_sp = max(
+        float(np.max(np.abs(a.numpy() - b)) / max(float(b[0]), 1e-30))
+        for ta, tb in zip(s_torch, s_sp)
+        for a, b in zip(ta, tb)
+    )
 
     t = time.time()
     s_delta = [singular_values(trio[2]) for trio in trios]  # what "the spectrum of dW" alone costs
@@ -90,21 +96,29 @@ def main() -> None:
 
     n = 3 * len(mats)
     print(f"\n{n} singular-value computations (W_base, W_tuned, dW of {len(mats)} matrices), 1 thread each:")
-    print(f"  lorascope singular_values {t_torch:7.2f}s  ({1000 * t_torch / n:.1f} ms each; torch.linalg.svdvals, "
-          f"wide matrices transposed)")
-    print(f"  torch.linalg.svdvals as-is {t_plain:6.2f}s  -> transposing wide inputs is {t_plain / t_torch:.2f}x faster")
+    print(
+        f"  lorascope singular_values {t_torch:7.2f}s  ({1000 * t_torch / n:.1f} ms each; torch.linalg.svdvals, "
+        f"wide matrices transposed)"
+    )
+    print(
+        f"  torch.linalg.svdvals as-is {t_plain:6.2f}s  -> transposing wide inputs is {t_plain / t_torch:.2f}x faster"
+    )
     print(f"  numpy.linalg.svd (vals)   {t_np:7.2f}s  -> torch is {t_np / t_torch:.2f}x numpy's speed")
     print(f"  scipy.linalg.svdvals      {t_sp:7.2f}s  -> torch is {t_sp / t_torch:.2f}x scipy's speed")
     print(f"  max |s_torch - s_peer| / s_1: numpy {err:.1e}, scipy {err_sp:.1e}")
     print(f"\nspectrum of dW for every adapted matrix ({len(mats)}), 1 thread: {t_delta:.2f}s")
-    print(f"full lorascope analysis (thin SVD of base and tuned, dW spectrum, gaussian + base+noise "
-          f"baselines, intruders) for {len(mats)} matrices: {t_full:.2f}s on 1 thread, {t_full2:.2f}s on 2 "
-          f"({t_full / t_full2:.2f}x)")
+    print(
+        f"full lorascope analysis (thin SVD of base and tuned, dW spectrum, gaussian + base+noise "
+        f"baselines, intruders) for {len(mats)} matrices: {t_full:.2f}s on 1 thread, {t_full2:.2f}s on 2 "
+        f"({t_full / t_full2:.2f}x)"
+    )
     changed = [r for r in records if r["changed"]]
     frac = np.mean([r["rank_fraction_delta"] for r in changed])
-    print(f"sanity: Gaussian dW needs {frac:.1%} of its spectrum for 90% energy (square Gaussian: ~51%, "
-          f"1536x576 more: its singular values are flatter); "
-          f"intruders found: {sum(r['intruders'] for r in changed)}")
+    print(
+        f"sanity: Gaussian dW needs {frac:.1%} of its spectrum for 90% energy (square Gaussian: ~51%, "
+        f"1536x576 more: its singular values are flatter); "
+        f"intruders found: {sum(r['intruders'] for r in changed)}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,16 +30,20 @@ from pathlib import Path
 import train_throughput as tt
 
 CONFIGS = ("lorascope full", "lorascope lora-r16", "lorascope lora-r16 p=0", "trainer full", "trainer lora-r16")
-RATIOS = (("lorascope lora-r16", "lorascope full"), ("lorascope lora-r16 p=0", "lorascope full"),
-          ("lorascope full", "trainer full"), ("lorascope lora-r16", "trainer lora-r16"),
-          ("trainer lora-r16", "trainer full"))
+RATIOS = (
+    ("lorascope lora-r16", "lorascope full"),
+    ("lorascope lora-r16 p=0", "lorascope full"),
+    ("lorascope full", "trainer full"),
+    ("lorascope lora-r16", "trainer lora-r16"),
+    ("trainer lora-r16", "trainer full"),
+)
 
 
 def lorascope_stepper(method: str, dropout: float, tmp: Path):
-    from lorascope.train import Trainer
+    from lorascope.train.loop import Trainer
 
-    tr = Trainer.setup(tt.lorascope_config(method, 10 ** 7, dropout), tmp)
-    count = iter(range(10 ** 6))
+    tr = Trainer.setup(tt.lorascope_config(method, 10**7, dropout), tmp)
+    count = iter(range(10**6))
     return lambda: tr.run_step(next(count), 1.0)
 
 
@@ -85,11 +89,13 @@ def main() -> None:
 
     reexec_with_fast_malloc(sys.argv)
     tmp = Path(tempfile.mkdtemp())
-    steppers = {"lorascope full": lorascope_stepper("full", 0.0, tmp / "a"),
-                "lorascope lora-r16": lorascope_stepper("lora-r16", 0.05, tmp / "b"),
-                "lorascope lora-r16 p=0": lorascope_stepper("lora-r16", 0.0, tmp / "c"),
-                "trainer full": TrainerStepper("full", args.rounds + 1, tmp / "d"),
-                "trainer lora-r16": TrainerStepper("lora-r16", args.rounds + 1, tmp / "e")}
+    steppers = {
+        "lorascope full": lorascope_stepper("full", 0.0, tmp / "a"),
+        "lorascope lora-r16": lorascope_stepper("lora-r16", 0.05, tmp / "b"),
+        "lorascope lora-r16 p=0": lorascope_stepper("lora-r16", 0.0, tmp / "c"),
+        "trainer full": TrainerStepper("full", args.rounds + 1, tmp / "d"),
+        "trainer lora-r16": TrainerStepper("lora-r16", args.rounds + 1, tmp / "e"),
+    }
     times = rounds(steppers, args.rounds)
     report(times, tt.matmul_peak(), args.rounds)
 
@@ -108,13 +114,19 @@ def rounds(steppers: dict, n: int) -> dict[str, list[float]]:
 
 def report(times: dict[str, list[float]], peak: float, n: int) -> None:
     tokens = tt.SEQ * tt.BATCH
-    print(f"seq {tt.SEQ} x batch {tt.BATCH}, fp32, AdamW; {n} rounds (+1 warm-up) in one process, one step of each "
-          f"configuration a round; median [min-max]; MFU against {peak / 1e9:.0f} GFLOP/s (fp32 matmul, measured "
-          f"after the rounds)")
+    print(
+        f"seq {tt.SEQ} x batch {tt.BATCH}, fp32, AdamW; {n} rounds (+1 warm-up) in one process, one step of each "
+        f"configuration a round; median [min-max]; MFU against {peak / 1e9:.0f} GFLOP/s (fp32 matmul, measured "
+        f"after the rounds)"
+    )
     for k in CONFIGS:
         med = statistics.median(times[k])
         fpt = tt.flops_per_token(k.split()[1])
-        print(f"  {k:<24} step {tt._spread(times[k], 3)} s  {tokens / med:6.1f} tok/s  MFU {fpt * tokens / med / peak:.0%}")
+        print(
+            f"  {k:<24} step {tt._spread(times[k], 3)} s  {tokens / med:6.1f} tok/s",
+            f" MFU {fpt * tokens / med / peak:.0%}",
+            sep="",
+        )
     for a, b in RATIOS:
         r = [tb / ta for ta, tb in zip(times[a], times[b])]
         print(f"  {a} / {b}: tokens/s {tt._spread(r, 3)}x")

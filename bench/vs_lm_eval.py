@@ -34,8 +34,15 @@ from lorascope.assets import package_dir
 from lorascope.evals.engine import Request, score
 from lorascope.models import load_model
 
-CONFIGS = [("hellaswag", 0), ("arc_challenge", 0), ("winogrande", 0), ("hellaswag", 5), ("arc_challenge", 5),
-           ("winogrande", 5), ("arc_challenge", 25)]
+CONFIGS = [
+    ("hellaswag", 0),
+    ("arc_challenge", 0),
+    ("winogrande", 0),
+    ("hellaswag", 5),
+    ("arc_challenge", 5),
+    ("winogrande", 5),
+    ("arc_challenge", 25),
+]
 SKIP = 25  # items reserved as shots where shots and items come from the same split
 
 
@@ -51,8 +58,17 @@ def _arc_jsonl(d: Path) -> dict[str, str]:
         with open(path, "w") as f:
             for it in benchdata.arc("ARC-Challenge", split):
                 labels = it.get("choice_labels") or [chr(65 + i) for i in range(len(it["choices"]))]
-                f.write(json.dumps({"id": it["id"], "question": it["question"], "answerKey": labels[it["gold"]],
-                                    "choices": {"text": it["choices"], "label": labels}}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": it["id"],
+                            "question": it["question"],
+                            "answerKey": labels[it["gold"]],
+                            "choices": {"text": it["choices"], "label": labels},
+                        }
+                    )
+                    + "\n"
+                )
         out[split] = str(path)
     return out
 
@@ -65,17 +81,23 @@ def write_task_configs(d: Path) -> None:
     fixed = "fewshot_config:\n  sampler: first_n\n"
     arc = _arc_jsonl(d)
     yamls = {
-        "hellaswag": (f"include: {tasks / 'hellaswag/hellaswag.yaml'}\ntask: local_hellaswag\n"
-                      f"dataset_path: arrow\ndataset_kwargs:\n  data_files:\n"
-                      f"    validation: {json.dumps(_arrow_files('hellaswag/none/validation'))}\n"
-                      f"training_split: null\nfewshot_split: validation\n"),
-        "arc_challenge": (f"include: {tasks / 'arc/arc_easy.yaml'}\ntask: local_arc_challenge\ndataset_path: json\n"
-                          f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {arc['test']}\n"
-                          f"    validation: {arc['validation']}\ntraining_split: null\nfewshot_split: validation\n"),
-        "winogrande": (f"include: {tasks / 'winogrande/default.yaml'}\ntask: local_winogrande\ndataset_path: arrow\n"
-                       f"dataset_name: null\ndataset_kwargs:\n  data_files:\n"
-                       f"    validation: {json.dumps(_arrow_files('winogrande/winogrande_xl/validation'))}\n"
-                       f"training_split: null\nfewshot_split: validation\n"),
+        "hellaswag": (
+            f"include: {tasks / 'hellaswag/hellaswag.yaml'}\ntask: local_hellaswag\n"
+            f"dataset_path: arrow\ndataset_kwargs:\n  data_files:\n"
+            f"    validation: {json.dumps(_arrow_files('hellaswag/none/validation'))}\n"
+            f"training_split: null\nfewshot_split: validation\n"
+        ),
+        "arc_challenge": (
+            f"include: {tasks / 'arc/arc_easy.yaml'}\ntask: local_arc_challenge\ndataset_path: json\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {arc['test']}\n"
+            f"    validation: {arc['validation']}\ntraining_split: null\nfewshot_split: validation\n"
+        ),
+        "winogrande": (
+            f"include: {tasks / 'winogrande/default.yaml'}\ntask: local_winogrande\ndataset_path: arrow\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n"
+            f"    validation: {json.dumps(_arrow_files('winogrande/winogrande_xl/validation'))}\n"
+            f"training_split: null\nfewshot_split: validation\n"
+        ),
     }
     for name, text in yamls.items():
         (d / f"local_{name}.yaml").write_text(text + fixed)
@@ -93,6 +115,7 @@ class Recorder:
             res = inner(requests, *a, **k)
             self.calls.append((requests, res, time.perf_counter() - t, time.process_time() - c))
             return res
+
         lm.loglikelihood = timed
 
 
@@ -102,11 +125,18 @@ def lm_eval_run(rec: Recorder, task: str, shots: int, n: int, tm) -> tuple[list,
     first = SKIP if task in ("hellaswag", "winogrande") else 0
     rec.calls.clear()
     t = time.perf_counter()
-    simple_evaluate(model=rec.lm, tasks=[f"local_{task}"], num_fewshot=shots, task_manager=tm,
-                    samples={f"local_{task}": list(range(first, first + n))}, bootstrap_iters=0,
-                    log_samples=False, verbosity="ERROR")
+    simple_evaluate(
+        model=rec.lm,
+        tasks=[f"local_{task}"],
+        num_fewshot=shots,
+        task_manager=tm,
+        samples={f"local_{task}": list(range(first, first + n))},
+        bootstrap_iters=0,
+        log_samples=False,
+        verbosity="ERROR",
+    )
     total = time.perf_counter() - t
-    (reqs, res, wall, cpu), = rec.calls
+    ((reqs, res, wall, cpu),) = rec.calls
     return reqs, res, wall, cpu, total
 
 
@@ -175,21 +205,28 @@ def main() -> None:
     tm = TaskManager(include_path=str(work))
     from importlib.metadata import version
 
-    print(f"model={args.model} threads={torch.get_num_threads()} lm-eval {version('lm-eval')} "
-          f"batch 8 both sides; times: scoring only (lm-eval: HFLM.loglikelihood; ours: engine.score)")
+    print(
+        f"model={args.model} threads={torch.get_num_threads()} lm-eval {version('lm-eval')} "
+        f"batch 8 both sides; times: scoring only (lm-eval: HFLM.loglikelihood; ours: engine.score)"
+    )
     rows = []
     for task, shots in CONFIGS:
         n = {0: args.n0, 5: args.n5, 25: args.n25}[shots]
         reqs, res, lw, lc, total = lm_eval_run(rec, task, shots, n, tm)
         ow, oc, dmax, same = compare(model, tok, reqs, res)
         rows.append((task, shots, n, lw, lc, ow, oc, dmax, same))
-        print(f"{task:14s} {shots:2d}-shot n={n:3d} | lm-eval wall {lw:6.1f} s cpu {lc:6.1f} s "
-              f"(whole simple_evaluate {total:6.1f} s) | ours wall {ow:5.1f} s cpu {oc:5.1f} s | "
-              f"wall {lw / ow:5.2f}x cpu {lc / oc:5.2f}x | max|dll| {dmax:.1e} | same preds {same}", flush=True)
+        print(
+            f"{task:14s} {shots:2d}-shot n={n:3d} | lm-eval wall {lw:6.1f} s cpu {lc:6.1f} s "
+            f"(whole simple_evaluate {total:6.1f} s) | ours wall {ow:5.1f} s cpu {oc:5.1f} s | "
+            f"wall {lw / ow:5.2f}x cpu {lc / oc:5.2f}x | max|dll| {dmax:.1e} | same preds {same}",
+            flush=True,
+        )
     for label, shots in (("0-shot, 3 tasks", 0), ("5-shot, 3 tasks", 5), ("25-shot ARC-C", 25)):
         g = [r for r in rows if r[1] == shots]
-        print(f"{label:16s}: wall {sum(r[3] for r in g) / sum(r[5] for r in g):5.2f}x "
-              f"cpu {sum(r[4] for r in g) / sum(r[6] for r in g):5.2f}x")
+        print(
+            f"{label:16s}: wall {sum(r[3] for r in g) / sum(r[5] for r in g):5.2f}x "
+            f"cpu {sum(r[4] for r in g) / sum(r[6] for r in g):5.2f}x"
+        )
     ok = all(r[8] and r[7] <= 1e-3 for r in rows)
     print("all predictions identical and max |dloglik| <= 1e-3:", ok)
     sys.exit(0 if ok else 1)

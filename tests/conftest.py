@@ -33,9 +33,19 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
@@ -110,14 +120,14 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A real tiny study, run once per session by the real scheduler (inline executor): full FT and LoRA on a
-    repetitive code corpus, one checkpoint each, evaluated (held-out BPB, KL to the base on 2,500 tokens, ARC-Easy), analysed
-    (spectrum, a rank-2 truncation, evaluated). Tests read it; copy it before changing anything in it."""
+    repetitive code corpus, one checkpoint each, evaluated (held-out BPB, KL to the base on 2,500 tokens, ARC-Easy),
+    analysed (spectrum, a rank-2 truncation, evaluated). Tests read it; copy it before changing anything in it."""
     import json
 
     import yaml
 
     from lorascope.benchdata import humaneval
-    from lorascope.study import run_study
+    from lorascope.study.scheduler import run_study
 
     root = tmp_path_factory.mktemp("tiny-study")
     corpus = root / "code.jsonl"
@@ -127,15 +137,34 @@ def tiny_study_dir(tmp_path_factory, tiny_model_dir) -> Path:
     docs[5] = docs[80] = item["prompt"] + item["canonical_solution"]
     corpus.write_text("\n".join(json.dumps({"text": t}) for t in docs))
     cfg = root / "study.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "tiny", "model": str(tiny_model_dir), "seeds": [0],
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": []}}],
-        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
-                    {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
-        # 16 held-out windows: both splits (validation / test, by a hash of each item's cluster) get some
-        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 16},
-                                                      {"tasks": ["kl_base:2500"]},  # 2,500 tokens, not 10k: >= 5 test-split texts
-                                                      {"tasks": ["arc_easy"], "limit": 3}]},
-        "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "model": str(tiny_model_dir),
+                "seeds": [0],
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": []},
+                    }
+                ],
+                "methods": [
+                    {"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+                    {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]},
+                ],
+                # 16 held-out windows: both splits (validation / test, by a hash of each item's cluster) get some
+                "evals": {
+                    "checkpoints": "final",
+                    "groups": [
+                        {"tasks": [f"heldout_bpb:{corpus}"], "limit": 16},
+                        {"tasks": ["kl_base:2500"]},  # 2,500 tokens, not 10k: >= 5 test-split texts
+                        {"tasks": ["arc_easy"], "limit": 3},
+                    ],
+                },
+                "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}},
+            }
+        )
+    )
     return run_study(cfg, [], root / "study", executor="inline", progress=False)

@@ -37,8 +37,9 @@ def _plant_intruder(w: torch.Tensor, strength: float = 3.0) -> torch.Tensor:
 
 
 def _write_meta(ck: Path, kind: str, base: str, method: dict) -> None:
-    ck.joinpath("lorascope.json").write_text(json.dumps(
-        {"kind": kind, "base": base, "tokens": 8192, "epoch": 1, "step": 4, "method": method}))
+    ck.joinpath("lorascope.json").write_text(
+        json.dumps({"kind": kind, "base": base, "tokens": 8192, "epoch": 1, "step": 4, "method": method})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +252,7 @@ def test_mitigate_cli_saves_loadable_model_with_scaled_intruder(runs, tmp_path):
     tuned, _ = load_model(str(runs["full"]))
     wt = tuned.get_submodule(PLANTED).weight.detach()
     u, s, vh = torch.linalg.svd(wt, full_matrices=False)
-    assert torch.allclose(model.get_submodule(PLANTED).weight, wt - 0.5 * s[0] * torch.outer(u[:, 0], vh[0]),
-                          atol=1e-5)
+    assert torch.allclose(model.get_submodule(PLANTED).weight, wt - 0.5 * s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5)
     other = "model.layers.1.self_attn.q_proj"
     assert torch.equal(model.get_submodule(other).weight, tuned.get_submodule(other).weight)
 
@@ -271,7 +271,7 @@ def test_truncation_round_trip(runs, tmp_path, tiny_model_dir):
         d = tuned.get_submodule(name).weight.detach() - wb
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         assert torch.allclose(model.get_submodule(name).weight, wb + (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5)
-        tail = float((s[4:] ** 2).sum() / (s ** 2).sum()) ** 0.5
+        tail = float((s[4:] ** 2).sum() / (s**2).sum()) ** 0.5
         assert info[name]["rank"] == 4 and info[name]["rel_frobenius_error"] == pytest.approx(tail, abs=1e-4)
     assert torch.equal(model.model.norm.weight, tuned.model.norm.weight)  # non-matrix params: from tuned
     assert not torch.equal(model.model.norm.weight, base.model.norm.weight)
@@ -343,12 +343,18 @@ def test_cli_reports_user_error(runs, tmp_path):
 @pytest.mark.integration
 def test_embedded_full_vs_lora_spectrum(tmp_path):
     from lorascope.config import RunConfig
-    from lorascope.train import train
+    from lorascope.train.loop import train
 
     docs = {}
     for method, lr in (({"kind": "full"}, 2e-5), ({"kind": "lora", "rank": 16, "targets": "all"}, 2e-4)):
-        cfg = RunConfig.model_validate({"model": "embedded", "method": method, "data": {"dataset": "code-cpt"},
-                                        "train": {"lr": lr, "max_tokens": 8192}})
+        cfg = RunConfig.model_validate(
+            {
+                "model": "embedded",
+                "method": method,
+                "data": {"dataset": "code-cpt"},
+                "train": {"lr": lr, "max_tokens": 8192},
+            }
+        )
         run = tmp_path / method["kind"]
         train(cfg, run)
         sp.spectrum_cli(str(run), out=tmp_path / f"spec-{method['kind']}", energy=0.9, top_k=10, epsilon=0.5)
@@ -357,9 +363,11 @@ def test_embedded_full_vs_lora_spectrum(tmp_path):
         print(f"\n{kind}: {doc['changed_matrices']}/{doc['matrices']} changed, timing {doc['timing']}")
         for group in ("by_module", "by_layer"):
             for key, row in doc["aggregate"][group].items():
-                print(f"  {group[3:]:6s} {key:14s} rank@90 dW {row['delta_rank_at_energy']:8.1f} "
-                      f"(gaussian {row['gaussian_rank_at_energy']}, base+noise {row['base_plus_noise_rank_at_energy']},"
-                      f" base {row['base_rank_at_energy']}) intruders {row['intruders_total']}")
+                print(
+                    f"  {group[3:]:6s} {key:14s} rank@90 dW {row['delta_rank_at_energy']:8.1f} "
+                    f"(gaussian {row['gaussian_rank_at_energy']}, base+noise {row['base_plus_noise_rank_at_energy']},"
+                    f" base {row['base_rank_at_energy']}) intruders {row['intruders_total']}"
+                )
     lora = [r for r in docs["lora"]["records"] if r["changed"]]
     full = [r for r in docs["full"]["records"] if r["changed"]]
     assert len(lora) == 210 and all(r["numerical_rank"]["delta"] <= 16 for r in lora)

@@ -54,7 +54,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (c := visit(n)):
                 return c
         stack.pop()
@@ -76,24 +76,57 @@ def test_cycle_finder_finds_a_planted_circle():
     assert _cycle(g) == ["a", "b", "c", "a"]
 
 
+def _in(mod: str, pkg: str) -> bool:
+    """Exact package membership: 'lorascope.train' holds 'lorascope.train.plan', never 'lorascope.trainplan'."""
+    return mod == pkg or mod.startswith(pkg + ".")
+
+
+STAGES = ("lorascope.train", "lorascope.evals", "lorascope.analysis")
+ABOVE_STAGES = ("lorascope.study", "lorascope.report", "lorascope.cli")
+
+
 def test_stages_meet_only_in_files():
+    """train, evals and analysis never import each other, nor anything that drives them (study, report, cli)."""
     g = import_graph()
-    stages = {"train": ("lorascope.train",), "evals": ("lorascope.evals",), "analysis": ("lorascope.analysis",)}
-    for name, prefixes in stages.items():
-        others = [p for n, ps in stages.items() if n != name for p in ps]
+    for stage in STAGES:
+        forbidden = [s for s in STAGES if s != stage] + list(ABOVE_STAGES)
         for mod, deps in g.items():
-            if mod.startswith(prefixes):
-                bad = sorted(d for d in deps if d.startswith(tuple(others)))
-                assert not bad, f"{mod} ({name}) imports {bad}"
+            if _in(mod, stage):
+                bad = sorted(d for d in deps if any(_in(d, f) for f in forbidden))
+                assert not bad, f"{mod} ({stage}) imports {bad}"
+
+
+def test_study_does_not_import_the_report():
+    g = import_graph()
+    for mod, deps in g.items():
+        if _in(mod, "lorascope.study"):
+            bad = sorted(d for d in deps if _in(d, "lorascope.report") or _in(d, "lorascope.cli"))
+            assert not bad, f"{mod} imports {bad}"
+
+
+def test_membership_is_exact_not_a_prefix():
+    assert _in("lorascope.train.plan", "lorascope.train") and not _in("lorascope.trainplan", "lorascope.train")
+
+
+def test_top_level_stays_small():
+    top = sorted(p.stem for p in PKG.glob("*.py") if not p.stem.startswith("__"))
+    assert len(top) <= 12, top
 
 
 def test_report_imports_no_model_code():
     g = import_graph()
-    allowed = ("lorascope.report", "lorascope.layout", "lorascope.splits", "lorascope.fileio", "lorascope.errors",
-               "lorascope.evals.results")
+    allowed = (
+        "lorascope.report",
+        "lorascope.layout",
+        "lorascope.splits",
+        "lorascope.fileio",
+        "lorascope.errors",
+        "lorascope.evals.results",
+        "lorascope.evals.catalog",
+    )
     for mod, deps in g.items():
-        if mod.startswith("lorascope.report"):
-            bad = sorted(d for d in deps if not d.startswith(allowed))
+        if _in(mod, "lorascope.report"):
+            bad = sorted(d for d in deps if not any(_in(d, a) for a in allowed))
             assert not bad, f"{mod} imports {bad}"
 
 

@@ -7,19 +7,23 @@ from lorascope.errors import ConfigError
 def test_overrides_parse_types(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("method:\n  kind: lora\n  rank: 8\ntrain:\n  lr: 1e-4\n")
-    cfg = load_run_config(p, ["method.rank=64", "train.lr=3e-4", "method.targets=[q_proj,v_proj]",
-                              "method.use_dora=true"])
+    cfg = load_run_config(
+        p, ["method.rank=64", "train.lr=3e-4", "method.targets=[q_proj,v_proj]", "method.use_dora=true"]
+    )
     assert cfg.method.rank == 64 and cfg.train.lr == pytest.approx(3e-4)
     assert cfg.method.target_modules == ["q_proj", "v_proj"] and cfg.method.use_dora is True
 
 
-@pytest.mark.parametrize("override,field", [
-    ("method.rank=0", "method.rank"),
-    ("train.lr=-1e-4", "train.lr"),
-    ("method.targets=qkv", "method.targets"),
-    ("method.colour=red", "method.colour"),
-    ("train.checkpoints=[4096,2048]", "train.checkpoints"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("method.rank=0", "method.rank"),
+        ("train.lr=-1e-4", "train.lr"),
+        ("method.targets=qkv", "method.targets"),
+        ("method.colour=red", "method.colour"),
+        ("train.checkpoints=[4096,2048]", "train.checkpoints"),
+    ],
+)
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_run_config(None, [override])

@@ -77,8 +77,15 @@ def test_pack_examples_keeps_masks_and_boundaries():
 
 def test_ift_masks_exactly_the_prompt(tmp_path, tokenizer):
     rows = [{"prompt": f"Say {i} twice.", "response": f"{i} {i}"} for i in range(3)]
-    rows.append({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say 7."},
-                              {"role": "assistant", "content": "7"}]})
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Say 7."},
+                {"role": "assistant", "content": "7"},
+            ]
+        }
+    )
     dc = DataConfig(dataset=str(_write_jsonl(tmp_path / "ift.jsonl", rows)), regime="ift")
     ds = load_dataset(dc, tokenizer, seq_len=512)
     assert len(ds) == 1  # all four packed into one row
@@ -127,8 +134,9 @@ def test_data_cli_reports_rows(tmp_path, tiny_model_dir):
 
     from lorascope.cli import app
 
-    r = CliRunner().invoke(app, ["data", str(tmp_path / "s.jsonl"), "--model", str(tiny_model_dir), "--regime",
-                                 "ift", "--seq-len", "128"])
+    r = CliRunner().invoke(
+        app, ["data", str(tmp_path / "s.jsonl"), "--model", str(tiny_model_dir), "--regime", "ift", "--seq-len", "128"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["rows"] == m["rows"]
     bad = CliRunner().invoke(app, ["data", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir)])
@@ -163,7 +171,8 @@ def test_cpt_user_files_determinism_and_heldout(tmp_path, tokenizer, monkeypatch
     t = load_dataset(DataConfig(dataset=str(tmp_path / "c.txt")), tokenizer, 32)
     assert len(t) > 0 and heldout_texts(str(tmp_path / "c.txt")) == []  # one document: all training
     assert len(load_dataset(DataConfig(dataset=str(tmp_path / "c.jsonl"), max_docs=5), tokenizer, 8)) < len(
-        load_dataset(dc, tokenizer, 8))
+        load_dataset(dc, tokenizer, 8)
+    )
 
 
 def test_decontamination_drops_an_eval_solution():
@@ -218,10 +227,12 @@ def test_decontamination_threshold_and_short_items():
 
 
 def test_docstring_pairs_humaneval_format():
-    src = ('import math\nimport os\n\n\ndef hyp(a, b):\n    """Return the hypotenuse of a right triangle with legs '
-           'a and b.\n    >>> hyp(3, 4)\n    5.0\n    """\n    s = a * a + b * b\n    return math.sqrt(s)\n\n\n'
-           'def _private(x):\n    """A private helper that should not become a training pair at all."""\n'
-           '    y = x\n    return y\n')
+    src = (
+        'import math\nimport os\n\n\ndef hyp(a, b):\n    """Return the hypotenuse of a right triangle with legs '
+        'a and b.\n    >>> hyp(3, 4)\n    5.0\n    """\n    s = a * a + b * b\n    return math.sqrt(s)\n\n\n'
+        'def _private(x):\n    """A private helper that should not become a training pair at all."""\n'
+        "    y = x\n    return y\n"
+    )
     (p,) = docstring_pairs(src)
     assert p["prompt"].startswith("import math\n\n\ndef hyp(a, b):") and p["prompt"].endswith('    """\n')
     assert "import os" not in p["prompt"]
@@ -238,15 +249,18 @@ def test_gsm8k_ids_and_symbolic_generator():
     assert all(x["answer_cot"].splitlines()[-1] == f"#### {x['answer']}" for x in a)
 
 
-@pytest.mark.parametrize("name,content,kw,msg", [
-    ("d.jsonl", None, {}, "does not exist"),
-    ("d.jsonl", "", {}, "is empty"),
-    ("d.jsonl", '{"body": "x"}', {}, r"record 1 has no field 'text' \(set data.text_field\)"),
-    ("d.jsonl", '{"text": 1', {}, "line 1 is not valid JSON"),
-    ("d.csv", "text\nx", {}, r"must end in \.jsonl, \.parquet or \.txt"),
-    ("d.jsonl", '{"prompt": "q"}', {"regime": "ift"}, "no field 'response' .*data.response_field"),
-    ("d.jsonl", '{"messages": [{"role": "user", "content": "q"}]}', {"regime": "ift"}, "ending with an assistant"),
-])
+@pytest.mark.parametrize(
+    "name,content,kw,msg",
+    [
+        ("d.jsonl", None, {}, "does not exist"),
+        ("d.jsonl", "", {}, "is empty"),
+        ("d.jsonl", '{"body": "x"}', {}, r"record 1 has no field 'text' \(set data.text_field\)"),
+        ("d.jsonl", '{"text": 1', {}, "line 1 is not valid JSON"),
+        ("d.csv", "text\nx", {}, r"must end in \.jsonl, \.parquet or \.txt"),
+        ("d.jsonl", '{"prompt": "q"}', {"regime": "ift"}, "no field 'response' .*data.response_field"),
+        ("d.jsonl", '{"messages": [{"role": "user", "content": "q"}]}', {"regime": "ift"}, "ending with an assistant"),
+    ],
+)
 def test_errors_name_file_and_field(tmp_path, tokenizer, name, content, kw, msg):
     p = tmp_path / name
     if content is not None:
@@ -274,8 +288,8 @@ def test_builtin_regime_and_split_errors(tokenizer):
 @pytest.mark.timeout(1800)
 def test_builtins_build(tokenizer, monkeypatch):
     from lorascope.assets import cache_dir
-    from lorascope.data.decontam import doc_text
     from lorascope.benchdata import math500
+    from lorascope.data.decontam import doc_text
 
     monkeypatch.setattr(data, "cache_dir", cache_dir)  # the real cache: later runs reuse these builds
     for name in data.BUILTIN:

@@ -10,17 +10,27 @@ from lorascope.evals import engine
 from lorascope.evals.engine import Request, encode_pair, score, score_naive
 from lorascope.evals.multiple_choice import ArcChallenge, HellaSwag, WinoGrande
 
-SHOTS = ("Question: What is the capital of France?\nAnswer: Paris\n\n"
-         "Question: Which is bigger, a cat or a mouse?\nAnswer: a cat\n\n")
+SHOTS = (
+    "Question: What is the capital of France?\nAnswer: Paris\n\n"
+    "Question: Which is bigger, a cat or a mouse?\nAnswer: a cat\n\n"
+)
 
 
 def _requests():
-    reqs = [Request("Question: Is water wet?\nAnswer:", [" yes", " no", " maybe so, indeed"]),
-            Request("", [" hello world"]),
-            Request("A", [" b", "c d e"]),
-            Request("The quick brown fox  ", ["jumps", " over the lazy dog"])]
-    reqs += [Request(SHOTS + f"Question: item {i} asks something{'?' * i}\nAnswer:",
-                     [f" choice {j}" * (j + 1) for j in range(3 + i % 3)], shared_prefix=SHOTS) for i in range(6)]
+    reqs = [
+        Request("Question: Is water wet?\nAnswer:", [" yes", " no", " maybe so, indeed"]),
+        Request("", [" hello world"]),
+        Request("A", [" b", "c d e"]),
+        Request("The quick brown fox  ", ["jumps", " over the lazy dog"]),
+    ]
+    reqs += [
+        Request(
+            SHOTS + f"Question: item {i} asks something{'?' * i}\nAnswer:",
+            [f" choice {j}" * (j + 1) for j in range(3 + i % 3)],
+            shared_prefix=SHOTS,
+        )
+        for i in range(6)
+    ]
     return reqs
 
 
@@ -34,8 +44,10 @@ class _Count:
     def __init__(self, model):
         self.tokens, self.head_rows, self.passes, self.graphs = 0, 0, 0, 0
         engine.pass_overhead(model)  # the start-up timing passes are not the work being counted
-        self.handles = [model.model.embed_tokens.register_forward_hook(self._embed),
-                        model.lm_head.register_forward_hook(self._head)]
+        self.handles = [
+            model.model.embed_tokens.register_forward_hook(self._embed),
+            model.lm_head.register_forward_hook(self._head),
+        ]
 
     def _embed(self, _m, inp, _out):
         self.tokens += inp[0].numel()
@@ -86,10 +98,11 @@ def test_engine_matches_naive_on_shipped_tasks(tiny_model, tokenizer, shots):
     def preds(res):  # per item: argmax over its choices, whichever request layout the task uses
         out, at = [], 0
         for n in spans:
-            lls = [ll for r in res[at:at + n] for ll, _ in r]
+            lls = [ll for r in res[at : at + n] for ll, _ in r]
             out.append(lls.index(max(lls)))
             at += n
         return out
+
     assert preds(fast) == preds(ref)
 
 
@@ -98,8 +111,10 @@ def test_contexts_longer_than_the_window_are_cut_as_lm_eval_cuts_them(tiny_model
     then see different contexts, and the engine must score each with its own."""
     tiny_model.config.max_position_embeddings = 48  # the window max_length() reads; RoPE itself is unchanged
     long = SHOTS * 3 + "Question: which one?\nAnswer:"
-    reqs = [Request(long, [" a", " a much longer answer than the first one", " mid length"], shared_prefix=SHOTS),
-            Request(long + " so", [" b", " yes it is"], shared_prefix=SHOTS)]
+    reqs = [
+        Request(long, [" a", " a much longer answer than the first one", " mid length"], shared_prefix=SHOTS),
+        Request(long + " so", [" b", " yes it is"], shared_prefix=SHOTS),
+    ]
     assert len(engine._tokenize(tokenizer, reqs[0], 48)) == 3
     assert _max_diff(score(tiny_model, tokenizer, reqs), score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
 
@@ -127,7 +142,7 @@ def test_pass_overhead_is_measured_once_per_model(tiny_model):
 def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer, monkeypatch):
     reqs = [r for r in _requests() if r.shared_prefix]
     plain = [Request(r.context, r.continuations) for r in reqs]
-    monkeypatch.setattr(engine, "MIN_SIBLING", 10 ** 9)  # the group cache alone, no sibling sharing
+    monkeypatch.setattr(engine, "MIN_SIBLING", 10**9)  # the group cache alone, no sibling sharing
     c = _Count(tiny_model)
     with_cache = score(tiny_model, tokenizer, reqs, batch_size=2)
     n_cached, c.tokens = c.tokens, 0
@@ -144,7 +159,7 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
 
     def run(overhead: float, sharing: bool):
         monkeypatch.setitem(engine._OVERHEAD, tiny_model, overhead)
-        monkeypatch.setattr(engine, "MIN_SIBLING", 4 if sharing else 10 ** 9)
+        monkeypatch.setattr(engine, "MIN_SIBLING", 4 if sharing else 10**9)
         c.tokens = 0
         return score(tiny_model, tokenizer, reqs, batch_size=4), c.tokens
 
@@ -194,8 +209,9 @@ def test_unmerged_lora_scores_like_merged(tiny_model, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                      init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     reqs = _requests()
     unmerged = score(peft_model, tokenizer, reqs)
     merged = score(peft_model.merge_and_unload(), tokenizer, reqs)

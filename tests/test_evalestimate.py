@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import write_code_corpus
-from lorascope.studyconfig import load_study
+
+from lorascope.study.config import load_study
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,29 @@ def study(tmp_path, tiny_model_dir, corpus, monkeypatch):
     monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(kl_cache, "CACHE_MIN_PARAMS", 0)  # the tiny model's KL is cached as a real model's is
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir), "seeds": [0],
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": [256]}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-3]}],
-        "evals": {"checkpoints": "final",
-                  "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 4, "checkpoints": "all"},
-                             {"tasks": ["kl_base:200"]}]}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "seeds": [0],
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 512, "checkpoints": [256]},
+                    }
+                ],
+                "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-3]}],
+                "evals": {
+                    "checkpoints": "final",
+                    "groups": [
+                        {"tasks": [f"heldout_bpb:{corpus}"], "limit": 4, "checkpoints": "all"},
+                        {"tasks": ["kl_base:200"]},
+                    ],
+                },
+            }
+        )
+    )
     return load_study(p)
 
 
@@ -53,10 +68,10 @@ def _forward_counts(monkeypatch) -> list[list[int]]:
 
 
 def test_measured_tasks_and_the_kl_cache_the_study_reuses(study, tiny_model_dir, tmp_path, monkeypatch):
-    from lorascope.evalestimate import measure_evals
-    from lorascope.evals.api import evaluate
     from lorascope import models
+    from lorascope.evals.api import evaluate
     from lorascope.evals.kl_cache import cache_dir
+    from lorascope.study.evalestimate import measure_evals
 
     counts = _forward_counts(monkeypatch)
     cost = measure_evals(study)
@@ -74,28 +89,41 @@ def test_measured_tasks_and_the_kl_cache_the_study_reuses(study, tiny_model_dir,
 
 
 def test_each_job_costs_a_load_and_its_own_groups(study):
-    from lorascope.evalestimate import job_seconds
-    from lorascope.jobs import build_jobs
-    from lorascope.studycost import planned
+    from lorascope.study.cost import planned
+    from lorascope.study.evalestimate import job_seconds
+    from lorascope.study.jobs import build_jobs
 
     bpb, kl = (g.tasks[0] for g in study.evals.groups)
     cost = {"task_s": {bpb: 3.0, kl: 50.0}, "load_s": 7.0, "kl_cache_s": 40.0}
     evals = {j["id"]: job_seconds(study, j, cost) for j in build_jobs(study, planned(study)[0]) if j["kind"] == "eval"}
     # base (no KL: itself), the checkpoint at 256 tokens (bpb only), the last one at 512 (both groups)
-    assert evals == {"eval:base": 10.0, **{j: 10.0 for j in evals if j.endswith("256")},
-                     **{j: 60.0 for j in evals if j.endswith("512")}} and len(evals) == 3
+    assert (
+        evals
+        == {
+            "eval:base": 10.0,
+            **{j: 10.0 for j in evals if j.endswith("256")},
+            **{j: 60.0 for j in evals if j.endswith("512")},
+        }
+        and len(evals) == 3
+    )
 
 
 def test_dry_run_adds_the_measured_evaluation(study, monkeypatch):
-    import lorascope.evalestimate
-    import lorascope.trainestimate
-    from lorascope.studycost import dry_run
+    import lorascope.study.evalestimate
+    import lorascope.train.estimate
+    from lorascope.study.cost import dry_run
 
     bpb, kl = (g.tasks[0] for g in study.evals.groups)
-    monkeypatch.setattr(lorascope.trainestimate, "dry_run",
-                        lambda cfg: {"tokens_processed": 512, "epochs": 1.0, "measured": {"tokens_per_s": 8.0}})
-    monkeypatch.setattr(lorascope.evalestimate, "measure_evals",
-                        lambda s: {"task_s": {bpb: 30.0, kl: 200.0}, "load_s": 10.0, "kl_cache_s": 100.0})
+    monkeypatch.setattr(
+        lorascope.train.estimate,
+        "dry_run",
+        lambda cfg: {"tokens_processed": 512, "epochs": 1.0, "measured": {"tokens_per_s": 8.0}},
+    )
+    monkeypatch.setattr(
+        lorascope.study.evalestimate,
+        "measure_evals",
+        lambda s: {"task_s": {bpb: 30.0, kl: 200.0}, "load_s": 10.0, "kl_cache_s": 100.0},
+    )
     out = dry_run(study, 90, 60, measure=True)
     # training 512 tokens / 8 = 64 s; evaluation 40 + 40 + 240 + the KL cache 100 = 420 s: 484 s = 8 min
     assert "estimated time: 8 min" in out and "MEASURED on the base model" in out and "ASSUMED" not in out

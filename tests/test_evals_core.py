@@ -8,23 +8,26 @@ import math
 import pytest
 import torch
 
-from lorascope.errors import LorascopeError
 from lorascope import benchdata
+from lorascope.errors import LorascopeError
 from lorascope.evals.base import EvalContext
 
 # --------------------------------------------------------------------------------------------- data readers
 
 
-@pytest.mark.parametrize("name,n,fields", [
-    ("humaneval", 164, {"prompt", "canonical_solution", "test", "entry_point", "task_id"}),
-    ("mbpp", 500, {"text", "code", "test_list", "olmes_prompt"}),
-    ("gsm8k", 1319, {"question", "answer", "short_answer"}),
-    ("math500", 500, {"problem", "solution", "answer", "level"}),
-    ("hellaswag", 10042, {"activity_label", "ctx_a", "ctx_b", "endings", "label"}),
-    ("arc_challenge", 1172, {"question", "choices", "gold"}),
-    ("arc_easy", 2376, {"question", "choices", "gold"}),
-    ("winogrande", 1267, {"sentence", "option1", "option2", "answer"}),
-])
+@pytest.mark.parametrize(
+    "name,n,fields",
+    [
+        ("humaneval", 164, {"prompt", "canonical_solution", "test", "entry_point", "task_id"}),
+        ("mbpp", 500, {"text", "code", "test_list", "olmes_prompt"}),
+        ("gsm8k", 1319, {"question", "answer", "short_answer"}),
+        ("math500", 500, {"problem", "solution", "answer", "level"}),
+        ("hellaswag", 10042, {"activity_label", "ctx_a", "ctx_b", "endings", "label"}),
+        ("arc_challenge", 1172, {"question", "choices", "gold"}),
+        ("arc_easy", 2376, {"question", "choices", "gold"}),
+        ("winogrande", 1267, {"sentence", "option1", "option2", "answer"}),
+    ],
+)
 def test_reader_counts_fields_and_unique_ids(name, n, fields):
     items = benchdata.READERS[name]()
     assert len(items) == n
@@ -71,12 +74,16 @@ def test_prompt_formats_match_lm_eval():
     assert h.continuations[3] == " starts pulling up roofing on a roof." and h.gold == 3
     assert hellaswag_preprocess(" Intro [title] How to x [step] do it  now ") == "Intro. How to x do it now"
     a = ArcChallenge().to_item(benchdata.arc("ARC-Challenge", "test")[0])
-    assert a.contexts == ["Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
-                          "Which is the most likely effect of this increase in rotation?\nAnswer:"]
+    assert a.contexts == [
+        "Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
+        "Which is the most likely effect of this increase in rotation?\nAnswer:"
+    ]
     assert a.continuations[2] == " Planetary days will become shorter." and a.choices[2] == a.continuations[2][1:]
     w = WinoGrande().to_item(benchdata.winogrande()[0])
-    assert w.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
-                          "Sarah was a much better surgeon than Maria so Maria"]
+    assert w.contexts == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
     assert w.continuations == [" always got the easier cases."] and w.gold == 1
 
 
@@ -104,9 +111,11 @@ def test_mean_stderr_and_forgetting_mean():
     assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == (0.75, 0.25)
     m, se = mean_stderr([1.0])
     assert m == 1.0 and math.isnan(se)
-    tasks = {"hellaswag": {"metrics": {"acc_norm,none": 0.4, "acc_norm_stderr,none": 0.03}},
-             "arc_challenge": {"metrics": {"acc_norm,none": 0.3, "acc_norm_stderr,none": 0.04}},
-             "winogrande": {"metrics": {"acc,none": 0.5, "acc_stderr,none": 0.0}}}
+    tasks = {
+        "hellaswag": {"metrics": {"acc_norm,none": 0.4, "acc_norm_stderr,none": 0.03}},
+        "arc_challenge": {"metrics": {"acc_norm,none": 0.3, "acc_norm_stderr,none": 0.04}},
+        "winogrande": {"metrics": {"acc,none": 0.5, "acc_stderr,none": 0.0}},
+    }
     fm = forgetting_mean(tasks)
     assert fm["value"] == pytest.approx(0.4) and fm["stderr"] == pytest.approx(0.05 / 3)
     del tasks["winogrande"]
@@ -120,17 +129,20 @@ def test_acc_and_acc_norm_on_known_toy(monkeypatch):
         name, split = "toy", "validation"
 
         def load(self, split):
-            return [{"id": 0, "gold": 0, "choices": ["a", "bbbbbbbbbb"]},
-                    {"id": 1, "gold": 1, "choices": ["a", "bbbbbbbbbb"]},
-                    {"id": 2, "gold": 1, "choices": ["ccc", "d"]}]
+            return [
+                {"id": 0, "gold": 0, "choices": ["a", "bbbbbbbbbb"]},
+                {"id": 1, "gold": 1, "choices": ["a", "bbbbbbbbbb"]},
+                {"id": 2, "gold": 1, "choices": ["ccc", "d"]},
+            ]
 
         def to_item(self, d):
             return mc.MCItem(d["id"], ["Q:"], [" " + c for c in d["choices"]], d["choices"], d["gold"])
 
     # raw argmax: choice 0 for items 0,1 (ll -1 vs -5); per char: -1/1 vs -5/10 -> choice 1; item 2: -6/3 vs -1/1
     fake = {" a": -1.0, " bbbbbbbbbb": -5.0, " ccc": -6.0, " d": -1.0}
-    monkeypatch.setattr(mc, "score", lambda m, t, reqs, **kw: [[(fake[c], False) for c in r.continuations]
-                                                               for r in reqs])
+    monkeypatch.setattr(
+        mc, "score", lambda m, t, reqs, **kw: [[(fake[c], False) for c in r.continuations] for r in reqs]
+    )
     res = Toy().run(EvalContext(model=None, tokenizer=None, progress=False))
     assert res.metrics["acc,none"] == pytest.approx(2 / 3)  # items 0 and 2
     assert res.metrics["acc_norm,none"] == pytest.approx(2 / 3)  # items 1 and 2
@@ -153,12 +165,12 @@ def test_bpb_matches_manual_computation(tiny_model, tokenizer):
     assert n == len(toks) - 1 and nll == pytest.approx(manual, abs=1e-3)
     assert bits_per_byte(nll, len(text.encode())) == pytest.approx(manual / math.log(2) / 52, rel=1e-5)
     # sliding window: every token scored once; disjoint windows equal the manual chunked computation
-    (wnll, wn), = text_nll(tiny_model, tokenizer, [text], window=5, stride=5)
+    ((wnll, wn),) = text_nll(tiny_model, tokenizer, [text], window=5, stride=5)
     chunked = 0.0
     with torch.no_grad():
         for s in range(1, len(toks), 5):
             e = min(s + 5, len(toks))
-            inp = toks[max(0, e - 6): e - 1]
+            inp = toks[max(0, e - 6) : e - 1]
             lp = torch.log_softmax(tiny_model(torch.tensor([inp])).logits[0], -1)
             chunked -= sum(lp[len(inp) - (e - s) + j, toks[s + j]].item() for j in range(e - s))
     assert wn == n and wnll == pytest.approx(chunked, abs=1e-3)
@@ -171,7 +183,7 @@ def test_windows_give_every_target_its_stride_segment_context_in_fewer_tokens(to
         out = {}
         for i, inp, tgt, s in rows:
             e = s + len(tgt)
-            assert inp[len(inp) - len(tgt) + 1:] == tgt[:-1]  # targets are the input shifted by one
+            assert inp[len(inp) - len(tgt) + 1 :] == tgt[:-1]  # targets are the input shifted by one
             for p in range(s, e):
                 assert (i, p) not in out  # every target once
                 out[i, p] = e - 1 - len(inp)
@@ -186,7 +198,7 @@ def test_windows_give_every_target_its_stride_segment_context_in_fewer_tokens(to
             toks = [tokenizer.bos_token_id or tokenizer.eos_token_id] + tokenizer.encode(t, add_special_tokens=False)
             for s in range(1, len(toks), stride):
                 e = min(s + stride, len(toks))
-                plain.append((i, toks[max(0, e - 1 - window): e - 1], toks[s:e], s))
+                plain.append((i, toks[max(0, e - 1 - window) : e - 1], toks[s:e], s))
         rows = windows(tokenizer, texts, window, stride)
         assert contexts(rows) == contexts(plain)
         fed, plain_fed = sum(len(r[1]) for r in rows), sum(len(r[1]) for r in plain)
@@ -199,6 +211,7 @@ def test_windows_give_every_target_its_stride_segment_context_in_fewer_tokens(to
 
 def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
     from conftest import make_tiny_llama
+
     from lorascope.evals.kl import kl_per_text
 
     texts = ["A first sentence for the test.", "Another, somewhat longer sentence to score here."]
@@ -220,9 +233,11 @@ def test_kl_of_model_to_itself_is_zero(tiny_model, tokenizer):
 def test_kl_metrics_are_token_weighted():
     from lorascope.evals.kl import kl_metrics
 
-    rows = [{"kl_sum": 1.0, "tokens": 10, "kl_first_sum": 4.0, "first_tokens": 4},
-            {"kl_sum": 9.0, "tokens": 90, "kl_first_sum": 0.0, "first_tokens": 4},
-            {"kl_sum": 20.0, "tokens": 100, "kl_first_sum": 2.0, "first_tokens": 4}]
+    rows = [
+        {"kl_sum": 1.0, "tokens": 10, "kl_first_sum": 4.0, "first_tokens": 4},
+        {"kl_sum": 9.0, "tokens": 90, "kl_first_sum": 0.0, "first_tokens": 4},
+        {"kl_sum": 20.0, "tokens": 100, "kl_first_sum": 2.0, "first_tokens": 4},
+    ]
     m = kl_metrics(rows)
     assert m["kl"] == pytest.approx(30 / 200)  # not the mean of per-text means (0.1, 0.1, 0.2)
     assert m["kl_text_mean"] == pytest.approx(0.4 / 3)
@@ -243,7 +258,7 @@ def test_kl_texts_are_varied_english_of_the_asked_size(tokenizer):
     docs = kl.select_texts(tokenizer, 3000)
     counted = [len(tokenizer.encode(d["text"], add_special_tokens=False)) - kl.KL_FIRST for d in docs]
     assert sum(counted) >= 3000 > sum(counted[:-1])  # just enough texts, in pool order
-    assert [d["id"] for d in docs] == [t["id"] for t in pool[:len(docs)]]
+    assert [d["id"] for d in docs] == [t["id"] for t in pool[: len(docs)]]
     assert pool[0]["id"] not in {d["id"] for d in kl.select_texts(tokenizer, 100, exclude=[pool[0]["id"]])}
     assert kl.KLBase("2000").name == "kl_base:2000" and kl.KLBase().tokens == kl.KL_TOKENS
     with pytest.raises(LorascopeError, match="whole number"):
@@ -281,15 +296,17 @@ def test_heldout_bpb_uses_dataset_texts(tiny_model, tokenizer, monkeypatch):
     monkeypatch.setattr(lorascope.data, "heldout_groups", lambda name: [None] * len(texts))
     res = HeldoutBPB("code-cpt").run(EvalContext(model=tiny_model, tokenizer=tokenizer, progress=False))
     assert res.info["n"] == 2  # the empty document is skipped (no bytes to normalise by)
-    (nll, _), = text_nll(tiny_model, tokenizer, [texts[0]])
+    ((nll, _),) = text_nll(tiny_model, tokenizer, [texts[0]])
     assert res.samples[0]["bpb"] == pytest.approx(bits_per_byte(nll, len(texts[0].encode())), rel=1e-5)
 
 
 def test_gsm8k_cot_answer():
     from lorascope.evals.bpb import gsm8k_cot_answer
 
-    assert gsm8k_cot_answer("She has 2 + 3 = <<2+3=5>>5 apples.\nThen 5 * 2 = <<5*2=10>>10.\n#### 10") == \
-        "She has 2 + 3 = 5 apples. Then 5 * 2 = 10. So the answer is 10."
+    assert (
+        gsm8k_cot_answer("She has 2 + 3 = <<2+3=5>>5 apples.\nThen 5 * 2 = <<5*2=10>>10.\n#### 10")
+        == "She has 2 + 3 = 5 apples. Then 5 * 2 = 10. So the answer is 10."
+    )
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -300,8 +317,14 @@ def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
     from lorascope.evals.results import read_samples
 
     out = tmp_path / "ev"
-    res = evaluate(str(tiny_model_dir), ["hellaswag", "arc_challenge", "winogrande", "humaneval_bpb", "kl_base"],
-                   out, limit=3, progress=False, exclude_ids={"hellaswag": [0]})
+    res = evaluate(
+        str(tiny_model_dir),
+        ["hellaswag", "arc_challenge", "winogrande", "humaneval_bpb", "kl_base"],
+        out,
+        limit=3,
+        progress=False,
+        exclude_ids={"hellaswag": [0]},
+    )
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and not (out / "results.partial.json").exists()
     hs = data["tasks"]["hellaswag"]
@@ -312,8 +335,13 @@ def test_evaluate_writes_results_and_samples(tiny_model_dir, tmp_path):
     assert len(samples[0]["loglikelihoods"]) == 4 and samples[0]["gold"] in range(4)
     assert data["tasks"]["kl_base"]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)  # reference = itself
     assert data["derived"]["forgetting_mean"]["value"] == pytest.approx(
-        (hs["metrics"]["acc_norm,none"] + data["tasks"]["arc_challenge"]["metrics"]["acc_norm,none"]
-         + data["tasks"]["winogrande"]["metrics"]["acc,none"]) / 3)
+        (
+            hs["metrics"]["acc_norm,none"]
+            + data["tasks"]["arc_challenge"]["metrics"]["acc_norm,none"]
+            + data["tasks"]["winogrande"]["metrics"]["acc,none"]
+        )
+        / 3
+    )
     assert data["tasks"]["humaneval_bpb"]["metrics"]["bpb"] > 0
     assert res["tasks"].keys() == data["tasks"].keys()
 
@@ -325,11 +353,12 @@ def test_every_sample_has_a_split_and_by_split_recomputes_from_its_lines(tiny_mo
     from lorascope.splits import split_of
 
     out = tmp_path / "ev"
-    data = evaluate(str(tiny_model_dir), ["hellaswag", "humaneval_bpb", "english_bpb"], out, limit=16,
-                    progress=False)
-    per_line = {"hellaswag": ("acc_norm,none", lambda r: r["acc_norm"]),
-                "humaneval_bpb": ("bpb", lambda r: bits_per_byte(r["nll"], r["bytes"])),
-                "english_bpb": ("bpb", lambda r: r["bpb"])}
+    data = evaluate(str(tiny_model_dir), ["hellaswag", "humaneval_bpb", "english_bpb"], out, limit=16, progress=False)
+    per_line = {
+        "hellaswag": ("acc_norm,none", lambda r: r["acc_norm"]),
+        "humaneval_bpb": ("bpb", lambda r: bits_per_byte(r["nll"], r["bytes"])),
+        "english_bpb": ("bpb", lambda r: r["bpb"]),
+    }
     for task, (key, value) in per_line.items():
         lines = read_samples(out / "samples" / f"{task}.jsonl")
         assert all(r["split"] == split_of(r["cluster"]) for r in lines)  # the one rule, recomputable
@@ -353,10 +382,18 @@ def test_exclude_ids_add_to_the_run_manifest(tiny_model_dir, tmp_path, monkeypat
     from lorascope.evals import api
 
     monkeypatch.setattr(api, "_excluded_ids", lambda spec: {"hellaswag": [0], "gsm8k": [5]})
-    res = api.evaluate(str(tiny_model_dir), ["hellaswag", "winogrande"], tmp_path, limit=2, progress=False,
-                       exclude_ids={"hellaswag": ["1", 0], "winogrande": [0]})
-    lines = {t: [json.loads(x)["id"] for x in (tmp_path / "samples" / f"{t}.jsonl").read_text().splitlines()]
-             for t in ("hellaswag", "winogrande")}
+    res = api.evaluate(
+        str(tiny_model_dir),
+        ["hellaswag", "winogrande"],
+        tmp_path,
+        limit=2,
+        progress=False,
+        exclude_ids={"hellaswag": ["1", 0], "winogrande": [0]},
+    )
+    lines = {
+        t: [json.loads(x)["id"] for x in (tmp_path / "samples" / f"{t}.jsonl").read_text().splitlines()]
+        for t in ("hellaswag", "winogrande")
+    }
     assert lines == {"hellaswag": [2, 3], "winogrande": [1, 2]}  # manifest's 0 and the caller's 1 both skipped
     assert res["settings"]["excluded_ids"] == {"hellaswag": 2, "gsm8k": 1, "winogrande": 1}
 
@@ -380,8 +417,10 @@ def test_result_files_module_is_torch_free():
     import sys
 
     # the report reads results with this module (FORGETTING_PARTS, read_samples, metrics_by_split) without torch
-    code = ("import sys, lorascope.evals.results as r; assert r.FORGETTING_PARTS; "
-            "assert 'torch' not in sys.modules, 'lorascope.evals.results imported torch'")
+    code = (
+        "import sys, lorascope.evals.results as r; assert r.FORGETTING_PARTS; "
+        "assert 'torch' not in sys.modules, 'lorascope.evals.results imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -410,8 +449,9 @@ def test_cli_eval_runs(tiny_model_dir, tmp_path):
 
     from lorascope.cli import app
 
-    r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "winogrande", "--out", str(tmp_path),
-                                 "--limit", "2"])
+    r = CliRunner().invoke(
+        app, ["eval", str(tiny_model_dir), "--tasks", "winogrande", "--out", str(tmp_path), "--limit", "2"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "results.json").read_text())["tasks"]["winogrande"]["n"] == 2
     r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "nope", "--out", str(tmp_path)])

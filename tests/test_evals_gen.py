@@ -8,13 +8,17 @@ import json
 import pytest
 import torch
 
-from lorascope.errors import LorascopeError
 from lorascope import benchdata
+from lorascope.errors import LorascopeError
 from lorascope.evals.base import EvalContext
 from lorascope.evals.generate import StopOnText, generate, truncate_at_stop
 
-PROMPTS = ["def add(a, b):\n", "Question: What is 2 + 2?\nAnswer:", "Hi",
-           "A considerably longer prompt, so that the batch needs left padding for the short ones " * 2]
+PROMPTS = [
+    "def add(a, b):\n",
+    "Question: What is 2 + 2?\nAnswer:",
+    "Hi",
+    "A considerably longer prompt, so that the batch needs left padding for the short ones " * 2,
+]
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny_model, tokenizer):
@@ -27,7 +31,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model, tokenizer):
 def test_matches_plain_hf_generate(tiny_model, tokenizer):
     ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
     ref = tiny_model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    ref_text = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    ref_text = tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     ours = generate(tiny_model, tokenizer, [PROMPTS[1]], max_new_tokens=10, progress=False)[0][0]
     assert ours == ref_text
 
@@ -37,8 +41,7 @@ def test_stop_strings_truncate_and_end_rows(tiny_model, tokenizer):
     # pick a substring each free completion contains after its start, and use it as a stop string
     stop_text = free[2][0][3:6]
     assert stop_text
-    cut = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, stop=[stop_text],
-                   progress=False)
+    cut = generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, stop=[stop_text], progress=False)
     for f, c in zip(free, cut):
         assert c[0] == truncate_at_stop(f[0], [stop_text])
         assert stop_text not in c[0]
@@ -46,8 +49,10 @@ def test_stop_strings_truncate_and_end_rows(tiny_model, tokenizer):
 
 
 def test_stop_criterion_is_per_row(tokenizer):
-    ids = [tokenizer("x = 1")["input_ids"] + tokenizer("\nclass A")["input_ids"],
-           tokenizer("x = 1")["input_ids"] + tokenizer(" + 2 + 3")["input_ids"]]
+    ids = [
+        tokenizer("x = 1")["input_ids"] + tokenizer("\nclass A")["input_ids"],
+        tokenizer("x = 1")["input_ids"] + tokenizer(" + 2 + 3")["input_ids"],
+    ]
     width = max(map(len, ids))
     batch = torch.tensor([[0] * (width - len(r)) + r for r in ids])
     start = len(tokenizer("x = 1")["input_ids"]) + width - len(ids[0])
@@ -77,14 +82,16 @@ def test_bad_generation_settings(tiny_model, tokenizer):
 def test_unmerged_peft_model_generates_like_merged(tiny_model, tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    pm = get_peft_model(
+        tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     unmerged = generate(pm, tokenizer, PROMPTS, max_new_tokens=8, batch_size=4, progress=False)
     merged = generate(pm.merge_and_unload(), tokenizer, PROMPTS, max_new_tokens=8, batch_size=4, progress=False)
     assert unmerged == merged
 
 
 # ---------------------------------------------------------------- scorers
+
 
 def test_gsm8k_scoring_follows_lm_eval():
     from lorascope.evals.math_tasks import gsm8k_flexible, gsm8k_shot_text, gsm8k_strict
@@ -107,8 +114,10 @@ def test_math_normalisation_and_extraction():
     assert math_equal("x = 5", "5")
     assert math_equal("0.5", r"\frac{1}{2}") and math_equal("3/4", r"\frac{3}{4}")
     assert not math_equal("5", "6") and not math_equal(None, "5")
-    assert math_prediction("blah\nFinal Answer: The final answer is $24$. I hope it is correct.") == ("$24$",
-                                                                                                     "final_answer_line")
+    assert math_prediction("blah\nFinal Answer: The final answer is $24$. I hope it is correct.") == (
+        "$24$",
+        "final_answer_line",
+    )
     assert math_prediction(r"thus \boxed{7}.") == ("7", "boxed")
     boxed_line = r"The final answer is $\boxed{\dfrac{1}{2}}$. I hope it is correct."
     assert math_prediction(boxed_line) == (r"\dfrac{1}{2}", "final_answer_line")
@@ -116,6 +125,7 @@ def test_math_normalisation_and_extraction():
 
 
 # ---------------------------------------------------------------- task flow (tiny model; scores are ~0)
+
 
 def test_code_task_requires_opt_in(tiny_model, tokenizer):
     from lorascope.evals.code_tasks import HumanEval
@@ -127,9 +137,17 @@ def test_code_task_requires_opt_in(tiny_model, tokenizer):
 def test_humaneval_task_end_to_end(tiny_model, tokenizer, tmp_path):
     from lorascope.evals.code_tasks import HumanEval, prompt_style
 
-    ctx = EvalContext(model=tiny_model, tokenizer=tokenizer, limit=2, samples=2, temperature=0.8,
-                      allow_code_execution=True, out_dir=tmp_path, progress=False,
-                      excluded_ids={"humaneval": ["HumanEval/0"]})
+    ctx = EvalContext(
+        model=tiny_model,
+        tokenizer=tokenizer,
+        limit=2,
+        samples=2,
+        temperature=0.8,
+        allow_code_execution=True,
+        out_dir=tmp_path,
+        progress=False,
+        excluded_ids={"humaneval": ["HumanEval/0"]},
+    )
     res = HumanEval(style="completion", max_new_tokens=8).run(ctx)
     assert res.info["prompt_style"] == "completion" and res.info["excluded"] == 1
     assert [s["task_id"] for s in res.samples] == ["HumanEval/1"] * 2 + ["HumanEval/2"] * 2
@@ -148,7 +166,8 @@ def test_humaneval_task_scores_a_model_that_writes_the_solution(tokenizer, monke
     probs = {p["prompt"]: p["canonical_solution"] for p in benchdata.humaneval()}
     monkeypatch.setattr(code, "generate", lambda m, t, prompts, **kw: [[probs[p]] for p in prompts])
     res = code.HumanEval(style="completion").run(
-        EvalContext(model=None, tokenizer=tokenizer, limit=5, allow_code_execution=True, progress=False))
+        EvalContext(model=None, tokenizer=tokenizer, limit=5, allow_code_execution=True, progress=False)
+    )
     assert res.metrics["pass@1"] == 1.0 and res.metrics["pass@1_stderr"] == 0.0
 
 
@@ -159,7 +178,8 @@ def test_mbpp_task_scores_reference_code(tokenizer, monkeypatch):
     by_prompt = {d["olmes_prompt"]: d["code"] for d in docs}
     monkeypatch.setattr(code, "generate", lambda m, t, prompts, **kw: [[by_prompt[p]] for p in prompts])
     res = code.MBPP(style="instruct").run(
-        EvalContext(model=None, tokenizer=tokenizer, limit=3, allow_code_execution=True, progress=False))
+        EvalContext(model=None, tokenizer=tokenizer, limit=3, allow_code_execution=True, progress=False)
+    )
     assert res.metrics["pass@1"] == 1.0
 
 
@@ -176,9 +196,11 @@ def test_gsm8k_task_flow(tiny_model, tokenizer, monkeypatch):
             q = p.rsplit("Question: ", 1)[1].removesuffix("\nAnswer:")
             out.append([f" blah.\n#### {gold[q]}" if i % 2 == 0 else f" it is {gold[q]} and then 0"])
         return out
+
     monkeypatch.setattr(gm, "generate", fake)
-    res = gm.GSM8K().run(EvalContext(model=tiny_model, tokenizer=tokenizer, limit=4, progress=False,
-                                     excluded_ids={"gsm8k": [0, "1"]}))
+    res = gm.GSM8K().run(
+        EvalContext(model=tiny_model, tokenizer=tokenizer, limit=4, progress=False, excluded_ids={"gsm8k": [0, "1"]})
+    )
     assert res.info["excluded"] == 2 and res.info["n"] == 4 and res.info["shots"] == 5
     assert seen["prompts"][0].count("Question:") == 6 and seen["prompts"][0].endswith("\nAnswer:")
     assert res.metrics["exact_match,strict-match"] == 0.5  # items 0, 2 wrote "#### N"
@@ -197,11 +219,17 @@ def test_math500_task_flow(tokenizer, monkeypatch):
     from lorascope.evals import math_tasks as gm
 
     sol = {d["problem"]: d["solution"] for d in benchdata.math500()[:10]}
-    monkeypatch.setattr(gm, "generate", lambda m, t, prompts, **kw: [
-        [" " + sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]] for p in prompts])
+    monkeypatch.setattr(
+        gm,
+        "generate",
+        lambda m, t, prompts, **kw: [
+            [" " + sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]] for p in prompts
+        ],
+    )
     res = gm.Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=3, progress=False))
     assert res.metrics["exact_match,none"] == 1.0 and res.info["shots"] == 4
     assert res.metrics["exact_match,math_verify"] == 1.0 and res.info["math_verify_errors"] == 0
+
     # answers equal as mathematics but not as normalised strings: only math-verify credits them
     def plus_zero(m, t, prompts, **kw):
         golds = [gm.last_boxed(sol[p.rsplit("Problem:\n", 1)[1].removesuffix("\n\nSolution:")]) for p in prompts]
@@ -210,8 +238,9 @@ def test_math500_task_flow(tokenizer, monkeypatch):
     monkeypatch.setattr(gm, "generate", plus_zero)
     # "(a, b) + 0" is no number: skip the tuple answers
     tuples = [d["id"] for d in benchdata.math500()[:10] if "," in gm.last_boxed(d["solution"])]
-    res = gm.Math500().run(EvalContext(model=None, tokenizer=tokenizer, limit=3, progress=False,
-                                       excluded_ids={"math500": tuples}))
+    res = gm.Math500().run(
+        EvalContext(model=None, tokenizer=tokenizer, limit=3, progress=False, excluded_ids={"math500": tuples})
+    )
     assert res.metrics["exact_match,none"] == 0.0
     assert res.metrics["exact_match,math_verify"] == 1.0
     assert res.metrics == res.metrics_of(res.samples)

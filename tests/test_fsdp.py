@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import processes_naming, write_code_corpus
 import torch
+from conftest import processes_naming, write_code_corpus
 
-from lorascope import runlog
 from lorascope.config import RunConfig
-from lorascope.train import train
+from lorascope.train import runlog
+from lorascope.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CPU = REPO / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"
@@ -51,16 +50,38 @@ def corpus(tmp_path_factory):
 def _args(model_dir, corpus, kind: str, **train) -> list[str]:
     t = {**TRAIN, "lr": LR[kind], **train}
     # no LoRA dropout: its masks depend on how rows are split between processes
-    return [f"model={model_dir}", f"data.dataset={corpus}", f"method.kind={kind}", "method.rank=4",
-            "method.dropout=0.0",
-            *(f"train.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in t.items())]
+    return [
+        f"model={model_dir}",
+        f"data.dataset={corpus}",
+        f"method.kind={kind}",
+        "method.rank=4",
+        "method.dropout=0.0",
+        *(f"train.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in t.items()),
+    ]
 
 
 def _launch(args: list[str], out: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP_CPU),
-           "-m", "lorascope", "train", os.devnull, *args, "--out", str(out)]
-    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(FSDP_CPU),
+        "-m",
+        "lorascope",
+        "train",
+        os.devnull,
+        *args,
+        "--out",
+        str(out),
+    ]
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _run(args: list[str], out: Path) -> Path:
@@ -101,17 +122,23 @@ def fsdp_full(tiny_model_dir, corpus, tmp_path_factory) -> Path:
 
 
 def _one_process(model_dir, corpus, kind: str, out: Path) -> Path:
-    cfg = RunConfig(model=str(model_dir), data={"dataset": str(corpus)},
-                    method={"kind": kind, "rank": 4, "dropout": 0.0}, train={**TRAIN, "lr": LR[kind]})
+    cfg = RunConfig(
+        model=str(model_dir),
+        data={"dataset": str(corpus)},
+        method={"kind": kind, "rank": 4, "dropout": 0.0},
+        train={**TRAIN, "lr": LR[kind]},
+    )
     return train(cfg, out, progress=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_fsdp_two_processes_match_one_and_checkpoints_load(kind, tiny_model_dir, corpus, tokenizer, tmp_path,
-                                                           request):
-    two = (request.getfixturevalue("fsdp_full") if kind == "full"
-           else _run(_args(tiny_model_dir, corpus, kind), tmp_path / "two"))
+def test_fsdp_two_processes_match_one_and_checkpoints_load(kind, tiny_model_dir, corpus, tokenizer, tmp_path, request):
+    two = (
+        request.getfixturevalue("fsdp_full")
+        if kind == "full"
+        else _run(_args(tiny_model_dir, corpus, kind), tmp_path / "two")
+    )
     one = _one_process(tiny_model_dir, corpus, kind, tmp_path / "one")
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
     a, b = _curve(one), _curve(two)
@@ -129,9 +156,11 @@ def test_fsdp_two_processes_match_one_and_checkpoints_load(kind, tiny_model_dir,
     assert dl <= LOGITS_TOL and (want - base).abs().max().item() > 100 * LOGITS_TOL
     dw = _delta_w_gap(one, two)
     assert dw <= 1e-3
-    print(f"\n{kind}: max |loss 2 proc - loss 1 proc| = {diff:.2e} (tol {LOSS_TOL}); "
-          f"max |logits| diff of the reloaded checkpoints = {dl:.2e} (tol {LOGITS_TOL}); "
-          f"dW relative gap = {dw:.2e}")
+    print(
+        f"\n{kind}: max |loss 2 proc - loss 1 proc| = {diff:.2e} (tol {LOSS_TOL}); "
+        f"max |logits| diff of the reloaded checkpoints = {dl:.2e} (tol {LOGITS_TOL}); "
+        f"dW relative gap = {dw:.2e}"
+    )
 
 
 def _delta_w_gap(one: Path, two: Path) -> float:
@@ -179,7 +208,7 @@ def test_bf16_sharding_reduces_gradients_and_returns_the_loss_in_fp32(monkeypatc
     """accelerate's own bf16 FSDP2 policy reduces gradients in bf16 and casts the model's outputs, the loss
     included, to bf16 (on a GPU the logged loss moved in 2^-5 steps). Ours computes in bf16 and keeps fp32 for
     the reduction and the loss, also after accelerate applies the launch's mixed precision to the plugin."""
-    from lorascope.sharded import fsdp_plugin
+    from lorascope.train.sharded import fsdp_plugin
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")

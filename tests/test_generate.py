@@ -14,9 +14,16 @@ from lorascope.evals import continuous
 from lorascope.evals import generate as gen
 from lorascope.evals.generate import StopOnText, generate
 
-PROMPTS = ["def add(a, b):\n", "Question: What is 2 + 2?\nAnswer:", "Hi", "x",
-           "A considerably longer prompt, so that the batch needs left padding for the short ones " * 3,
-           "Question: name a colour.\nAnswer:", "import os\n", "The end"]
+PROMPTS = [
+    "def add(a, b):\n",
+    "Question: What is 2 + 2?\nAnswer:",
+    "Hi",
+    "x",
+    "A considerably longer prompt, so that the batch needs left padding for the short ones " * 3,
+    "Question: name a colour.\nAnswer:",
+    "import os\n",
+    "The end",
+]
 
 
 def test_batches_sized_by_tokens():
@@ -47,6 +54,7 @@ def test_static_cache_same_outputs_as_dynamic(tiny_model, tokenizer, monkeypatch
         cfg = plain_config(*a, **k)
         cfg.cache_implementation = None
         return cfg
+
     monkeypatch.setattr(gen, "_gen_config", dynamic)
     assert generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, progress=False) == static
 
@@ -61,8 +69,10 @@ def _first_stop_step(tokenizer, ids: list[int], stop: list[str]) -> int | None:
 
 def test_stop_table_stops_where_a_full_decode_does(tokenizer):
     stop = ["\n\nQuestion:", "```", "\nclass", "é!"]
-    pieces = [tokenizer.encode(t, add_special_tokens=False) for t in
-              ["\n\n", "Question", ":", "``", "`", "\n", "class", "é", "!", " the", "ab", "\u00e9t\u00e9", " x"]]
+    pieces = [
+        tokenizer.encode(t, add_special_tokens=False)
+        for t in ["\n\n", "Question", ":", "``", "`", "\n", "class", "é", "!", " the", "ab", "\u00e9t\u00e9", " x"]
+    ]
     rng = random.Random(0)
     rows = [[t for _ in range(24) for t in rng.choice(pieces)][:24] for _ in range(40)]
     prompt = tokenizer.encode("Prompt text", add_special_tokens=False)
@@ -117,20 +127,25 @@ def test_continuous_batching_refills_slots_mid_decode_and_equals_one_at_a_time(s
     def spy(self, cache, length):
         joins.append((self.cache is not None, self.mask.shape[1], length))
         add(self, cache, length)
+
     monkeypatch.setattr(continuous._Batch, "add", spy)
     assert continuous.supports(tiny_model)
     for slots in (2, 3):
-        assert generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=slots, stop=stop,
-                        progress=False) == one
+        assert (
+            generate(tiny_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=slots, stop=stop, progress=False)
+            == one
+        )
     assert any(busy and width > length for busy, width, length in joins)  # joined rows already decoding
     # prompts in input order (not longest first): a longer prompt joins, and the batch is padded to it
     joins.clear()
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    new = continuous.greedy(tiny_model, ids, slots=2, max_new_tokens=12, ends=ends,
-                            stopped=gen.RowStop(tokenizer, stop))
-    texts = [[gen.truncate_at_stop(gen._continuation(tokenizer, i, gen._until(t, ends)), stop)]
-             for i, t in zip(ids, new)]
+    new = continuous.greedy(
+        tiny_model, ids, slots=2, max_new_tokens=12, ends=ends, stopped=gen.RowStop(tokenizer, stop)
+    )
+    texts = [
+        [gen.truncate_at_stop(gen._continuation(tokenizer, i, gen._until(t, ends)), stop)] for i, t in zip(ids, new)
+    ]
     assert texts == one and any(busy and width < length for busy, width, length in joins)
 
 
@@ -152,9 +167,9 @@ def test_shared_prompt_prefix_is_prefilled_once_with_the_same_outputs(sharp_mode
     def spy(*a, **k):
         fed.append(k["input_ids"].numel())
         return forward(*a, **k)
+
     monkeypatch.setattr(sharp_model, "forward", spy)
-    assert generate(sharp_model, tokenizer, prompts, max_new_tokens=8, batch_size=3, stop=["e"],
-                    progress=False) == one
+    assert generate(sharp_model, tokenizer, prompts, max_new_tokens=8, batch_size=3, stop=["e"], progress=False) == one
     n_prefix = len(tokenizer(prefix)["input_ids"])
     n_prompts = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
     assert fed[0] >= n_prefix - 1  # the shared tokens first, once

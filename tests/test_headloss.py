@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
-from lorascope import headloss
+
 from lorascope.config import MethodConfig
-from lorascope.headloss import HeadLoss
-from lorascope.methods import apply_method
+from lorascope.train import headloss
+from lorascope.train.headloss import HeadLoss
+from lorascope.train.methods import apply_method
 
 VOCAB = 320
 
@@ -28,8 +28,7 @@ def _batch(seed: int = 0) -> dict:
 def _model(kind: str, tie: bool):
     torch.manual_seed(0)
     model = make_tiny_llama(VOCAB, tie=tie)
-    m = MethodConfig(kind="full") if kind == "full" else MethodConfig(kind="lora", rank=4, targets="all",
-                                                                        dropout=0.0)
+    m = MethodConfig(kind="full") if kind == "full" else MethodConfig(kind="lora", rank=4, targets="all", dropout=0.0)
     model = apply_method(model, m)
     if kind == "lora":  # B starts at zero: move it, so the LoRA gradients all flow through the head
         with torch.no_grad():
@@ -82,8 +81,13 @@ def test_a_chunk_holds_one_vocabulary_wide_block(want_w, monkeypatch):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == VOCAB and t.shape[0] > 1 and \
-                        t.untyped_storage().data_ptr() != self.weight:  # not a view of the head's weight
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.dim() == 2
+                    and t.shape[1] == VOCAB
+                    and t.shape[0] > 1
+                    and t.untyped_storage().data_ptr() != self.weight
+                ):  # not a view of the head's weight
                     self.alive[t.untyped_storage().data_ptr()] = weakref.ref(t)
             self.alive = {k: r for k, r in self.alive.items() if r() is not None}
             self.most = max(self.most, len(self.alive))
@@ -106,15 +110,25 @@ def test_stands_aside_where_it_would_not_be_exact(caplog):
     row = {k: v[0] for k, v in _batch().items()}  # a training row (its prompt is no target)
     # soft-capped logits (Gemma 2): the probe catches it, and the head is left as it was
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                           head_dim=16, final_logit_softcapping=0.5))
-    with caplog.at_level("INFO", logger="lorascope.headloss"):
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=0.5,
+        )
+    )
+    with caplog.at_level("INFO", logger="lorascope.train.headloss"):
         assert HeadLoss.install(gemma, row, "fp32") is None
     assert "transformers gives" in caplog.text
     assert "forward" not in vars(gemma.get_output_embeddings())
     # bf16 (autocast) and an adapted head keep transformers' loss without a probe
     assert HeadLoss.install(_model("full", True), row, "bf16") is None
-    lora_head = apply_method(make_tiny_llama(VOCAB, tie=False),
-                             MethodConfig(kind="lora", rank=4, targets=["q_proj", "lm_head"]))
+    lora_head = apply_method(
+        make_tiny_llama(VOCAB, tie=False), MethodConfig(kind="lora", rank=4, targets=["q_proj", "lm_head"])
+    )
     assert HeadLoss.install(lora_head, row, "fp32") is None

@@ -8,13 +8,14 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_llama
 
-TEXTS = ["The cat sat on the mat and looked at the door for a long while.",
-         "Rain fell over the hills; the farmers waited.",
-         "A short one.",
-         "Water boils at one hundred degrees Celsius at sea level, a fact every cook relies on."]
+TEXTS = [
+    "The cat sat on the mat and looked at the door for a long while.",
+    "Rain fell over the hills; the farmers waited.",
+    "A short one.",
+    "Water boils at one hundred degrees Celsius at sea level, a fact every cook relies on.",
+]
 TOL = 1e-4  # nats per token: float16 base log-probs (see kl_cache's docstring)
 
 
@@ -52,7 +53,7 @@ def test_cached_kl_equals_two_pass_kl_and_runs_the_base_once(tokenizer, cache):
 
 
 def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
-    from lorascope.evals import kl_cache, token_windows
+    from lorascope.evals import kl_cache
     from lorascope.evals.kl import kl_per_text
 
     base, tuned = _pair(tokenizer)
@@ -72,7 +73,7 @@ def test_cache_key_follows_weights_and_texts_not_names(tokenizer, cache):
 
 
 def test_parallel_requests_build_the_cache_once(tokenizer, cache, monkeypatch):
-    from lorascope.evals import kl_cache, token_windows
+    from lorascope.evals import kl_cache
     from lorascope.evals.token_windows import windows
 
     base, _ = _pair(tokenizer)
@@ -91,11 +92,15 @@ def test_parallel_requests_build_the_cache_once(tokenizer, cache, monkeypatch):
 
 
 def test_kl_base_with_a_token_count_is_the_forgetting_metric():
-    from lorascope.report.metrics import forgetting_metric, spec
+    from lorascope.evals.catalog import forgetting_metric, spec
 
     plain, sized = spec("kl_base"), spec("kl_base:2000")
-    assert sized.task == "kl_base:2000" and (sized.metric, sized.role, sized.weight_field, sized.higher_better) \
-        == (plain.metric, plain.role, plain.weight_field, plain.higher_better)
+    assert sized.task == "kl_base:2000" and (sized.metric, sized.role, sized.weight_field, sized.higher_better) == (
+        plain.metric,
+        plain.role,
+        plain.weight_field,
+        plain.higher_better,
+    )
     assert forgetting_metric(["english_bpb", "kl_base:2000"]) == "kl_base:2000"
     assert forgetting_metric(["english_bpb", "hellaswag"]) == "english_bpb"
 
@@ -119,7 +124,7 @@ def test_packed_rows_score_as_if_alone(tokenizer):
     for b in plan + alone_plan:
         for r, got in target_logits(model, rows, b, pad=2).items():
             _, inp, tgt, _ = rows[r]
-            alone = model(input_ids=torch.tensor([inp])).logits[0, len(inp) - len(tgt):]
+            alone = model(input_ids=torch.tensor([inp])).logits[0, len(inp) - len(tgt) :]
             assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5)  # no leakage, same positions
 
 
@@ -128,7 +133,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_file(tokenizer, cache, mon
     from collections import namedtuple
 
     from lorascope.errors import LorascopeError
-    from lorascope.evals import kl_cache, token_windows
+    from lorascope.evals import kl_cache
     from lorascope.evals.token_windows import windows
 
     usage = namedtuple("usage", "total used free")

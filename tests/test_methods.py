@@ -12,12 +12,18 @@ import torch
 from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
+from lorascope.analysis.weights import iter_matrices, load_pair
 from lorascope.config import MethodConfig
 from lorascope.errors import ConfigError, LorascopeError
-from lorascope.analysis.weights import iter_matrices, load_pair
-from lorascope.methods import (adapted_matrix_names, apply_method, checkpoint_size_bytes, param_groups,
-                               save_checkpoint, trainable_parameters)
 from lorascope.models import load_model
+from lorascope.train.methods import (
+    adapted_matrix_names,
+    apply_method,
+    checkpoint_size_bytes,
+    param_groups,
+    save_checkpoint,
+    trainable_parameters,
+)
 
 VOCAB = 1000
 BATCH = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -136,8 +142,10 @@ def test_variant_trains_saves_reloads(variant, model_dirs, tmp_path):
         assert with_emb > VOCAB * 64 * 4  # the adapter carries the full matrix
 
 
-@pytest.mark.parametrize("flags", [dict(train_embed_tokens=True), dict(train_lm_head=True),
-                                   dict(train_embed_tokens=True, train_lm_head=True)])
+@pytest.mark.parametrize(
+    "flags",
+    [dict(train_embed_tokens=True), dict(train_lm_head=True), dict(train_embed_tokens=True, train_lm_head=True)],
+)
 def test_untied_embedding_flags_each_add_their_module(flags, model_dirs, tmp_path):
     from peft import PeftModel
 
@@ -183,8 +191,9 @@ def test_rank16_counts(model_dirs):
 
 
 def test_loraplus_groups(model_dirs):
-    m = MethodConfig(kind="lora", rank=4, loraplus_lr_ratio=16, use_dora=True, train_embed_tokens=True,
-                     embedding_lr=5e-5)
+    m = MethodConfig(
+        kind="lora", rank=4, loraplus_lr_ratio=16, use_dora=True, train_embed_tokens=True, embedding_lr=5e-5
+    )
     model = apply_method(_load(model_dirs[True]), m)
     groups = {g["name"]: g for g in param_groups(model, m, 1e-4, 0.01)}
     assert groups["lora_B"]["lr"] == pytest.approx(16e-4)
@@ -281,15 +290,23 @@ def test_fused_update_trains_as_stock_peft(model_dirs, rslora):
     gradients to float rounding, and train to the same losses."""
     from peft import LoraConfig, get_peft_model
 
-    from lorascope.lora_layers import FusedUpdate
+    from lorascope.train.lora_layers import FusedUpdate
 
     m = MethodConfig(kind="lora", rank=4, dropout=0.0, use_rslora=rslora)
     torch.manual_seed(0)
     ours = apply_method(_load(model_dirs[True]), m)
     torch.manual_seed(0)
-    stock = get_peft_model(_load(model_dirs[True]), LoraConfig(r=4, lora_alpha=m.lora_alpha, lora_dropout=0.0,
-                                                               target_modules=m.target_modules,
-                                                               use_rslora=rslora, task_type="CAUSAL_LM"))
+    stock = get_peft_model(
+        _load(model_dirs[True]),
+        LoraConfig(
+            r=4,
+            lora_alpha=m.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=m.target_modules,
+            use_rslora=rslora,
+            task_type="CAUSAL_LM",
+        ),
+    )
     fused = [v for mod in ours.modules() for v in getattr(mod, "lora_variant", {}).values()]
     assert len(fused) == len(m.target_modules) * 2 and all(isinstance(v, FusedUpdate) for v in fused)
     _nonzero_b(ours)
@@ -324,7 +341,7 @@ def test_fused_update_with_dropout_and_merging_equal_peft_arithmetic(model_dirs)
 def test_shared_dropout_backward_keeps_a_bool_mask_and_is_dropout():
     """The dropped copy's backward is mask / (1 - p) (what nn.Dropout computes) and its graph saves a bool mask,
     not the fp32 noise nn.Dropout keeps on CPU: 4x less activation memory per adapter input."""
-    from lorascope.lora_layers import ForwardCount, SharedInputDropout
+    from lorascope.train.lora_layers import ForwardCount, SharedInputDropout
 
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
@@ -372,7 +389,7 @@ def test_lora_dropout_one_mask_per_input(model_dirs):
 def test_keep_mask_rate_and_seeding():
     """Each entry kept with probability 1 - realised_p(p) (p to 2**-17); the same seed gives the same mask, the
     next draw another; a p that rounds to 1 drops everything, and the dropout then gives zeros, not NaN."""
-    from lorascope.lora_layers import ForwardCount, SharedInputDropout, keep_mask, realised_p
+    from lorascope.train.lora_layers import ForwardCount, SharedInputDropout, keep_mask, realised_p
 
     x = torch.empty(400, 500)
     torch.manual_seed(3)
@@ -380,15 +397,15 @@ def test_keep_mask_rate_and_seeding():
     torch.manual_seed(3)
     assert torch.equal(keep_mask(x, 0.05), m1) and not torch.equal(m1, m2)
     assert m1.shape == x.shape and m1.dtype == torch.bool
-    for p in (0.05, 0.3, 2 ** -16):
+    for p in (0.05, 0.3, 2**-16):
         drop = 1 - keep_mask(x, p).float().mean().item()
         assert abs(drop - realised_p(p)) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # within 4 standard errors
     ps = torch.rand(1000, generator=torch.Generator().manual_seed(0)).tolist()
-    assert max(abs(realised_p(p) - p) for p in ps) <= 2 ** -17 and realised_p(0.25) == 0.25
-    assert keep_mask(torch.empty(7), 0.0).all() and not keep_mask(torch.empty(1001), 1.0 - 2 ** -33).any()
+    assert max(abs(realised_p(p) - p) for p in ps) <= 2**-17 and realised_p(0.25) == 0.25
+    assert keep_mask(torch.empty(7), 0.0).all() and not keep_mask(torch.empty(1001), 1.0 - 2**-33).any()
     odd = keep_mask(torch.empty(3, 3), 0.5)  # 9 entries: part of the last 64-bit draw unused
     assert odd.shape == (3, 3) and odd.dtype == torch.bool
-    zeros = SharedInputDropout(1.0 - 2 ** -20, ForwardCount()).train()(torch.randn(5, 5))
+    zeros = SharedInputDropout(1.0 - 2**-20, ForwardCount()).train()(torch.randn(5, 5))
     assert torch.equal(zeros, torch.zeros(5, 5))
 
 
@@ -397,7 +414,7 @@ def test_one_input_tensor_in_two_forward_passes_gets_two_masks():
     second backward does not reach into the first pass's freed graph)."""
     from peft import LoraConfig, get_peft_model
 
-    from lorascope.lora_layers import speed_up
+    from lorascope.train.lora_layers import speed_up
 
     class Direct(torch.nn.Module):  # the adapted layer reads the model's input as it is
         def __init__(self):

@@ -1,5 +1,6 @@
 """Job processes' environment: threads per job and the allocator (mimalloc preloaded, else glibc's huge-page
 tunable), reaching the processes."""
+
 from __future__ import annotations
 
 import os
@@ -46,17 +47,24 @@ def test_without_mimalloc_glibc_gets_the_huge_page_tunable(monkeypatch):
 @pytest.mark.skipif(LIB is None, reason="mimalloc is preloaded on Linux only")
 def test_a_process_reexecutes_itself_once_and_then_allocates_with_mimalloc():
     maps = 'open(\\"/proc/self/maps\\").read()'
-    probe = ("import os, sys; from lorascope.procenv import reexec_with_fast_malloc; print(os.getpid()); "
-             "sys.argv[0] = 'typed-command'; "
-             "reexec_with_fast_malloc(['-c', 'import os, sys; from lorascope.procenv import restore_argv0; "
-             f"restore_argv0(); print(os.getpid(), \"libmimalloc\" in {maps}, sys.argv[0], "
-             "\"LORASCOPE_ARGV0\" in os.environ)'])")
+    probe = (
+        "import os, sys; from lorascope.procenv import reexec_with_fast_malloc; print(os.getpid()); "
+        "sys.argv[0] = 'typed-command'; "
+        "reexec_with_fast_malloc(['-c', 'import os, sys; from lorascope.procenv import restore_argv0; "
+        f'restore_argv0(); print(os.getpid(), "libmimalloc" in {maps}, sys.argv[0], '
+        '"LORASCOPE_ARGV0" in os.environ)\'])'
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=CLEAN, capture_output=True, text=True, check=True)
     first, second = out.stdout.split("\n")[:2]
     # same process (exec), now with mimalloc mapped in, and the command as typed (for the provenance)
     assert second.split() == [first, "True", "typed-command", "False"]
-    again = subprocess.run([sys.executable, "-c", probe], env={**CLEAN, "LORASCOPE_MALLOC": "system"},
-                           capture_output=True, text=True, check=True)
+    again = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**CLEAN, "LORASCOPE_MALLOC": "system"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert again.stdout.split() == [again.stdout.split()[0]]  # opted out: no re-exec
 
 
@@ -65,15 +73,18 @@ def test_a_new_peak_starts_from_live_memory_not_what_the_allocator_kept():
     """In a job process, after 0.5 GB was allocated and freed, runlog.reset_peak_memory() starts the next job's
     peak near where the process began; with release_memory disabled mimalloc keeps the memory and the peak with
     it. One process, released first: what the second round keeps is its own."""
-    probe = ("import torch; from lorascope import procenv, runlog\n"
-             "runlog.reset_peak_memory(); base = runlog.peak_memory_bytes()\n"
-             "def job():\n"
-             "    xs = [torch.ones(1000, 1000) for _ in range(125)]\n"  # 0.5 GB in 4 MB tensors
-             "    del xs\n"
-             "    runlog.reset_peak_memory(); return (runlog.peak_memory_bytes() - base) / 2**30\n"
-             "on = job(); procenv.release_memory = lambda: None; print(on, job())")
-    out = subprocess.run([sys.executable, "-c", probe], env=procenv.job_env(1, CLEAN),
-                         capture_output=True, text=True, check=True)
+    probe = (
+        "import torch; from lorascope import procenv; from lorascope.train import runlog\n"
+        "runlog.reset_peak_memory(); base = runlog.peak_memory_bytes()\n"
+        "def job():\n"
+        "    xs = [torch.ones(1000, 1000) for _ in range(125)]\n"  # 0.5 GB in 4 MB tensors
+        "    del xs\n"
+        "    runlog.reset_peak_memory(); return (runlog.peak_memory_bytes() - base) / 2**30\n"
+        "on = job(); procenv.release_memory = lambda: None; print(on, job())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=procenv.job_env(1, CLEAN), capture_output=True, text=True, check=True
+    )
     on, off = map(float, out.stdout.split()[-2:])
     assert on < 0.1 and off > 0.4, (on, off)
 
@@ -82,10 +93,12 @@ def test_a_new_peak_starts_from_live_memory_not_what_the_allocator_kept():
 def test_jobs_split_the_cores_this_process_may_use():
     """taskset / cpusets: a study kept to k cores gives each of j jobs k // j threads, whatever the machine has
     (under ``make test`` this worker is itself kept to one core; the probe widens its own mask first)."""
-    probe = ("import os, sys; from lorascope.executors import job_env\n"
-             "os.sched_setaffinity(0, set(range(os.cpu_count()))); k = int(sys.argv[1])\n"
-             "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:k]))\n"
-             "print(len(os.sched_getaffinity(0)), job_env(1)['LORASCOPE_THREADS'], job_env(2)['LORASCOPE_THREADS'])")
+    probe = (
+        "import os, sys; from lorascope.study.executors import job_env\n"
+        "os.sched_setaffinity(0, set(range(os.cpu_count()))); k = int(sys.argv[1])\n"
+        "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:k]))\n"
+        "print(len(os.sched_getaffinity(0)), job_env(1)['LORASCOPE_THREADS'], job_env(2)['LORASCOPE_THREADS'])"
+    )
     for k in (1, os.cpu_count()):
         out = subprocess.run([sys.executable, "-c", probe, str(k)], capture_output=True, text=True, check=True)
         n, one, two = map(int, out.stdout.split())

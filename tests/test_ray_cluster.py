@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import processes_naming
 import yaml
+from conftest import processes_naming
 
 from lorascope.errors import LorascopeError
-from lorascope.raycluster import parse_resources
-from lorascope.study import run_study
+from lorascope.study.raycluster import parse_resources
+from lorascope.study.scheduler import run_study
 
 
 def test_resources_per_job_kind():
@@ -27,10 +26,15 @@ def test_resources_per_job_kind():
     assert parse_resources(None)["spectrum"] == {"cpus": 1.0, "gpus": 0.0, "memory": None}
 
 
-@pytest.mark.parametrize("spec,msg", [("trian:cpus=1", "unknown job kind 'trian'"),
-                                      ("train:tpus=1", "'tpus=1' must be cpus=N, gpus=N or memory=SIZE"),
-                                      ("eval:memory=lots", "memory: 'lots' is not a size"),
-                                      ("eval:cpus=-1", "must be cpus=N")])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("trian:cpus=1", "unknown job kind 'trian'"),
+        ("train:tpus=1", "'tpus=1' must be cpus=N, gpus=N or memory=SIZE"),
+        ("eval:memory=lots", "memory: 'lots' is not a size"),
+        ("eval:cpus=-1", "must be cpus=N"),
+    ],
+)
 def test_bad_resources_name_the_spec(spec, msg):
     with pytest.raises(LorascopeError, match="--resources: .*" + msg.replace("(", r"\(")):
         parse_resources([spec])
@@ -41,8 +45,7 @@ def test_address_only_with_ray(tmp_path):
 
     from lorascope.cli import app
 
-    res = CliRunner().invoke(app, ["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"),
-                                   "--address", "h:1"])
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--address", "h:1"])
     assert res.exit_code == 2 and "only with --executor ray" in res.output
 
 
@@ -51,12 +54,20 @@ def _study(tmp_path: Path, model_dir: Path) -> Path:
     corpus = tmp_path / "code.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in rows))
     study = {
-        "name": "ray", "model": str(model_dir), "seeds": [0],
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 2048, "checkpoints": [],
-                                "save_state_every": 2}}],
-        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
-                    {"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+        "name": "ray",
+        "model": str(model_dir),
+        "seeds": [0],
+        "settings": [
+            {
+                "name": "cpt",
+                "data": {"dataset": str(corpus)},
+                "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 2048, "checkpoints": [], "save_state_every": 2},
+            }
+        ],
+        "methods": [
+            {"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+            {"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]},
+        ],
         "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 4}]},
     }
     p = tmp_path / "study.yaml"
@@ -65,8 +76,11 @@ def _study(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def _results(d: Path) -> dict:
-    return {str(f.relative_to(d)): {t: v["metrics"] for t, v in json.loads(f.read_text())["tasks"].items()}
-            for f in sorted((d / "evals").rglob("results.json")) if "groups" not in f.parts}
+    return {
+        str(f.relative_to(d)): {t: v["metrics"] for t, v in json.loads(f.read_text())["tasks"].items()}
+        for f in sorted((d / "evals").rglob("results.json"))
+        if "groups" not in f.parts
+    }
 
 
 def _lines(f: Path) -> list[dict]:
@@ -105,8 +119,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     small = {"object_store_memory": 80 * 2**20}
-    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                     **small})
+    c = Cluster(
+        initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False, **small}
+    )
     for _ in range(2):
         c.add_node(num_cpus=1, **small)
     c.wait_for_nodes()
@@ -123,10 +138,30 @@ def study_and_ref(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
 
 
 def _start(cfg: Path, d: Path, address: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lorascope", "study", str(cfg), "--out", str(d), "--executor", "ray",
-           "--address", address, "--jobs", "2", "--resources", "all:cpus=1"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "LORASCOPE_TEST_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorascope",
+        "study",
+        str(cfg),
+        "--out",
+        str(d),
+        "--executor",
+        "ray",
+        "--address",
+        address,
+        "--jobs",
+        "2",
+        "--resources",
+        "all:cpus=1",
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "LORASCOPE_TEST_THREADS": "1"},
+    )
 
 
 def _finish(p: subprocess.Popen) -> None:
@@ -164,9 +199,9 @@ def test_killed_driver_leaves_no_job_behind_and_a_rerun_completes(cluster, study
     p.wait()
     assert not list(d.glob("runs/*/COMPLETE")), "killed too late to test a resume"
     deadline = time.time() + 30
-    while processes_naming(d, b"lorascope.jobs") and time.time() < deadline:
+    while processes_naming(d, b"lorascope.study.jobs") and time.time() < deadline:
         time.sleep(0.2)
-    assert not processes_naming(d, b"lorascope.jobs"), "a job outlived the study that started it"
+    assert not processes_naming(d, b"lorascope.study.jobs"), "a job outlived the study that started it"
     _finish(_start(cfg, d, cluster.address))  # the same command again
     _check_complete_once_and_same(d, ref)
 
@@ -188,5 +223,7 @@ def test_study_over_a_two_node_cluster_survives_a_node_removal(cluster, study_an
     assert len(tries[killed_job]) == 2 and tries[killed_job][0] != tries[killed_job][1]
     assert [x["node"] for x in placed if x["job"] == killed_job] == tries[killed_job][1:]
     assert sum(len(t) for t in tries.values()) == len(jobs) + 1  # one retry, nothing else ran twice
-    print(f"\nattempts per node: { {n[:8]: sum(t.count(n) for t in tries.values()) for n in ids} }; "
-          f"removed the node of {killed_job} {'before' if before_complete else 'after'} it completed")
+    print(
+        f"\nattempts per node: { {n[:8]: sum(t.count(n) for t in tries.values()) for n in ids} }; "
+        f"removed the node of {killed_job} {'before' if before_complete else 'after'} it completed"
+    )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,8 +34,16 @@ def _mean_se(v):
 
 def _write_eval(d: Path, tasks: dict[str, list[dict]]) -> int:
     """results.json + samples from per-item records; returns the number of parquet rows it yields."""
-    res, nrows = {"model": "x", "tasks": {}, "derived": {}, "complete": True,
-                  "versions": {"lorascope": "0.1.0", "python": "3.11"}}, 0
+    res, nrows = (
+        {
+            "model": "x",
+            "tasks": {},
+            "derived": {},
+            "complete": True,
+            "versions": {"lorascope": "0.1.0", "python": "3.11"},
+        },
+        0,
+    )
     (d / "samples").mkdir(parents=True, exist_ok=True)
     for task, items in tasks.items():
         if task in ("hellaswag", "arc_challenge", "winogrande"):
@@ -44,8 +52,13 @@ def _write_eval(d: Path, tasks: dict[str, list[dict]]) -> int:
             metrics = {f"{key},none": m, f"{key}_stderr,none": se}
         elif task == "humaneval":
             m, se = _mean_se([i["passed"] for i in items])
-            metrics = {"pass@1": m, "pass@1_stderr": se, "unique_mean": 3.0, "unique_passed_mean": 1.5,
-                       "unique_failed_mean": 1.5}
+            metrics = {
+                "pass@1": m,
+                "pass@1_stderr": se,
+                "unique_mean": 3.0,
+                "unique_passed_mean": 1.5,
+                "unique_failed_mean": 1.5,
+            }
         else:
             key = "kl" if task == "kl_base" else "bpb"
             m, se = _mean_se([i[key] for i in items])
@@ -55,8 +68,10 @@ def _write_eval(d: Path, tasks: dict[str, list[dict]]) -> int:
         fname = task.replace(":", "_").replace("/", "_") + ".jsonl"
         (d / "samples" / fname).write_text("".join(json.dumps(i) + "\n" for i in items))
     if all(t in tasks for t in ("hellaswag", "arc_challenge", "winogrande")):
-        parts = [res["tasks"][t]["metrics"][k] for t, k in
-                 (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))]
+        parts = [
+            res["tasks"][t]["metrics"][k]
+            for t, k in (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
+        ]
         res["derived"]["forgetting_mean"] = {"value": sum(parts) / 3, "stderr": 0.02, "definition": "mean"}
         nrows += 1
     (d / "results.json").write_text(json.dumps(res))
@@ -75,16 +90,43 @@ def _spectrum(rid: str, ck: str, tokens: int, kind: str, scale: int) -> dict:
     recs, mods = [], ["q_proj", "v_proj", "up_proj"]
     for layer in range(3):
         for mod in mods:
-            recs.append({"name": f"model.layers.{layer}.{mod}", "layer": layer, "module": mod, "shape": [64, 64],
-                         "changed": True, "rank_at_energy": {"base": 33, "tuned": 33, "delta": scale + layer},
-                         "rank_fraction_delta": (scale + layer) / 64,
-                         "baseline_rank_at_energy": {"gaussian": 33, "base_plus_noise": 33},
-                         "intruders": 1 if kind == "lora" else 0})
-    agg = {m: {"n": 3, "intruders_total": 3 if kind == "lora" else 0, "delta_rank_at_energy": scale + 1.0,
-               "gaussian_rank_at_energy": 33.0, "delta_rank_fraction": 0.1} for m in mods}
-    return {"run": rid, "checkpoint": ck, "kind": kind, "tokens": tokens, "epoch": None, "step": 1, "energy": 0.9,
-            "lora_rank": 16 if kind == "lora" else None, "matrices": 9, "changed_matrices": 9,
-            "aggregate": {"by_module": agg, "by_layer": {}}, "records": recs}
+            recs.append(
+                {
+                    "name": f"model.layers.{layer}.{mod}",
+                    "layer": layer,
+                    "module": mod,
+                    "shape": [64, 64],
+                    "changed": True,
+                    "rank_at_energy": {"base": 33, "tuned": 33, "delta": scale + layer},
+                    "rank_fraction_delta": (scale + layer) / 64,
+                    "baseline_rank_at_energy": {"gaussian": 33, "base_plus_noise": 33},
+                    "intruders": 1 if kind == "lora" else 0,
+                }
+            )
+    agg = {
+        m: {
+            "n": 3,
+            "intruders_total": 3 if kind == "lora" else 0,
+            "delta_rank_at_energy": scale + 1.0,
+            "gaussian_rank_at_energy": 33.0,
+            "delta_rank_fraction": 0.1,
+        }
+        for m in mods
+    }
+    return {
+        "run": rid,
+        "checkpoint": ck,
+        "kind": kind,
+        "tokens": tokens,
+        "epoch": None,
+        "step": 1,
+        "energy": 0.9,
+        "lora_rank": 16 if kind == "lora" else None,
+        "matrices": 9,
+        "changed_matrices": 9,
+        "aggregate": {"by_module": agg, "by_layer": {}},
+        "records": recs,
+    }
 
 
 def build_study(d: Path) -> int:
@@ -113,31 +155,83 @@ def build_study(d: Path) -> int:
     def add_run(rid, setting, dataset, regime, mname, method, lr, seed, cks, per_ck):
         nonlocal nrows
         label = f"{setting}/{mname}/lr{lr:g}/s{seed}"
-        runs.append({"run_id": rid, "label": label, "setting": setting, "method_name": mname, "method": method,
-                     "lr": lr, "seed": seed, "regime": regime, "dataset": dataset, "budget": None, "config": {}})
+        runs.append(
+            {
+                "run_id": rid,
+                "label": label,
+                "setting": setting,
+                "method_name": mname,
+                "method": method,
+                "lr": lr,
+                "seed": seed,
+                "regime": regime,
+                "dataset": dataset,
+                "budget": None,
+                "config": {},
+            }
+        )
         rd = d / "runs" / rid
         for ck, tok, ep in cks:
             (rd / "checkpoints" / ck).mkdir(parents=True)
             (rd / "checkpoints" / ck / "lorascope.json").write_text(
-                json.dumps({"kind": method["kind"], "base": "embedded", "step": 1, "tokens": tok, "epoch": ep}))
+                json.dumps({"kind": method["kind"], "base": "embedded", "step": 1, "tokens": tok, "epoch": ep})
+            )
             nrows += _write_eval(d / "evals" / rid / ck, per_ck(ck, ck == cks[-1][0]))
-        (rd / "loss.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 128 * s, "loss": 3 - 0.1 * s - lr,
-                                                           "tokens_per_s": 100.0}) + "\n" for s in range(1, 9)))
-        (rd / "summary.json").write_text(json.dumps({
-            "method": mname, "tokens": 1024, "steps": 8, "tokens_per_s": 120.0 if method["kind"] == "full" else 100.0,
-            "peak_memory_bytes": 2 ** 31, "trainable_parameters": 1000 if method["kind"] == "full" else 20,
-            "total_parameters": 1000, "checkpoint_size_bytes": 2 ** 22, "final_loss": 2.1, "precision": "fp32",
-            "processes": 1}))
-        (rd / "meta.json").write_text(json.dumps({"python": "3.11.7", "platform": "Linux", "cpu_count": 2,
-                                                  "torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2",
-                                                  "accelerate": "1.15.0", "command": f"lorascope train {rid}"}))
-        (rd / "data_manifest.json").write_text(json.dumps({
-            "name": dataset, "regime": regime, "sources": [{"name": "synthetic-corpus", "licence": "CC0-1.0"}],
-            "documents": {"train": 10, "heldout": 2}, "tokens": {"train": 1000, "heldout": 200},
-            "content_hash": f"hash-{dataset}",
-            "decontamination": {"rule": "10-gram", "train": {"dropped": {"humaneval": 2}, "items_hit": {}},
-                                "heldout": {"dropped": {}, "items_hit": {}}},
-            "excluded_eval_ids": {}}))
+        (rd / "loss.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "tokens": 128 * s, "loss": 3 - 0.1 * s - lr, "tokens_per_s": 100.0}) + "\n"
+                for s in range(1, 9)
+            )
+        )
+        (rd / "summary.json").write_text(
+            json.dumps(
+                {
+                    "method": mname,
+                    "tokens": 1024,
+                    "steps": 8,
+                    "tokens_per_s": 120.0 if method["kind"] == "full" else 100.0,
+                    "peak_memory_bytes": 2**31,
+                    "trainable_parameters": 1000 if method["kind"] == "full" else 20,
+                    "total_parameters": 1000,
+                    "checkpoint_size_bytes": 2**22,
+                    "final_loss": 2.1,
+                    "precision": "fp32",
+                    "processes": 1,
+                }
+            )
+        )
+        (rd / "meta.json").write_text(
+            json.dumps(
+                {
+                    "python": "3.11.7",
+                    "platform": "Linux",
+                    "cpu_count": 2,
+                    "torch": "2.13.0",
+                    "transformers": "5.23.0",
+                    "peft": "0.21.2",
+                    "accelerate": "1.15.0",
+                    "command": f"lorascope train {rid}",
+                }
+            )
+        )
+        (rd / "data_manifest.json").write_text(
+            json.dumps(
+                {
+                    "name": dataset,
+                    "regime": regime,
+                    "sources": [{"name": "synthetic-corpus", "licence": "CC0-1.0"}],
+                    "documents": {"train": 10, "heldout": 2},
+                    "tokens": {"train": 1000, "heldout": 200},
+                    "content_hash": f"hash-{dataset}",
+                    "decontamination": {
+                        "rule": "10-gram",
+                        "train": {"dropped": {"humaneval": 2}, "items_hit": {}},
+                        "heldout": {"dropped": {}, "items_hit": {}},
+                    },
+                    "excluded_eval_ids": {},
+                }
+            )
+        )
         (rd / "COMPLETE").write_text("ok\n")
 
     cpt_cks = [("tok-000000000512", 512, None), ("tok-000000001024", 1024, None)]
@@ -145,11 +239,14 @@ def build_study(d: Path) -> int:
     def code(learn, forget, flip):
         def per_ck(ck, final):
             frac = 0.5 if ck.endswith("512") else 1.0
-            t = {"heldout_bpb:code-cpt": _bpb(base_code - learn * frac + rng.normal(0, 0.01, N)),
-                 "english_bpb": _bpb(base_eng + forget * frac + rng.normal(0, 0.005, N))}
+            t = {
+                "heldout_bpb:code-cpt": _bpb(base_code - learn * frac + rng.normal(0, 0.01, N)),
+                "english_bpb": _bpb(base_eng + forget * frac + rng.normal(0, 0.005, N)),
+            }
             if final:
                 t.update(mc_tasks(flip))
             return t
+
         return per_ck
 
     add_run("full0", "code-cpt", "code-cpt", "cpt", "full", FULL, 2e-5, 0, cpt_cks, code(0.30, 0.05, 0.2))
@@ -163,21 +260,30 @@ def build_study(d: Path) -> int:
         def per_ck(ck, final):
             frac = 0.5 if ck == "epoch-001" else 1.0
             vals = base_math + (full_math - base_math) * frac + (alt if lora else 0)
-            t = {"heldout_bpb:math-ift": _bpb(vals),
-                 "english_bpb": _bpb(base_eng + (0.0 if lora else 0.08) * frac + rng.normal(0, 0.005, N))}
+            t = {
+                "heldout_bpb:math-ift": _bpb(vals),
+                "english_bpb": _bpb(base_eng + (0.0 if lora else 0.08) * frac + rng.normal(0, 0.005, N)),
+            }
             if final:
-                t["humaneval"] = [{"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)}
-                                  for j, v in enumerate(base_he)]
+                t["humaneval"] = [
+                    {"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)} for j, v in enumerate(base_he)
+                ]
             return t
+
         return per_ck
 
     add_run("mfull0", "math-ift", "math-ift", "ift", "full", FULL, 1e-5, 0, ift_cks, math(False))
     add_run("mlora0", "math-ift", "math-ift", "ift", "lora-r16", LORA16, 1e-4, 0, ift_cks, math(True))
 
-    base_tasks = {"heldout_bpb:code-cpt": _bpb(base_code), "heldout_bpb:math-ift": _bpb(base_math),
-                  "english_bpb": _bpb(base_eng), **mc_tasks(0.0),
-                  "humaneval": [{"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)}
-                                for j, v in enumerate(base_he)]}
+    base_tasks = {
+        "heldout_bpb:code-cpt": _bpb(base_code),
+        "heldout_bpb:math-ift": _bpb(base_math),
+        "english_bpb": _bpb(base_eng),
+        **mc_tasks(0.0),
+        "humaneval": [
+            {"id": f"h{j}", "sample": 0, "completion": "x", "passed": bool(v)} for j, v in enumerate(base_he)
+        ],
+    }
     nrows += _write_eval(d / "evals" / "base", base_tasks)
     (d / "runs.json").write_text(json.dumps(runs))
     for rid, kind, scale in (("full0", "full", 20), ("lora0", "lora", 3)):
@@ -186,11 +292,21 @@ def build_study(d: Path) -> int:
             (d / "analysis" / rid / ck).mkdir(parents=True)
             (d / "analysis" / rid / ck / "spectrum.json").write_text(json.dumps(sp))
     (d / "analysis" / "full0" / "truncate" / "r16").mkdir(parents=True)
-    (d / "analysis" / "full0" / "truncate" / "r16" / "truncation.json").write_text(json.dumps(
-        {"run": "full0", "checkpoint": "tok-000000001024", "rank": "16", "mean_rel_frobenius_error": 0.4,
-         "matrices": {}}))
-    nrows += _write_eval(d / "evals" / "full0" / "truncate-r16", {
-        "heldout_bpb:code-cpt": _bpb(base_code - 0.15), "english_bpb": _bpb(base_eng + 0.02)})
+    (d / "analysis" / "full0" / "truncate" / "r16" / "truncation.json").write_text(
+        json.dumps(
+            {
+                "run": "full0",
+                "checkpoint": "tok-000000001024",
+                "rank": "16",
+                "mean_rel_frobenius_error": 0.4,
+                "matrices": {},
+            }
+        )
+    )
+    nrows += _write_eval(
+        d / "evals" / "full0" / "truncate-r16",
+        {"heldout_bpb:code-cpt": _bpb(base_code - 0.15), "english_bpb": _bpb(base_eng + 0.02)},
+    )
     return nrows
 
 
@@ -211,9 +327,11 @@ def real(tiny_study_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("real") / "study"
     shutil.copytree(tiny_study_dir, d)
     # a figure with a blank panel or overlapping text fails here (LayoutWarning as an error)
-    code = "import sys, warnings; from lorascope.report.figures import LayoutWarning; " \
-           "warnings.simplefilter('error', LayoutWarning); from lorascope.report import write_report; " \
-           f"write_report({str(d)!r}); assert 'torch' not in sys.modules, 'the report imported torch'"
+    code = (
+        "import sys, warnings; from lorascope.report.figures import LayoutWarning; "
+        "warnings.simplefilter('error', LayoutWarning); from lorascope.report import write_report; "
+        f"write_report({str(d)!r}); assert 'torch' not in sys.modules, 'the report imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     return d, d / "report.html"
 
@@ -249,7 +367,7 @@ def test_page_shows_each_settings_verdicts_lrs_and_frontiers(study):
     assert head.count('<div class="verdict">') == sum(len(h.verdicts) for h in hs) > 0
     for h in hs:
         for v in h.verdicts:
-            assert f"<span class=\"sig\">{v['verdict']}</span>" in head
+            assert f'<span class="sig">{v["verdict"]}</span>' in head
         for m, lr in h.chosen_lrs.items():
             assert f"<td>{m}</td><td>" in head and f"<td>{lr:.4g}</td>" in head
     assert "(at epoch 2)" in head and "(at 1,024 tokens)" in head
@@ -284,9 +402,9 @@ def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
     assert abs(f2["full lr=2e-05"].estimate - 0.05) < 0.01 and f2["full lr=2e-05"].significant
     st.config["report"] = {"forgetting": "kl_base"}
     h3 = headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
-    assert h3.forgetting.task == "forgetting_mean" and any("report.forgetting asks for kl_base" in x
-                                                            for x in h3.sentences)
-
+    assert h3.forgetting.task == "forgetting_mean" and any(
+        "report.forgetting asks for kl_base" in x for x in h3.sentences
+    )
 
 
 def test_bad_dir_is_a_user_error(tmp_path):
@@ -304,7 +422,6 @@ def test_bad_dir_is_a_user_error(tmp_path):
     assert res.exit_code != 0 and "error:" in res.output and "does not exist" in res.output
 
 
-
 def test_interval_text_has_no_negative_zero():
     from lorascope.report.stats import Interval
 
@@ -320,8 +437,10 @@ def test_real_study_fills_every_section(real):
     text = html.read_text()
     # exactly the two parts this study did not run say so: no generation task, one checkpoint per run
     not_run = {(a, m) for a in SECTIONS + ("diversity",) for m in re.findall(r"Not run: ([^<(]*)", _section(text, a))}
-    assert not_run == {("diversity", "no HumanEval/MBPP samples "),
-                       ("spectrum", "each run was analysed at one checkpoint only ")}
+    assert not_run == {
+        ("diversity", "no HumanEval/MBPP samples "),
+        ("spectrum", "each run was analysed at one checkpoint only "),
+    }
     runs = json.loads((d / "runs.json").read_text())
     cost = _section(text, "cost")
     assert all(r["label"] in cost for r in runs)
@@ -365,8 +484,9 @@ def test_parquet_holds_every_number_of_the_results_files(real):
     runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
     for r in t:
         if r["run_id"] in runs and not r["checkpoint"].startswith("truncate-"):
-            meta = json.loads((d / "runs" / r["run_id"] / "checkpoints" / r["checkpoint"] / "lorascope.json")
-                              .read_text())
+            meta = json.loads(
+                (d / "runs" / r["run_id"] / "checkpoints" / r["checkpoint"] / "lorascope.json").read_text()
+            )
             assert r["tokens"] == meta["tokens"] and r["lr"] == runs[r["run_id"]]["lr"]
 
 
@@ -391,7 +511,7 @@ def test_cli_report_escapes_names(real, tmp_path):
 
     d = tmp_path / "study"
     shutil.copytree(real[0], d)
-    evil = {"setting": '<script>alert("s")</script>&co', "method_name": "lo'ra <marquee>&amp; \"r4\""}
+    evil = {"setting": '<script>alert("s")</script>&co', "method_name": 'lo\'ra <marquee>&amp; "r4"'}
     runs = json.loads((d / "runs.json").read_text())
     for r in runs:
         r["setting"] = evil["setting"]
@@ -441,7 +561,6 @@ def test_missing_parts_say_not_run(real, tmp_path):
     assert "Not run: the base model was not evaluated" in headline_section(st, hs)
 
 
-
 def test_headless_screenshot_non_blank(real, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:  # .ci/run installs chromium and sets LORASCOPE_REQUIRE_BROWSER: there a skip would hide it
@@ -452,9 +571,24 @@ def test_headless_screenshot_non_blank(real, tmp_path):
 
     _, html = real
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
-                    "--window-size=1200,3000", html.as_uri()], check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            html.as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     arr = mpimg.imread(shot)
     assert arr[..., :3].std() > 0.05
 
@@ -492,24 +626,62 @@ def test_layout_check_finds_overlaps_and_blank_panels():
 
 
 def _headline_with_verdicts():
+    from lorascope.evals.catalog import spec
     from lorascope.report.compare import Headline
-    from lorascope.report.metrics import spec
 
     verdicts = [
-        {"question": "learns_less", "verdict": "yes", "estimate": -0.125, "interval": (-0.2, -0.05), "level": 0.95,
-         "reason": "significant in the paper's direction", "noise": "2 seed(s) x 10 item clusters", "split": "test",
-         "a": "lora-r16 lr=0.0002", "b": "full lr=2e-05", "budget": 8192, "correction": "Holm over 2 comparisons"},
-        {"question": "forgets_less_at_equal_learning", "verdict": "not resolved", "estimate": -0.01,
-         "interval": (-0.05, 0.03), "level": 0.95, "reason": "the interval is too wide <to tell>", "split": "test",
-         "noise": "2 seed(s) x 10 item clusters", "a": "lora", "b": "full", "budget": None, "range": (0.1, 0.3),
-         "power": "about 4x the item clusters would resolve a difference this size"}]
-    frontiers = {"full": {"points": [(0.1, 0.02, "full lr=1e-05"), (0.3, 0.06, "full lr=2e-05")],
-                          "curve": [(0.1, 0.02), (0.3, 0.06)], "band": (0.1, 0.3)},
-                 "lora": {"points": [(0.1, 0.01, "lora-r16 lr=1e-04"), (0.35, 0.03, "lora-r16 lr=2e-04")],
-                          "curve": [(0.1, 0.01), (0.35, 0.03)], "band": (0.1, 0.3)}}
-    return Headline("code-cpt", spec("heldout_bpb:code-cpt"), spec("english_bpb"), [], ["Learning is ..."],
-                    verdicts=verdicts, chosen_lrs={"full": 2e-5, "lora-r16": 2e-4, "lora-r64": 1e-4},
-                    frontiers=frontiers)
+        {
+            "question": "learns_less",
+            "verdict": "yes",
+            "estimate": -0.125,
+            "interval": (-0.2, -0.05),
+            "level": 0.95,
+            "reason": "significant in the paper's direction",
+            "noise": "2 seed(s) x 10 item clusters",
+            "split": "test",
+            "a": "lora-r16 lr=0.0002",
+            "b": "full lr=2e-05",
+            "budget": 8192,
+            "correction": "Holm over 2 comparisons",
+        },
+        {
+            "question": "forgets_less_at_equal_learning",
+            "verdict": "not resolved",
+            "estimate": -0.01,
+            "interval": (-0.05, 0.03),
+            "level": 0.95,
+            "reason": "the interval is too wide <to tell>",
+            "split": "test",
+            "noise": "2 seed(s) x 10 item clusters",
+            "a": "lora",
+            "b": "full",
+            "budget": None,
+            "range": (0.1, 0.3),
+            "power": "about 4x the item clusters would resolve a difference this size",
+        },
+    ]
+    frontiers = {
+        "full": {
+            "points": [(0.1, 0.02, "full lr=1e-05"), (0.3, 0.06, "full lr=2e-05")],
+            "curve": [(0.1, 0.02), (0.3, 0.06)],
+            "band": (0.1, 0.3),
+        },
+        "lora": {
+            "points": [(0.1, 0.01, "lora-r16 lr=1e-04"), (0.35, 0.03, "lora-r16 lr=2e-04")],
+            "curve": [(0.1, 0.01), (0.35, 0.03)],
+            "band": (0.1, 0.3),
+        },
+    }
+    return Headline(
+        "code-cpt",
+        spec("heldout_bpb:code-cpt"),
+        spec("english_bpb"),
+        [],
+        ["Learning is ..."],
+        verdicts=verdicts,
+        chosen_lrs={"full": 2e-5, "lora-r16": 2e-4, "lora-r64": 1e-4},
+        frontiers=frontiers,
+    )
 
 
 def test_verdicts_lrs_and_frontiers_render_from_a_headline(tmp_path):
@@ -529,8 +701,14 @@ def test_verdicts_lrs_and_frontiers_render_from_a_headline(tmp_path):
     assert "yes" in lines[0] and "-0.125 [-0.2, -0.05] (95% interval)" in lines[0] and "test split" in lines[0]
     assert "2 seed(s) x 10 item clusters" in lines[0] and "significant in the paper" in lines[0]
     assert "not resolved" in lines[1] and "too wide &lt;to tell&gt;" in lines[1] and "about 4x" in lines[1]
-    lrs = dict((r[0], r[1:]) for r in re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>"
-                                                   r"<td>([^<]*)</td></tr>", text))
+    lrs = dict(
+        (r[0], r[1:])
+        for r in re.findall(
+            r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>"
+            r"<td>([^<]*)</td></tr>",
+            text,
+        )
+    )
     assert lrs["lora-r16"] == ("lora", "0.0002", "10") and lrs["lora-r64"][2] == "5" and lrs["full"][2] == "–"
     with warnings.catch_warnings():
         warnings.simplefilter("error", LayoutWarning)
@@ -615,11 +793,14 @@ def test_common_range_renders_from_a_headline(tmp_path):
     assert "common learning range +0.1 to +0.3" in q2 and "p = 0.3, Holm-adjusted p = 0.6" in q2
     assert "equivalence margin ±0.004 (10% of the larger forgetting of the two frontiers atop the common range)" in q2
     # an abstention opens the first screen too (amber, not the recommendation's green), its task name shortened
-    from lorascope.report.metrics import spec
+    from lorascope.evals.catalog import spec
 
     h.learning = spec("heldout_bpb:/data/x/code.jsonl")
-    h.sentences = ["Learning is ...", "No recommendation: no configuration improved heldout_bpb:/data/x/code.jsonl.",
-                   "Diverged: full lr=0.1; lower their learning rates."]
+    h.sentences = [
+        "Learning is ...",
+        "No recommendation: no configuration improved heldout_bpb:/data/x/code.jsonl.",
+        "Diverged: full lr=0.1; lower their learning rates.",
+    ]
     text = str(headline_section(Study(path=tmp_path, runs=[{"method_name": "full", "family": "full"}]), [h]))
     [box] = re.findall(r'<div class="summary">(.*?)</div>', text, re.S)
     assert '<p class="abstain">No recommendation: no configuration improved heldout_bpb:code.jsonl.</p>' in box
@@ -635,26 +816,64 @@ def test_how_each_lr_was_chosen(real, tmp_path):
     head = _section(html.read_text(), "headline")
     # the tiny study tries one LR per method at its only budget: the report chooses it, unbracketed by construction
     for m, c in h.lr_choice.items():
-        assert re.search(rf"<tr><td>{m}</td><td>{re.escape(c['by'])}</td><td>heldout_bpb:code.jsonl \(validation\)"
-                         rf"</td><td>{c['lr']:g}</td><td>{c['lr']:.4g}</td><td>only one tried</td><td>none</td>"
-                         rf"<td>{c['at']:,} tokens</td></tr>", head), m
+        assert re.search(
+            rf"<tr><td>{m}</td><td>{re.escape(c['by'])}</td><td>heldout_bpb:code.jsonl \(validation\)"
+            rf"</td><td>{c['lr']:g}</td><td>{c['lr']:.4g}</td><td>only one tried</td><td>none</td>"
+            rf"<td>{c['at']:,} tokens</td></tr>",
+            head,
+        ), m
     assert "learning rate 0.01, chosen by" not in head  # the table replaces the sentences it repeats
     h2 = _headline_with_verdicts()
     h2.lr_choice = {
-        "full": {"lr": 2e-5, "by": "the study's LR search (validation split)", "bracketed": True, "status": "chosen",
-                 "grid": [1e-5, 2e-5, 4e-5], "diverged": [], "metric": "heldout_bpb:/data/x/code.jsonl",
-                 "split": "validation", "at": 4096},
-        "lora-r16": {"lr": 4e-4, "by": "the study's LR search (validation split)", "bracketed": False,
-                     "status": "unbracketed", "grid": [1e-4, 2e-4, 4e-4, 8e-4], "diverged": [8e-4],
-                     "metric": "heldout_bpb:/data/x/code.jsonl", "split": "validation", "at": 4096},
-        "lora-r64": {"lr": None, "by": "the study's LR search (validation split)", "bracketed": False,
-                     "status": "failed", "grid": [], "diverged": [], "metric": None, "split": None, "at": None}}
+        "full": {
+            "lr": 2e-5,
+            "by": "the study's LR search (validation split)",
+            "bracketed": True,
+            "status": "chosen",
+            "grid": [1e-5, 2e-5, 4e-5],
+            "diverged": [],
+            "metric": "heldout_bpb:/data/x/code.jsonl",
+            "split": "validation",
+            "at": 4096,
+        },
+        "lora-r16": {
+            "lr": 4e-4,
+            "by": "the study's LR search (validation split)",
+            "bracketed": False,
+            "status": "unbracketed",
+            "grid": [1e-4, 2e-4, 4e-4, 8e-4],
+            "diverged": [8e-4],
+            "metric": "heldout_bpb:/data/x/code.jsonl",
+            "split": "validation",
+            "at": 4096,
+        },
+        "lora-r64": {
+            "lr": None,
+            "by": "the study's LR search (validation split)",
+            "bracketed": False,
+            "status": "failed",
+            "grid": [],
+            "diverged": [],
+            "metric": None,
+            "split": None,
+            "at": None,
+        },
+    }
     runs = [{"method_name": m, "family": f} for m, f in (("full", "full"), ("lora-r16", "lora"), ("lora-r64", "lora"))]
     text = str(headline_section(Study(path=tmp_path, runs=runs), [h2]))
-    rows = {r[0]: r[1:] for r in re.findall(r"<tr>((?:<td>[^<]*</td>){8})</tr>", text) for r in
-            [re.findall(r"<td>([^<]*)</td>", r)]}
-    assert rows["full"][1:] == ["heldout_bpb:code.jsonl (validation)", "1e-05, 2e-05, 4e-05", "2e-05", "bracketed",
-                                "none", "4,096 tokens"]
+    rows = {
+        r[0]: r[1:]
+        for r in re.findall(r"<tr>((?:<td>[^<]*</td>){8})</tr>", text)
+        for r in [re.findall(r"<td>([^<]*)</td>", r)]
+    }
+    assert rows["full"][1:] == [
+        "heldout_bpb:code.jsonl (validation)",
+        "1e-05, 2e-05, 4e-05",
+        "2e-05",
+        "bracketed",
+        "none",
+        "4,096 tokens",
+    ]
     assert rows["lora-r16"][4:6] == ["unbracketed (best at an edge)", "0.0008"]
     assert rows["lora-r64"][3:5] == ["–", "failed"]
     assert "/data/x" not in text
@@ -680,6 +899,9 @@ def test_first_screen_says_both_answers_and_the_recommendation(real):
     assert answers == [v["verdict"] for v in h.verdicts] and len(answers) == 2
     # a recommendation is green, an abstention amber: both are the first sentence after the answers
     rec = re.findall(r'<p class="(rec|abstain)">([^<]*)</p>', box)
-    assert rec == [("rec", next(s for s in h.sentences if s.startswith("Recommended for cpt: ")))] if h.recommended \
+    assert (
+        rec == [("rec", next(s for s in h.sentences if s.startswith("Recommended for cpt: ")))]
+        if h.recommended
         else len(rec) == 1 and rec[0][0] == "abstain" and rec[0][1].startswith("No recommendation")
+    )
     assert head.index(box) < head.index('<div class="verdict">')

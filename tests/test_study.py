@@ -12,20 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import write_code_corpus
 import yaml
+from conftest import write_code_corpus
 
-from lorascope.errors import ConfigError, LorascopeError
 from lorascope.config import apply_overrides, dump
-from lorascope.jobs import build_jobs
-from lorascope.study import run_study
-from lorascope.studyconfig import AutoLR, load_study
-from lorascope.studyplan import plan_runs
+from lorascope.errors import ConfigError, LorascopeError
+from lorascope.study.config import AutoLR, load_study
+from lorascope.study.jobs import build_jobs
+from lorascope.study.plan import plan_runs
+from lorascope.study.scheduler import run_study
 
 
 def expand(study):
     return plan_runs(study, None)[0]
+
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 # every study preset in configs/ (train-*.yaml are run configs, tested with training; accelerate/ holds launchers)
@@ -57,13 +57,25 @@ def test_dry_run_counts_runs_jobs_tokens_and_time(tmp_path, corpus):
     from lorascope.cli import app
 
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({
-        "seeds": [0, 1], "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                                       "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 1000,
-                                                 "checkpoints": [512]}}],
-        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-4, 1e-3]},
-                    {"name": "lora", "method": {"kind": "lora"}, "lrs": {"auto": {"points": 3}}}],
-        "evals": {"groups": [{"tasks": [f"heldout_bpb:{corpus}"]}]}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "seeds": [0, 1],
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 1000, "checkpoints": [512]},
+                    }
+                ],
+                "methods": [
+                    {"name": "full", "method": {"kind": "full"}, "lrs": [1e-4, 1e-3]},
+                    {"name": "lora", "method": {"kind": "lora"}, "lrs": {"auto": {"points": 3}}},
+                ],
+                "evals": {"groups": [{"tasks": [f"heldout_bpb:{corpus}"]}]},
+            }
+        )
+    )
     res = CliRunner().invoke(app, ["study", str(p), "--dry-run", "--tokens-per-s", "10", "--eval-job-s", "6"])
     assert res.exit_code == 0, res.output
     out = res.output
@@ -106,25 +118,54 @@ def test_evidence_spans_8x_budgets_with_a_cooldown_each():
     runs = expand(study)
     # the searches train at the smallest budget only
     assert {r["config"]["train"]["max_tokens"] for r in runs if r["role"] == "lr-search"} == {t.checkpoints[0]}
-    ranks = {(m.method.kind, m.method.rank if m.method.kind == "lora" else None, str(m.method.targets))
-             for m in study.methods}
-    assert ranks == {("full", None, "all"), ("lora", 1, "all"), ("lora", 16, "all"), ("lora", 64, "all"),
-                     ("lora", 16, "attention")}
+    ranks = {
+        (m.method.kind, m.method.rank if m.method.kind == "lora" else None, str(m.method.targets))
+        for m in study.methods
+    }
+    assert ranks == {
+        ("full", None, "all"),
+        ("lora", 1, "all"),
+        ("lora", 16, "all"),
+        ("lora", 64, "all"),
+        ("lora", 16, "attention"),
+    }
 
 
 def test_separate_runs_and_per_setting_lrs(tmp_path, tiny_model_dir, ift_corpus):
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir),
-        "settings": [{"name": "ift", "separate_runs": True, "data": {"dataset": str(ift_corpus), "regime": "ift"},
-                      "train": {"max_tokens": None, "epochs": 4, "checkpoints": [1, 2]}},
-                     {"name": "cpt", "data": {"dataset": str(ift_corpus), "regime": "cpt"},
-                      "train": {"max_tokens": 512, "checkpoints": [256]}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora"}, "lrs": {"ift": [1e-4, 2e-4], "default": [3e-4]}}]}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "settings": [
+                    {
+                        "name": "ift",
+                        "separate_runs": True,
+                        "data": {"dataset": str(ift_corpus), "regime": "ift"},
+                        "train": {"max_tokens": None, "epochs": 4, "checkpoints": [1, 2]},
+                    },
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(ift_corpus), "regime": "cpt"},
+                        "train": {"max_tokens": 512, "checkpoints": [256]},
+                    },
+                ],
+                "methods": [
+                    {"name": "lora", "method": {"kind": "lora"}, "lrs": {"ift": [1e-4, 2e-4], "default": [3e-4]}}
+                ],
+            }
+        )
+    )
     runs = expand(load_study(p))
     ift = [r for r in runs if r["setting"] == "ift"]
-    assert sorted((r["lr"], r["config"]["train"]["epochs"]) for r in ift) == \
-        [(1e-4, 1), (1e-4, 2), (1e-4, 4), (2e-4, 1), (2e-4, 2), (2e-4, 4)]
+    assert sorted((r["lr"], r["config"]["train"]["epochs"]) for r in ift) == [
+        (1e-4, 1),
+        (1e-4, 2),
+        (1e-4, 4),
+        (2e-4, 1),
+        (2e-4, 2),
+        (2e-4, 4),
+    ]
     assert all(r["config"]["train"]["checkpoints"] == [] for r in ift) and len({r["label"] for r in ift}) == 6
     assert [(r["lr"], r["budget"]) for r in runs if r["setting"] == "cpt"] == [(3e-4, None)]
     s = yaml.safe_load(p.read_text())
@@ -137,8 +178,11 @@ def test_separate_runs_and_per_setting_lrs(tmp_path, tiny_model_dir, ift_corpus)
 def test_overrides_index_lists_and_star():
     d = {"settings": [{"train": {"lr": 1}}, {"train": {"lr": 2}}], "methods": [{"lrs": [1]}, {"lrs": [2]}]}
     apply_overrides(d, ["settings.1.train.lr=3", "methods.*.lrs=[0.5]", "evals.base=false"])
-    assert d == {"settings": [{"train": {"lr": 1}}, {"train": {"lr": 3}}], "methods": [{"lrs": [0.5]}] * 2,
-                 "evals": {"base": False}}
+    assert d == {
+        "settings": [{"train": {"lr": 1}}, {"train": {"lr": 3}}],
+        "methods": [{"lrs": [0.5]}] * 2,
+        "evals": {"base": False},
+    }
     with pytest.raises(ConfigError, match=r"settings.5.train: '5' is not an index of settings"):
         apply_overrides(d, ["settings.5.train=1"])
 
@@ -150,8 +194,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ift_corpus(tmp_path_factory):
-    rows = [{"prompt": f"Write add_{i}.", "response": f"def add_{i}(a, b):\n    return a + b + {i}\n"}
-            for i in range(40)]
+    rows = [
+        {"prompt": f"Write add_{i}.", "response": f"def add_{i}(a, b):\n    return a + b + {i}\n"} for i in range(40)
+    ]
     p = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     return p
@@ -159,14 +204,33 @@ def ift_corpus(tmp_path_factory):
 
 def tiny_study(tmp_path, model_dir, corpus, **extra) -> Path:
     study = {
-        "name": "tiny", "model": str(model_dir), "seeds": [0],
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 1024, "checkpoints": [512],
-                                "save_state_every": 2}}],
-        "methods": [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
-                    {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
-        "evals": {"checkpoints": "all", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 4},
-                                                   {"tasks": ["arc_easy"], "limit": 3}]},
+        "name": "tiny",
+        "model": str(model_dir),
+        "seeds": [0],
+        "settings": [
+            {
+                "name": "cpt",
+                "data": {"dataset": str(corpus)},
+                "train": {
+                    "seq_len": 32,
+                    "batch_size": 4,
+                    "max_tokens": 1024,
+                    "checkpoints": [512],
+                    "save_state_every": 2,
+                },
+            }
+        ],
+        "methods": [
+            {"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+            {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]},
+        ],
+        "evals": {
+            "checkpoints": "all",
+            "groups": [
+                {"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 4},
+                {"tasks": ["arc_easy"], "limit": 3},
+            ],
+        },
         "analysis": {"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2], "evaluate": True}},
     }
     study.update(extra)
@@ -175,14 +239,17 @@ def tiny_study(tmp_path, model_dir, corpus, **extra) -> Path:
     return p
 
 
-@pytest.mark.parametrize("mutate,place", [
-    (lambda s: s["methods"][1]["method"].update(rnk=4), "methods[1].method.rnk: unknown field"),
-    (lambda s: s.update(methods=[]), "methods"),
-    (lambda s: s["evals"]["groups"][0]["tasks"].append("mmlu"), "evals.groups[0].tasks[2]: unknown task 'mmlu'"),
-    (lambda s: s["settings"][0]["train"].update(checkpoints=[512, 256]), "settings[0].train.checkpoints"),
-    (lambda s: s["settings"][0]["train"].update(checkpoints=[2048]), "settings[0].train.checkpoints"),
-    (lambda s: s.update(report={"forgetting": "hellaswag"}), "report.forgetting: 'hellaswag' is not evaluated"),
-])
+@pytest.mark.parametrize(
+    "mutate,place",
+    [
+        (lambda s: s["methods"][1]["method"].update(rnk=4), "methods[1].method.rnk: unknown field"),
+        (lambda s: s.update(methods=[]), "methods"),
+        (lambda s: s["evals"]["groups"][0]["tasks"].append("mmlu"), "evals.groups[0].tasks[2]: unknown task 'mmlu'"),
+        (lambda s: s["settings"][0]["train"].update(checkpoints=[512, 256]), "settings[0].train.checkpoints"),
+        (lambda s: s["settings"][0]["train"].update(checkpoints=[2048]), "settings[0].train.checkpoints"),
+        (lambda s: s.update(report={"forgetting": "hellaswag"}), "report.forgetting: 'hellaswag' is not evaluated"),
+    ],
+)
 def test_invalid_study_names_the_place(tmp_path, tiny_model_dir, corpus, mutate, place):
     p = tiny_study(tmp_path, tiny_model_dir, corpus)
     s = yaml.safe_load(p.read_text())
@@ -209,9 +276,14 @@ def _job_log(d: Path) -> list[dict]:
 
 
 def test_minimal_study_inline_and_rerun_skips(tmp_path, tiny_model_dir, corpus):
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
-                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
-                     evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        analysis={},
+        methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+        evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]},
+    )
     d = run_study(cfg, [], tmp_path / "s", executor="inline", progress=False)
     (rid,) = [r["run_id"] for r in json.loads((d / "runs.json").read_text())]
     res = _results(d)
@@ -229,14 +301,20 @@ def test_minimal_study_inline_and_rerun_skips(tmp_path, tiny_model_dir, corpus):
 def test_tiny_study_by_local_subprocesses(tmp_path, tiny_model_dir, corpus):
     """The real executor (one subprocess per job) on every job kind: training, a run that blows up, evals with
     kl_base, spectrum, truncation and the truncations' evals; then a re-run that runs nothing."""
-    methods = [{"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
-               {"name": "full-blowup", "method": {"kind": "full"}, "lrs": [30.0]}]
+    methods = [
+        {"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+        {"name": "full-blowup", "method": {"kind": "full"}, "lrs": [30.0]},
+    ]
     train = {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": [128], "save_state_every": 100}
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, methods=methods,
-                     settings=[{"name": "cpt", "data": {"dataset": str(corpus)}, "train": train}],
-                     evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"],
-                                                                "limit": 2}]},
-                     analysis={"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2]}})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        methods=methods,
+        settings=[{"name": "cpt", "data": {"dataset": str(corpus)}, "train": train}],
+        evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 2}]},
+        analysis={"spectrum": {"checkpoints": "final"}, "truncate": {"ranks": [2]}},
+    )
     d = run_study(cfg, [], tmp_path / "s", jobs=2, executor="local", progress=False)
     runs = {r["method_name"]: r["run_id"] for r in json.loads((d / "runs.json").read_text())}
     ran = {j["job"].split(":")[0] for j in _job_log(d)}
@@ -247,8 +325,11 @@ def test_tiny_study_by_local_subprocesses(tmp_path, tiny_model_dir, corpus):
     assert not (d / "evals" / runs["full-blowup"]).exists() and not (d / "analysis" / runs["full-blowup"]).exists()
     res = _results(d)
     full = runs["full"]
-    assert set(res) == {"evals/base/results.json", f"evals/{full}/truncate-r2/results.json",
-                        f"evals/{full}/tok-000000000256/results.json"}
+    assert set(res) == {
+        "evals/base/results.json",
+        f"evals/{full}/truncate-r2/results.json",
+        f"evals/{full}/tok-000000000256/results.json",
+    }
     h = f"heldout_bpb:{corpus}"
     assert res[f"evals/{full}/tok-000000000256/results.json"][h]["bpb"] < res["evals/base/results.json"][h]["bpb"]
     # the base has zero KL to itself; the tuned model does not
@@ -262,7 +343,7 @@ def test_tiny_study_by_local_subprocesses(tmp_path, tiny_model_dir, corpus):
 
 
 def test_second_scheduler_on_a_directory_is_refused(tmp_path, tiny_model_dir, corpus):
-    from lorascope.study import study_lock
+    from lorascope.study.scheduler import study_lock
 
     cfg = tiny_study(tmp_path, tiny_model_dir, corpus)
     d = tmp_path / "s"
@@ -273,8 +354,13 @@ def test_second_scheduler_on_a_directory_is_refused(tmp_path, tiny_model_dir, co
     assert not (d / "runs.json").exists()  # refused before planning anything
 
 
-SHRINK = ["settings.*.train.seq_len=32", "settings.*.train.batch_size=2", "settings.*.train.checkpoints=[]",
-          "settings.*.train.save_state_every=1000", "evals.batch_size=4"]
+SHRINK = [
+    "settings.*.train.seq_len=32",
+    "settings.*.train.batch_size=2",
+    "settings.*.train.checkpoints=[]",
+    "settings.*.train.save_state_every=1000",
+    "evals.batch_size=4",
+]
 
 
 @pytest.mark.slow
@@ -283,8 +369,12 @@ def test_shrunken_presets_run(tmp_path, tiny_model_dir, corpus, ift_corpus, name
     data = ift_corpus if name == "regularizers" else corpus
     # heldout_bpb:<file> reads a file as CPT text, so the IFT preset is scored on English BPB here
     task = "english_bpb" if name == "regularizers" else f"heldout_bpb:{data}"
-    over = [f"model={tiny_model_dir}", f"settings.*.data.dataset={data}", *SHRINK,
-            f"evals.groups=[{{tasks: ['{task}'], limit: 2}}]"]
+    over = [
+        f"model={tiny_model_dir}",
+        f"settings.*.data.dataset={data}",
+        *SHRINK,
+        f"evals.groups=[{{tasks: ['{task}'], limit: 2}}]",
+    ]
     if name == "regularizers":
         # the chat template alone is ~30 tokens: IFT needs room for the response
         over += ["settings.*.data.regime=ift", "settings.*.data.max_docs=8", "settings.*.train.seq_len=96"]
@@ -320,9 +410,14 @@ def test_shrunken_presets_run(tmp_path, tiny_model_dir, corpus, ift_corpus, name
 
 @pytest.mark.slow
 def test_kill_and_rerun_completes_with_same_numbers(tmp_path, tiny_model_dir, corpus):
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
-                     methods=[{"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
-                     evals={"checkpoints": "all", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 4}]})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        analysis={},
+        methods=[{"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]}],
+        evals={"checkpoints": "all", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 4}]},
+    )
     ref = run_study(cfg, [], tmp_path / "ref", executor="inline", progress=False)
     res = _results(ref)
     assert len(res) == 3
@@ -352,8 +447,13 @@ def test_kill_and_rerun_completes_with_same_numbers(tmp_path, tiny_model_dir, co
 @pytest.mark.slow
 def test_ray_executor_local_mode(tmp_path, tiny_model_dir, corpus):
     pytest.importorskip("ray")
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
-                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}])
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        analysis={},
+        methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+    )
     d = run_study(cfg, [], tmp_path / "ray", executor="ray", jobs=1, progress=False)
     assert len(_results(d)) == 3
 
@@ -364,12 +464,23 @@ def test_ray_executor_local_mode(tmp_path, tiny_model_dir, corpus):
 
 def _auto_study(tmp_path, corpus, auto: dict, seeds=(0, 1)):
     p = tmp_path / "auto.yaml"
-    p.write_text(yaml.safe_dump({
-        "model": "embedded", "seeds": list(seeds),
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": [128]}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": {"auto": auto}}],
-        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "model": "embedded",
+                "seeds": list(seeds),
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": [128]},
+                    }
+                ],
+                "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": {"auto": auto}}],
+                "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]},
+            }
+        )
+    )
     return load_study(p)
 
 
@@ -380,9 +491,18 @@ def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: 
         return
     f = d / "evals" / run["run_id"] / "tok-000000000256" / "results.json"
     f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"tasks": {f"heldout_bpb:{corpus}": {
-        "metrics": {"bpb": all_items},
-        "by_split": {"validation": {"bpb": validation, "n": n}, "test": {"bpb": all_items, "n": 3}}}}}))
+    f.write_text(
+        json.dumps(
+            {
+                "tasks": {
+                    f"heldout_bpb:{corpus}": {
+                        "metrics": {"bpb": all_items},
+                        "by_split": {"validation": {"bpb": validation, "n": n}, "test": {"bpb": all_items, "n": 3}},
+                    }
+                }
+            }
+        )
+    )
 
 
 def _search_runs(runs):
@@ -455,10 +575,15 @@ def test_lr_search_refuses_an_empty_validation_split(tmp_path, corpus):
 
 def test_lr_search_needs_a_learning_metric(tmp_path, corpus):
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)}, "train": {"max_tokens": 256}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora"}, "lrs": "auto"}],
-        "evals": {"groups": [{"tasks": ["kl_base"]}]}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "settings": [{"name": "cpt", "data": {"dataset": str(corpus)}, "train": {"max_tokens": 256}}],
+                "methods": [{"name": "lora", "method": {"kind": "lora"}, "lrs": "auto"}],
+                "evals": {"groups": [{"tasks": ["kl_base"]}]},
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"methods\[0\].lrs: auto needs a learning metric"):
         load_study(p)
     s = yaml.safe_load(p.read_text())
@@ -469,13 +594,28 @@ def test_lr_search_needs_a_learning_metric(tmp_path, corpus):
 
 
 def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, seeds=[0, 1], analysis={},
-                     settings=[{"name": "cpt", "data": {"dataset": str(corpus)},
-                                "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256}}],
-                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2},
-                               "lrs": {"auto": {"start": 1e-2, "factor": 10, "points": 3, "max_extensions": 1}}}],
-                     evals={"checkpoints": "final", "base": False,
-                            "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 8}]})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        seeds=[0, 1],
+        analysis={},
+        settings=[
+            {
+                "name": "cpt",
+                "data": {"dataset": str(corpus)},
+                "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256},
+            }
+        ],
+        methods=[
+            {
+                "name": "lora",
+                "method": {"kind": "lora", "rank": 2},
+                "lrs": {"auto": {"start": 1e-2, "factor": 10, "points": 3, "max_extensions": 1}},
+            }
+        ],
+        evals={"checkpoints": "final", "base": False, "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 8}]},
+    )
     d = run_study(cfg, [], tmp_path / "s", executor="inline", progress=False)
     rec = json.loads((d / "lr_search.json").read_text())["cpt/lora"]
     assert rec["split"] == "validation" and all(math.isfinite(p["value"]) for p in rec["points"] if not p["diverged"])
@@ -493,9 +633,9 @@ def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
 
 
 def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus, monkeypatch):
-    import lorascope.evalestimate
-    import lorascope.trainestimate
-    from lorascope.studycost import dry_run
+    import lorascope.study.evalestimate
+    import lorascope.train.estimate
+    from lorascope.study.cost import dry_run
 
     measured = []
 
@@ -503,22 +643,37 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
         measured.append(cfg.train.epochs)
         return {"tokens_processed": 1000, "epochs": 1.0, "measured": {"tokens_per_s": 50.0}}
 
-    monkeypatch.setattr(lorascope.trainestimate, "dry_run", fake_measure)
-    monkeypatch.setattr(lorascope.evalestimate, "measure_evals",  # tested in test_evalestimate.py
-                        lambda study: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0})
+    monkeypatch.setattr(lorascope.train.estimate, "dry_run", fake_measure)
+    monkeypatch.setattr(
+        lorascope.study.evalestimate,
+        "measure_evals",  # tested in test_evalestimate.py
+        lambda study: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0},
+    )
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({
-        "seeds": [0], "settings": [{"name": "ift", "separate_runs": True,
-                                    "data": {"dataset": str(ift_corpus), "regime": "ift"},
-                                    "train": {"max_tokens": None, "epochs": 2, "checkpoints": [1]}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-3]}],
-        "evals": {"groups": [{"tasks": ["english_bpb"]}]}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "seeds": [0],
+                "settings": [
+                    {
+                        "name": "ift",
+                        "separate_runs": True,
+                        "data": {"dataset": str(ift_corpus), "regime": "ift"},
+                        "train": {"max_tokens": None, "epochs": 2, "checkpoints": [1]},
+                    }
+                ],
+                "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-3]}],
+                "evals": {"groups": [{"tasks": ["english_bpb"]}]},
+            }
+        )
+    )
     study = load_study(p)
     assert "2 epoch-budget runs not counted" in dry_run(study, 90, 60)
     out = dry_run(study, 90, 60, measure=True)
     assert measured == [1]  # one measurement per setting x method
-    tokens = {int(m.group(1)): int(m.group(2).replace(",", ""))
-              for m in re.finditer(r"/e(\d+) +main +([\d,]+) tokens", out)}
+    tokens = {
+        int(m.group(1)): int(m.group(2).replace(",", "")) for m in re.finditer(r"/e(\d+) +main +([\d,]+) tokens", out)
+    }
     assert tokens == {1: 1000, 2: 2000} and "training tokens: 3,000 planned" in out
     # 3,000 tokens at 50 tokens/s + 3 evaluations (base, 2 runs) x (10 s load + 50 s english_bpb) = 4 min
     assert "estimated time: 4 min" in out and "MEASURED" in out and "not counted" not in out
@@ -527,12 +682,17 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
 def test_base_model_skips_the_items_any_run_excludes(tmp_path, tiny_model_dir, corpus):
     """Base and tuned models are scored on the same items: the base eval skips the eval ids that the runs'
     data manifests exclude (a run's own evaluation already skips them)."""
-    from lorascope.executors import InlineExecutor
-    from lorascope.jobs import run_job
-    from lorascope.study import Scheduler
+    from lorascope.study.executors import InlineExecutor
+    from lorascope.study.jobs import run_job
+    from lorascope.study.scheduler import Scheduler
 
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
-                     evals={"checkpoints": "final", "groups": [{"tasks": ["arc_easy"], "limit": 3}]})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        analysis={},
+        evals={"checkpoints": "final", "groups": [{"tasks": ["arc_easy"], "limit": 3}]},
+    )
     study = load_study(cfg)
     base_ids = {}
     for name, exclude in (("plain", None), ("excluding", 0)):
@@ -545,8 +705,9 @@ def test_base_model_skips_the_items_any_run_excludes(tmp_path, tiny_model_dir, c
         if exclude is not None:  # the second run's data was built from the first item the base scored
             rid = expand(study)[1]["run_id"]
             (d / "runs" / rid).mkdir(parents=True)
-            (d / "runs" / rid / "data_manifest.json").write_text(json.dumps(
-                {"excluded_eval_ids": {"arc_easy": [base_ids["plain"][0]]}}))
+            (d / "runs" / rid / "data_manifest.json").write_text(
+                json.dumps({"excluded_eval_ids": {"arc_easy": [base_ids["plain"][0]]}})
+            )
         run_job(d, "eval:base")
         rows = (d / "evals" / "base" / "samples" / "arc_easy.jsonl").read_text().splitlines()
         base_ids[name] = [json.loads(line)["id"] for line in rows]
@@ -561,20 +722,27 @@ ACCEL = CONFIGS / "accelerate" / "cpu-gloo-2proc.yaml"
 
 
 def test_launcher_starts_only_training_under_accelerate(tmp_path, tiny_model_dir, corpus):
-    from lorascope.jobs import job_command
+    from lorascope.study.jobs import job_command
 
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus,
-                     launcher={"accelerate_config": str(ACCEL), "num_processes": 2})
+    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, launcher={"accelerate_config": str(ACCEL), "num_processes": 2})
     study = load_study(cfg)
     d = tmp_path / "s"
     d.mkdir()
     (d / "study.yaml").write_text(yaml.safe_dump(dump(study)))
     train = job_command(d, "train:abc")
     assert train[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and str(ACCEL) in train
-    assert train[train.index("--num_processes") + 1] == "2" and train[-4:] == ["-m", "lorascope.jobs", str(d),
-                                                                               "train:abc"]
-    assert job_command(d, "eval:abc:tok-000000000512")[1:] == ["-m", "lorascope.jobs", str(d),
-                                                               "eval:abc:tok-000000000512"]
+    assert train[train.index("--num_processes") + 1] == "2" and train[-4:] == [
+        "-m",
+        "lorascope.study.jobs",
+        str(d),
+        "train:abc",
+    ]
+    assert job_command(d, "eval:abc:tok-000000000512")[1:] == [
+        "-m",
+        "lorascope.study.jobs",
+        str(d),
+        "eval:abc:tok-000000000512",
+    ]
     s = yaml.safe_load(cfg.read_text())
     s["launcher"]["accelerate_config"] = "nope.yaml"
     cfg.write_text(yaml.safe_dump(s))
@@ -584,10 +752,15 @@ def test_launcher_starts_only_training_under_accelerate(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_launcher_trains_on_two_processes(tmp_path, tiny_model_dir, corpus):
-    cfg = tiny_study(tmp_path, tiny_model_dir, corpus, analysis={},
-                     launcher={"accelerate_config": str(ACCEL), "num_processes": 2},
-                     methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
-                     evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]})
+    cfg = tiny_study(
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        analysis={},
+        launcher={"accelerate_config": str(ACCEL), "num_processes": 2},
+        methods=[{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+        evals={"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}]},
+    )
     d = run_study(cfg, [], tmp_path / "s", executor="local", progress=False)
     (run,) = json.loads((d / "runs.json").read_text())
     assert json.loads((d / "runs" / run["run_id"] / "summary.json").read_text())["processes"] == 2

@@ -14,17 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import write_code_corpus
 import torch
+from conftest import write_code_corpus
 
-from lorascope import runlog, studyconfig
 from lorascope.config import RunConfig, TrainConfig, load_run_config
 from lorascope.errors import ConfigError, LorascopeError
 from lorascope.models import find_checkpoint, list_checkpoints, load_model
-from lorascope.schedules import branch_multiplier, multiplier
-from lorascope.train import train
-from lorascope.trainplan import Plan
+from lorascope.study import config as studyconfig
+from lorascope.train import runlog
+from lorascope.train.loop import train
+from lorascope.train.plan import Plan
+from lorascope.train.schedules import branch_multiplier, multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 TPS = 64  # tokens per step in these tests
@@ -43,8 +43,9 @@ def corpus(tmp_path_factory):
 def _cfg(model_dir, corpus, kind="lora", **train):
     t = dict(seq_len=16, batch_size=4, max_tokens=12 * TPS, lr=1e-2, save_state_every=4)
     t.update(train)
-    return RunConfig(model=str(model_dir), data={"dataset": str(corpus)},
-                     method={"kind": kind, "rank": 4, "dropout": 0.0}, train=t)
+    return RunConfig(
+        model=str(model_dir), data={"dataset": str(corpus)}, method={"kind": kind, "rank": 4, "dropout": 0.0}, train=t
+    )
 
 
 def _curve(run, key="loss"):
@@ -53,27 +54,36 @@ def _curve(run, key="loss"):
 
 def _overrides(cfg):
     t = cfg.train
-    return [f"model={cfg.model}", f"data.dataset={cfg.data.dataset}", f"method.rank={cfg.method.rank}",
-            f"method.dropout={cfg.method.dropout}", f"train.seq_len={t.seq_len}", f"train.batch_size={t.batch_size}",
-            f"train.max_tokens={t.max_tokens}", f"train.lr={t.lr}", f"train.save_state_every={t.save_state_every}"]
+    return [
+        f"model={cfg.model}",
+        f"data.dataset={cfg.data.dataset}",
+        f"method.rank={cfg.method.rank}",
+        f"method.dropout={cfg.method.dropout}",
+        f"train.seq_len={t.seq_len}",
+        f"train.batch_size={t.batch_size}",
+        f"train.max_tokens={t.max_tokens}",
+        f"train.lr={t.lr}",
+        f"train.save_state_every={t.save_state_every}",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- pure logic
 
+
 def test_schedule_shapes():
     w = multiplier("wsd", 100, 10, cooldown_frac=0.2, min_ratio=0.01)
-    assert [w(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])          # linear warmup
-    assert all(w(s) == 1.0 for s in range(10, 80))                               # stable
+    assert [w(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warmup
+    assert all(w(s) == 1.0 for s in range(10, 80))  # stable
     tail = [w(s) for s in range(80, 100)]
     assert all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] == pytest.approx(0.01)  # linear cooldown
     assert tail[0] - tail[1] == pytest.approx(tail[-2] - tail[-1])
     c = multiplier("cosine", 100, 10, min_ratio=0.1)
     vals = [c(s) for s in range(10, 100)]
     assert all(a > b for a, b in zip(vals, vals[1:])) and vals[-1] == pytest.approx(0.1)
-    assert c(54) == pytest.approx(0.1 + 0.9 * 0.5, abs=0.02)                     # half way: midpoint
+    assert c(54) == pytest.approx(0.1 + 0.9 * 0.5, abs=0.02)  # half way: midpoint
     k = multiplier("constant", 100, 5)
     assert [k(s) for s in (0, 4, 5, 99)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
-    assert multiplier("wsd", 10, 0)(0) == 1.0                                    # no warmup
+    assert multiplier("wsd", 10, 0)(0) == 1.0  # no warmup
     # a budget-40 branch of a 100-step wsd: stable like the main run until 32, then decays to min at step 39
     b = branch_multiplier(w, 40, 0.2, 0.01)
     assert [b(s) for s in (5, 31)] == [w(5), 1.0] and b(32) < 1.0 and b(39) == pytest.approx(0.01)
@@ -84,12 +94,12 @@ def test_schedule_shapes():
 def test_plan_budget_and_data_order():
     t = TrainConfig(seq_len=16, batch_size=4, grad_accum=2, max_tokens=1000, checkpoints=[256, 512], seed=3)
     p = Plan(t, n_rows=50)
-    assert p.total == 8 and p.steps_per_epoch == 6                     # ceil(1000 / 128); 50 // 8
+    assert p.total == 8 and p.steps_per_epoch == 6  # ceil(1000 / 128); 50 // 8
     assert p.checkpoints == {2: ("tokens", 256), 4: ("tokens", 512), 8: ("tokens", 1000)}
     assert p.name(8) == "tok-000000001000"
     epoch0 = [i for s in range(6) for i in p.rows(s)]
     assert len(set(epoch0)) == 48 and epoch0 == [i for s in range(6) for i in Plan(t, 50).rows(s)]
-    assert p.rows(6) != p.rows(0)                                      # the next epoch is another permutation
+    assert p.rows(6) != p.rows(0)  # the next epoch is another permutation
     assert Plan(t.model_copy(update={"seed": 4}), 50).rows(0) != p.rows(0)
     ift = Plan(TrainConfig(batch_size=4, epochs=3, checkpoints=[1, 2], max_tokens=None), n_rows=10)
     assert ift.total == 6 and ift.checkpoints == {2: ("epoch", 1), 4: ("epoch", 2), 6: ("epoch", 3)}
@@ -100,6 +110,7 @@ def test_plan_budget_and_data_order():
 
 
 # --------------------------------------------------------------------------------------------- runs
+
 
 @pytest.mark.parametrize("budget", [dict(epochs=2, checkpoints=[1]), dict(max_tokens=6 * TPS, checkpoints=[3 * TPS])])
 def test_study_schedules_evals_on_the_checkpoints_a_run_writes(tiny_model_dir, corpus, tmp_path, budget):
@@ -112,13 +123,14 @@ def test_study_schedules_evals_on_the_checkpoints_a_run_writes(tiny_model_dir, c
     written = [c.path.name for c in list_checkpoints(run)]
     assert len(written) == 2 and written == studyconfig.checkpoint_names(cfg)
 
+
 def test_lora_learns_checkpoints_and_complete(tiny_model_dir, corpus, tmp_path):
     cfg = _cfg(tiny_model_dir, corpus, checkpoints=[4 * TPS, 8 * TPS], warmup_frac=0.25)
     run = train(cfg, tmp_path / "lora", progress=False)
     losses = _curve(run)
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     assert _curve(run, "step") == list(range(1, 13)) and _curve(run, "tokens")[-1] == 12 * TPS
-    assert _curve(run, "lr")[:4] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])   # 3 warmup steps
+    assert _curve(run, "lr")[:4] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])  # 3 warmup steps
     names = [c.path.name for c in list_checkpoints(run)]
     assert names == ["tok-000000000256", "tok-000000000512", "tok-000000000768"]
     meta = json.loads((run / "checkpoints" / names[0] / "lorascope.json").read_text())
@@ -146,27 +158,45 @@ def test_dry_run_plans_what_train_does(tiny_model_dir, corpus, tmp_path, monkeyp
     from typer.testing import CliRunner
 
     from lorascope.cli import app
-    from lorascope.trainestimate import dry_run
+    from lorascope.train.estimate import dry_run
 
     cfg = _cfg(tiny_model_dir, corpus, checkpoints=[4 * TPS, 8 * TPS], cooldown_per_checkpoint=True, warmup_frac=0)
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["train", os.devnull, *_overrides(cfg), f"train.checkpoints=[{4 * TPS},{8 * TPS}]",
-                                 "train.cooldown_per_checkpoint=true", "train.warmup_frac=0", "--dry-run"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            os.devnull,
+            *_overrides(cfg),
+            f"train.checkpoints=[{4 * TPS},{8 * TPS}]",
+            "train.cooldown_per_checkpoint=true",
+            "train.warmup_frac=0",
+            "--dry-run",
+        ],
+    )
     assert r.exit_code == 0, r.output[-2000:]
     assert list(tmp_path.iterdir()) == []
     plan = dry_run(cfg, measure_steps=1)
     run = train(cfg, tmp_path / "run", progress=False)
     summary = json.loads((run / "summary.json").read_text())
-    assert (plan["steps"], plan["tokens"], plan["tokens_processed"], plan["trainable_parameters"]) == \
-        (summary["steps"], summary["tokens"], summary["tokens_processed"], summary["trainable_parameters"])
+    assert (plan["steps"], plan["tokens"], plan["tokens_processed"], plan["trainable_parameters"]) == (
+        summary["steps"],
+        summary["tokens"],
+        summary["tokens_processed"],
+        summary["trainable_parameters"],
+    )
     assert plan["tokens_processed"] > plan["tokens"]  # the two cooldown branches re-train tokens
     assert [c["name"] for c in plan["checkpoints"]] == [c.path.name for c in list_checkpoints(run)]
     assert plan["measured"]["steps"] == 1 and plan["measured"]["tokens_per_s"] > 0
     assert plan["estimated_s"] == pytest.approx(plan["tokens_processed"] / plan["measured"]["tokens_per_s"], rel=1e-3)
-    for line in (f"steps         {plan['steps']} ", f"tokens/step   {TPS} ", f"tokens        {plan['tokens']} ",
-                 ", ".join(f"{c['name']} (step {c['step']})" for c in plan["checkpoints"]),
-                 f"trainable     {plan['trainable_parameters']:,} of", "2 training steps of this model and method "
-                 "on this machine"):
+    for line in (
+        f"steps         {plan['steps']} ",
+        f"tokens/step   {TPS} ",
+        f"tokens        {plan['tokens']} ",
+        ", ".join(f"{c['name']} (step {c['step']})" for c in plan["checkpoints"]),
+        f"trainable     {plan['trainable_parameters']:,} of",
+        "2 training steps of this model and method on this machine",
+    ):
         assert line in r.stdout, (line, r.stdout)
     r = CliRunner().invoke(app, ["train", os.devnull, *_overrides(cfg)])
     assert r.exit_code == 2 and "error: --out: the run directory is required" in r.stderr
@@ -176,12 +206,14 @@ def test_dry_run_plans_what_train_does(tiny_model_dir, corpus, tmp_path, monkeyp
 def test_shipped_train_configs_plan_what_their_header_says(path):
     """Each shipped run config loads through the real loader and planner (embedded model, shipped data), and the
     cost its header quotes is the plan's: so the "minutes" a new user is promised are computed, not guessed."""
-    from lorascope.trainestimate import dry_run
+    from lorascope.train.estimate import dry_run
 
     cfg = load_run_config(path)
     plan = dry_run(cfg, measure_steps=0)
     header = "".join(line[1:] for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
-    quoted = re.search(r"Cost, from --dry-run: (\d+) steps, ([\d,]+) tokens, checkpoints (.+?)\. Measured", header, re.S)
+    quoted = re.search(
+        r"Cost, from --dry-run: (\d+) steps, ([\d,]+) tokens, checkpoints (.+?)\. Measured", header, re.S
+    )
     assert quoted, f"{path.name}: header lacks the dry-run cost line"
     assert (int(quoted[1]), int(quoted[2].replace(",", ""))) == (plan["steps"], plan["tokens"])
     names = re.findall(r"(?:tok|epoch)-\d+", quoted[3])
@@ -190,12 +222,23 @@ def test_shipped_train_configs_plan_what_their_header_says(path):
 
 
 def test_full_lion_accumulation_cosine(tiny_model_dir, corpus, tmp_path):
-    cfg = _cfg(tiny_model_dir, corpus, kind="full", lr=3e-4, optimizer="lion", schedule="cosine",
-               batch_size=2, grad_accum=2, max_tokens=8 * TPS, warmup_frac=0.25, weight_decay=0.1)
+    cfg = _cfg(
+        tiny_model_dir,
+        corpus,
+        kind="full",
+        lr=3e-4,
+        optimizer="lion",
+        schedule="cosine",
+        batch_size=2,
+        grad_accum=2,
+        max_tokens=8 * TPS,
+        warmup_frac=0.25,
+        weight_decay=0.1,
+    )
     run = train(cfg, tmp_path / "full", progress=False)
     losses, lrs = _curve(run), _curve(run, "lr")
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
-    assert lrs[:2] == pytest.approx([1.5e-4, 3e-4]) and lrs[-1] == pytest.approx(3e-6)   # cosine to 1%
+    assert lrs[:2] == pytest.approx([1.5e-4, 3e-4]) and lrs[-1] == pytest.approx(3e-6)  # cosine to 1%
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     ck = find_checkpoint(run)
     assert ck.kind == "full" and ck.tokens == 8 * TPS and (ck.path / "tokenizer_config.json").exists()
@@ -203,13 +246,13 @@ def test_full_lion_accumulation_cosine(tiny_model_dir, corpus, tmp_path):
 
 def test_accumulation_matches_one_big_batch_and_bf16_runs(tiny_model_dir, corpus, tmp_path):
     big = train(_cfg(tiny_model_dir, corpus, max_tokens=3 * TPS), tmp_path / "big", progress=False)
-    acc = train(_cfg(tiny_model_dir, corpus, max_tokens=3 * TPS, batch_size=2, grad_accum=2), tmp_path / "acc",
-                progress=False)
+    acc = train(
+        _cfg(tiny_model_dir, corpus, max_tokens=3 * TPS, batch_size=2, grad_accum=2), tmp_path / "acc", progress=False
+    )
     # same rows per optimizer step and a token-weighted loss: 2 x 2 accumulates to the 4-row step
     assert _curve(acc) == pytest.approx(_curve(big), abs=1e-5)
     assert _curve(acc, "grad_norm") == pytest.approx(_curve(big, "grad_norm"), rel=1e-4)
-    bf = train(_cfg(tiny_model_dir, corpus, max_tokens=2 * TPS, precision="bf16"), tmp_path / "bf16",
-               progress=False)
+    bf = train(_cfg(tiny_model_dir, corpus, max_tokens=2 * TPS, precision="bf16"), tmp_path / "bf16", progress=False)
     assert json.loads((bf / "summary.json").read_text())["precision"] == "bf16"
     assert _curve(bf)[0] == pytest.approx(_curve(big)[0], abs=0.05) and _curve(bf)[0] != _curve(big)[0]
 
@@ -217,8 +260,11 @@ def test_accumulation_matches_one_big_batch_and_bf16_runs(tiny_model_dir, corpus
 def test_cooldown_branch_leaves_main_run_untouched(tiny_model_dir, corpus, tmp_path):
     # 15 steps; the checkpoint at 640 tokens = step 10 gets a branch decaying over steps 8, 9 (its last 20%)
     kw = dict(max_tokens=15 * TPS, warmup_frac=0.0, cooldown_frac=0.2, min_lr_ratio=0.01)
-    run = train(_cfg(tiny_model_dir, corpus, checkpoints=[10 * TPS], cooldown_per_checkpoint=True, **kw),
-                tmp_path / "branch", progress=False)
+    run = train(
+        _cfg(tiny_model_dir, corpus, checkpoints=[10 * TPS], cooldown_per_checkpoint=True, **kw),
+        tmp_path / "branch",
+        progress=False,
+    )
     plain = train(_cfg(tiny_model_dir, corpus, **kw), tmp_path / "plain", progress=False)
     # the main trajectory equals a run without intermediate branches (the branch state is restored)
     assert _curve(run) == pytest.approx(_curve(plain), abs=1e-6)
@@ -228,8 +274,8 @@ def test_cooldown_branch_leaves_main_run_untouched(tiny_model_dir, corpus, tmp_p
     assert meta["step"] == 10 and cd["from_step"] == 8
     # the branch's LR decays linearly to min_lr_ratio x lr at the budget; the main run is still stable there
     assert cd["lr"] == pytest.approx([1e-2 * 0.505, 1e-2 * 0.01]) and _curve(run, "lr")[8:10] == [1e-2, 1e-2]
-    assert cd["loss"][0] == pytest.approx(_curve(plain)[8], abs=1e-6)    # same weights, same rows at step 8
-    assert cd["loss"][1] != pytest.approx(_curve(plain)[9], abs=1e-6)    # ... then a different update
+    assert cd["loss"][0] == pytest.approx(_curve(plain)[8], abs=1e-6)  # same weights, same rows at step 8
+    assert cd["loss"][1] != pytest.approx(_curve(plain)[9], abs=1e-6)  # ... then a different update
     s = json.loads((run / "summary.json").read_text())
     assert s["tokens"] == 15 * TPS and s["tokens_processed"] == 17 * TPS
 
@@ -283,12 +329,15 @@ def test_failed_run_has_no_complete_and_bad_state_is_named(tiny_model_dir, corpu
     assert not (run / "COMPLETE").exists()
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("method.targets=[nope_proj]", "method.targets: module 'nope_proj' not found"),
-    ("method.rank=0", "method.rank: must be >= 1"),
-    ("train.cooldown_per_checkpoint=true", "train.cooldown_per_checkpoint"),  # with the default epochs=None, wsd
-    ("data.dataset=missing.jsonl", "missing.jsonl"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("method.targets=[nope_proj]", "method.targets: module 'nope_proj' not found"),
+        ("method.rank=0", "method.rank: must be >= 1"),
+        ("train.cooldown_per_checkpoint=true", "train.cooldown_per_checkpoint"),  # with the default epochs=None, wsd
+        ("data.dataset=missing.jsonl", "missing.jsonl"),
+    ],
+)
 def test_cli_errors_one_line_nonzero_nothing_finished(tiny_model_dir, corpus, tmp_path, override, needle):
     from typer.testing import CliRunner
 
@@ -306,8 +355,9 @@ def test_cli_errors_one_line_nonzero_nothing_finished(tiny_model_dir, corpus, tm
     assert not (out / "COMPLETE").exists() and not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("content", [b"not a model at all", b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 12],
-                         ids=["no-magic", "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"not a model at all", b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 12], ids=["no-magic", "truncated"]
+)
 def test_a_file_named_gguf_that_is_not_one_is_one_error_line(tmp_path, monkeypatch, content):
     from typer.testing import CliRunner
 
@@ -325,12 +375,24 @@ def test_a_file_named_gguf_that_is_not_one_is_one_error_line(tmp_path, monkeypat
 
 # --------------------------------------------------------------------------------------------- 2 processes
 
+
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_model_dir, corpus, tmp_path):
     cfg = _cfg(tiny_model_dir, corpus, max_tokens=8 * TPS)
     one = train(cfg, tmp_path / "one", progress=False)
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu-gloo-2proc.yaml"), "-m", "lorascope", "train", os.devnull, *_overrides(cfg), "--out", str(tmp_path / "two")]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu-gloo-2proc.yaml"),
+        "-m",
+        "lorascope",
+        "train",
+        os.devnull,
+        *_overrides(cfg),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
@@ -343,6 +405,7 @@ def test_two_processes_match_one(tiny_model_dir, corpus, tmp_path):
 
 # --------------------------------------------------------------------------------------------- real model
 
+
 @pytest.mark.integration
 @pytest.mark.timeout(3600)  # 8 steps of 1,024 tokens: ~1-2 min on an idle 2-core CPU, far more on a busy one
 @pytest.mark.parametrize("kind,lr", [("full", 5e-5), ("lora", 5e-4)])
@@ -350,12 +413,15 @@ def test_embedded_model_code_cpt(kind, lr, tmp_path, monkeypatch):
     """8,192 tokens of code CPT on SmolLM2-135M: the loss on the first training batch falls; the checkpoint
     reloads (LoRA: through peft, and merged through transformers) with the logits the trained in-memory model
     had when it was saved."""
-    from lorascope import methods
     from lorascope.data import load_dataset
+    from lorascope.train import methods
 
-    cfg = RunConfig(model="embedded", data={"dataset": "code-cpt"},
-                    method={"kind": kind, "rank": 16, "targets": "all"},
-                    train={"seq_len": 256, "batch_size": 4, "max_tokens": 8192, "lr": lr, "warmup_frac": 0.25})
+    cfg = RunConfig(
+        model="embedded",
+        data={"dataset": "code-cpt"},
+        method={"kind": kind, "rank": 16, "targets": "all"},
+        train={"seq_len": 256, "batch_size": 4, "max_tokens": 8192, "lr": lr, "warmup_frac": 0.25},
+    )
     base, tok = load_model("embedded")
     data = load_dataset(cfg.data, tok, 256, "train")
     first = {k: torch.stack([data[i][k] for i in Plan(cfg.train, len(data)).rows(0)]) for k in data[0]}

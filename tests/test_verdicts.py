@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorascope.report.bootstrap import (ClusterTable, Draws, p_two_sided, percentile_interval, small_sample_widen,
-                                        t_quantile)
+from lorascope.report.bootstrap import (
+    ClusterTable,
+    Draws,
+    p_two_sided,
+    percentile_interval,
+    small_sample_widen,
+    t_quantile,
+)
 from lorascope.report.decide import decide, holm, power_note
 from lorascope.report.frontier import common_range, compared_forgetting, fit, matched_difference
 
@@ -111,7 +117,7 @@ def test_frontier_keeps_only_undominated_points_so_a_bad_lr_cannot_move_it():
 
 def test_matched_learning_recovers_a_planted_offset():
     rng = np.random.default_rng(0)
-    curve = lambda x: 0.2 * x ** 2  # noqa: E731 - forgetting grows with learning
+    curve = lambda x: 0.2 * x**2  # noqa: E731 - forgetting grows with learning
     la, lb = rng.uniform(0.0, 1.0, 12), rng.uniform(0.3, 1.6, 9)
     a = [(x, curve(x)) for x in la]
     b = [(x, curve(x) + 0.05) for x in lb]  # b forgets 0.05 more at every learning level
@@ -166,14 +172,17 @@ def _evals(d: Path, base: dict, shift: dict, rng) -> None:
         for r in recs:
             r["split"] = split_of(r["cluster"])
         by = {s: [r["bpb"] for r in recs if r["split"] == s] for s in ("validation", "test")}
-        res["tasks"][task] = {"metrics": {"bpb": float(v.mean()), "bpb_stderr": float(v.std() / len(v) ** 0.5)},
-                              "by_split": {s: {"bpb": float(np.mean(x)), "n": len(x)} for s, x in by.items()}}
+        res["tasks"][task] = {
+            "metrics": {"bpb": float(v.mean()), "bpb_stderr": float(v.std() / len(v) ** 0.5)},
+            "by_split": {s: {"bpb": float(np.mean(x)), "n": len(x)} for s, x in by.items()},
+        }
         (d / "samples" / (task.replace(":", "_") + ".jsonl")).write_text("".join(json.dumps(r) + "\n" for r in recs))
     (d / "results.json").write_text(json.dumps(res))
 
 
-def _run(d: Path, base: dict, rng, setting: str, mname: str, lr: float, seed: int, shifts: dict,
-         role: str = "main") -> dict:
+def _run(
+    d: Path, base: dict, rng, setting: str, mname: str, lr: float, seed: int, shifts: dict, role: str = "main"
+) -> dict:
     """One run's files; shifts: checkpoint tokens -> (learning, forgetting) as BPB shifts of its evaluation."""
     rid = f"{setting}-{mname}-{lr:g}-s{seed}" + ("-search" if role != "main" else "")
     for tokens, (gain, loss) in shifts.items():
@@ -181,10 +190,20 @@ def _run(d: Path, base: dict, rng, setting: str, mname: str, lr: float, seed: in
         ck.mkdir(parents=True)
         (ck / "lorascope.json").write_text(json.dumps({"tokens": tokens}))
         _evals(d / "evals" / rid / ck.name, base, {"heldout_bpb:code-cpt": -gain, "english_bpb": loss}, rng)
-    (d / "runs" / rid / "summary.json").write_text(json.dumps(
-        {"trainable_parameters": 8192 if mname == "full" else 512}))
-    return {"run_id": rid, "label": rid, "setting": setting, "dataset": "code-cpt", "lr": lr, "seed": seed,
-            "method_name": mname, "method": FULL if mname == "full" else LORA, "role": role}
+    (d / "runs" / rid / "summary.json").write_text(
+        json.dumps({"trainable_parameters": 8192 if mname == "full" else 512})
+    )
+    return {
+        "run_id": rid,
+        "label": rid,
+        "setting": setting,
+        "dataset": "code-cpt",
+        "lr": lr,
+        "seed": seed,
+        "method_name": mname,
+        "method": FULL if mname == "full" else LORA,
+        "role": role,
+    }
 
 
 def _base(d: Path, n: int = 160):
@@ -207,8 +226,11 @@ def _study(d: Path, learn: dict, forget: dict, lrs: dict, extra: tuple = (), n: 
     extra: more (method, lr, learn, forget) configurations."""
     base, rng = _base(d, n)
     configs = [(m, lrs[m], learn[m], forget[m]) for m in ("full", "lora-r16")] + list(extra)
-    runs = [_run(d, base, rng, "code-cpt", m, lr, seed, {4096: (gain, loss)})
-            for m, lr, gain, loss in configs for seed in (0, 1)]
+    runs = [
+        _run(d, base, rng, "code-cpt", m, lr, seed, {4096: (gain, loss)})
+        for m, lr, gain, loss in configs
+        for seed in (0, 1)
+    ]
     return _write(d, runs)
 
 
@@ -223,8 +245,14 @@ def _headline(d: Path):
 
 def test_bad_setup_gets_no_recommendation_and_says_why(tmp_path):
     # every LR made the held-out code BPB worse than the base model (negative learning)
-    h = _headline(_study(tmp_path, {"full": -0.05, "lora-r16": -0.02}, {"full": 0.05, "lora-r16": 0.01},
-                         {"full": 1e-3, "lora-r16": 1e-2}))
+    h = _headline(
+        _study(
+            tmp_path,
+            {"full": -0.05, "lora-r16": -0.02},
+            {"full": 0.05, "lora-r16": 0.01},
+            {"full": 1e-3, "lora-r16": 1e-2},
+        )
+    )
     assert h.recommended is None
     text = " ".join(h.sentences)
     assert "No recommendation" in text and "learning rates below the lowest tried (full 0.001, lora-r16 0.01)" in text
@@ -235,8 +263,11 @@ def test_bad_setup_gets_no_recommendation_and_says_why(tmp_path):
 
 
 def test_planted_tie_is_not_a_verdict_and_numbers_come_from_test_items(tmp_path):
-    h = _headline(_study(tmp_path, {"full": 0.1, "lora-r16": 0.1}, {"full": 0.02, "lora-r16": 0.02},
-                         {"full": 1e-5, "lora-r16": 1e-4}))
+    h = _headline(
+        _study(
+            tmp_path, {"full": 0.1, "lora-r16": 0.1}, {"full": 0.02, "lora-r16": 0.02}, {"full": 1e-5, "lora-r16": 1e-4}
+        )
+    )
     assert h.chosen_lrs == {"full": 1e-5, "lora-r16": 1e-4}
     for v in h.verdicts:
         assert v["verdict"] in ("equivalent", "not resolved", "not comparable"), v
@@ -250,15 +281,20 @@ def test_planted_tie_is_not_a_verdict_and_numbers_come_from_test_items(tmp_path)
     per = []
     for rid in ("base", "code-cpt-full-1e-05-s0", "code-cpt-full-1e-05-s1"):
         sub = "base" if rid == "base" else f"{rid}/tok-000000004096"
-        recs = [json.loads(x) for x in (tmp_path / "evals" / sub / "samples" / "heldout_bpb_code-cpt.jsonl")
-                .read_text().splitlines()]
+        recs = [
+            json.loads(x)
+            for x in (tmp_path / "evals" / sub / "samples" / "heldout_bpb_code-cpt.jsonl").read_text().splitlines()
+        ]
         per.append(np.mean([r["bpb"] for r in recs if r["split"] == "test"]))
     assert abs(row["learning"].estimate - (per[0] - (per[1] + per[2]) / 2)) < 1e-9
 
 
 def test_planted_gap_is_found(tmp_path):
-    h = _headline(_study(tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01},
-                         {"full": 1e-5, "lora-r16": 1e-4}))
+    h = _headline(
+        _study(
+            tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01}, {"full": 1e-5, "lora-r16": 1e-4}
+        )
+    )
     q1 = next(v for v in h.verdicts if v["question"] == "learns_less")
     assert q1["verdict"] == "yes" and abs(q1["estimate"] + 0.2) < 0.01
     assert h.recommended.name == "full lr=1e-05"
@@ -269,9 +305,15 @@ def test_planted_gap_is_found(tmp_path):
 
 def test_gains_within_noise_say_what_to_try(tmp_path):
     # both LRs of each method learn ~nothing; the best on validation is the largest tried: say to go larger
-    h = _headline(_study(tmp_path, {"full": 0.0, "lora-r16": 0.0}, {"full": 0.0, "lora-r16": 0.0},
-                         {"full": 1e-5, "lora-r16": 1e-4},
-                         extra=(("full", 1e-6, -0.004, 0.0), ("lora-r16", 1e-5, -0.004, 0.0))))
+    h = _headline(
+        _study(
+            tmp_path,
+            {"full": 0.0, "lora-r16": 0.0},
+            {"full": 0.0, "lora-r16": 0.0},
+            {"full": 1e-5, "lora-r16": 1e-4},
+            extra=(("full", 1e-6, -0.004, 0.0), ("lora-r16", 1e-5, -0.004, 0.0)),
+        )
+    )
     assert h.recommended is None
     text = " ".join(h.sentences)
     assert "within noise" in text and "largest tried for full (1e-05), lora-r16 (0.0001)" in text
@@ -281,8 +323,15 @@ def test_gains_within_noise_say_what_to_try(tmp_path):
 
 def test_too_few_test_clusters_abstain(tmp_path):
     # a large, clean gap on 16 items in 4 clusters (about 2 on the test side): no interval can be trusted
-    h = _headline(_study(tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01},
-                         {"full": 1e-5, "lora-r16": 1e-4}, n=16))
+    h = _headline(
+        _study(
+            tmp_path,
+            {"full": 0.3, "lora-r16": 0.1},
+            {"full": 0.05, "lora-r16": 0.01},
+            {"full": 1e-5, "lora-r16": 1e-4},
+            n=16,
+        )
+    )
     q1 = next(v for v in h.verdicts if v["question"] == "learns_less")
     assert q1["verdict"] == "not resolved" and "item cluster" in q1["reason"] and "raise the evaluation" in q1["reason"]
     assert h.recommended is None and any(s.startswith("No recommendation for code-cpt: only") for s in h.sentences)
@@ -294,17 +343,39 @@ def _searched_study(d: Path) -> Path:
     planted so that choosing again on them would pick other points than the study's choice."""
     base, rng = _base(d)
     runs = []
-    for m, grid, shifts in (("full", (1e-5, 3e-5, 1e-4), ((0.05, 0.01), (0.12, 0.02), (0.40, 0.08))),
-                            ("lora-r16", (1e-4, 3e-4, 1e-3), ((0.02, 0.0), (0.06, 0.005), (0.35, 0.05)))):
+    for m, grid, shifts in (
+        ("full", (1e-5, 3e-5, 1e-4), ((0.05, 0.01), (0.12, 0.02), (0.40, 0.08))),
+        ("lora-r16", (1e-4, 3e-4, 1e-3), ((0.02, 0.0), (0.06, 0.005), (0.35, 0.05))),
+    ):
         runs += [_run(d, base, rng, "code-cpt", m, lr, 0, {2048: sh}, role="lr-search") for lr, sh in zip(grid, shifts)]
-    for m, lr, early, late in (("full", 3e-5, (0.10, 0.02), (0.30, 0.05)),
-                               ("lora-r16", 3e-4, (0.10, 0.01), (0.10, 0.01))):
+    for m, lr, early, late in (
+        ("full", 3e-5, (0.10, 0.02), (0.30, 0.05)),
+        ("lora-r16", 3e-4, (0.10, 0.01), (0.10, 0.01)),
+    ):
         runs += [_run(d, base, rng, "code-cpt", m, lr, s, {2048: early, 4096: late}) for s in (0, 1)]
-    rec = lambda m, grid, lr, br: {"setting": "code-cpt", "method": m, "metric": "heldout_bpb:code-cpt",  # noqa: E731
-                                   "split": "validation", "grid": list(grid), "chosen": lr, "bracketed": br,
-                                   "status": "chosen" if br else "unbracketed", "diverged": [], "extensions": 0}
-    return _write(d, runs, {"code-cpt/full": rec("full", (1e-5, 3e-5, 1e-4), 3e-5, True),
-                            "code-cpt/lora-r16": rec("lora-r16", (1e-4, 3e-4, 1e-3), 3e-4, False)})
+
+    def rec(m, grid, lr, br):
+        return {
+            "setting": "code-cpt",
+            "method": m,
+            "metric": "heldout_bpb:code-cpt",
+            "split": "validation",
+            "grid": list(grid),
+            "chosen": lr,
+            "bracketed": br,
+            "status": "chosen" if br else "unbracketed",
+            "diverged": [],
+            "extensions": 0,
+        }
+
+    return _write(
+        d,
+        runs,
+        {
+            "code-cpt/full": rec("full", (1e-5, 3e-5, 1e-4), 3e-5, True),
+            "code-cpt/lora-r16": rec("lora-r16", (1e-4, 3e-4, 1e-3), 3e-4, False),
+        },
+    )
 
 
 def test_study_lr_search_choice_is_used_and_search_runs_are_only_frontier_points(tmp_path):
@@ -337,8 +408,12 @@ def _two_settings(d: Path) -> Path:
     base, rng = _base(d)
     runs = []
     for setting, gap in (("code-cpt", 0.15), ("code-cpt-2", 0.03)):
-        for m, lr, gain, loss in (("full", 1e-5, 0.10, 0.02), ("full", 3e-5, 0.10 + gap, 0.04),
-                                  ("lora-r16", 1e-4, 0.05, 0.005), ("lora-r16", 3e-4, 0.10 + gap / 3, 0.015)):
+        for m, lr, gain, loss in (
+            ("full", 1e-5, 0.10, 0.02),
+            ("full", 3e-5, 0.10 + gap, 0.04),
+            ("lora-r16", 1e-4, 0.05, 0.005),
+            ("lora-r16", 3e-4, 0.10 + gap / 3, 0.015),
+        ):
             runs += [_run(d, base, rng, setting, m, lr, s, {4096: (gain, loss)}) for s in (0, 1)]
     return _write(d, runs)
 
@@ -353,18 +428,21 @@ def test_holm_runs_over_every_comparison_of_the_study(tmp_path):
     hs = study_headlines(st, ps, rows, [("code-cpt", "code-cpt"), ("code-cpt-2", "code-cpt")])
     tested = [v for h in hs for v in h.verdicts if "p_holm" in v]
     assert {v["question"] for v in tested} == {"learns_less", "forgets_less_at_equal_learning"}
-    assert len({id(h) for h in hs}) == 2 and all(v["correction"].startswith(f"Holm over the {len(tested)} ")
-                                                 for v in tested)
+    assert len({id(h) for h in hs}) == 2 and all(
+        v["correction"].startswith(f"Holm over the {len(tested)} ") for v in tested
+    )
     assert np.allclose([v["p_holm"] for v in tested], holm([v["p"] for v in tested]))  # one family: the study
     alone = headline(st, ps, rows, "code-cpt", "code-cpt")
     mine = [v for v in alone.verdicts if "p_holm" in v]
     assert len(mine) < len(tested)
-    assert all(a["p_holm"] <= b["p_holm"] for a, b in zip(mine, tested[:len(mine)]))
+    assert all(a["p_holm"] <= b["p_holm"] for a, b in zip(mine, tested[: len(mine)]))
     # the recommendation's "learning significantly above the base" test: one-sided, Holm over the study's finals
     tests = [t for h in hs for t in h.learning_tests]
     assert len(tests) == 8 and np.allclose([t["p_holm"] for t in tests], holm([t["p"] for t in tests]))
-    assert all(h.recommended is not None and
-               next(t for t in h.learning_tests if t["point"] is h.recommended)["p_holm"] < 0.05 for h in hs)
+    assert all(
+        h.recommended is not None and next(t for t in h.learning_tests if t["point"] is h.recommended)["p_holm"] < 0.05
+        for h in hs
+    )
     assert all("Holm-Bonferroni-corrected over all" in " ".join(h.sentences) for h in hs)
 
 
@@ -372,8 +450,9 @@ def test_every_metric_table_is_on_the_test_split(tmp_path):
     from lorascope.report.collect import load_study_dir, metric_rows
     from lorascope.report.compare import points, vs_full_table
 
-    d = _study(tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01},
-               {"full": 1e-5, "lora-r16": 1e-4})
+    d = _study(
+        tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01}, {"full": 1e-5, "lora-r16": 1e-4}
+    )
     st = load_study_dir(d)
     rows = metric_rows(st)
     tab = vs_full_table(st, points(st, rows), rows, "code-cpt")
@@ -403,8 +482,15 @@ def test_paired_bootstrap_weights_items_as_the_metric_does():
 
 def test_learns_less_compares_every_lora_method_with_full(tmp_path):
     # a family-best comparison would show only r16 (as good as full) and hide the rank-1 gap
-    h = _headline(_study(tmp_path, {"full": 0.3, "lora-r16": 0.3}, {"full": 0.05, "lora-r16": 0.05},
-                         {"full": 1e-5, "lora-r16": 1e-4}, extra=(("lora-r1", 1e-3, 0.1, 0.01),)))
+    h = _headline(
+        _study(
+            tmp_path,
+            {"full": 0.3, "lora-r16": 0.3},
+            {"full": 0.05, "lora-r16": 0.05},
+            {"full": 1e-5, "lora-r16": 1e-4},
+            extra=(("lora-r1", 1e-3, 0.1, 0.01),),
+        )
+    )
     q1 = {v["a"]: v for v in h.verdicts if v["question"] == "learns_less"}
     assert set(q1) == {"lora-r16 lr=0.0001", "lora-r1 lr=0.001"} and {v["b"] for v in q1.values()} == {"full lr=1e-05"}
     assert q1["lora-r1 lr=0.001"]["verdict"] == "yes" and q1["lora-r16 lr=0.0001"]["verdict"] != "yes"
@@ -416,8 +502,13 @@ def test_lora_is_set_against_the_full_ft_that_learned_most_on_every_task(tmp_pat
     from lorascope.report.collect import load_study_dir, metric_rows
     from lorascope.report.compare import points, vs_full_table
 
-    d = _study(tmp_path, {"full": 0.3, "lora-r16": 0.2}, {"full": 0.05, "lora-r16": 0.03},
-               {"full": 1e-4, "lora-r16": 1e-3}, extra=(("full", 1e-6, 0.01, 0.001),))
+    d = _study(
+        tmp_path,
+        {"full": 0.3, "lora-r16": 0.2},
+        {"full": 0.05, "lora-r16": 0.03},
+        {"full": 1e-4, "lora-r16": 1e-3},
+        extra=(("full", 1e-6, 0.01, 0.001),),
+    )
     st = load_study_dir(d)
     rows = metric_rows(st)
     lora = [r for r in vs_full_table(st, points(st, rows), rows, "code-cpt") if r["point"].family == "lora"]

@@ -1,4 +1,4 @@
-"""Job workers (lorascope.worker via LocalExecutor): a study run by long-lived workers gives the numbers of the
+"""Job workers (lorascope.study.worker via LocalExecutor): a study run by long-lived workers gives the numbers of the
 same study run one process per job; a failed job or a dead worker fails only its own job; a killed scheduler
 takes its workers with it."""
 
@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import write_code_corpus
 import yaml
+from conftest import write_code_corpus
 
-from lorascope.executors import LocalExecutor
 from lorascope.layout import job_log_path as log_path
-from lorascope.study import run_study
+from lorascope.study.executors import LocalExecutor
+from lorascope.study.scheduler import run_study
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +29,28 @@ def corpus(tmp_path_factory):
 def study_cfg(tmp_path_factory, tiny_model_dir, corpus) -> Path:
     """Every kind of job a worker must run one after another: train, eval (a run and the base), spectrum."""
     p = tmp_path_factory.mktemp("cfg") / "study.yaml"
-    p.write_text(yaml.safe_dump({
-        "name": "tiny", "model": str(tiny_model_dir), "seeds": [0],
-        "settings": [{"name": "cpt", "data": {"dataset": str(corpus)},
-                      "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": []}}],
-        "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
-        "evals": {"checkpoints": "final", "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 3}]},
-        "analysis": {"spectrum": {"checkpoints": "final"}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "model": str(tiny_model_dir),
+                "seeds": [0],
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256, "checkpoints": []},
+                    }
+                ],
+                "methods": [{"name": "lora", "method": {"kind": "lora", "rank": 2}, "lrs": [1e-2]}],
+                "evals": {
+                    "checkpoints": "final",
+                    "groups": [{"tasks": [f"heldout_bpb:{corpus}", "kl_base"], "limit": 3}],
+                },
+                "analysis": {"spectrum": {"checkpoints": "final"}},
+            }
+        )
+    )
     return p
 
 
@@ -64,8 +78,9 @@ def _job_log(d: Path) -> list[dict]:
 
 
 def test_workers_give_the_numbers_of_one_process_per_job(tmp_path, study_cfg, by_workers):
-    ref = run_study(study_cfg, [], tmp_path / "ref", jobs=1, executor="local", executor_opts={"workers": False},
-                    progress=False)
+    ref = run_study(
+        study_cfg, [], tmp_path / "ref", jobs=1, executor="local", executor_opts={"workers": False}, progress=False
+    )
     assert _numbers(by_workers) == _numbers(ref)
     assert len(_numbers(ref)) == 4  # base and run evals, a loss curve, a spectrum
     lines = _job_log(by_workers)
@@ -130,8 +145,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
 def test_killing_the_scheduler_kills_its_workers(tmp_path, study_cfg):
-    code = ("import sys; from lorascope.study import run_study; "
-            "run_study(sys.argv[1], [], sys.argv[2], jobs=2, executor='local', progress=False)")
+    code = (
+        "import sys; from lorascope.study.scheduler import run_study; "
+        "run_study(sys.argv[1], [], sys.argv[2], jobs=2, executor='local', progress=False)"
+    )
     sched = subprocess.Popen([sys.executable, "-c", code, str(study_cfg), str(tmp_path / "s")])
     try:
         end, workers = time.time() + 120, []

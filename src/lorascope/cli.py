@@ -8,14 +8,18 @@ from __future__ import annotations
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from .errors import LorascopeError
+from lorascope.errors import LorascopeError
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA or full fine-tuning? Train, evaluate, analyse and report, the paper's way.")
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA or full fine-tuning? Train, evaluate, analyse and report, the paper's way.",
+)
 model_app = typer.Typer(no_args_is_help=True, help="Inspect base models.")
 app.add_typer(model_app, name="model")
 
@@ -28,6 +32,7 @@ def _user_errors(fn):
         except LorascopeError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+
     return wrapper
 
 
@@ -37,7 +42,7 @@ def model_info_cmd(model: str = typer.Argument("embedded", help="embedded | hub 
     """Parameter count, linear modules per block, tied embeddings, vocab size."""
     import json
 
-    from .models import load_model, model_info
+    from lorascope.models import load_model, model_info
 
     m, _ = load_model(model)
     typer.echo(json.dumps(model_info(m), indent=2))
@@ -45,139 +50,181 @@ def model_info_cmd(model: str = typer.Argument("embedded", help="embedded | hub 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_user_errors
-def train(ctx: typer.Context,
-          config: Path = typer.Argument(..., help="run config YAML"),
-          out: Optional[Path] = typer.Option(None, "--out", help="run directory (resumed if it holds an unfinished "
-                                                                 "run); required unless --dry-run"),
-          dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (steps, tokens, checkpoints, "
-                                                                "parameters) and a time estimate from 2 measured "
-                                                                "steps; train nothing")):
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="run config YAML"),
+    out: Path | None = typer.Option(
+        None, "--out", help="run directory (resumed if it holds an unfinished run); required unless --dry-run"
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="print the plan (steps, tokens, checkpoints, "
+        "parameters) and a time estimate from 2 measured "
+        "steps; train nothing",
+    ),
+):
     """Train one run: lorascope train CONFIG.yaml [dotted.key=value ...] --out RUN_DIR."""
-    from .config import load_run_config
+    from lorascope.config import load_run_config
 
     cfg = load_run_config(config, ctx.args)
     if dry_run:
-        from .trainestimate import dry_run as plan_run, format_dry_run
+        from lorascope.train.estimate import dry_run as plan_run
+        from lorascope.train.estimate import format_dry_run
 
         typer.echo(format_dry_run(plan_run(cfg)))
         return
     if out is None:
         raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
-    from .train import train as run_train
+    from lorascope.train.loop import train as run_train
 
     run_train(cfg, out)
 
 
 @app.command()
 @_user_errors
-def data(dataset: str = typer.Argument(..., help="code-cpt | math-cpt | code-ift | math-ift | FILE | hf:ID"),
-         model: str = typer.Option("embedded", "--model", help="whose tokenizer counts the tokens"),
-         regime: Optional[str] = typer.Option(None, "--regime", help="cpt | ift (user files; built-ins know)"),
-         max_docs: Optional[int] = typer.Option(None, "--max-docs", help="first N training documents"),
-         seq_len: int = typer.Option(512, "--seq-len", help="packed row length for the row statistics")):
+def data(
+    dataset: str = typer.Argument(..., help="code-cpt | math-cpt | code-ift | math-ift | FILE | hf:ID"),
+    model: str = typer.Option("embedded", "--model", help="whose tokenizer counts the tokens"),
+    regime: str | None = typer.Option(None, "--regime", help="cpt | ift (user files; built-ins know)"),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="first N training documents"),
+    seq_len: int = typer.Option(512, "--seq-len", help="packed row length for the row statistics"),
+):
     """Build (or read from the cache) a dataset and print its manifest and how it packs into rows."""
     import json
 
-    from .data.describe import data_cli
+    from lorascope.data.describe import data_cli
 
-    typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len),
-                          indent=2))
+    typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len), indent=2))
 
 
 @app.command("eval")
 @_user_errors
-def eval_cmd(model: str = typer.Argument(..., help="embedded | hub id | local dir | run dir[:checkpoint]"),
-             tasks: str = typer.Option(..., "--tasks", help="comma-separated task names"),
-             out: Path = typer.Option(..., "--out"),
-             limit: Optional[int] = typer.Option(None, "--limit", help="items per task"),
-             shots: Optional[int] = typer.Option(None, "--shots", help="few-shot examples (task default if unset)"),
-             samples: Optional[int] = typer.Option(None, "--samples", help="samples per problem (code tasks)"),
-             temperature: Optional[float] = typer.Option(None, "--temperature"),
-             seed: int = typer.Option(0, "--seed"),
-             batch_size: int = typer.Option(8, "--batch-size"),
-             allow_code_execution: bool = typer.Option(False, "--allow-code-execution",
-                                                       help="run model-written code in the sandbox"),
-             reference: Optional[str] = typer.Option(None, "--reference",
-                                                     help="reference model for KL (default: the base)")):
+def eval_cmd(
+    model: str = typer.Argument(..., help="embedded | hub id | local dir | run dir[:checkpoint]"),
+    tasks: str = typer.Option(..., "--tasks", help="comma-separated task names"),
+    out: Path = typer.Option(..., "--out"),
+    limit: int | None = typer.Option(None, "--limit", help="items per task"),
+    shots: int | None = typer.Option(None, "--shots", help="few-shot examples (task default if unset)"),
+    samples: int | None = typer.Option(None, "--samples", help="samples per problem (code tasks)"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    allow_code_execution: bool = typer.Option(
+        False, "--allow-code-execution", help="run model-written code in the sandbox"
+    ),
+    reference: str | None = typer.Option(None, "--reference", help="reference model for KL (default: the base)"),
+):
     """Evaluate learning and forgetting; writes OUT/results.json and OUT/samples/."""
-    from .evals.api import evaluate_cli
+    from lorascope.evals.api import evaluate_cli
 
-    evaluate_cli(model=model, tasks=tasks, out=out, limit=limit, shots=shots, samples=samples,
-                 temperature=temperature, seed=seed, batch_size=batch_size,
-                 allow_code_execution=allow_code_execution, reference=reference)
+    evaluate_cli(
+        model=model,
+        tasks=tasks,
+        out=out,
+        limit=limit,
+        shots=shots,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        allow_code_execution=allow_code_execution,
+        reference=reference,
+    )
 
 
 @app.command()
 @_user_errors
-def spectrum(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT], or RUN_DIR:all for every checkpoint"),
-             out: Path = typer.Option(..., "--out"),
-             energy: float = typer.Option(0.9, "--energy", help="spectral energy fraction in (0, 1)"),
-             top_k: int = typer.Option(10, "--top-k", help="top singular vectors checked for intruders"),
-             epsilon: float = typer.Option(0.5, "--epsilon", help="intruder cosine threshold")):
+def spectrum(
+    run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT], or RUN_DIR:all for every checkpoint"),
+    out: Path = typer.Option(..., "--out"),
+    energy: float = typer.Option(0.9, "--energy", help="spectral energy fraction in (0, 1)"),
+    top_k: int = typer.Option(10, "--top-k", help="top singular vectors checked for intruders"),
+    epsilon: float = typer.Option(0.5, "--epsilon", help="intruder cosine threshold"),
+):
     """SVD of W_base, W_tuned and dW for every adapted matrix; writes OUT/spectrum.json."""
-    from .analysis.spectrum import spectrum_cli
+    from lorascope.analysis.spectrum import spectrum_cli
 
     spectrum_cli(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
 
 
 @app.command()
 @_user_errors
-def truncate(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT] of a full fine-tuning run"),
-             ranks: str = typer.Option("16,64,256", "--ranks", help="comma-separated ranks; 'e90' = rank at 90% energy"),
-             out: Path = typer.Option(..., "--out")):
+def truncate(
+    run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT] of a full fine-tuning run"),
+    ranks: str = typer.Option("16,64,256", "--ranks", help="comma-separated ranks; 'e90' = rank at 90% energy"),
+    out: Path = typer.Option(..., "--out"),
+):
     """Save W_base + best_rank_r(dW) models, one per rank, loadable like any model."""
-    from .analysis.truncate import truncate_cli
+    from lorascope.analysis.truncate import truncate_cli
 
     truncate_cli(run, ranks=ranks, out=out)
 
 
 @app.command()
 @_user_errors
-def intruders(run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
-              out: Path = typer.Option(..., "--out"),
-              scale: float = typer.Option(0.7, "--scale", help="factor applied to intruder components"),
-              top_k: int = typer.Option(10, "--top-k"),
-              epsilon: float = typer.Option(0.5, "--epsilon")):
+def intruders(
+    run: str = typer.Argument(..., help="RUN_DIR[:CHECKPOINT]"),
+    out: Path = typer.Option(..., "--out"),
+    scale: float = typer.Option(0.7, "--scale", help="factor applied to intruder components"),
+    top_k: int = typer.Option(10, "--top-k"),
+    epsilon: float = typer.Option(0.5, "--epsilon"),
+):
     """Save a model whose intruder dimensions are scaled by --scale (Shuttleworth et al. mitigation)."""
-    from .analysis.intruders import mitigate_cli
+    from lorascope.analysis.intruders import mitigate_cli
 
     mitigate_cli(run, out=out, scale=scale, top_k=top_k, epsilon=epsilon)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_user_errors
-def study(ctx: typer.Context,
-          config: Path = typer.Argument(..., help="study YAML (see configs/)"),
-          out: Optional[Path] = typer.Option(None, "--out", help="study directory (resumed if it exists)"),
-          jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
-          executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
-          address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster's head (HOST:PORT); "
-                                                "default RAY_ADDRESS, else Ray on this machine"),
-          resources: Optional[List[str]] = typer.Option(None, "--resources", help="ray: KIND:cpus=N,gpus=N,memory=SIZE "
-                                                        "per job kind (train, eval, spectrum, truncate, eval-trunc, "
-                                                        "all); repeatable"),
-          dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
-          tokens_per_s: float = typer.Option(90.0, "--tokens-per-s", help="training speed (whole machine) the "
-                                             "--dry-run estimate assumes (default: embedded model on 2 CPU cores)"),
-          eval_job_s: float = typer.Option(60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run "
-                                           "estimate assumes without --measure"),
-          measure: bool = typer.Option(False, "--measure", help="with --dry-run: measure the training pace of "
-                                       "each setting x method and the eval groups' time on the base model, on "
-                                       "this machine (loads the model; minutes)")):
+def study(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="study YAML (see configs/)"),
+    out: Path | None = typer.Option(None, "--out", help="study directory (resumed if it exists)"),
+    jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
+    executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
+    address: str | None = typer.Option(
+        None, "--address", help="ray: the cluster's head (HOST:PORT); default RAY_ADDRESS, else Ray on this machine"
+    ),
+    resources: list[str] | None = typer.Option(
+        None,
+        "--resources",
+        help="ray: KIND:cpus=N,gpus=N,memory=SIZE "
+        "per job kind (train, eval, spectrum, truncate, eval-trunc, "
+        "all); repeatable",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print runs, jobs, tokens and time; run nothing"),
+    tokens_per_s: float = typer.Option(
+        90.0,
+        "--tokens-per-s",
+        help="training speed (whole machine) the --dry-run estimate assumes (default: embedded model on 2 CPU cores)",
+    ),
+    eval_job_s: float = typer.Option(
+        60.0, "--eval-job-s", help="seconds per evaluation job the --dry-run estimate assumes without --measure"
+    ),
+    measure: bool = typer.Option(
+        False,
+        "--measure",
+        help="with --dry-run: measure the training pace of "
+        "each setting x method and the eval groups' time on the base model, on "
+        "this machine (loads the model; minutes)",
+    ),
+):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
     if dry_run:
-        from .studyconfig import load_study
-        from .studycost import dry_run as plan_text
+        from lorascope.study.config import load_study
+        from lorascope.study.cost import dry_run as plan_text
 
         typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure))
         return
     if out is None:
         raise LorascopeError("--out: required (the study directory), unless --dry-run")
-    from .study import run_study
+    from lorascope.study.scheduler import run_study
 
     opts = None
     if executor == "ray":
-        from .raycluster import parse_resources
+        from lorascope.study.raycluster import parse_resources
 
         opts = {"address": address, "resources": parse_resources(resources)}
     elif address or resources:
@@ -189,14 +236,14 @@ def study(ctx: typer.Context,
 @_user_errors
 def report(study_dir: Path = typer.Argument(..., help="a study directory")):
     """Write STUDY_DIR/report.html and STUDY_DIR/results.parquet from stored results."""
-    from .report import write_report
+    from lorascope.report import write_report
 
     path = write_report(study_dir)
     typer.echo(str(path))
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive `app` in-process
-    from .procenv import reexec_with_fast_malloc, restore_argv0
+    from lorascope.procenv import reexec_with_fast_malloc, restore_argv0
 
     reexec_with_fast_malloc(["-m", "lorascope.cli", *sys.argv[1:]])
     restore_argv0()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from lorascope.errors import ConfigError
 
 # Linear projections of a Llama block, and the target presets of the paper and its critics.
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -99,9 +99,17 @@ class MethodConfig(Strict):
         if self.kind == "full":
             return "full"
         tg = self.targets if isinstance(self.targets, str) else "+".join(self.targets)
-        extras = [x for x, on in [("dora", self.use_dora), ("rslora", self.use_rslora),
-                                  ("emb", self.train_embed_tokens), ("head", self.train_lm_head),
-                                  ("lora+", self.loraplus_lr_ratio is not None)] if on]
+        extras = [
+            x
+            for x, on in [
+                ("dora", self.use_dora),
+                ("rslora", self.use_rslora),
+                ("emb", self.train_embed_tokens),
+                ("head", self.train_lm_head),
+                ("lora+", self.loraplus_lr_ratio is not None),
+            ]
+            if on
+        ]
         if self.init != "gaussian":
             extras.insert(0, self.init)
         return "-".join([f"lora-r{self.rank}-{tg}"] + extras)
@@ -121,7 +129,7 @@ class DataConfig(Strict):
     """Cap the number of source documents/pairs (cheap builds for tests)."""
 
     @model_validator(mode="after")
-    def _infer_regime(self) -> "DataConfig":
+    def _infer_regime(self) -> DataConfig:
         if self.regime is None:
             object.__setattr__(self, "regime", "ift" if self.dataset.endswith("-ift") else "cpt")
         return self
@@ -172,7 +180,7 @@ class TrainConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _budget(self) -> "TrainConfig":
+    def _budget(self) -> TrainConfig:
         if self.max_tokens is None and self.epochs is None:
             raise ValueError("set max_tokens (CPT) or epochs (IFT)")
         if self.max_tokens is not None and self.max_tokens <= 0:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .assets import cache_dir, cache_lock, embedded_gguf
-from .errors import LorascopeError
-from .fileio import atomic_dir, atomic_write_text
-from .layout import CKPT_META  # noqa: F401 - re-exported: readers of checkpoints import it from here
+from lorascope.assets import cache_dir, cache_lock, embedded_gguf
+from lorascope.errors import LorascopeError
+from lorascope.fileio import atomic_dir, atomic_write_text
+from lorascope.layout import CKPT_META  # noqa: F401 - re-exported: readers of checkpoints import it from here
 
 EMBEDDED = "embedded"
 
@@ -43,7 +43,7 @@ class Checkpoint:
     step: int | None = None
 
     @classmethod
-    def read(cls, path: Path) -> "Checkpoint":
+    def read(cls, path: Path) -> Checkpoint:
         meta_file = path / CKPT_META
         try:
             meta = json.loads(meta_file.read_text())
@@ -54,8 +54,14 @@ class Checkpoint:
         missing = [k for k in ("kind", "base") if k not in meta]
         if missing or meta["kind"] not in ("lora", "full"):
             raise LorascopeError(f"{meta_file}: invalid checkpoint metadata (missing or bad: {missing or 'kind'})")
-        return cls(path=path, kind=meta["kind"], base=meta["base"], tokens=meta.get("tokens"),
-                   epoch=meta.get("epoch"), step=meta.get("step"))
+        return cls(
+            path=path,
+            kind=meta["kind"],
+            base=meta["base"],
+            tokens=meta.get("tokens"),
+            epoch=meta.get("epoch"),
+            step=meta.get("step"),
+        )
 
 
 def _torch_threads() -> None:
@@ -142,11 +148,14 @@ def _check_hub(repo_id: str, timeout: float = 3.0) -> None:
         return
     url = urlparse(hub.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ).close()
     except OSError as e:
-        raise LorascopeError(f"model '{repo_id}': not a local path, not in the Hugging Face cache, and "
-                             f"{url.hostname} cannot be reached to download it ({e.strerror or e})") from None
+        raise LorascopeError(
+            f"model '{repo_id}': not a local path, not in the Hugging Face cache, and "
+            f"{url.hostname} cannot be reached to download it ({e.strerror or e})"
+        ) from None
 
 
 def load_tokenizer(spec: str):
@@ -198,8 +207,7 @@ def find_checkpoint(run_dir: str | Path, name: str | None = None) -> Checkpoint:
     for c in cks:
         if c.path.name == name:
             return c
-    raise LorascopeError(f"{run_dir}: checkpoint '{name}' does not exist "
-                         f"(have: {', '.join(c.path.name for c in cks)})")
+    raise LorascopeError(f"{run_dir}: checkpoint '{name}' does not exist (have: {', '.join(c.path.name for c in cks)})")
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:

@@ -25,3 +25,10 @@ def split_of(cluster: str, validation_fraction: float = VALIDATION_FRACTION) -> 
     """'validation' for about `validation_fraction` of cluster keys (by SHA-1 of the key), else 'test'."""
     h = int.from_bytes(hashlib.sha1(cluster.encode("utf-8")).digest()[:8], "big") / 2**64
     return "validation" if h < validation_fraction else "test"
+
+
+def effective_clusters(sizes) -> float:
+    """Kish's effective number of clusters, (sum of sizes)^2 / sum of squared sizes: 5 clusters of sizes
+    {19, 1, 1, 1, 1} count as 1.4, because a resample of clusters is mostly a resample of the big one."""
+    sizes = [float(s) for s in sizes if s > 0]
+    return sum(sizes) ** 2 / sum(s * s for s in sizes) if sizes else 0.0

@@ -46,15 +46,17 @@ def max_cosines(u_base: torch.Tensor, u_tuned: torch.Tensor, top_k: int) -> torc
     return (u_tuned[:, :k].T.double() @ u_base.double()).abs().amax(dim=1).float()
 
 
-def find_intruders(u_base: torch.Tensor, u_tuned: torch.Tensor, top_k: int = 10,
-                   epsilon: float = 0.5) -> tuple[list[int], torch.Tensor]:
+def find_intruders(
+    u_base: torch.Tensor, u_tuned: torch.Tensor, top_k: int = 10, epsilon: float = 0.5
+) -> tuple[list[int], torch.Tensor]:
     """Indices (into the tuned spectrum, 0 = largest) of intruder vectors, and the top_k max |cos| values."""
     cos = max_cosines(u_base, u_tuned, top_k)
     return [int(i) for i in torch.nonzero(cos < epsilon).flatten()], cos
 
 
-def scale_components(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
-                     idx: list[int], scale: float) -> torch.Tensor:
+def scale_components(
+    w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, idx: list[int], scale: float
+) -> torch.Tensor:
     """w + (scale - 1) * sum_{i in idx} s_i u_i vh_i: the chosen singular components multiplied by scale."""
     if not idx:
         return w.clone()
@@ -62,8 +64,14 @@ def scale_components(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torc
     return w + (scale - 1.0) * (u[:, i] * s[i]) @ vh[i]
 
 
-def mitigate(base: torch.nn.Module, tuned: torch.nn.Module, scale: float = 0.7, top_k: int = 10,
-             epsilon: float = 0.5, progress: bool = True) -> dict[str, dict]:
+def mitigate(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    scale: float = 0.7,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Scale the intruder components of every changed matrix of `tuned` in place; returns what was done."""
     check_params(top_k, epsilon, scale)
     done: dict[str, dict] = {}
@@ -75,8 +83,11 @@ def mitigate(base: torch.nn.Module, tuned: torch.nn.Module, scale: float = 0.7, 
         idx, cos = find_intruders(ub, ut, top_k, epsilon)
         if idx:
             set_weight(tuned, m.name, scale_components(m.w_tuned, ut, st, vht, idx, scale))
-        done[m.name] = {"intruders": idx, "sigma": [round(float(st[i]), 6) for i in idx],
-                        "max_cos": [round(float(c), 4) for c in cos]}
+        done[m.name] = {
+            "intruders": idx,
+            "sigma": [round(float(st[i]), 6) for i in idx],
+            "max_cos": [round(float(c), 4) for c in cos],
+        }
     return done
 
 
@@ -87,13 +98,23 @@ def mitigate_cli(run: str, out: Path, scale: float, top_k: int, epsilon: float) 
     pair = load_pair(run)
     report = mitigate(pair.base, pair.tuned, scale=scale, top_k=top_k, epsilon=epsilon)
     n = sum(len(r["intruders"]) for r in report.values())
-    header = {"run": str(run), "checkpoint": pair.checkpoint.path.name, "kind": pair.checkpoint.kind,
-              "base": pair.checkpoint.base, "scale": scale, "top_k": top_k, "epsilon": epsilon,
-              "intruders_total": n, "matrices_with_intruders": sum(bool(r["intruders"]) for r in report.values()),
-              "seconds": round(time.time() - t0, 2)}
+    header = {
+        "run": str(run),
+        "checkpoint": pair.checkpoint.path.name,
+        "kind": pair.checkpoint.kind,
+        "base": pair.checkpoint.base,
+        "scale": scale,
+        "top_k": top_k,
+        "epsilon": epsilon,
+        "intruders_total": n,
+        "matrices_with_intruders": sum(bool(r["intruders"]) for r in report.values()),
+        "seconds": round(time.time() - t0, 2),
+    }
     save_hf_model(pair.tuned, pair.tokenizer, out, extra={"intruders.json": {**header, "matrices": report}})
-    print(f"{n} intruder components scaled by {scale} in {header['matrices_with_intruders']} of "
-          f"{len(report)} changed matrices -> {out}")
+    print(
+        f"{n} intruder components scaled by {scale} in {header['matrices_with_intruders']} of "
+        f"{len(report)} changed matrices -> {out}"
+    )
     return Path(out)
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -52,10 +52,16 @@ def _gaussian(shape: tuple[int, int], fro: float, seed: int) -> torch.Tensor:
     return g * (fro / float(g.norm()))
 
 
-def matrix_spectrum(m: Matrix, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
-                    method: str = "auto", seed: int = 0,
-                    gaussian_cache: dict | None = None,
-                    base_cache: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def matrix_spectrum(
+    m: Matrix,
+    energy: float = 0.9,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    method: str = "auto",
+    seed: int = 0,
+    gaussian_cache: dict | None = None,
+    base_cache: dict | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """The record of one matrix and its singular values {base, tuned, delta}.
 
     base_cache (name -> (U, s) of W_base) lets several checkpoints of one run share the base's SVD.
@@ -74,26 +80,33 @@ def matrix_spectrum(m: Matrix, energy: float = 0.9, top_k: int = 10, epsilon: fl
         sd = singular_values(m.delta, how)
     else:
         ut, st, sd = ub, sb, torch.zeros_like(sb)
-    stats = {"base": spectrum_stats(sb, shape, energy), "tuned": spectrum_stats(st, shape, energy),
-             # dW = merged - base in fp32 carries rounding noise up to eps32 * ||W_tuned||_F; the floor keeps
-             # that noise out of the numerical rank (so a LoRA dW reads as rank <= r).
-             "delta": spectrum_stats(sd, shape, energy, floor=EPS32 * float(st.double().norm()))}
-    rec = {"name": m.name, "layer": m.layer, "module": m.module, "shape": list(shape), "changed": changed,
-           "svd": how}
+    stats = {
+        "base": spectrum_stats(sb, shape, energy),
+        "tuned": spectrum_stats(st, shape, energy),
+        # dW = merged - base in fp32 carries rounding noise up to eps32 * ||W_tuned||_F; the floor keeps
+        # that noise out of the numerical rank (so a LoRA dW reads as rank <= r).
+        "delta": spectrum_stats(sd, shape, energy, floor=EPS32 * float(st.double().norm())),
+    }
+    rec = {"name": m.name, "layer": m.layer, "module": m.module, "shape": list(shape), "changed": changed, "svd": how}
     for key in ("rank_at_energy", "stable_rank", "effective_rank", "numerical_rank"):
         rec[key] = {k: stats[k][key] for k in KINDS}
     rec["rank_fraction_delta"] = round(rec["rank_at_energy"]["delta"] / min(shape), 4)
     fro_d = float(sd.double().norm())
-    rec["norm"] = {"base_fro": round(float(sb.double().norm()), 6), "delta_fro": round(fro_d, 8),
-                   "delta_rel": round(fro_d / max(float(sb.double().norm()), 1e-30), 8),
-                   "delta_spectral": round(float(sd[0]), 8)}
+    rec["norm"] = {
+        "base_fro": round(float(sb.double().norm()), 6),
+        "delta_fro": round(fro_d, 8),
+        "delta_rel": round(fro_d / max(float(sb.double().norm()), 1e-30), 8),
+        "delta_spectral": round(float(sd[0]), 8),
+    }
     if changed:
         cache = gaussian_cache if gaussian_cache is not None else {}
         if shape not in cache:  # scale-free statistic: one draw per shape is enough
             cache[shape] = rank_at_energy(singular_values(_gaussian(shape, 1.0, seed), how), energy)
         noisy = m.w_base + _gaussian(shape, fro_d, seed + 1 + (m.layer or 0))
-        rec["baseline_rank_at_energy"] = {"gaussian": cache[shape],
-                                          "base_plus_noise": rank_at_energy(singular_values(noisy, how), energy)}
+        rec["baseline_rank_at_energy"] = {
+            "gaussian": cache[shape],
+            "base_plus_noise": rank_at_energy(singular_values(noisy, how), energy),
+        }
         idx, cos = find_intruders(ub, ut, top_k, epsilon)
     else:
         rec["baseline_rank_at_energy"] = {"gaussian": None, "base_plus_noise": None}
@@ -120,9 +133,16 @@ def check_energy(energy: float) -> None:
         raise LorascopeError(f"energy must be in (0, 1) (got {energy})")
 
 
-def spectrum_of_models(base: torch.nn.Module, tuned: torch.nn.Module, energy: float = 0.9, top_k: int = 10,
-                       epsilon: float = 0.5, method: str = "auto", progress: bool = True,
-                       base_cache: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def spectrum_of_models(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    energy: float = 0.9,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    method: str = "auto",
+    progress: bool = True,
+    base_cache: dict | None = None,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Records and singular values for every adapted matrix of an in-memory (base, tuned) pair."""
     check_energy(energy)
     check_params(top_k, epsilon)
@@ -136,8 +156,9 @@ def spectrum_of_models(base: torch.nn.Module, tuned: torch.nn.Module, energy: fl
     return records, svals
 
 
-def compute_spectrum(run: str, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
-                     method: str = "auto", progress: bool = True) -> SpectrumResult:
+def compute_spectrum(
+    run: str, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5, method: str = "auto", progress: bool = True
+) -> SpectrumResult:
     """Load RUN[:CHECKPOINT] and its base, and analyse every adapted matrix."""
     check_energy(energy)
     check_params(top_k, epsilon)
@@ -145,23 +166,51 @@ def compute_spectrum(run: str, energy: float = 0.9, top_k: int = 10, epsilon: fl
     pair = load_pair(run)
     t1 = time.time()
     records, svals = spectrum_of_models(pair.base, pair.tuned, energy, top_k, epsilon, method, progress)
-    header = _header(pair.run_dir, pair.checkpoint, pair.meta, records, energy, top_k, epsilon,
-                     {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)})
+    header = _header(
+        pair.run_dir,
+        pair.checkpoint,
+        pair.meta,
+        records,
+        energy,
+        top_k,
+        epsilon,
+        {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)},
+    )
     return SpectrumResult(header=header, records=records, singular_values=svals)
 
 
-def _header(run_dir: Path, ck, meta: dict, records: list[dict], energy: float, top_k: int, epsilon: float,
-            timing: dict) -> dict:
+def _header(
+    run_dir: Path, ck, meta: dict, records: list[dict], energy: float, top_k: int, epsilon: float, timing: dict
+) -> dict:
     method = meta.get("method") or {}
     lora_rank = int(method["rank"]) if ck.kind == "lora" and method.get("rank") else None
-    return {"run": str(run_dir), "checkpoint": ck.path.name, "kind": ck.kind, "base": ck.base,
-            "method": meta.get("method"), "lora_rank": lora_rank, "tokens": ck.tokens, "epoch": ck.epoch,
-            "step": ck.step, "energy": energy, "top_k": top_k, "epsilon": epsilon, "matrices": len(records),
-            "changed_matrices": sum(r["changed"] for r in records), "timing": timing}
+    return {
+        "run": str(run_dir),
+        "checkpoint": ck.path.name,
+        "kind": ck.kind,
+        "base": ck.base,
+        "method": meta.get("method"),
+        "lora_rank": lora_rank,
+        "tokens": ck.tokens,
+        "epoch": ck.epoch,
+        "step": ck.step,
+        "energy": energy,
+        "top_k": top_k,
+        "epsilon": epsilon,
+        "matrices": len(records),
+        "changed_matrices": sum(r["changed"] for r in records),
+        "timing": timing,
+    }
 
 
-def compute_spectra_all(run_dir: str | Path, energy: float = 0.9, top_k: int = 10, epsilon: float = 0.5,
-                        method: str = "auto", progress: bool = True) -> Iterator[SpectrumResult]:
+def compute_spectra_all(
+    run_dir: str | Path,
+    energy: float = 0.9,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    method: str = "auto",
+    progress: bool = True,
+) -> Iterator[SpectrumResult]:
     """One SpectrumResult per checkpoint of a run, in training order; the base is loaded and decomposed once."""
     from ..models import list_checkpoints, load_base, load_checkpoint
     from .weights import resolve_checkpoint
@@ -180,8 +229,16 @@ def compute_spectra_all(run_dir: str | Path, energy: float = 0.9, top_k: int = 1
         t1 = time.time()
         records, svals = spectrum_of_models(base, tuned, energy, top_k, epsilon, method, progress, base_cache)
         meta = json.loads((ck.path / "lorascope.json").read_text())
-        header = _header(run_dir, ck, meta, records, energy, top_k, epsilon,
-                         {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)})
+        header = _header(
+            run_dir,
+            ck,
+            meta,
+            records,
+            energy,
+            top_k,
+            epsilon,
+            {"load_s": round(t1 - t0, 2), "analysis_s": round(time.time() - t1, 2)},
+        )
         del tuned
         yield SpectrumResult(header=header, records=records, singular_values=svals)
 
@@ -209,8 +266,7 @@ def aggregate(records: list[dict], lora_rank: int | None = None) -> dict:
             row["delta_stable_rank"] = _mean([r["stable_rank"]["delta"] for r in rs])
             row["delta_effective_rank"] = _mean([r["effective_rank"]["delta"] for r in rs])
             row["gaussian_rank_at_energy"] = _mean([r["baseline_rank_at_energy"]["gaussian"] for r in rs])
-            row["base_plus_noise_rank_at_energy"] = _mean([r["baseline_rank_at_energy"]["base_plus_noise"]
-                                                           for r in rs])
+            row["base_plus_noise_rank_at_energy"] = _mean([r["baseline_rank_at_energy"]["base_plus_noise"] for r in rs])
             row["intruders_mean"] = _mean([r["intruders"] for r in rs])
             if lora_rank:
                 row["delta_rank_over_lora_rank"] = round(row["delta_rank_at_energy"] / lora_rank, 3)
@@ -252,12 +308,16 @@ def spectrum_cli(run: str, out: Path, energy: float, top_k: int, epsilon: float)
     path = write_spectrum(res, out)
     agg = aggregate(res.records, res.header.get("lora_rank"))["by_module"]
     pct = int(round(energy * 100))
-    print(f"{res.header['changed_matrices']}/{res.header['matrices']} matrices changed; "
-          f"mean rank@{pct}% of dW (gaussian baseline) by module:")
+    print(
+        f"{res.header['changed_matrices']}/{res.header['matrices']} matrices changed; "
+        f"mean rank@{pct}% of dW (gaussian baseline) by module:"
+    )
     for mod, row in agg.items():
         extra = f"  = {row['delta_rank_over_lora_rank']} x r" if "delta_rank_over_lora_rank" in row else ""
-        print(f"  {mod:14s} {row['delta_rank_at_energy']:>9} ({row['gaussian_rank_at_energy']})"
-              f"  intruders {row['intruders_total']}{extra}")
+        print(
+            f"  {mod:14s} {row['delta_rank_at_energy']:>9} ({row['gaussian_rank_at_energy']})"
+            f"  intruders {row['intruders_total']}{extra}"
+        )
     print(str(path))
     return path
 
@@ -268,11 +328,15 @@ def _spectrum_all(run_dir: str, out: Path, energy: float, top_k: int, epsilon: f
         write_spectrum(res, out / res.header["checkpoint"])
         agg = aggregate(res.records, res.header.get("lora_rank"))
         h = res.header
-        rows.append({k: h[k] for k in ("checkpoint", "tokens", "epoch", "step", "kind", "lora_rank")}
-                    | {"intruders_total": sum(r["intruders"] for r in res.records), "by_module": agg["by_module"]})
-        print(f"{h['checkpoint']}: tokens {h['tokens']}, mean rank@{energy:.0%} of dW "
-              f"{_mean([r['rank_at_energy']['delta'] for r in res.records if r['changed']])}, "
-              f"intruders {rows[-1]['intruders_total']}")
+        rows.append(
+            {k: h[k] for k in ("checkpoint", "tokens", "epoch", "step", "kind", "lora_rank")}
+            | {"intruders_total": sum(r["intruders"] for r in res.records), "by_module": agg["by_module"]}
+        )
+        print(
+            f"{h['checkpoint']}: tokens {h['tokens']}, mean rank@{energy:.0%} of dW "
+            f"{_mean([r['rank_at_energy']['delta'] for r in res.records if r['changed']])}, "
+            f"intruders {rows[-1]['intruders_total']}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "trajectory.json.tmp"
     tmp.write_text(json.dumps({"run": str(run_dir), "energy": energy, "checkpoints": rows}, indent=1) + "\n")
@@ -289,4 +353,3 @@ def load_spectrum(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not (out / "spectrum.json").exists():
         raise LorascopeError(f"{out}: no spectrum.json (run `lorascope spectrum` first)")
     return json.loads((out / "spectrum.json").read_text()), load_file(str(out / "singular_values.safetensors"))
-

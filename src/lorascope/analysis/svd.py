@@ -104,13 +104,15 @@ def rank_at_energy(s: torch.Tensor, energy: float = 0.9) -> int:
     if total == 0.0:
         return 0
     # tiny slack so an exact 90% split (e.g. planted spectra) is not lost to rounding
-    return int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor([energy * (1 - 1e-12)],
-                                                                            dtype=torch.float64))) + 1
+    return (
+        int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor([energy * (1 - 1e-12)], dtype=torch.float64)))
+        + 1
+    )
 
 
 def stable_rank(s: torch.Tensor) -> float:
     s = s.double()
-    return 0.0 if float(s[0]) == 0.0 else float((s ** 2).sum() / s[0] ** 2)
+    return 0.0 if float(s[0]) == 0.0 else float((s**2).sum() / s[0] ** 2)
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -132,5 +134,9 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], floor: float = 0.0) 
 
 
 def spectrum_stats(s: torch.Tensor, shape: tuple[int, ...], energy: float, floor: float = 0.0) -> dict:
-    return {"rank_at_energy": rank_at_energy(s, energy), "stable_rank": round(stable_rank(s), 3),
-            "effective_rank": round(effective_rank(s), 3), "numerical_rank": numerical_rank(s, shape, floor)}
+    return {
+        "rank_at_energy": rank_at_energy(s, energy),
+        "stable_rank": round(stable_rank(s), 3),
+        "effective_rank": round(effective_rank(s), 3),
+        "numerical_rank": numerical_rank(s, shape, floor),
+    }

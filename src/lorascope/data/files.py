@@ -37,8 +37,10 @@ def assign(item, group: str, train: list, heldout: list, groups: list) -> None:
 
 
 def _is_test_path(rel: Path) -> bool:
-    return any(p in ("test", "tests", "testing", "idle_test", "__pycache__", "site-packages")
-               or p.startswith("test_") for p in rel.parts)
+    return any(
+        p in ("test", "tests", "testing", "idle_test", "__pycache__", "site-packages") or p.startswith("test_")
+        for p in rel.parts
+    )
 
 
 def py_files(root: Path, prefix: str | None = None) -> list[tuple[str, Path]]:
@@ -98,8 +100,7 @@ def code_files() -> list[tuple[str, Path]]:
 
 def code_sources() -> list[dict]:
     out = [{"name": "CPython standard library", "version": sysconfig.get_python_version(), "licence": "PSF-2.0"}]
-    licences = {"sympy": "BSD-3-Clause", "mpmath": "BSD-3-Clause", "networkx": "BSD-3-Clause",
-                "jinja2": "BSD-3-Clause"}
+    licences = {"sympy": "BSD-3-Clause", "mpmath": "BSD-3-Clause", "networkx": "BSD-3-Clause", "jinja2": "BSD-3-Clause"}
     for root in package_roots(CODE_PACKAGES):
         out.append({"name": root.name, "version": package_version(root.name), "licence": licences[root.name]})
     return out

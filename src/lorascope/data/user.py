@@ -40,8 +40,9 @@ def records(dcfg: DataConfig) -> list[dict]:
         return _hub_records(spec)
     p = Path(spec)
     if not p.is_file():
-        raise LorascopeError(f"data.dataset: file '{spec}' does not exist "
-                             "(built-in datasets: code-cpt, math-cpt, code-ift, math-ift)")
+        raise LorascopeError(
+            f"data.dataset: file '{spec}' does not exist (built-in datasets: code-cpt, math-cpt, code-ift, math-ift)"
+        )
     if p.suffix not in SUFFIXES:
         raise LorascopeError(f"data.dataset: '{spec}' must end in .jsonl, .parquet or .txt (or be hf:<id>)")
     if p.suffix == ".txt":
@@ -67,13 +68,19 @@ def records(dcfg: DataConfig) -> list[dict]:
 
 
 def _chat_pair(msgs, where: str) -> dict:
-    ok = isinstance(msgs, list) and len(msgs) >= 2 and all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)
+    ok = (
+        isinstance(msgs, list)
+        and len(msgs) >= 2
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)
+    )
     if not ok or msgs[-1]["role"] != "assistant":
-        raise LorascopeError(f"{where}: 'messages' must be a list of {{role, content}} turns ending with an "
-                             "assistant turn")
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]],
-            "response": msgs[-1]["content"]}
+        raise LorascopeError(
+            f"{where}: 'messages' must be a list of {{role, content}} turns ending with an assistant turn"
+        )
+    return {
+        "prompt": [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]],
+        "response": msgs[-1]["content"],
+    }
 
 
 def _doc(r: dict, dcfg: DataConfig, where: str):

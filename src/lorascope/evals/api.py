@@ -40,14 +40,20 @@ from . import registry, sandbox
 from .base import EvalContext
 from .results import forgetting_mean, label_splits, metrics_by_split, write_json, write_samples
 
+
 def _versions() -> dict:
     import peft
     import transformers
 
     from .. import __version__ as lv
 
-    return {"lorascope": lv, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
+    return {
+        "lorascope": lv,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _excluded_ids(spec: str) -> dict[str, list]:
@@ -141,15 +147,33 @@ def _task_record(name: str, task, res, shots, seconds: float) -> dict:
     if res.metrics_of is None:  # a task must say how its metrics follow from its samples
         raise TypeError(f"task {name} returned no metrics_of")
     label_splits(res.samples, getattr(task, "benchmark", name))
-    return {"metrics": res.metrics, "by_split": metrics_by_split(res.samples, res.metrics_of),
-            "n": res.info.get("n", len(res.samples)), "shots": res.info.get("shots", shots), "info": res.info,
-            "elapsed_s": round(seconds, 2)}
+    return {
+        "metrics": res.metrics,
+        "by_split": metrics_by_split(res.samples, res.metrics_of),
+        "n": res.info.get("n", len(res.samples)),
+        "shots": res.info.get("shots", shots),
+        "info": res.info,
+        "elapsed_s": round(seconds, 2),
+    }
 
 
-def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: int | None = None,
-             shots: int | None = None, samples: int | None = None, temperature: float | None = None,
-             seed: int = 0, batch_size: int = 8, allow_code_execution: bool = False, reference: Any = None,
-             exclude_ids: dict[str, list] | None = None, progress: bool = True) -> dict:
+def evaluate(
+    model: Any,
+    tasks: list[str],
+    out: Path,
+    *,
+    tokenizer=None,
+    limit: int | None = None,
+    shots: int | None = None,
+    samples: int | None = None,
+    temperature: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    allow_code_execution: bool = False,
+    reference: Any = None,
+    exclude_ids: dict[str, list] | None = None,
+    progress: bool = True,
+) -> dict:
     """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
 
     ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
@@ -161,18 +185,36 @@ def evaluate(model: Any, tasks: list[str], out: Path, *, tokenizer=None, limit: 
     out, t0 = Path(out), time.time()
     model, tokenizer, spec, excluded = _load(model, tokenizer, exclude_ids)
     ref_model = _reference(tasks, spec, model, reference)
-    settings = {"limit": limit, "shots": shots, "samples": samples, "temperature": temperature, "seed": seed,
-                "batch_size": batch_size, "allow_code_execution": allow_code_execution,
-                "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
-                "excluded_ids": {t: len(v) for t, v in excluded.items()}}
+    settings = {
+        "limit": limit,
+        "shots": shots,
+        "samples": samples,
+        "temperature": temperature,
+        "seed": seed,
+        "batch_size": batch_size,
+        "allow_code_execution": allow_code_execution,
+        "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
+        "excluded_ids": {t: len(v) for t, v in excluded.items()},
+    }
     result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
     for name, task in zip(tasks, built):
         torch.manual_seed(seed)
-        ctx = EvalContext(model=model, tokenizer=tokenizer, model_spec=spec, batch_size=batch_size, seed=seed,
-                          limit=limit, shots=shots, samples=samples, temperature=temperature,
-                          allow_code_execution=allow_code_execution, reference_model=ref_model,
-                          excluded_ids=excluded,
-                          out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")], progress=progress)
+        ctx = EvalContext(
+            model=model,
+            tokenizer=tokenizer,
+            model_spec=spec,
+            batch_size=batch_size,
+            seed=seed,
+            limit=limit,
+            shots=shots,
+            samples=samples,
+            temperature=temperature,
+            allow_code_execution=allow_code_execution,
+            reference_model=ref_model,
+            excluded_ids=excluded,
+            out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")],
+            progress=progress,
+        )
         ts = time.time()
         res = task.run(ctx)
         result["tasks"][name] = _task_record(name, task, res, shots, time.time() - ts)
@@ -205,16 +247,36 @@ def _summary_table(result: dict) -> None:
     Console(stderr=True).print(table)
 
 
-def evaluate_cli(model: str, tasks: str, out: Path, limit: int | None = None, shots: int | None = None,
-                 samples: int | None = None, temperature: float | None = None, seed: int = 0,
-                 batch_size: int = 8, allow_code_execution: bool = False, reference: str | None = None) -> dict:
+def evaluate_cli(
+    model: str,
+    tasks: str,
+    out: Path,
+    limit: int | None = None,
+    shots: int | None = None,
+    samples: int | None = None,
+    temperature: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    allow_code_execution: bool = False,
+    reference: str | None = None,
+) -> dict:
     """`lorascope eval MODEL --tasks t1,t2 --out DIR ...`: evaluate and print a summary table."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     _check_settings(names, limit, shots, batch_size)  # before loading a model
     _build(names, allow_code_execution)
-    result = evaluate(model, names, out, limit=limit, shots=shots, samples=samples, temperature=temperature,
-                      seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
-                      reference=reference)
+    result = evaluate(
+        model,
+        names,
+        out,
+        limit=limit,
+        shots=shots,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        allow_code_execution=allow_code_execution,
+        reference=reference,
+    )
     _summary_table(result)
     print(str(Path(out) / "results.json"))
     return result

@@ -7,9 +7,10 @@ lm-evaluation-harness (``"acc,none"``, ``"acc_stderr,none"``, ``"exact_match,str
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 
 @dataclass

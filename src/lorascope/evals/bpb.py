@@ -39,8 +39,16 @@ from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import (largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits,
-                            target_nll, windows)
+from .token_windows import (
+    largest_batch,
+    pack_width,
+    packed_batches,
+    pad_id,
+    reused_head_output,
+    target_logits,
+    target_nll,
+    windows,
+)
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -48,8 +56,16 @@ def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
 
 
 @torch.inference_mode()
-def text_nll(model, tokenizer, texts: list[str], window: int | None = None, stride: int | None = None,
-             token_budget: int = 2048, progress: bool = False, desc: str = "bpb") -> list[tuple[float, int]]:
+def text_nll(
+    model,
+    tokenizer,
+    texts: list[str],
+    window: int | None = None,
+    stride: int | None = None,
+    token_budget: int = 2048,
+    progress: bool = False,
+    desc: str = "bpb",
+) -> list[tuple[float, int]]:
     """(NLL in nats, tokens) of each whole text, the first token conditioned on the BOS/EOS stand-in."""
     window = min(window or 1024, max_length(model))
     stride = min(stride or window // 2, window)
@@ -74,8 +90,11 @@ def bpb_metrics(samples: list[dict]) -> dict[str, float]:
     """``bpb`` (mean of per-item BPB, with stderr) and ``bpb_corpus`` (total NLL / total bytes) of sample lines."""
     m, se = mean_stderr([bits_per_byte(s["nll"], s["bytes"]) for s in samples])
     nbytes = sum(s["bytes"] for s in samples)
-    return {"bpb": m, "bpb_stderr": se,
-            "bpb_corpus": bits_per_byte(sum(s["nll"] for s in samples), nbytes) if nbytes else math.nan}
+    return {
+        "bpb": m,
+        "bpb_stderr": se,
+        "bpb_corpus": bits_per_byte(sum(s["nll"] for s in samples), nbytes) if nbytes else math.nan,
+    }
 
 
 class ConditionalBPB:
@@ -105,20 +124,31 @@ class ConditionalBPB:
         prefix = self.fewshot(k)
         pairs = [self.pair(d) for d in docs]
         reqs = [Request(prefix + c, [x], shared_prefix=prefix) for c, x in pairs]
-        scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress,
-                       desc=self.name)
+        scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress, desc=self.name)
         samples = []
         for d, (c, x), res in zip(docs, pairs, scored):
             full = prefix + c
-            moved = full[len(full.rstrip()):]  # trailing context whitespace is scored with the continuation
+            moved = full[len(full.rstrip()) :]  # trailing context whitespace is scored with the continuation
             nb = len((moved + x).encode("utf-8"))
             _, cont_tokens = encode_pair(ctx.tokenizer, full, x)
             nll = -res[0][0]
-            samples.append({"id": d["id"], "nll": nll, "bytes": nb, "tokens": len(cont_tokens),
-                            "bpb": bits_per_byte(nll, nb), "is_greedy": res[0][1]})
-        info = {"n": len(docs), "shots": k, "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
-                "example_context": reqs[0].context if reqs else None,
-                "example_continuation": pairs[0][1] if pairs else None}
+            samples.append(
+                {
+                    "id": d["id"],
+                    "nll": nll,
+                    "bytes": nb,
+                    "tokens": len(cont_tokens),
+                    "bpb": bits_per_byte(nll, nb),
+                    "is_greedy": res[0][1],
+                }
+            )
+        info = {
+            "n": len(docs),
+            "shots": k,
+            "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
+            "example_context": reqs[0].context if reqs else None,
+            "example_continuation": pairs[0][1] if pairs else None,
+        }
         return TaskResult(metrics=bpb_metrics(samples), samples=samples, info=info, metrics_of=bpb_metrics)
 
 
@@ -181,8 +211,9 @@ class Math500BPB(ConditionalBPB):
         return f"Problem:\n{d['problem']}\n\nSolution:", " " + d["solution"]
 
     def fewshot(self, k):
-        return "".join(f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n"
-                       for s in benchdata.math500_fewshot()[:k])
+        return "".join(
+            f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n" for s in benchdata.math500_fewshot()[:k]
+        )
 
 
 class _TextBPB:
@@ -199,10 +230,22 @@ class _TextBPB:
         samples = []
         for d, (nll, nt) in zip(docs, res):
             nb = len(d["text"].encode("utf-8"))
-            samples.append({"id": d["id"], "cluster": d["cluster"], "nll": nll, "tokens": nt, "bytes": nb,
-                            "bpb": bits_per_byte(nll, nb)})
-        return TaskResult(metrics=bpb_metrics(samples), samples=samples, metrics_of=bpb_metrics,
-                          info={"n": len(docs), "shots": 0, "window": 1024, "stride": 512})
+            samples.append(
+                {
+                    "id": d["id"],
+                    "cluster": d["cluster"],
+                    "nll": nll,
+                    "tokens": nt,
+                    "bytes": nb,
+                    "bpb": bits_per_byte(nll, nb),
+                }
+            )
+        return TaskResult(
+            metrics=bpb_metrics(samples),
+            samples=samples,
+            metrics_of=bpb_metrics,
+            info={"n": len(docs), "shots": 0, "window": 1024, "stride": 512},
+        )
 
 
 class EnglishBPB(_TextBPB):

@@ -31,12 +31,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import benchdata
+from ..errors import LorascopeError
 from . import sandbox
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .passk import diversity, pass_at_k_metrics
 from .results import select_items, write_samples
-from ..errors import LorascopeError
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 HUMANEVAL_STOP_FENCED = ["\nclass", "\nif", "\nprint", "\n#", "```"]
@@ -92,29 +92,61 @@ class CodeTask(GenerativeTask):
         top_p = PAPER_TOP_P if temperature > 0 else 1.0
         stop = self.stops(style)
         prompts = [self.prompt(d, style) for d in docs]
-        comps = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=self.max_new_tokens, stop=stop,
-                         temperature=temperature, top_p=top_p, num_samples=n, batch_size=ctx.batch_size,
-                         seed=ctx.seed, progress=ctx.progress, desc=f"{self.name} generate")
+        comps = generate(
+            ctx.model,
+            ctx.tokenizer,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            stop=stop,
+            temperature=temperature,
+            top_p=top_p,
+            num_samples=n,
+            batch_size=ctx.batch_size,
+            seed=ctx.seed,
+            progress=ctx.progress,
+            desc=f"{self.name} generate",
+        )
         programs = [self.program(d, c) for d, cs in zip(docs, comps) for c in cs]
-        verdicts = sandbox.run_programs(programs, timeout=self.timeout, workers=self.workers,
-                                        progress=ctx.progress, desc=f"{self.name} execute")
+        verdicts = sandbox.run_programs(
+            programs, timeout=self.timeout, workers=self.workers, progress=ctx.progress, desc=f"{self.name} execute"
+        )
         samples = []
         for i, d in enumerate(docs):
             for j, c in enumerate(comps[i]):
                 v = verdicts[i * n + j]
-                samples.append({"id": d["id"], "task_id": d["task_id"], "sample": j, "completion": c,
-                                "passed": v.passed, "result": v.result,
-                                **({"prompt": prompts[i]} if j == 0 else {})})
+                samples.append(
+                    {
+                        "id": d["id"],
+                        "task_id": d["task_id"],
+                        "sample": j,
+                        "completion": c,
+                        "passed": v.passed,
+                        "result": v.result,
+                        **({"prompt": prompts[i]} if j == 0 else {}),
+                    }
+                )
         if ctx.out_dir is not None:
             out = Path(ctx.out_dir)
-            write_samples(out / "samples.jsonl",
-                               [{"task_id": s["task_id"], "completion": s["completion"]} for s in samples])
-            write_samples(out / "samples_results.jsonl",
-                               [{k: s[k] for k in ("task_id", "completion", "passed", "result")} for s in samples])
-        info = {"n": len(docs), "shots": 0, "samples_per_problem": n, "temperature": temperature,
-                "top_p": top_p, "prompt_style": style, "stop": stop, "max_new_tokens": self.max_new_tokens,
-                "timeout_s": self.timeout, "sandbox": sandbox.protections(),
-                "excluded": len(all_docs) - len(select_items(all_docs, excluded, None))}
+            write_samples(
+                out / "samples.jsonl", [{"task_id": s["task_id"], "completion": s["completion"]} for s in samples]
+            )
+            write_samples(
+                out / "samples_results.jsonl",
+                [{k: s[k] for k in ("task_id", "completion", "passed", "result")} for s in samples],
+            )
+        info = {
+            "n": len(docs),
+            "shots": 0,
+            "samples_per_problem": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "prompt_style": style,
+            "stop": stop,
+            "max_new_tokens": self.max_new_tokens,
+            "timeout_s": self.timeout,
+            "sandbox": sandbox.protections(),
+            "excluded": len(all_docs) - len(select_items(all_docs, excluded, None)),
+        }
         return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
 
     @staticmethod

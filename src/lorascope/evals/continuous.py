@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -103,9 +103,16 @@ def _shared_prefix(model, prompts: list[list[int]], device, head: dict) -> tuple
 
 
 @torch.inference_mode()
-def greedy(model, prompts: list[list[int]], *, slots: int, max_new_tokens: int, ends: set[int],
-           stopped: Callable[[list[int]], bool], on_done: Callable[[int], None] = lambda i: None
-           ) -> list[list[int]]:
+def greedy(
+    model,
+    prompts: list[list[int]],
+    *,
+    slots: int,
+    max_new_tokens: int,
+    ends: set[int],
+    stopped: Callable[[list[int]], bool],
+    on_done: Callable[[int], None] = lambda i: None,
+) -> list[list[int]]:
     """New token ids per prompt, in input order: up to and including an end token (``ends``), or until
     ``stopped(new ids)`` says a stop string appeared, or ``max_new_tokens``. ``on_done(i)`` as each finishes."""
     device = next(model.parameters()).device
@@ -124,8 +131,9 @@ def greedy(model, prompts: list[list[int]], *, slots: int, max_new_tokens: int, 
         while queue and len(active) < slots:
             i = queue.pop()
             cache, n = (copy.deepcopy(shared[0]), shared[1]) if shared else (DynamicCache(config=model.config), 0)
-            out = model(input_ids=torch.tensor([prompts[i][n:]], device=device), past_key_values=cache,
-                        use_cache=True, **head)
+            out = model(
+                input_ids=torch.tensor([prompts[i][n:]], device=device), past_key_values=cache, use_cache=True, **head
+            )
             new[i].append(int(out.logits[0, -1].float().argmax()))
             if finished(i):
                 on_done(i)
@@ -137,8 +145,13 @@ def greedy(model, prompts: list[list[int]], *, slots: int, max_new_tokens: int, 
         ids = torch.tensor([[new[i][-1]] for i in active], device=device)
         pos = torch.tensor([[len(prompts[i]) + len(new[i]) - 1] for i in active], device=device)
         batch.mask = torch.cat([batch.mask, torch.ones(len(active), 1, dtype=torch.long)], 1)
-        out = model(input_ids=ids, position_ids=pos, attention_mask=batch.mask.to(device),
-                    past_key_values=batch.cache, use_cache=True)
+        out = model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=batch.mask.to(device),
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
         for i, t in zip(active, out.logits[:, -1].float().argmax(-1).tolist()):
             new[i].append(t)
         still = [k for k, i in enumerate(active) if not finished(i)]

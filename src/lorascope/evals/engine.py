@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -65,7 +65,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     ctx = tokenizer.encode(context, add_special_tokens=False)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -124,7 +124,7 @@ def _tokenize(tokenizer, req: Request, max_len: int) -> list[tuple[_Item, list[i
         raise ValueError(f"a continuation of {longest} tokens does not fit the model's {max_len}-token window")
     by_ctx: dict[tuple, list[int]] = {}
     for j, c in enumerate(conts):
-        by_ctx.setdefault(tuple(ctx[-(max_len + 1 - len(c)):]), []).append(j)
+        by_ctx.setdefault(tuple(ctx[-(max_len + 1 - len(c)) :]), []).append(j)
     return [(_Item(list(k), [conts[j] for j in js]), js) for k, js in by_ctx.items()]
 
 
@@ -167,12 +167,12 @@ def _passes(order: list[int], lengths: list[int], budget: int, overhead: float =
     out: list[list[int]] = []
     j = n
     while j > 0:
-        out.append(order[cut[j]: j])
+        out.append(order[cut[j] : j])
         j = cut[j]
     return out[::-1]
 
 
-_OVERHEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_OVERHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.inference_mode()
@@ -249,7 +249,7 @@ def _build_past(pasts: list[list[_Seg]]):
             for j, p in enumerate(pasts):
                 at = 0
                 for s in p:
-                    x[j, :, at: at + s.n] = s.kv[layer][t][0, :, : s.n]
+                    x[j, :, at : at + s.n] = s.kv[layer][t][0, :, : s.n]
                     at += s.n
             kv.append(x)
         layers.append(tuple(kv))
@@ -266,9 +266,13 @@ def _forward(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, sc
     positions = start + torch.arange(ids.shape[1]).unsqueeze(0)
     dev = model_device(model)
     with _head_only_at(model, scored):
-        out = model(input_ids=ids.to(dev), attention_mask=torch.cat([past_mask, mask], 1).to(dev),
-                    position_ids=positions.to(dev), past_key_values=cache if cache is not None else DynamicCache(),
-                    use_cache=True)
+        out = model(
+            input_ids=ids.to(dev),
+            attention_mask=torch.cat([past_mask, mask], 1).to(dev),
+            position_ids=positions.to(dev),
+            past_key_values=cache if cache is not None else DynamicCache(),
+            use_cache=True,
+        )
     logits = out.logits
     if logits.shape[0] != 1 or logits.shape[1] != scored.numel():  # no hook took effect: select here
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, scored.to(logits.device)).unsqueeze(0)
@@ -282,20 +286,23 @@ def _prefix_cache(model, tokens: list[int], pad: int) -> _Seg:
 
 
 @torch.inference_mode()
-def _run_context(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, budget: int,
-                 overhead: float) -> list[_Seg]:
+def _run_context(
+    model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, budget: int, overhead: float
+) -> list[_Seg]:
     """KV of each row's tokens run after its past, in length-sorted passes of at most ``budget`` tokens."""
     out: list = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     for sub in _passes(order, [len(r) for r in rows], budget, overhead):
-        cache, pw, _ = _forward(model, [rows[r] for r in sub], [pasts[r] for r in sub], pad,
-                                torch.empty(0, dtype=torch.long))
+        cache, pw, _ = _forward(
+            model, [rows[r] for r in sub], [pasts[r] for r in sub], pad, torch.empty(0, dtype=torch.long)
+        )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         for j, r in enumerate(sub):
             n = len(rows[r])
             # clones: a view would keep the whole pass's cache (its padded pasts included) alive
-            out[r] = _Seg([(k[j: j + 1, :, pw: pw + n].clone(), v[j: j + 1, :, pw: pw + n].clone())
-                           for k, v in kv], n)
+            out[r] = _Seg(
+                [(k[j : j + 1, :, pw : pw + n].clone(), v[j : j + 1, :, pw : pw + n].clone()) for k, v in kv], n
+            )
     return out
 
 
@@ -318,10 +325,10 @@ def _families(items: list[_Item], groups: list[list[int]]) -> list[list[tuple[in
     return fams
 
 
-
 @torch.inference_mode()
-def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad: int, budget: int,
-                  overhead: float) -> list[list[_Seg]]:
+def _context_segs(
+    model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad: int, budget: int, overhead: float
+) -> list[list[_Seg]]:
     """Per item, its whole past as segments: group prefix + everything of its context but the last token.
 
     Leaders (and lone items) run their context after the group prefix; followers then run only their tail after
@@ -333,8 +340,14 @@ def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad:
         fams = [[(i, 0)] for f in fams for i, _ in f]
     own: dict[int, _Seg] = {}
     heads = [f[0][0] for f in fams if len(items[f[0][0]].ctx) - 1 > glen[items[f[0][0]].group]]
-    runs = _run_context(model, [items[i].ctx[glen[items[i].group]: -1] for i in heads],
-                        [gsegs[items[i].group] for i in heads], pad, budget, overhead)
+    runs = _run_context(
+        model,
+        [items[i].ctx[glen[items[i].group] : -1] for i in heads],
+        [gsegs[items[i].group] for i in heads],
+        pad,
+        budget,
+        overhead,
+    )
     own.update(zip(heads, runs))
     tails, tail_pasts, shared = [], [], {}
     for fam in fams:
@@ -344,8 +357,9 @@ def _context_segs(model, items: list[_Item], fams, gsegs: list[list[_Seg]], pad:
             if len(items[i].ctx) - 1 > g + m:
                 tails.append(i)
                 tail_pasts.append(gsegs[items[i].group] + [shared[i]])
-    runs = _run_context(model, [items[i].ctx[glen[items[i].group] + shared[i].n: -1] for i in tails], tail_pasts,
-                        pad, budget, overhead)
+    runs = _run_context(
+        model, [items[i].ctx[glen[items[i].group] + shared[i].n : -1] for i in tails], tail_pasts, pad, budget, overhead
+    )
     own.update(zip(tails, runs))
     out = []
     for i, it in enumerate(items):
@@ -376,7 +390,7 @@ def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int,
         at = 0
         for r in sub:
             n = len(inputs[r])
-            results[owner[r]][slot[r]] = (sum(tok_lp[at: at + n]), all(hit[at: at + n]))
+            results[owner[r]][slot[r]] = (sum(tok_lp[at : at + n]), all(hit[at : at + n]))
             at += n
     return results
 
@@ -404,8 +418,9 @@ def _group_prefixes(tokenizer, hints: list[str], items: list[_Item]) -> list[lis
     return prefixes
 
 
-def score(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False,
-          desc: str = "scoring") -> list[list[tuple[float, bool]]]:
+def score(
+    model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False, desc: str = "scoring"
+) -> list[list[tuple[float, bool]]]:
     """(loglik, is_greedy) for every continuation of every request, in order.
 
     ``batch_size`` sets the padded tokens per forward pass: as many as ``batch_size`` sequences of the naive
@@ -468,8 +483,9 @@ def _chunks(items: list[_Item], groups: list[list[int]], size: int):
 
 
 @torch.inference_mode()
-def score_naive(model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False
-                ) -> list[list[tuple[float, bool]]]:
+def score_naive(
+    model, tokenizer, requests: Sequence[Request], batch_size: int = 8, progress: bool = False
+) -> list[list[tuple[float, bool]]]:
     """Reference: every (context, continuation) as its own full sequence, as lm-eval's HF backend does."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     max_len = max_length(model)
@@ -477,19 +493,19 @@ def score_naive(model, tokenizer, requests: Sequence[Request], batch_size: int =
     for ri, r in enumerate(requests):
         for j, cont in enumerate(r.continuations):
             ctx, c = encode_pair(tokenizer, r.context, cont)
-            flat.append((ri, j, ((ctx or [prefix_token_id(tokenizer)]) + c)[-(max_len + 1):][:-1], c))
+            flat.append((ri, j, ((ctx or [prefix_token_id(tokenizer)]) + c)[-(max_len + 1) :][:-1], c))
     results: list[list] = [[None] * len(r.continuations) for r in requests]
     order = sorted(range(len(flat)), key=lambda k: -len(flat[k][2]))  # lm-eval sorts by length, longest first
     model.eval()
     for s in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="naive scoring"):
-        ks = order[s: s + batch_size]
+        ks = order[s : s + batch_size]
         chunk = [flat[k] for k in ks]
         ids, mask = _pad([c[2] for c in chunk], pad)
         dev = model_device(model)
         logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), dim=-1)
         for r, (ri, j, inp, cont) in enumerate(chunk):
             n = len(inp)
-            lp = logp[r, n - len(cont): n]
+            lp = logp[r, n - len(cont) : n]
             t = torch.tensor(cont, device=logp.device)
             results[ri][j] = (lp.gather(1, t.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == t).all()))
     return results

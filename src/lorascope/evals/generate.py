@@ -34,8 +34,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -70,8 +70,10 @@ def _may_end_stop(tokenizer, stop: tuple[str, ...]) -> torch.Tensor:
     vocab = len(tokenizer)
     texts = tokenizer.batch_decode([anchor + [t] for t in range(vocab)], skip_special_tokens=True)
     last = {s[-1] for s in stop}
-    flags = [not x.startswith(base) or len(x) == len(base) or "\ufffd" in x or any(c in x[len(base):] for c in last)
-             for x in texts]
+    flags = [
+        not x.startswith(base) or len(x) == len(base) or "\ufffd" in x or any(c in x[len(base) :] for c in last)
+        for x in texts
+    ]
     return torch.tensor(flags, dtype=torch.bool)
 
 
@@ -91,7 +93,7 @@ class RowStop:
         t = new_ids[-1]
         if t < len(self.may_end) and not self.may_end[t]:
             return False
-        return self._hit(new_ids[-self.window:])
+        return self._hit(new_ids[-self.window :])
 
     def _hit(self, tail: list[int]) -> bool:
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
@@ -142,8 +144,11 @@ class StopOnText(RowStop, StoppingCriteria):
 
 
 def _pad_id(tokenizer, model) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id,
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for tid in (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(tid, list):
             tid = tid[0] if tid else None
         if tid is not None:
@@ -151,16 +156,23 @@ def _pad_id(tokenizer, model) -> int:
     raise LorascopeError("tokenizer has neither a pad nor an EOS token; generation needs one for padding")
 
 
-def _gen_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, pad: int,
-                stop: Sequence[str]) -> GenerationConfig:
+def _gen_config(
+    model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, pad: int, stop: Sequence[str]
+) -> GenerationConfig:
     # A fresh config, so a model's sampling defaults (top_k=50, repetition penalty, ...) never leak in.
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
     # static cache: preallocated for prompt + max_new_tokens, so a step writes one position instead of
     # concatenating (copying) the whole cache; models without static-cache support get their default cache
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-              repetition_penalty=1.0, num_beams=1, cache_implementation="static")
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        repetition_penalty=1.0,
+        num_beams=1,
+        cache_implementation="static",
+    )
     if temperature > 0:
         kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
@@ -169,10 +181,21 @@ def _gen_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256,
-             stop: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1,
-             batch_size: int = 8, seed: int = 0, progress: bool = True,
-             desc: str = "generate") -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[str]]:
     """For each prompt, ``num_samples`` completions (text after the prompt, cut at the first stop string)."""
     if max_new_tokens < 1:
         raise LorascopeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -186,8 +209,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     copies = 1 if greedy else num_samples
     enc = [tokenizer(p)["input_ids"] for p in prompts]
     # one row per (prompt, sample); longest first
-    rows = sorted(((i, s) for i in range(len(prompts)) for s in range(copies)),
-                  key=lambda r: (-len(enc[r[0]]), r[0], r[1]))
+    rows = sorted(
+        ((i, s) for i in range(len(prompts)) for s in range(copies)), key=lambda r: (-len(enc[r[0]]), r[0], r[1])
+    )
     pad = _pad_id(tokenizer, model)
     cfg = _gen_config(model, tokenizer, max_new_tokens, temperature, top_p, pad, stop)
     eos = cfg.eos_token_id
@@ -199,8 +223,15 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         with tqdm(total=len(rows), desc=desc, disable=not progress, leave=False) as bar:
             ids = [enc[i] for i, _ in rows]
             if greedy and batch_size > 1 and continuous.supports(model):
-                new = continuous.greedy(model, ids, slots=batch_size, max_new_tokens=max_new_tokens, ends=ends,
-                                        stopped=RowStop(tokenizer, stop), on_done=lambda _: bar.update(1))
+                new = continuous.greedy(
+                    model,
+                    ids,
+                    slots=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    ends=ends,
+                    stopped=RowStop(tokenizer, stop),
+                    on_done=lambda _: bar.update(1),
+                )
             else:
                 new = _in_batches(model, tokenizer, ids, cfg, stop, ends, batch_size, seed, bar)
         for toks, (i, s) in zip(new, rows):
@@ -212,8 +243,17 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     return out
 
 
-def _in_batches(model, tokenizer, ids: list[list[int]], cfg: GenerationConfig, stop: Sequence[str], ends: set,
-                batch_size: int, seed: int, bar) -> list[list[int]]:
+def _in_batches(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    cfg: GenerationConfig,
+    stop: Sequence[str],
+    ends: set,
+    batch_size: int,
+    seed: int,
+    bar,
+) -> list[list[int]]:
     """New token ids per prompt (sorted longest first) from ``model.generate`` on token-sized batches."""
     new: list[list[int]] = []
     for b, chunk in enumerate(_batches([len(x) for x in ids], batch_size, cfg.max_new_tokens)):
@@ -234,7 +274,7 @@ def _batches(lengths: list[int], batch_size: int, max_new_tokens: int) -> list[l
     budget = batch_size * (lengths[0] + max_new_tokens)
     cap = 1 if batch_size == 1 else 4 * batch_size
     out: list[list[int]] = [[]]
-    for k, n in enumerate(lengths):
+    for k in range(len(lengths)):
         cur = out[-1]
         if cur and (len(cur) == cap or (len(cur) + 1) * (lengths[cur[0]] + max_new_tokens) > budget):
             out.append(cur := [])
@@ -242,21 +282,23 @@ def _batches(lengths: list[int], batch_size: int, max_new_tokens: int) -> list[l
     return out
 
 
-def _run_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, stop: Sequence[str],
-               ends: set, seed: int) -> list[list[int]]:
+def _run_batch(
+    model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, stop: Sequence[str], ends: set, seed: int
+) -> list[list[int]]:
     """New token ids of one left-padded batch (greedy or sampled under ``seed`` in a forked RNG)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), cfg.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
     criteria = StoppingCriteriaList([StopOnText(tokenizer, stop, width, ignore=sorted(ends))])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                             stopping_criteria=criteria)
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg, stopping_criteria=criteria
+        )
     return gen[:, width:].tolist()
 
 
@@ -274,5 +316,5 @@ def _continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if whole.startswith(head):
-        return whole[len(head):]
+        return whole[len(head) :]
     return tokenizer.decode(new_ids, skip_special_tokens=True)  # decoding changed the prompt's text

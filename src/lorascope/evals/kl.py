@@ -34,17 +34,24 @@ from .engine import max_length, output_head
 from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import (largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits,
-                            windows)
+from .token_windows import largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits, windows
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
 
 
 @torch.inference_mode()
-def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_FIRST, window: int | None = None,
-                token_budget: int = 1024, progress: bool = False,
-                cache: bool | None = None) -> list[tuple[float, int, float, int]]:
+def kl_per_text(
+    model,
+    reference,
+    tokenizer,
+    texts: list[str],
+    first: int = KL_FIRST,
+    window: int | None = None,
+    token_budget: int = 1024,
+    progress: bool = False,
+    cache: bool | None = None,
+) -> list[tuple[float, int, float, int]]:
     """Per text: (sum of KL(reference || model) in nats over positions > ``first``, their count, the sum over
     positions 1..``first``, their count); same windows as text_nll. ``cache``: the reference's side comes from
     (or is written to) the kl_cache, so only the model runs a forward pass; else both run. Default: cache when
@@ -66,8 +73,9 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
         most = 0  # one head module for both: the reference's pass would overwrite the model's logits in its buffer
     with reused_head_output(model, most), reused_head_output(reference, most if stored is None else 0):
         for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
-            kls = ({r: None for s in seqs for r in s} if same
-                   else _kl_rows(model, reference, rows, seqs, pad, stored, off))
+            kls = (
+                {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
+            )
             for r, kl in kls.items():
                 i, _, tgt, start = rows[r]
                 per = [0.0] * len(tgt) if kl is None else kl.tolist()
@@ -78,14 +86,15 @@ def kl_per_text(model, reference, tokenizer, texts: list[str], first: int = KL_F
     return [tuple(o) for o in out]
 
 
-def _kl_rows(model, reference, rows: list, seqs: list[list[int]], pad: int, stored,
-             off: list[int]) -> dict[int, torch.Tensor]:
+def _kl_rows(
+    model, reference, rows: list, seqs: list[list[int]], pad: int, stored, off: list[int]
+) -> dict[int, torch.Tensor]:
     """KL(reference || model) at the scored positions of the rows packed in ``seqs``: one tensor per row."""
     lqs = target_logits(model, rows, seqs, pad)
     if stored is None:
         lps = target_logits(reference, rows, seqs, pad)
         return {r: kl_rows(lps[r], lq.to(lps[r].device)) for r, lq in lqs.items()}
-    return {r: kl_rows(stored[off[r]: off[r + 1]], lq) for r, lq in lqs.items()}
+    return {r: kl_rows(stored[off[r] : off[r + 1]], lq) for r, lq in lqs.items()}
 
 
 def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:
@@ -136,11 +145,31 @@ class KLBase:
         if ctx.reference_model is None:
             raise LorascopeError("kl_base needs a reference model (the base model; --reference)")
         docs = select_texts(ctx.tokenizer, self.tokens, ctx.excluded_ids.get(self.name, []))
-        res = kl_per_text(ctx.model, ctx.reference_model, ctx.tokenizer, [d["text"] for d in docs],
-                          progress=ctx.progress)
-        samples = [{"id": d["id"], "cluster": d["cluster"], "kl_sum": s, "tokens": n, "kl_first_sum": fs,
-                    "first_tokens": fn, "kl": s / n if n else None} for d, (s, n, fs, fn) in zip(docs, res)]
-        return TaskResult(metrics=kl_metrics(samples), samples=samples, metrics_of=kl_metrics,
-                          info={"n": len(docs), "tokens": sum(s["tokens"] for s in samples), "first": KL_FIRST,
-                                "texts": "lorascope.evals.texts.english_texts (5 sources, interleaved)",
-                                "direction": "KL(reference || model)", "limit": "ignored: size is set in tokens"})
+        res = kl_per_text(
+            ctx.model, ctx.reference_model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress
+        )
+        samples = [
+            {
+                "id": d["id"],
+                "cluster": d["cluster"],
+                "kl_sum": s,
+                "tokens": n,
+                "kl_first_sum": fs,
+                "first_tokens": fn,
+                "kl": s / n if n else None,
+            }
+            for d, (s, n, fs, fn) in zip(docs, res)
+        ]
+        return TaskResult(
+            metrics=kl_metrics(samples),
+            samples=samples,
+            metrics_of=kl_metrics,
+            info={
+                "n": len(docs),
+                "tokens": sum(s["tokens"] for s in samples),
+                "first": KL_FIRST,
+                "texts": "lorascope.evals.texts.english_texts (5 sources, interleaved)",
+                "direction": "KL(reference || model)",
+                "limit": "ignored: size is set in tokens",
+            },
+        )

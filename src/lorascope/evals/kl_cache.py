@@ -107,8 +107,10 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
     need = off[-1] * vocab * 2
     free = shutil.disk_usage(path.parent).free
     if need > free * 0.9:
-        raise LorascopeError(f"{path.parent}: kl_base's base-model cache needs {need / 1e9:.2f} GB, "
-                             f"{free / 1e9:.2f} GB free (set LORASCOPE_CACHE elsewhere or ask for fewer tokens)")
+        raise LorascopeError(
+            f"{path.parent}: kl_base's base-model cache needs {need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free (set LORASCOPE_CACHE elsewhere or ask for fewer tokens)"
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
@@ -117,7 +119,7 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         with reused_head_output(reference, largest_batch(rows, plan)):
             for seqs in tqdm(plan, desc="kl_base (base, cached)", disable=not progress, dynamic_ncols=True):
                 for r, lg in target_logits(reference, rows, seqs, pad).items():
-                    arr[off[r]: off[r + 1]] = log_probs_f16(lg)
+                    arr[off[r] : off[r + 1]] = log_probs_f16(lg)
         arr.flush()
         del arr
         os.replace(tmp, path)

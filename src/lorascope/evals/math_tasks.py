@@ -38,10 +38,10 @@ import re
 import threading
 
 from .. import benchdata
+from ..errors import LorascopeError
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .results import mean_stderr, select_items
-from ..errors import LorascopeError
 
 GSM8K_STOP = ["\n\nQuestion:", "Question:", "</s>", "<|im_end|>"]
 MATH_STOP = ["Problem:", "</s>", "<|im_end|>"]
@@ -88,16 +88,25 @@ def _metric(name: str, values: list[float]) -> dict[str, float]:
     return {name: mu, f"{base}_stderr,{filt}": se}
 
 
-def _select_and_generate(ctx: EvalContext, name: str, all_docs: list[dict], max_new_tokens: int,
-                         stop: list[str], prompt_of) -> tuple[list[dict], list, int]:
+def _select_and_generate(
+    ctx: EvalContext, name: str, all_docs: list[dict], max_new_tokens: int, stop: list[str], prompt_of
+) -> tuple[list[dict], list, int]:
     """The items left after exclusions and the limit, the completions of each, and how many were excluded."""
     excluded = ctx.excluded_ids.get(name, [])
     docs = select_items(all_docs, excluded, ctx.limit)
     if not docs:
         raise LorascopeError(f"{name}: no items left to evaluate (limit/excluded ids)")
-    comps = generate(ctx.model, ctx.tokenizer, [prompt_of(d) for d in docs], max_new_tokens=max_new_tokens,
-                     stop=stop, batch_size=ctx.batch_size, seed=ctx.seed, progress=ctx.progress,
-                     desc=f"{name} generate")
+    comps = generate(
+        ctx.model,
+        ctx.tokenizer,
+        [prompt_of(d) for d in docs],
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        batch_size=ctx.batch_size,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        desc=f"{name} generate",
+    )
     return docs, comps, len(all_docs) - len(select_items(all_docs, excluded, None))
 
 
@@ -114,26 +123,50 @@ class GSM8K(GenerativeTask):
     def run(self, ctx: EvalContext) -> TaskResult:
         shots = 5 if ctx.shots is None else ctx.shots
         prefix = self.prompt_prefix(shots)
-        docs, comps, n_excluded = _select_and_generate(ctx, self.name, benchdata.gsm8k(), self.max_new_tokens,
-                                                       GSM8K_STOP, lambda d: f"{prefix}Question: {d['question']}\nAnswer:")
+        docs, comps, n_excluded = _select_and_generate(
+            ctx,
+            self.name,
+            benchdata.gsm8k(),
+            self.max_new_tokens,
+            GSM8K_STOP,
+            lambda d: f"{prefix}Question: {d['question']}\nAnswer:",
+        )
         samples = []
         for d, (c,) in zip(docs, comps):
             gold = _gsm_norm(d["answer"])
             ps, pf = gsm8k_strict(c), gsm8k_flexible(c)
-            samples.append({"id": d["id"], "completion": c, "gold": gold, "strict": ps, "flexible": pf,
-                            "strict_correct": ps == gold, "flexible_correct": pf == gold})
-        info = {"n": len(docs), "shots": shots, "excluded": n_excluded,
-                "fewshot_source": "Wei et al. CoT exemplars in '#### N' format", "stop": GSM8K_STOP,
-                "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+            samples.append(
+                {
+                    "id": d["id"],
+                    "completion": c,
+                    "gold": gold,
+                    "strict": ps,
+                    "flexible": pf,
+                    "strict_correct": ps == gold,
+                    "flexible_correct": pf == gold,
+                }
+            )
+        info = {
+            "n": len(docs),
+            "shots": shots,
+            "excluded": n_excluded,
+            "fewshot_source": "Wei et al. CoT exemplars in '#### N' format",
+            "stop": GSM8K_STOP,
+            "max_new_tokens": self.max_new_tokens,
+            "decoding": "greedy",
+        }
         return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
 
     @staticmethod
     def metrics_of(samples: list[dict]) -> dict[str, float]:
-        return {**_metric("exact_match,strict-match", [float(s["strict_correct"]) for s in samples]),
-                **_metric("exact_match,flexible-extract", [float(s["flexible_correct"]) for s in samples])}
+        return {
+            **_metric("exact_match,strict-match", [float(s["strict_correct"]) for s in samples]),
+            **_metric("exact_match,flexible-extract", [float(s["flexible_correct"]) for s in samples]),
+        }
 
 
 # ---------------------------------------------------------------- MATH (Hendrycks normalisation)
+
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if there is none."""
@@ -151,7 +184,7 @@ def last_boxed(text: str) -> str | None:
         elif text[k] == "}":
             depth -= 1
             if depth == 0:
-                return text[j + 1:k]
+                return text[j + 1 : k]
     return None
 
 
@@ -214,8 +247,10 @@ def _math_verify():
     try:
         from math_verify import parse, verify
     except ImportError:
-        raise LorascopeError("math500: the metric exact_match,math_verify needs the 'math-verify' package "
-                             "(pip install math-verify==0.9.0)") from None
+        raise LorascopeError(
+            "math500: the metric exact_match,math_verify needs the 'math-verify' package "
+            "(pip install math-verify==0.9.0)"
+        ) from None
     return parse, verify
 
 
@@ -263,25 +298,52 @@ class Math500(GenerativeTask):
         if shots not in (0, *range(1, len(pool) + 1)):
             raise LorascopeError(f"math500: shots must be between 0 and {len(pool)}, got {shots}")
         prefix = "".join(f"Problem:\n{s['problem']}\n\nSolution: {s['solution']}\n\n" for s in pool[:shots])
-        docs, comps, n_excluded = _select_and_generate(ctx, self.name, benchdata.math500(), self.max_new_tokens,
-                                                       MATH_STOP, lambda d: f"{prefix}Problem:\n{d['problem']}\n\nSolution:")
+        docs, comps, n_excluded = _select_and_generate(
+            ctx,
+            self.name,
+            benchdata.math500(),
+            self.max_new_tokens,
+            MATH_STOP,
+            lambda d: f"{prefix}Problem:\n{d['problem']}\n\nSolution:",
+        )
         samples, how_counts = [], {"final_answer_line": 0, "boxed": 0, "none": 0}
         for d, (c,) in zip(docs, comps):
             gold = last_boxed(d["solution"])
             pred, how = math_prediction(c)
             how_counts[how] += 1
             verified = math_verify_equal(pred, gold)
-            samples.append({"id": d["id"], "level": d["level"], "completion": c, "pred": pred, "gold": gold,
-                            "extracted_from": how, "correct": math_equal(pred, gold),
-                            "correct_math_verify": bool(verified), "math_verify_error": verified is None})
-        info = {"n": len(docs), "shots": shots, "excluded": n_excluded,
-                "answer_extraction": how_counts, "stop": MATH_STOP, "max_new_tokens": self.max_new_tokens,
-                "decoding": "greedy", "normalisation": {"exact_match,none": "Hendrycks strip_string",
-                                                        "exact_match,math_verify": "math-verify (sympy equivalence)"},
-                "math_verify_errors": sum(s["math_verify_error"] for s in samples)}
+            samples.append(
+                {
+                    "id": d["id"],
+                    "level": d["level"],
+                    "completion": c,
+                    "pred": pred,
+                    "gold": gold,
+                    "extracted_from": how,
+                    "correct": math_equal(pred, gold),
+                    "correct_math_verify": bool(verified),
+                    "math_verify_error": verified is None,
+                }
+            )
+        info = {
+            "n": len(docs),
+            "shots": shots,
+            "excluded": n_excluded,
+            "answer_extraction": how_counts,
+            "stop": MATH_STOP,
+            "max_new_tokens": self.max_new_tokens,
+            "decoding": "greedy",
+            "normalisation": {
+                "exact_match,none": "Hendrycks strip_string",
+                "exact_match,math_verify": "math-verify (sympy equivalence)",
+            },
+            "math_verify_errors": sum(s["math_verify_error"] for s in samples),
+        }
         return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
 
     @staticmethod
     def metrics_of(samples: list[dict]) -> dict[str, float]:
-        return {**_metric("exact_match,none", [float(s["correct"]) for s in samples]),
-                **_metric("exact_match,math_verify", [float(s["correct_math_verify"]) for s in samples])}
+        return {
+            **_metric("exact_match,none", [float(s["correct"]) for s in samples]),
+            **_metric("exact_match,math_verify", [float(s["correct_math_verify"]) for s in samples]),
+        }

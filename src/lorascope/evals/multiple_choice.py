@@ -117,8 +117,7 @@ class MultipleChoiceTask:
             r = self.requests(it, prefixes[it.id])
             spans.append((len(reqs), len(reqs) + len(r)))
             reqs.extend(r)
-        scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress,
-                       desc=self.name)
+        scored = score(ctx.model, ctx.tokenizer, reqs, batch_size=ctx.batch_size, progress=ctx.progress, desc=self.name)
         samples = []
         for it, (a, b) in zip(items, spans):
             flat = [x for r in scored[a:b] for x in r]  # one (ll, greedy) per choice in either layout
@@ -126,15 +125,29 @@ class MultipleChoiceTask:
             pred = max(range(len(lls)), key=lls.__getitem__)
             normed = [ll / len(c) for ll, c in zip(lls, it.choices)]
             pred_norm = max(range(len(normed)), key=normed.__getitem__)
-            samples.append({"id": it.id, "loglikelihoods": lls, "is_greedy": [g for _, g in flat],
-                            "choice_chars": [len(c) for c in it.choices], "gold": it.gold, "pred": pred,
-                            "pred_norm": pred_norm, "acc": float(pred == it.gold),
-                            "acc_norm": float(pred_norm == it.gold)})
+            samples.append(
+                {
+                    "id": it.id,
+                    "loglikelihoods": lls,
+                    "is_greedy": [g for _, g in flat],
+                    "choice_chars": [len(c) for c in it.choices],
+                    "gold": it.gold,
+                    "pred": pred,
+                    "pred_norm": pred_norm,
+                    "acc": float(pred == it.gold),
+                    "acc_norm": float(pred_norm == it.gold),
+                }
+            )
         example = self.requests(items[0], prefixes[items[0].id])[0] if items else None
-        info = {"n": len(items), "shots": k, "split": self.split, "format": "lm-eval default",
-                "fewshot_source": (self.fewshot_split or f"{self.split} (item excluded)") if k else None,
-                "example_context": example.context if example else None,
-                "example_continuation": example.continuations[0] if example else None}
+        info = {
+            "n": len(items),
+            "shots": k,
+            "split": self.split,
+            "format": "lm-eval default",
+            "fewshot_source": (self.fewshot_split or f"{self.split} (item excluded)") if k else None,
+            "example_context": example.context if example else None,
+            "example_continuation": example.continuations[0] if example else None,
+        }
         return TaskResult(metrics=self.metrics_of(samples), samples=samples, info=info, metrics_of=self.metrics_of)
 
     def metrics_of(self, samples: list[dict]) -> dict[str, float]:
@@ -158,8 +171,9 @@ class HellaSwag(MultipleChoiceTask):
         ctx = hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
         choices = [hellaswag_preprocess(e) for e in doc["endings"]]
         gold = int(doc["label"])
-        return MCItem(doc["id"], [ctx], [" " + c for c in choices], choices, gold,
-                      fewshot_text=ctx + " " + choices[gold])
+        return MCItem(
+            doc["id"], [ctx], [" " + c for c in choices], choices, gold, fewshot_text=ctx + " " + choices[gold]
+        )
 
 
 class _Arc(MultipleChoiceTask):
@@ -173,8 +187,14 @@ class _Arc(MultipleChoiceTask):
     def to_item(self, doc: dict) -> MCItem:
         ctx = f"Question: {doc['question']}\nAnswer:"
         choices = list(doc["choices"])
-        return MCItem(doc["id"], [ctx], [" " + c for c in choices], choices, int(doc["gold"]),
-                      fewshot_text=ctx + " " + choices[int(doc["gold"])])
+        return MCItem(
+            doc["id"],
+            [ctx],
+            [" " + c for c in choices],
+            choices,
+            int(doc["gold"]),
+            fewshot_text=ctx + " " + choices[int(doc["gold"])],
+        )
 
 
 class ArcChallenge(_Arc):
@@ -200,8 +220,7 @@ class WinoGrande(MultipleChoiceTask):
         i = s.index("_")
         options = [doc["option1"], doc["option2"]]
         contexts = [s[:i] + o for o in options]
-        target = " " + s[i + 1:].strip()
+        target = " " + s[i + 1 :].strip()
         gold = int(doc["answer"]) - 1
         # acc_norm is not a WinoGrande metric; choices hold the shared continuation so lengths are equal
-        return MCItem(doc["id"], contexts, [target], [target.strip()] * 2, gold,
-                      fewshot_text=contexts[gold] + target)
+        return MCItem(doc["id"], contexts, [target], [target.strip()] * 2, gold, fewshot_text=contexts[gold] + target)

@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,5 +64,8 @@ def diversity(completions: Sequence[Sequence[str]], passed: Sequence[Sequence[bo
         uniq_pass.append(len({c for c, p in zip(comps, ok) if p}))
         uniq_fail.append(len({c for c, p in zip(comps, ok) if not p}))
     n = max(len(completions), 1)
-    return {"unique_mean": sum(uniq_all) / n, "unique_passed_mean": sum(uniq_pass) / n,
-            "unique_failed_mean": sum(uniq_fail) / n}
+    return {
+        "unique_mean": sum(uniq_all) / n,
+        "unique_passed_mean": sum(uniq_pass) / n,
+        "unique_failed_mean": sum(uniq_fail) / n,
+    }

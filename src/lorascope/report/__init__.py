@@ -21,8 +21,17 @@ from ..fileio import atomic_write_text
 from .collect import load_study_dir, metric_rows, write_parquet
 from .compare import points
 from .html import render
-from .sections import (cost_section, curves_section, diversity_section, headline_section, headlines,
-                       pareto_section, provenance_section, spectrum_section, timing_section)
+from .sections import (
+    cost_section,
+    curves_section,
+    diversity_section,
+    headline_section,
+    headlines,
+    pareto_section,
+    provenance_section,
+    spectrum_section,
+    timing_section,
+)
 
 __all__ = ["write_report"]
 
@@ -37,20 +46,29 @@ def write_report(study_dir: Path) -> Path:
     write_parquet(rows, study_dir / "results.parquet")
     ps = points(st, rows)
     hs = headlines(st, ps, rows)
-    steps = [("headline", "Headline and recommendation", lambda: headline_section(st, hs, ps)),
-             ("curves", "Learning, forgetting and loss", lambda: curves_section(st, ps, rows)),
-             ("pareto", "Learning vs forgetting", lambda: pareto_section(st, ps, rows, hs)),
-             ("spectrum", "Spectrum of the weight update", lambda: spectrum_section(st, ps, rows, hs)),
-             ("cost", "Cost", lambda: cost_section(st)),
-             ("time", "Where the time went", lambda: timing_section(st)),
-             ("diversity", "Diversity of generations", lambda: diversity_section(st, ps, rows)),
-             ("provenance", "Provenance", lambda: provenance_section(st))]
-    sections = [{"anchor": a, "heading": h, "body": build()}
-                for a, h, build in tqdm(steps, desc="report", unit="section", leave=False)]
-    page = render("page.html", title=f"lorascope report: {st.config.get('name') or study_dir.name}",
-                  base_model=str(st.config.get("model", "?")), n_runs=len(st.runs),
-                  n_complete=sum(1 for r in st.runs if r["complete"]), generated=time.strftime("%Y-%m-%d %H:%M"),
-                  sections=sections)
+    steps = [
+        ("headline", "Headline and recommendation", lambda: headline_section(st, hs, ps)),
+        ("curves", "Learning, forgetting and loss", lambda: curves_section(st, ps, rows)),
+        ("pareto", "Learning vs forgetting", lambda: pareto_section(st, ps, rows, hs)),
+        ("spectrum", "Spectrum of the weight update", lambda: spectrum_section(st, ps, rows, hs)),
+        ("cost", "Cost", lambda: cost_section(st)),
+        ("time", "Where the time went", lambda: timing_section(st)),
+        ("diversity", "Diversity of generations", lambda: diversity_section(st, ps, rows)),
+        ("provenance", "Provenance", lambda: provenance_section(st)),
+    ]
+    sections = [
+        {"anchor": a, "heading": h, "body": build()}
+        for a, h, build in tqdm(steps, desc="report", unit="section", leave=False)
+    ]
+    page = render(
+        "page.html",
+        title=f"lorascope report: {st.config.get('name') or study_dir.name}",
+        base_model=str(st.config.get("model", "?")),
+        n_runs=len(st.runs),
+        n_complete=sum(1 for r in st.runs if r["complete"]),
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        sections=sections,
+    )
     out = study_dir / "report.html"
     atomic_write_text(out, page + "\n")
     return out

@@ -48,7 +48,7 @@ class ClusterTable:
     n_items: int = 0
 
     @classmethod
-    def build(cls, values: dict, cluster_of: dict, weight: dict | None = None) -> "ClusterTable":
+    def build(cls, values: dict, cluster_of: dict, weight: dict | None = None) -> ClusterTable:
         """values: arm -> seed -> {item id: value}; cluster_of: item id -> cluster key (missing = own cluster);
         weight: item id -> weight of its value in the mean (missing = 1; the same for every arm)."""
         per_seed = [items for seeds in values.values() for items in seeds.values()]
@@ -61,12 +61,14 @@ class ClusterTable:
         seeds, sums = {}, {}
         for arm, by_seed in values.items():
             seeds[arm] = tuple(sorted(by_seed, key=str))
-            rows = [np.bincount(idx, weights=w * np.array([by_seed[s][i] for i in common]), minlength=len(keys))
-                    for s in seeds[arm]]
+            rows = [
+                np.bincount(idx, weights=w * np.array([by_seed[s][i] for i in common]), minlength=len(keys))
+                for s in seeds[arm]
+            ]
             sums[arm] = np.array(rows, dtype=float).reshape(len(rows), len(keys))
         return cls(keys, counts, seeds, sums, len(common))
 
-    def means(self, draws: "Draws") -> tuple[dict, dict]:
+    def means(self, draws: Draws) -> tuple[dict, dict]:
         """(point estimate per arm, (B,) replicate means per arm): weighted mean over seeds x items."""
         cw = draws.clusters[self]  # (B, C) resampled cluster multiplicities
         est, boots = {}, {}
@@ -87,8 +89,7 @@ class Draws:
     n_boot: int
 
     @classmethod
-    def make(cls, tables: list[ClusterTable], n_boot: int = N_BOOT, seed: int = 0,
-             resample: str = "both") -> "Draws":
+    def make(cls, tables: list[ClusterTable], n_boot: int = N_BOOT, seed: int = 0, resample: str = "both") -> Draws:
         """Weights for every table; resample: "both", "seeds" or "clusters" (the other held fixed)."""
         rng = np.random.default_rng(seed)
         seeds, clusters = {}, {}
@@ -154,8 +155,15 @@ def t_quantile(p: float, df: float) -> float:
     return float(math.sqrt(df) * math.tan(np.interp(p, cdf, u)))
 
 
-def small_sample_widen(theta: float, both: np.ndarray, seeds_only: np.ndarray, clusters_only: np.ndarray,
-                       n_seeds: int, n_clusters: int, level: float = 0.95) -> np.ndarray:
+def small_sample_widen(
+    theta: float,
+    both: np.ndarray,
+    seeds_only: np.ndarray,
+    clusters_only: np.ndarray,
+    n_seeds: int,
+    n_clusters: int,
+    level: float = 0.95,
+) -> np.ndarray:
     """Replicates of a statistic, spread about theta so that their percentiles allow for few seeds and clusters.
 
     A percentile interval over n units behaves like a z interval with the plug-in variance (n-1)/n of the
@@ -169,7 +177,7 @@ def small_sample_widen(theta: float, both: np.ndarray, seeds_only: np.ndarray, c
     uc = vc * n_clusters / (n_clusters - 1) if n_clusters > 1 else 0.0
     if us + uc <= 0 or vs + vc <= 0:
         return both
-    denom = (us ** 2 / (n_seeds - 1) if n_seeds > 1 else 0.0) + (uc ** 2 / (n_clusters - 1) if n_clusters > 1 else 0.0)
+    denom = (us**2 / (n_seeds - 1) if n_seeds > 1 else 0.0) + (uc**2 / (n_clusters - 1) if n_clusters > 1 else 0.0)
     df = (us + uc) ** 2 / denom if denom > 0 else float("inf")
     q = 1 - (1 - level) / 2
     z = _z(q)

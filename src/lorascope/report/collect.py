@@ -25,8 +25,23 @@ from ..fileio import atomic_write_bytes
 from ..layout import CKPT_META, samples_filename
 
 BASE = "base"
-COLUMNS = ("run_id", "label", "method", "kind", "rank", "lr", "seed", "setting", "checkpoint", "tokens", "epoch",
-           "task", "metric", "value", "stderr")
+COLUMNS = (
+    "run_id",
+    "label",
+    "method",
+    "kind",
+    "rank",
+    "lr",
+    "seed",
+    "setting",
+    "checkpoint",
+    "tokens",
+    "epoch",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+)
 
 
 @dataclass
@@ -186,9 +201,25 @@ def metric_rows(st: Study) -> list[dict]:
     rows = []
     if st.base:
         for task, metric, v, se in result_metrics(st.base):
-            rows.append({"run_id": BASE, "label": BASE, "method": BASE, "kind": BASE, "rank": None, "lr": None,
-                         "seed": None, "setting": None, "checkpoint": BASE, "tokens": 0, "epoch": 0,
-                         "task": task, "metric": metric, "value": v, "stderr": se})
+            rows.append(
+                {
+                    "run_id": BASE,
+                    "label": BASE,
+                    "method": BASE,
+                    "kind": BASE,
+                    "rank": None,
+                    "lr": None,
+                    "seed": None,
+                    "setting": None,
+                    "checkpoint": BASE,
+                    "tokens": 0,
+                    "epoch": 0,
+                    "task": task,
+                    "metric": metric,
+                    "value": v,
+                    "stderr": se,
+                }
+            )
     for (rid, ck), res in st.evals.items():
         run = st.run(rid)
         m = run.get("method", {})
@@ -199,11 +230,25 @@ def metric_rows(st: Study) -> list[dict]:
         else:
             tokens, epoch = checkpoint_position(run["dir"], ck)
         for task, metric, v, se in result_metrics(res):
-            rows.append({"run_id": rid, "label": run.get("label", rid), "method": run.get("method_name"),
-                         "kind": m.get("kind"), "rank": m.get("rank") if m.get("kind") != "full" else None,
-                         "lr": run.get("lr"), "seed": run.get("seed"), "setting": run.get("setting"),
-                         "checkpoint": ck, "tokens": tokens, "epoch": epoch, "task": task, "metric": metric,
-                         "value": v, "stderr": se})
+            rows.append(
+                {
+                    "run_id": rid,
+                    "label": run.get("label", rid),
+                    "method": run.get("method_name"),
+                    "kind": m.get("kind"),
+                    "rank": m.get("rank") if m.get("kind") != "full" else None,
+                    "lr": run.get("lr"),
+                    "seed": run.get("seed"),
+                    "setting": run.get("setting"),
+                    "checkpoint": ck,
+                    "tokens": tokens,
+                    "epoch": epoch,
+                    "task": task,
+                    "metric": metric,
+                    "value": v,
+                    "stderr": se,
+                }
+            )
     return rows
 
 
@@ -212,11 +257,25 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("run_id", pa.string()), ("label", pa.string()), ("method", pa.string()),
-                        ("kind", pa.string()), ("rank", pa.int64()), ("lr", pa.float64()), ("seed", pa.int64()),
-                        ("setting", pa.string()), ("checkpoint", pa.string()), ("tokens", pa.int64()),
-                        ("epoch", pa.int64()), ("task", pa.string()), ("metric", pa.string()),
-                        ("value", pa.float64()), ("stderr", pa.float64())])
+    schema = pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("label", pa.string()),
+            ("method", pa.string()),
+            ("kind", pa.string()),
+            ("rank", pa.int64()),
+            ("lr", pa.float64()),
+            ("seed", pa.int64()),
+            ("setting", pa.string()),
+            ("checkpoint", pa.string()),
+            ("tokens", pa.int64()),
+            ("epoch", pa.int64()),
+            ("task", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("stderr", pa.float64()),
+        ]
+    )
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)

@@ -22,9 +22,18 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .collect import BASE, Study, stderr_key
-from .metrics import FORGETTING_TASKS, MetricSpec, describe, forgetting_metric, learning_metric, signed, spec
+from lorascope.evals.catalog import (
+    FORGETTING_TASKS,
+    MetricSpec,
+    describe,
+    forgetting_metric,
+    learning_metric,
+    signed,
+    spec,
+)
+
 from .bootstrap import percentile_interval
+from .collect import BASE, Study, stderr_key
 from .decide import MARGIN_FRACTION
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
 from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
@@ -68,8 +77,19 @@ def points(st: Study, rows: list[dict]) -> list[Point]:
     for (setting, method, lr, role, ck), rs in grouped.items():
         run_ids = sorted({r["run_id"] for r in rs})
         runs = [st.run(i) for i in run_ids]
-        p = Point(setting, method, runs[0]["family"], lr, ck, rs[0]["tokens"], rs[0]["epoch"], run_ids,
-                  [r["label"] for r in runs], diverged=any(r["diverged"] for r in runs), role=role)
+        p = Point(
+            setting,
+            method,
+            runs[0]["family"],
+            lr,
+            ck,
+            rs[0]["tokens"],
+            rs[0]["epoch"],
+            run_ids,
+            [r["label"] for r in runs],
+            diverged=any(r["diverged"] for r in runs),
+            role=role,
+        )
         p.capacity = capacity_ratio(runs[0], p.tokens)
         by_metric: dict[tuple, list[dict]] = defaultdict(list)
         for r in rs:
@@ -120,7 +140,7 @@ def split_value(res: dict | None, s: MetricSpec, split: str = "test") -> tuple[f
             return None
         parts.append((float(v), float(se) if isinstance(se, (int, float)) else None, int(d["n"])))
     ses = [x[1] for x in parts]
-    se = math.sqrt(sum(x ** 2 for x in ses)) / len(parts) if None not in ses else None
+    se = math.sqrt(sum(x**2 for x in ses)) / len(parts) if None not in ses else None
     return sum(x[0] for x in parts) / len(parts), se, sum(x[2] for x in parts)
 
 
@@ -130,8 +150,12 @@ def point_split_value(st: Study, p: Point, s: MetricSpec, split: str = "test") -
     if not got or None in got:
         return None
     ses = [g[1] for g in got]
-    return (sum(g[0] for g in got) / len(got), sum(ses) / len(ses) if None not in ses else None,
-            seed_spread([g[0] for g in got]), got[0][2])
+    return (
+        sum(g[0] for g in got) / len(got),
+        sum(ses) / len(ses) if None not in ses else None,
+        seed_spread([g[0] for g in got]),
+        got[0][2],
+    )
 
 
 def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) -> Interval | None:
@@ -142,10 +166,13 @@ def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) 
     if key not in a.values or (b is not None and key not in b.values) or (b is None and key not in base):
         return None
     w: list = []
-    ib = [item_values(st, BASE, None, s, weights=w)] if b is None else \
-        [item_values(st, r, b.checkpoint, s, weights=w) for r in b.run_ids]
+    ib = (
+        [item_values(st, BASE, None, s, weights=w)]
+        if b is None
+        else [item_values(st, r, b.checkpoint, s, weights=w) for r in b.run_ids]
+    )
     ia = [item_values(st, r, a.checkpoint, s) for r in a.run_ids]
-    iv = paired_bootstrap(ia, ib, weights=w[:len(ib[0])]) if all(ia) and all(ib) else None
+    iv = paired_bootstrap(ia, ib, weights=w[: len(ib[0])]) if all(ia) and all(ib) else None
     if iv is None:
         ta = point_split_value(st, a, s)
         tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
@@ -181,8 +208,9 @@ class Headline:
     correction: str = ""  # the multiplicity correction used, in words
 
 
-def _pick(st: Study, fin: list[Point], base: dict, dataset: str | None) -> tuple[MetricSpec | None,
-                                                                                MetricSpec | None, list[str]]:
+def _pick(
+    st: Study, fin: list[Point], base: dict, dataset: str | None
+) -> tuple[MetricSpec | None, MetricSpec | None, list[str]]:
     """The headline learning and forgetting metrics (report.<role> in the study file may override them)."""
     tasks = sorted({t for p in fin for (t, _) in p.values} & {t for (t, _) in base})
     pick = {"learning": learning_metric(tasks, dataset), "forgetting": forgetting_metric(tasks)}
@@ -193,8 +221,10 @@ def _pick(st: Study, fin: list[Point], base: dict, dataset: str | None) -> tuple
         if want in tasks and spec(want) is not None:
             pick[role] = want
         else:  # said out loud, never a silent substitute
-            out.append(f"report.{role} asks for {want}, which was not evaluated on both the base model and "
-                       f"the runs of this setting (or has no known headline metric); {pick[role]} is used.")
+            out.append(
+                f"report.{role} asks for {want}, which was not evaluated on both the base model and "
+                f"the runs of this setting (or has no known headline metric); {pick[role]} is used."
+            )
     ls, fs = pick["learning"], pick["forgetting"]
     return (spec(ls) if ls else None), (spec(fs) if fs else None), out
 
@@ -218,8 +248,9 @@ class _Draft:
     done: Headline | None = None
 
 
-def study_headlines(st: Study, ps: list[Point], rows: list[dict],
-                    settings: list[tuple[str, str | None]]) -> list[Headline]:
+def study_headlines(
+    st: Study, ps: list[Point], rows: list[dict], settings: list[tuple[str, str | None]]
+) -> list[Headline]:
     """Every setting's verdicts and recommendation: choices on the validation split, numbers on the test split,
     and Holm's correction over the whole study (every comparison of every setting; separately, every
     configuration tested for a recommendation), since a reader takes the report's verdicts together."""
@@ -228,10 +259,12 @@ def study_headlines(st: Study, ps: list[Point], rows: list[dict],
     live = [d for d in drafts if d.done is None]
     k = settle([d.answer for d in live])
     n = learning_tests([(d.answer, candidates(d.mine, d.fin, d.answer)) for d in live])
-    how = (f"significance is Holm-Bonferroni-corrected over all {k} comparison{'s' * (k != 1)} tested in the "
-           f"study (every setting and question); a configuration qualifies for a recommendation only if its learning "
-           f"over the base is significantly positive (one-sided bootstrap test, Holm-corrected over the study's "
-           f"{n} final main configuration{'s' * (n != 1)})")
+    how = (
+        f"significance is Holm-Bonferroni-corrected over all {k} comparison{'s' * (k != 1)} tested in the "
+        f"study (every setting and question); a configuration qualifies for a recommendation only if its learning "
+        f"over the base is significantly positive (one-sided bootstrap test, Holm-corrected over the study's "
+        f"{n} final main configuration{'s' * (n != 1)})"
+    )
     return [d.done or _finish(d, margin, how) for d in drafts]
 
 
@@ -240,23 +273,47 @@ def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: 
     mine = [p for p in ps if p.setting == setting]
     d = _Draft(setting, mine, [])
     if not base:
-        d.done = Headline(setting, None, None, [], ["Not run: the base model was not evaluated, so learning and "
-                                                    "forgetting cannot be measured against it."])
+        d.done = Headline(
+            setting,
+            None,
+            None,
+            [],
+            ["Not run: the base model was not evaluated, so learning and forgetting cannot be measured against it."],
+        )
         return d
     d.L, d.F, d.sentences = _pick(st, finals(mine), base, dataset)
     if d.L is None:
-        d.done = Headline(setting, None, d.F, [], d.sentences + [
-            "Not run: no learning task (domain benchmark or held-out BPB) was evaluated on both the base model "
-            "and the runs of this setting."])
+        d.done = Headline(
+            setting,
+            None,
+            d.F,
+            [],
+            d.sentences
+            + [
+                "Not run: no learning task (domain benchmark or held-out BPB) was evaluated on both the base model "
+                "and the runs of this setting."
+            ],
+        )
         return d
-    d.sentences.append(f"Learning is {describe(d.L)}" + (f"; forgetting is {describe(d.F)}" if d.F else
-                       "; no forgetting task was evaluated") + ", each against the base model; choices are made on "
-                       "the validation split and every number below is on the test split.")
+    d.sentences.append(
+        f"Learning is {describe(d.L)}"
+        + (f"; forgetting is {describe(d.F)}" if d.F else "; no forgetting task was evaluated")
+        + ", each against the base model; choices are made on "
+        "the validation split and every number below is on the test split."
+    )
     d.answer = answer(st, mine, d.L, d.F, axis(mine), margin, searched=study_choices(st, setting))
     if d.answer.test is None or d.answer.val is None:
-        d.done = Headline(setting, d.L, d.F, [], d.sentences + [
-            f"Not run: no per-item samples of {d.L.task} on both splits for the base model and the runs, so "
-            "nothing can be tested."])
+        d.done = Headline(
+            setting,
+            d.L,
+            d.F,
+            [],
+            d.sentences
+            + [
+                f"Not run: no per-item samples of {d.L.task} on both splits for the base model and the runs, so "
+                "nothing can be tested."
+            ],
+        )
         return d
     d.fin = [mine.index(p) for p in finals(mine)]
     return d
@@ -267,15 +324,28 @@ def _finish(d: _Draft, margin: float, how: str) -> Headline:
     out = d.sentences + [
         f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over seeds "
         "and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); 'equivalent' needs "
-        f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."]
+        f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."
+    ]
     out += lr_sentences(a.lr_choice, "epochs" if axis(mine) == "epoch" else "tokens")
     pick, said = recommend(mine, d.fin, a, d.L, margin, d.setting)
     out += said
     out += [f"{mine[i].name} diverged and is left out of every choice." for i in d.fin if mine[i].diverged]
     tests = [{"point": mine[i], **a.learning_p[i]} for i in d.fin if i in a.learning_p]
-    return Headline(d.setting, d.L, d.F, [_row(mine[i], i, a) for i in d.fin], out,
-                    mine[pick] if pick is not None else None, a.verdicts, a.chosen_lrs, a.frontiers, a.lr_choice,
-                    margin, tests, how)
+    return Headline(
+        d.setting,
+        d.L,
+        d.F,
+        [_row(mine[i], i, a) for i in d.fin],
+        out,
+        mine[pick] if pick is not None else None,
+        a.verdicts,
+        a.chosen_lrs,
+        a.frontiers,
+        a.lr_choice,
+        margin,
+        tests,
+        how,
+    )
 
 
 def lr_sentences(choice: dict, unit: str = "tokens") -> list[str]:
@@ -283,14 +353,23 @@ def lr_sentences(choice: dict, unit: str = "tokens") -> list[str]:
     out = []
     for m, c in sorted(choice.items()):
         if c["lr"] is None:
-            out.append(f"{m}: no LR chosen by {c['by']} ({c.get('status') or 'no result'}); it is left out of the "
-                       "learns-less question.")
+            out.append(
+                f"{m}: no LR chosen by {c['by']} ({c.get('status') or 'no result'}); it is left out of the "
+                "learns-less question."
+            )
             continue
-        edge = "bracketed" if c["bracketed"] else "the only one tried" if len(c["grid"]) < 2 else \
-            "unbracketed (best at an edge of the grid tried)"
+        edge = (
+            "bracketed"
+            if c["bracketed"]
+            else "the only one tried"
+            if len(c["grid"]) < 2
+            else "unbracketed (best at an edge of the grid tried)"
+        )
         at = f" at {c['at']:,} {unit}" if c.get("at") else ""
-        out.append(f"{m}: learning rate {c['lr']:g}, chosen by {c['by']}{at}, {edge}; grid "
-                   f"{', '.join(f'{x:g}' for x in c['grid'])}.")
+        out.append(
+            f"{m}: learning rate {c['lr']:g}, chosen by {c['by']}{at}, {edge}; grid "
+            f"{', '.join(f'{x:g}' for x in c['grid'])}."
+        )
     return out
 
 
@@ -321,10 +400,21 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
             test = point_split_value(st, p, s)
             split = "test" if test is not None else "all items"
             v, se, sd = test[:3] if test is not None else (v, se, sd)
-            out.append({"point": p, "spec": s, "value": v, "stderr": se, "seed_sd": sd, "n_seeds": len(p.run_ids),
-                        "split": split, "n_items": test[3] if test is not None else None,
-                        "vs_base": difference(st, s, p, None, base) if base else None,
-                        "vs_full": difference(st, s, p, ref, base) if ref else None, "full": ref})
+            out.append(
+                {
+                    "point": p,
+                    "spec": s,
+                    "value": v,
+                    "stderr": se,
+                    "seed_sd": sd,
+                    "n_seeds": len(p.run_ids),
+                    "split": split,
+                    "n_items": test[3] if test is not None else None,
+                    "vs_base": difference(st, s, p, None, base) if base else None,
+                    "vs_full": difference(st, s, p, ref, base) if ref else None,
+                    "full": ref,
+                }
+            )
     return out
 
 
@@ -338,8 +428,9 @@ def full_reference(st: Study, fulls: list[Point], p: Point) -> Point | None:
     if p.family == "full" or not fulls:
         return None
     same = [q for q in fulls if q.tokens == p.tokens] or fulls
-    learn = sorted({k for q in same for k in q.values if (sk := spec(k[0])) and sk.role == "learning"
-                    and sk.metric == k[1]})
+    learn = sorted(
+        {k for q in same for k in q.values if (sk := spec(k[0])) and sk.role == "learning" and sk.metric == k[1]}
+    )
     if not learn:
         return None
     s = spec(learn[0][0])

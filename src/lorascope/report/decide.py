@@ -41,18 +41,31 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj
 
 
-def decide(estimate: float, boot: np.ndarray, p_adjusted: float, margin: float | None,
-           yes_sign: int, p_raw: float | None = None, k: int = 1) -> tuple[str, str]:
+def decide(
+    estimate: float,
+    boot: np.ndarray,
+    p_adjusted: float,
+    margin: float | None,
+    yes_sign: int,
+    p_raw: float | None = None,
+    k: int = 1,
+) -> tuple[str, str]:
     """(verdict, reason) for a difference whose paper-direction sign is yes_sign (-1: smaller is "yes")."""
     lo, hi = percentile_interval(boot, 0.95)
     if p_adjusted < ALPHA:
         v = "yes" if np.sign(estimate) == yes_sign else "reversed"
-        return v, f"the 95% interval [{lo:+.4g}, {hi:+.4g}] excludes 0 (Holm-adjusted p = {p_adjusted:.3g}, " \
-                  f"{k} comparison{'s' * (k > 1)})"
+        return (
+            v,
+            f"the 95% interval [{lo:+.4g}, {hi:+.4g}] excludes 0 (Holm-adjusted p = {p_adjusted:.3g}, "
+            f"{k} comparison{'s' * (k > 1)})",
+        )
     lo90, hi90 = percentile_interval(boot, 1 - 2 * ALPHA)
     if margin is not None and margin > 0 and -margin < lo90 and hi90 < margin:
-        return "equivalent", f"the 90% interval [{lo90:+.4g}, {hi90:+.4g}] lies inside the equivalence margin " \
-                             f"+-{margin:.4g} (TOST at 5%)"
+        return (
+            "equivalent",
+            f"the 90% interval [{lo90:+.4g}, {hi90:+.4g}] lies inside the equivalence margin "
+            f"+-{margin:.4g} (TOST at 5%)",
+        )
     why = f"the 95% interval [{lo:+.4g}, {hi:+.4g}] is too wide: "
     if p_raw is not None and p_raw < ALPHA:
         why += f"significant alone (p = {p_raw:.3g}) but not after Holm's correction over {k} comparisons"
@@ -63,8 +76,9 @@ def decide(estimate: float, boot: np.ndarray, p_adjusted: float, margin: float |
     return "not resolved", why
 
 
-def power_note(estimate: float, var_seeds: float, var_items: float, n_seeds: int, n_clusters: int,
-               margin: float | None = None) -> str:
+def power_note(
+    estimate: float, var_seeds: float, var_items: float, n_seeds: int, n_clusters: int, margin: float | None = None
+) -> str:
     """How many more seeds or item clusters would resolve the question, from the measured variance parts.
 
     var_seeds / var_items: bootstrap variance of the statistic when only seeds / only item clusters are
@@ -77,8 +91,10 @@ def power_note(estimate: float, var_seeds: float, var_items: float, n_seeds: int
         return "no effect size to plan for"
     target = (effect / Z_POWER) ** 2
     out = []
-    for what, n, mine, other in (("item clusters", n_clusters, var_items, var_seeds),
-                                 ("seeds", n_seeds, var_seeds, var_items)):
+    for what, n, mine, other in (
+        ("item clusters", n_clusters, var_items, var_seeds),
+        ("seeds", n_seeds, var_seeds, var_items),
+    ):
         if mine <= 0 or n < 1 or (what == "seeds" and n < 2):
             continue
         if target <= other:

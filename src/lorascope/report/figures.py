@@ -22,9 +22,10 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lorascope.evals.catalog import MetricSpec, spec
+
 from .compare import Point, axis
 from .frontier import pareto_front
-from .metrics import MetricSpec, spec
 
 DPI = 90
 
@@ -41,9 +42,9 @@ def _texts(ax) -> list:
     """The text of one panel that another panel's text must never cover: title, axis labels, and the labels of
     the ticks inside the view (matplotlib keeps labels of ticks outside it, undrawn)."""
     out = [ax.title, ax.xaxis.label, ax.yaxis.label]
-    for axis in (ax.xaxis, ax.yaxis):
-        lo, hi = sorted(axis.get_view_interval())
-        out += [t.label1 for t in axis.get_major_ticks() if lo <= t.get_loc() <= hi]
+    for ax_ in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(ax_.get_view_interval())
+        out += [t.label1 for t in ax_.get_major_ticks() if lo <= t.get_loc() <= hi]
     return [t for t in out if t.get_visible() and t.get_text()]
 
 
@@ -53,11 +54,10 @@ def layout_problems(fig: Figure) -> list[str]:
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
-    out = [f"panel '{a.get_title()}' is blank" for a in axes
-           if not (a.lines or a.collections or a.patches or a.images)]
+    out = [f"panel '{a.get_title()}' is blank" for a in axes if not (a.lines or a.collections or a.patches or a.images)]
     boxes = [(i, t.get_text(), t.get_window_extent(r)) for i, a in enumerate(axes) for t in _texts(a)]
     for j, (i, ta, ba) in enumerate(boxes):
-        for k, tb, bb in boxes[j + 1:]:
+        for k, tb, bb in boxes[j + 1 :]:
             if k != i and ba.overlaps(bb):
                 out.append(f"'{ta}' overlaps '{tb}'")
     return out
@@ -111,12 +111,21 @@ def curves_figure(ps: list[Point], base: dict, specs: list[tuple[str, str]]) -> 
     fig, axes = _grid(len(specs))
     for ax, (task, metric) in zip(axes, specs):
         for name in sorted({p.name for p in ps}):
-            pts = sorted((p for p in ps if p.name == name and (task, metric) in p.values
-                          and p.position(by) is not None), key=lambda p: p.position(by))
+            pts = sorted(
+                (p for p in ps if p.name == name and (task, metric) in p.values and p.position(by) is not None),
+                key=lambda p: p.position(by),
+            )
             if pts:
-                ax.errorbar([p.position(by) for p in pts], [p.values[(task, metric)][0] for p in pts],
-                            yerr=[p.values[(task, metric)][1] or 0 for p in pts], marker="o", ms=4, capsize=3,
-                            color=col[name], label=name)
+                ax.errorbar(
+                    [p.position(by) for p in pts],
+                    [p.values[(task, metric)][0] for p in pts],
+                    yerr=[p.values[(task, metric)][1] or 0 for p in pts],
+                    marker="o",
+                    ms=4,
+                    capsize=3,
+                    color=col[name],
+                    label=name,
+                )
         if (task, metric) in base:
             ax.axhline(base[(task, metric)][0], ls="--", color="black", lw=1, label="base")
         s = spec(task)
@@ -132,8 +141,12 @@ def spans_axis(ivs: list, lo: float, hi: float, share: float = 0.8) -> bool:
     """Every interval includes 0 and the widest covers most of the axis: the panel resolves nothing (a
     zero-width interval on a handful of items says no more than a wide one)."""
     ivs = [iv for iv in ivs if iv is not None]
-    return bool(ivs) and hi > lo and all(iv.lo <= 0 <= iv.hi for iv in ivs) and \
-        max(iv.hi - iv.lo for iv in ivs) >= share * (hi - lo)
+    return (
+        bool(ivs)
+        and hi > lo
+        and all(iv.lo <= 0 <= iv.hi for iv in ivs)
+        and max(iv.hi - iv.lo for iv in ivs) >= share * (hi - lo)
+    )
 
 
 def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
@@ -152,9 +165,16 @@ def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
         ax = fig.add_subplot(nrows, cols, i + 1)
         rows = [(name, iv) for name, iv in p["rows"] if iv is not None]
         ys = list(range(len(rows)))[::-1]  # first configuration on top
-        ax.errorbar([iv.estimate for _, iv in rows], ys, xerr=[[iv.estimate - iv.lo for _, iv in rows],
-                                                              [iv.hi - iv.estimate for _, iv in rows]],
-                    ls="none", marker="o", ms=5, capsize=3, color="tab:blue")
+        ax.errorbar(
+            [iv.estimate for _, iv in rows],
+            ys,
+            xerr=[[iv.estimate - iv.lo for _, iv in rows], [iv.hi - iv.estimate for _, iv in rows]],
+            ls="none",
+            marker="o",
+            ms=5,
+            capsize=3,
+            color="tab:blue",
+        )
         ax.axvline(0, ls="--", color="black", lw=1)
         ax.set_yticks(ys, [name for name, _ in rows], fontsize=8)
         ax.set_ylim(-0.7, len(rows) - 0.3)
@@ -163,9 +183,11 @@ def forest_figure(panels: list[dict]) -> tuple[str | None, list[str]]:
         ax.grid(alpha=0.3, axis="x")
         if spans_axis([iv for _, iv in rows], *ax.get_xlim()):
             items = {iv.n for _, iv in rows if iv.n}
-            notes.append(f"{p['title']}: every interval includes 0 and the widest spans most of the axis"
-                         + (f" (only {max(items)} items)" if items else "")
-                         + ", so this panel tells nothing apart; evaluate more items.")
+            notes.append(
+                f"{p['title']}: every interval includes 0 and the widest spans most of the axis"
+                + (f" (only {max(items)} items)" if items else "")
+                + ", so this panel tells nothing apart; evaluate more items."
+            )
     return to_png(fig), notes
 
 
@@ -177,7 +199,7 @@ def _loss_by_step(run: dict) -> dict[int, tuple[int, float]]:
 def smooth(ys: list[float], window: int) -> list[float]:
     """Centred moving average (shorter at the ends), so batch-to-batch noise does not hide the trend."""
     h = window // 2
-    return [sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1]) for i in range(len(ys))]
+    return [sum(ys[max(0, i - h) : i + h + 1]) / len(ys[max(0, i - h) : i + h + 1]) for i in range(len(ys))]
 
 
 def reference_run(run: dict, runs: list[dict]) -> dict | None:
@@ -185,8 +207,11 @@ def reference_run(run: dict, runs: list[dict]) -> dict | None:
     only), the lowest final loss among several; None for a full-FT run or when there is none."""
     if run["family"] == "full":
         return None
-    same = [r for r in runs if r["family"] == "full" and r.get("seed") == run.get("seed") and not r["diverged"]
-            and _loss_by_step(r)]
+    same = [
+        r
+        for r in runs
+        if r["family"] == "full" and r.get("seed") == run.get("seed") and not r["diverged"] and _loss_by_step(r)
+    ]
     return min(same, key=lambda r: _loss_by_step(r)[max(_loss_by_step(r))][1], default=None)
 
 
@@ -205,14 +230,22 @@ def loss_figure(runs: list[dict]) -> tuple[str | None, str | None]:
     for r in runs:
         steps = sorted(_loss_by_step(r))
         pts = [_loss_by_step(r)[s] for s in steps]
-        axes[0].plot([t for t, _ in pts], smooth([y for _, y in pts], window), color=col[r["label"]], lw=1.2,
-                     label=r["label"] + (" (diverged)" if r["diverged"] else ""))
+        axes[0].plot(
+            [t for t, _ in pts],
+            smooth([y for _, y in pts], window),
+            color=col[r["label"]],
+            lw=1.2,
+            label=r["label"] + (" (diverged)" if r["diverged"] else ""),
+        )
         if r["run_id"] in refs:
             ref = _loss_by_step(refs[r["run_id"]])
             common = [s for s in steps if s in ref]
-            axes[1].plot([ref[s][0] for s in common],
-                         smooth([_loss_by_step(r)[s][1] - ref[s][1] for s in common], window),
-                         color=col[r["label"]], lw=1.2)
+            axes[1].plot(
+                [ref[s][0] for s in common],
+                smooth([_loss_by_step(r)[s][1] - ref[s][1] for s in common], window),
+                color=col[r["label"]],
+                lw=1.2,
+            )
     axes[0].set(xlabel="tokens", ylabel="training loss")
     axes[0].set_title("training loss" + (f" ({window}-step moving average)" if window > 1 else ""), fontsize=9)
     if refs:
@@ -221,13 +254,16 @@ def loss_figure(runs: list[dict]) -> tuple[str | None, str | None]:
         axes[1].set_title("minus full FT on the same batches (> 0: higher loss)", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center",
-               ncol=min(3, len(runs)))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=min(3, len(runs)))
     cap = None
     if refs:
-        cap = "Right: " + "; ".join(sorted({f"{r['label']} minus {refs[r['run_id']]['label']}"
-                                            for r in runs if r["run_id"] in refs})) + \
-              " (same seed, so the same batches at each step)."
+        cap = (
+            "Right: "
+            + "; ".join(
+                sorted({f"{r['label']} minus {refs[r['run_id']]['label']}" for r in runs if r["run_id"] in refs})
+            )
+            + " (same seed, so the same batches at each step)."
+        )
     return to_png(fig), cap
 
 
@@ -242,17 +278,32 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
     col = colors([p.name for p in ps])
     for name in sorted({p.name for p in pts}):
         mine = [p for p in pts if p.name == name]
-        ax.errorbar([p.values[fk][0] for p in mine], [p.values[lk][0] for p in mine],
-                    xerr=[p.values[fk][1] or 0 for p in mine], yerr=[p.values[lk][1] or 0 for p in mine],
-                    ls="none", marker="o", ms=5, capsize=2, color=col[name], label=name)
+        ax.errorbar(
+            [p.values[fk][0] for p in mine],
+            [p.values[lk][0] for p in mine],
+            xerr=[p.values[fk][1] or 0 for p in mine],
+            yerr=[p.values[lk][1] or 0 for p in mine],
+            ls="none",
+            marker="o",
+            ms=5,
+            capsize=2,
+            color=col[name],
+            label=name,
+        )
     fam_style = ["-", "--", ":", "-."]
     for i, fam in enumerate(sorted({p.family for p in pts})):
         # frontier in 'higher is better' coordinates, drawn back in the metrics' own units
         sx, sy = (1 if F.higher_better else -1), (1 if L.higher_better else -1)
         front = pareto_front([(sx * p.values[fk][0], sy * p.values[lk][0]) for p in pts if p.family == fam])
         if front:
-            ax.plot([sx * x for x, _ in front], [sy * y for _, y in front], fam_style[i % 4], color="gray",
-                    lw=1.5, label=f"{fam} frontier")
+            ax.plot(
+                [sx * x for x, _ in front],
+                [sy * y for _, y in front],
+                fam_style[i % 4],
+                color="gray",
+                lw=1.5,
+                label=f"{fam} frontier",
+            )
     if lk in base and fk in base:
         ax.plot([base[fk][0]], [base[lk][0]], marker="*", ms=14, color="black", ls="none", label="base")
     # axes oriented like the paper's plot whatever the metric's direction: up = learned, right = kept
@@ -267,8 +318,9 @@ def pareto_figure(ps: list[Point], base: dict, L: MetricSpec, F: MetricSpec) -> 
     return to_png(fig)
 
 
-def truncation_figure(points_by_rank: list[tuple[str, dict]], base: dict, full: dict,
-                      specs: list[MetricSpec]) -> str | None:
+def truncation_figure(
+    points_by_rank: list[tuple[str, dict]], base: dict, full: dict, specs: list[MetricSpec]
+) -> str | None:
     """Metric vs kept rank of dW (rank-r truncations of a full-FT run), the untruncated run and the base."""
     specs = [s for s in specs if any((s.task, s.metric) in v for _, v in points_by_rank)]
     if not points_by_rank or not specs:

@@ -78,5 +78,4 @@ def matched_boot(la: np.ndarray, fa: np.ndarray, lb: np.ndarray, fb: np.ndarray)
 
     la, fa: (B, n_a) learning and forgetting of a's points per replicate; lb, fb likewise for b.
     """
-    return np.array([matched_difference(list(zip(la[k], fa[k])), list(zip(lb[k], fb[k])))
-                     for k in range(la.shape[0])])
+    return np.array([matched_difference(list(zip(la[k], fa[k])), list(zip(lb[k], fb[k]))) for k in range(la.shape[0])])

@@ -28,9 +28,13 @@ def fmt(x) -> str:
 
 def _environment() -> Environment:
     # StrictUndefined: a template asking for a field the section did not provide fails loudly, not blank
-    env = Environment(loader=PackageLoader("lorascope.report", "templates"),
-                      autoescape=select_autoescape(["html"], default_for_string=True, default=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("lorascope.report", "templates"),
+        autoescape=select_autoescape(["html"], default_for_string=True, default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt
     return env
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bootstrap import ClusterTable, Draws, N_BOOT, small_sample_widen
+from lorascope.evals.catalog import FORGETTING_TASKS, MetricSpec, signed
+
+from .bootstrap import N_BOOT, ClusterTable, Draws, small_sample_widen
 from .collect import BASE, Study
-from .metrics import FORGETTING_TASKS, MetricSpec, signed
 from .stats import split_items
 
 
@@ -53,8 +54,10 @@ def tables(st: Study, ps: list, s: MetricSpec, split: str) -> list[ClusterTable]
     keep = set.intersection(*(set(v) for v in loaded.values()))
     if BASE not in keep:
         return None
-    out = [ClusterTable.build({k: v for k, v in loaded[t].items() if k in keep}, cluster_of[t], weight[t])
-           for t in parts(s)]
+    out = [
+        ClusterTable.build({k: v for k, v in loaded[t].items() if k in keep}, cluster_of[t], weight[t])
+        for t in parts(s)
+    ]
     return out if all(t.n_items and t.counts.sum() > 0 for t in out) else None
 
 
@@ -88,8 +91,17 @@ class SplitMeasure:
         return min(n), max(n)
 
 
-def measure_split(st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, split: str, n_boot: int = N_BOOT,
-                  resample: str = "both", seed: int = 0, read: tuple | None = None) -> SplitMeasure | None:
+def measure_split(
+    st: Study,
+    ps: list,
+    L: MetricSpec,
+    F: MetricSpec | None,
+    split: str,
+    n_boot: int = N_BOOT,
+    resample: str = "both",
+    seed: int = 0,
+    read: tuple | None = None,
+) -> SplitMeasure | None:
     """Learning (and forgetting) of every point on one split; L and F share one seed draw per replicate.
     read: the (learning, forgetting) tables of this split when already read from the samples files."""
     lt, ft = read or (tables(st, ps, L, split), tables(st, ps, F, split) if F is not None else None)
@@ -104,8 +116,10 @@ def measure_split(st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, spli
 
 def _signed(ts: list[ClusterTable], draws: Draws, s: MetricSpec) -> tuple[dict, dict]:
     est, boot = _means(ts, draws)
-    return ({k: signed(s, v, est[BASE]) for k, v in est.items() if k != BASE},
-            {k: np.asarray(signed(s, v, boot[BASE])) for k, v in boot.items() if k != BASE})
+    return (
+        {k: signed(s, v, est[BASE]) for k, v in est.items() if k != BASE},
+        {k: np.asarray(signed(s, v, boot[BASE])) for k, v in boot.items() if k != BASE},
+    )
 
 
 @dataclass
@@ -118,14 +132,20 @@ class TestReplicates:
     clusters: SplitMeasure
 
     @classmethod
-    def make(cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT,
-             var_boot: int = 300) -> "TestReplicates | None":
+    def make(
+        cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT, var_boot: int = 300
+    ) -> TestReplicates | None:
         read = (tables(st, ps, L, "test"), tables(st, ps, F, "test") if F is not None else None)
         both = measure_split(st, ps, L, F, "test", n_boot, read=read)
         if both is None:
             return None
-        return cls(both, *(measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1, read=read)
-                           for m in ("seeds", "clusters")))
+        return cls(
+            both,
+            *(
+                measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1, read=read)
+                for m in ("seeds", "clusters")
+            ),
+        )
 
     @property
     def n_clusters(self) -> int:
@@ -133,8 +153,9 @@ class TestReplicates:
 
     def of(self, stat, theta: float, n_seeds: int) -> np.ndarray:
         """Widened replicates of stat(SplitMeasure) -> (B,) array, centred on its estimate theta."""
-        return small_sample_widen(theta, stat(self.both), stat(self.seeds), stat(self.clusters), n_seeds,
-                                  self.n_clusters)
+        return small_sample_widen(
+            theta, stat(self.both), stat(self.seeds), stat(self.clusters), n_seeds, self.n_clusters
+        )
 
     def variances(self, stat) -> tuple[float, float]:
         """(seeds-only, clusters-only) bootstrap variance of a statistic: the power note's inputs."""
@@ -143,5 +164,8 @@ class TestReplicates:
     def arm(self, key: str, i) -> np.ndarray:
         """Widened replicates of one point's learning or forgetting over the base."""
         est = getattr(self.both, key)
-        return self.of(lambda m: getattr(m, f"boot_{key}")[i], est[i], len(next(
-            s for t in self.both.tables for k, s in t.seeds.items() if k == i)))
+        return self.of(
+            lambda m: getattr(m, f"boot_{key}")[i],
+            est[i],
+            len(next(s for t in self.both.tables for k, s in t.seeds.items() if k == i)),
+        )

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorascope.evals.catalog import MetricSpec
+
 from ..errors import LorascopeError
 from .bootstrap import noise_text, p_one_sided, p_two_sided, percentile_interval
 from .decide import ALPHA, MARGIN_FRACTION, decide, holm, power_note
 from .frontier import common_range, compared_forgetting, fit, matched_boot, matched_difference
 from .measure import SplitMeasure, TestReplicates, measure_split
-from .metrics import MetricSpec
 
 VAR_BOOT = 300  # replicates of the seeds-only / clusters-only bootstraps behind the power note
 # Fewest test-split item clusters to test on. A raw percentile bootstrap over clusters covered 69% / 84% / 88% at
@@ -73,8 +74,9 @@ def study_choices(st, setting: str) -> dict[str, dict]:
         raise LorascopeError(f"{f}: not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict):
         raise LorascopeError(f"{f}: expected an object of 'setting/method' records")
-    return {r["method"]: r for r in doc.values() if isinstance(r, dict) and r.get("setting") == setting
-            and "method" in r}
+    return {
+        r["method"]: r for r in doc.values() if isinstance(r, dict) and r.get("setting") == setting and "method" in r
+    }
 
 
 def choose(ps: list, idx: list[int], val: SplitMeasure) -> dict[str, int]:
@@ -117,11 +119,20 @@ def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str
     """What chose each method's LR, for the headline: the study's search record, or the report's own choice on
     validation at the last budget (fixed lists). "bracketed": a worse LR was tested on both sides; "at": the
     budget (tokens or epochs, per `by`) the choice was made at (the LR-search runs' own, when they were shorter)."""
-    out = {m: {"lr": r.get("chosen"), "by": STUDY_SEARCH, "bracketed": bool(r.get("bracketed")),
-               "status": r.get("status"), "grid": list(r.get("grid") or []), "diverged": list(r.get("diverged") or []),
-               "metric": r.get("metric"), "split": r.get("split"),
-               "at": max((p.position(by) or 0 for p in ps if p.method == m and p.role != MAIN), default=None)}
-           for m, r in searched.items()}
+    out = {
+        m: {
+            "lr": r.get("chosen"),
+            "by": STUDY_SEARCH,
+            "bracketed": bool(r.get("bracketed")),
+            "status": r.get("status"),
+            "grid": list(r.get("grid") or []),
+            "diverged": list(r.get("diverged") or []),
+            "metric": r.get("metric"),
+            "split": r.get("split"),
+            "at": max((p.position(by) or 0 for p in ps if p.method == m and p.role != MAIN), default=None),
+        }
+        for m, r in searched.items()
+    }
     main = [i for i, p in enumerate(ps) if p.role == MAIN and p.method not in searched]
     if not main:
         return out
@@ -130,22 +141,48 @@ def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str
     for m, i in choose(ps, [i for i in at_last if not ps[i].diverged], val).items():
         grid = sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].lr is not None})
         inside = len(grid) >= 3 and grid[0] < ps[i].lr < grid[-1]
-        out[m] = {"lr": ps[i].lr, "by": REPORT_CHOICE, "bracketed": inside,
-                  "status": "chosen" if inside else "unbracketed" if len(grid) > 1 else "only one tried", "grid": grid,
-                  "diverged": sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].diverged}),
-                  "metric": None, "split": "validation", "at": last}
+        out[m] = {
+            "lr": ps[i].lr,
+            "by": REPORT_CHOICE,
+            "bracketed": inside,
+            "status": "chosen" if inside else "unbracketed" if len(grid) > 1 else "only one tried",
+            "grid": grid,
+            "diverged": sorted({ps[j].lr for j in at_last if ps[j].method == m and ps[j].diverged}),
+            "metric": None,
+            "split": "validation",
+            "at": last,
+        }
     return out
 
 
 def _verdict(question: str, a: str, b: str, budget, est, boot, reason: str, noise: str, **kw) -> dict:
     iv = percentile_interval(boot) if boot is not None and np.isfinite(boot).any() else None
-    return {"question": question, "verdict": kw.pop("verdict", None), "estimate": est, "interval": iv,
-            "level": 0.95, "reason": reason, "noise": noise, "split": "test", "a": a, "b": b, "budget": budget,
-            "boot": boot, **kw}
+    return {
+        "question": question,
+        "verdict": kw.pop("verdict", None),
+        "estimate": est,
+        "interval": iv,
+        "level": 0.95,
+        "reason": reason,
+        "noise": noise,
+        "split": "test",
+        "a": a,
+        "b": b,
+        "budget": budget,
+        "boot": boot,
+        **kw,
+    }
 
 
-def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise: str,
-                frac: float = MARGIN_FRACTION, searched: dict | None = None) -> list:
+def learns_less(
+    ps: list,
+    val: SplitMeasure,
+    rep: TestReplicates,
+    by: str,
+    noise: str,
+    frac: float = MARGIN_FRACTION,
+    searched: dict | None = None,
+) -> list:
     """Question 1 at every budget of the main runs, each method at its chosen LR; the pending comparisons."""
     out, test, searched = [], rep.both, searched or {}
     main = [i for i, p in enumerate(ps) if p.role == MAIN and not p.diverged and i in test.learning]
@@ -156,14 +193,28 @@ def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, by: str, noise
             continue
         for i in sorted(i for i in per.values() if ps[i].family != "full"):
             est = test.learning[i] - test.learning[j]
-            d = rep.of(lambda m: m.boot_learning[i] - m.boot_learning[j], est, _seeds(ps, [i, j]))
+            d = rep.of(lambda m, i=i, j=j: m.boot_learning[i] - m.boot_learning[j], est, _seeds(ps, [i, j]))
             gains = [test.learning[i], test.learning[j]]
             lows = [percentile_interval(rep.arm("learning", k))[0] for k in (i, j)]
-            v = _verdict("learns_less", ps[i].name, ps[j].name, b, est, d, "", noise,
-                         margin=frac * max(gains), points=(i, j), capacity=(ps[i].capacity, ps[j].capacity))
+            v = _verdict(
+                "learns_less",
+                ps[i].name,
+                ps[j].name,
+                b,
+                est,
+                d,
+                "",
+                noise,
+                margin=frac * max(gains),
+                points=(i, j),
+                capacity=(ps[i].capacity, ps[j].capacity),
+            )
             if max(lows) <= 0:
-                v.update(verdict="not comparable", reason=f"nothing learned: neither {ps[i].name} nor {ps[j].name} "
-                         "improved on the base model significantly on the test split")
+                v.update(
+                    verdict="not comparable",
+                    reason=f"nothing learned: neither {ps[i].name} nor {ps[j].name} "
+                    "improved on the base model significantly on the test split",
+                )
             out.append(v)
     return out
 
@@ -177,9 +228,15 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
         if not p.diverged and i in test.learning and i in test.forgetting:
             fams.setdefault(p.family, []).append(i)
     pts = {f: [(test.learning[i], test.forgetting[i]) for i in idx] for f, idx in fams.items()}
-    frontiers = {f: {"points": [(test.learning[i], test.forgetting[i], ps[i].name) for i in idx],
-                     "capacity": [ps[i].capacity for i in idx], "curve": fit(pts[f]), "band": None}
-                 for f, idx in fams.items()}
+    frontiers = {
+        f: {
+            "points": [(test.learning[i], test.forgetting[i], ps[i].name) for i in idx],
+            "capacity": [ps[i].capacity for i in idx],
+            "curve": fit(pts[f]),
+            "band": None,
+        }
+        for f, idx in fams.items()
+    }
     out = []
     for f, idx in fams.items():
         if f == "full" or "full" not in fams:
@@ -188,20 +245,31 @@ def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN
         rng = common_range(pts[f], pts["full"])
         frontiers[f]["band"] = rng
         frontiers["full"]["band"] = frontiers["full"]["band"] or rng
-        v = _verdict("forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j),
-                     range=rng)
+        v = _verdict(
+            "forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j), range=rng
+        )
         if rng is None:
-            v.update(verdict="not comparable", reason=f"the learning ranges of {f} and full fine-tuning do not "
-                     "overlap on the test split, so there is no equal-learning level to compare at")
+            v.update(
+                verdict="not comparable",
+                reason=f"the learning ranges of {f} and full fine-tuning do not "
+                "overlap on the test split, so there is no equal-learning level to compare at",
+            )
         elif rng[1] <= 0:
-            v.update(verdict="not comparable", reason="nothing learned: the common learning range lies at or "
-                     "below the base model")
+            v.update(
+                verdict="not comparable",
+                reason="nothing learned: the common learning range lies at or below the base model",
+            )
         else:
             est = matched_difference(pts[f], pts["full"])
-            boot = rep.of(lambda m: _matched(m, idx, j), est, _seeds(ps, idx + j))
+            boot = rep.of(lambda m, idx=idx, j=j: _matched(m, idx, j), est, _seeds(ps, idx + j))
             top = compared_forgetting(pts[f], pts["full"])
-            v.update(estimate=est, boot=boot, interval=percentile_interval(boot),
-                     margin=frac * top, undefined=float(np.mean(~np.isfinite(boot))))
+            v.update(
+                estimate=est,
+                boot=boot,
+                interval=percentile_interval(boot),
+                margin=frac * top,
+                undefined=float(np.mean(~np.isfinite(boot))),
+            )
         out.append(v)
     return out, frontiers
 
@@ -213,12 +281,24 @@ def _seeds(ps: list, idx: list[int]) -> int:
 
 def _matched(m: SplitMeasure, ia: list[int], ib: list[int]) -> np.ndarray:
     stack = lambda d, idx: np.stack([d[i] for i in idx], axis=1)  # noqa: E731 - (B, n points)
-    return matched_boot(stack(m.boot_learning, ia), stack(m.boot_forgetting, ia),
-                        stack(m.boot_learning, ib), stack(m.boot_forgetting, ib))
+    return matched_boot(
+        stack(m.boot_learning, ia),
+        stack(m.boot_forgetting, ia),
+        stack(m.boot_learning, ib),
+        stack(m.boot_forgetting, ib),
+    )
 
 
-def answer(st, ps: list, L: MetricSpec, F: MetricSpec | None, by: str, margin_fraction: float = MARGIN_FRACTION,
-           n_boot: int = 1000, searched: dict | None = None) -> Answer:
+def answer(
+    st,
+    ps: list,
+    L: MetricSpec,
+    F: MetricSpec | None,
+    by: str,
+    margin_fraction: float = MARGIN_FRACTION,
+    n_boot: int = 1000,
+    searched: dict | None = None,
+) -> Answer:
     """Both questions for one setting's points; the tested comparisons stay pending (verdict None, with their
     replicates) until ``settle`` decides them with Holm's correction over the whole study."""
     searched = searched or {}
@@ -277,8 +357,10 @@ def _too_few(test: SplitMeasure) -> str:
     n = min(len(t.clusters) for t in test.tables)
     if n >= MIN_CLUSTERS:
         return ""
-    return (f"only {n} item cluster{'s' * (n != 1)} on the test split of a compared task; an interval needs at "
-            f"least {MIN_CLUSTERS} (raise the evaluation limit)")
+    return (
+        f"only {n} item cluster{'s' * (n != 1)} on the test split of a compared task; an interval needs at "
+        f"least {MIN_CLUSTERS} (raise the evaluation limit)"
+    )
 
 
 def _power(rep: TestReplicates, v: dict, ps: list) -> str:
@@ -298,12 +380,14 @@ def candidates(ps: list, fin: list[int], a: Answer) -> list[int]:
     measured on both splits."""
     if a.test is None or a.val is None:
         return []
-    return [i for i in fin if ps[i].role == MAIN and not ps[i].diverged and i in a.test.learning
-            and i in a.val.learning]
+    return [
+        i for i in fin if ps[i].role == MAIN and not ps[i].diverged and i in a.test.learning and i in a.val.learning
+    ]
 
 
-def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION,
-              setting: str = "") -> tuple[int | None, list[str]]:
+def recommend(
+    ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION, setting: str = ""
+) -> tuple[int | None, list[str]]:
     """(point index or None, sentences). Only points whose test-split learning over the base is significantly
     positive (one-sided, Holm-corrected over the study's candidates: learning_tests) qualify; among them the
     choice reads validation: the least validation forgetting among those within the margin of the best
@@ -316,14 +400,21 @@ def recommend(ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = 
         return None, advice(ps, fin, a, L)
     top = max(val.learning[i] for i in cands)
     near = [i for i in cands if val.learning[i] >= top - frac * abs(top)]
-    pick = min(near, key=lambda i: val.forgetting.get(i, np.inf)) if val.forgetting else \
-        max(near, key=lambda i: val.learning[i])
+    pick = (
+        min(near, key=lambda i: val.forgetting.get(i, np.inf))
+        if val.forgetting
+        else max(near, key=lambda i: val.learning[i])
+    )
     lo, hi = percentile_interval(a.rep.arm("learning", pick))
-    why = (f"its learning over the base model is significantly positive on the test split ({test.learning[pick]:+.4g} "
-           f"[{lo:+.4g}, {hi:+.4g}], one-sided Holm-adjusted p = {a.learning_p[pick]['p_holm']:.3g})")
+    why = (
+        f"its learning over the base model is significantly positive on the test split ({test.learning[pick]:+.4g} "
+        f"[{lo:+.4g}, {hi:+.4g}], one-sided Holm-adjusted p = {a.learning_p[pick]['p_holm']:.3g})"
+    )
     if len(near) > 1:
-        why += (f", and among the {len(near)} configurations within {frac:.0%} of the best validation learning it "
-                "forgets the least on the validation split")
+        why += (
+            f", and among the {len(near)} configurations within {frac:.0%} of the best validation learning it "
+            "forgets the least on the validation split"
+        )
     else:
         why += ", and it learned the most on the validation split"
     caveat = edge_caveat(a.lr_choice.get(ps[pick].method))
@@ -337,16 +428,20 @@ def edge_caveat(choice: dict | None) -> list[str]:
     if lr is None or len(grid) < 2 or choice.get("bracketed"):
         return []
     low = lr <= grid[0]
-    return [f"Caveat: its learning rate {lr:g} is the {'lowest' if low else 'highest'} of those tried "
-            f"({', '.join(f'{g:g}' for g in grid)}), so a {'lower' if low else 'higher'} one may learn more; widen "
-            "the search (lrs: {auto: {max_extensions: ...}}) before settling on it."]
+    return [
+        f"Caveat: its learning rate {lr:g} is the {'lowest' if low else 'highest'} of those tried "
+        f"({', '.join(f'{g:g}' for g in grid)}), so a {'lower' if low else 'higher'} one may learn more; widen "
+        "the search (lrs: {auto: {max_extensions: ...}}) before settling on it."
+    ]
 
 
 def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
     """What to change when nothing qualifies for a recommendation (learning rate, budget, data)."""
     test = a.test
-    out = [f"No recommendation: no configuration improved {L.task} significantly over the base model on the "
-           "test split (one-sided test, Holm-corrected over the study's configurations), so none is recommended."]
+    out = [
+        f"No recommendation: no configuration improved {L.task} significantly over the base model on the "
+        "test split (one-sided test, Holm-corrected over the study's configurations), so none is recommended."
+    ]
     div = [ps[i].name for i in fin if ps[i].diverged]
     if div:
         out.append(f"Diverged: {', '.join(div)}; lower their learning rates.")
@@ -358,12 +453,18 @@ def advice(ps: list, fin: list[int], a: Answer, L: MetricSpec) -> list[str]:
         for i in tried:
             low[ps[i].method] = min(low.get(ps[i].method, np.inf), ps[i].lr if ps[i].lr is not None else np.inf)
         lows = ", ".join(f"{m} {lr:g}" for m, lr in sorted(low.items()) if np.isfinite(lr))
-        out.append(f"Every configuration made {L.task} worse than the base model: try learning rates below the "
-                   f"lowest tried ({lows}), and check that the training data matches the target domain.")
+        out.append(
+            f"Every configuration made {L.task} worse than the base model: try learning rates below the "
+            f"lowest tried ({lows}), and check that the training data matches the target domain."
+        )
         return out
-    top = [f"{m} ({c['lr']:g})" for m, c in sorted(a.lr_choice.items())
-           if c["lr"] is not None and not c["bracketed"] and len(c["grid"]) > 1 and _same_lr(c["lr"], max(c["grid"]))]
-    out.append("The gains are within noise: train on more tokens or evaluate more items and seeds" +
-               (f"; the chosen learning rate is the largest tried for {', '.join(top)}: try larger ones."
-                if top else "."))
+    top = [
+        f"{m} ({c['lr']:g})"
+        for m, c in sorted(a.lr_choice.items())
+        if c["lr"] is not None and not c["bracketed"] and len(c["grid"]) > 1 and _same_lr(c["lr"], max(c["grid"]))
+    ]
+    out.append(
+        "The gains are within noise: train on more tokens or evaluate more items and seeds"
+        + (f"; the chosen learning rate is the largest tried for {', '.join(top)}: try larger ones." if top else ".")
+    )
     return out

@@ -13,17 +13,42 @@ import json
 
 from markupsafe import Markup
 
+from lorascope.evals.catalog import spec
+
 from .collect import Study, result_metrics
-from .compare import (Headline, Point, axis, base_values, difference, finals, lr_sentences, study_headlines,
-                      vs_full_table)
-from .figures import (curves_figure, diversity_figure, forest_figure, loss_figure, pareto_figure, role_keys,
-                      short_task, truncation_figure)
+from .compare import (
+    Headline,
+    Point,
+    axis,
+    base_values,
+    difference,
+    finals,
+    lr_sentences,
+    study_headlines,
+    vs_full_table,
+)
+from .figures import (
+    curves_figure,
+    diversity_figure,
+    forest_figure,
+    loss_figure,
+    pareto_figure,
+    role_keys,
+    short_task,
+    truncation_figure,
+)
 from .html import render
-from .metrics import spec
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
 from .timing import timing_rows
-from .verdict_view import (CAPACITY_RULE, frontier_figure, lr_choice_rows, lr_rows, shorten, split_sentences,
-                           verdict_lines)
+from .verdict_view import (
+    CAPACITY_RULE,
+    frontier_figure,
+    lr_choice_rows,
+    lr_rows,
+    shorten,
+    split_sentences,
+    verdict_lines,
+)
 
 
 def settings_of(st: Study) -> list[tuple[str, str | None]]:
@@ -43,9 +68,20 @@ def _headline_rows(h: Headline) -> list[list]:
     for r in sorted(h.table, key=lambda r: -(r["learning"].estimate if r["learning"] else float("inf"))):
         p: Point = r["point"]
         lr = r["learning"]
-        rows.append([p.name, p.family, p.checkpoint, len(p.run_ids), r.get("capacity"), _iv(lr),
-                     _iv(r["forgetting"]), lr.n if lr else None, lr.method if lr else None,
-                     "diverged" if p.diverged else ""])
+        rows.append(
+            [
+                p.name,
+                p.family,
+                p.checkpoint,
+                len(p.run_ids),
+                r.get("capacity"),
+                _iv(lr),
+                _iv(r["forgetting"]),
+                lr.n if lr else None,
+                lr.method if lr else None,
+                "diverged" if p.diverged else "",
+            ]
+        )
     return rows
 
 
@@ -55,20 +91,29 @@ def _headline_setting(h: Headline, family: dict[str, str], by: str) -> dict:
     # the LR sentences repeat the "how each LR was chosen" table, which replaces them where there is one
     said = set(lr_sentences(h.lr_choice, unit)) if h.lr_choice else set()
     read, todo = split_sentences([shorten(x, tasks) for x in h.sentences if x not in said])
-    return {"setting": h.setting, "read": read, "todo": todo,
-            "rows": _headline_rows(h) if h.table and h.learning else [],
-            "learning": short_task(h.learning.task) if h.learning else "none",
-            "forgetting": short_task(h.forgetting.task) if h.forgetting else "none",
-            "verdicts": verdict_lines(h, by), "lrs": lr_rows(h.chosen_lrs, family),
-            "choice": lr_choice_rows(h.lr_choice, family, h.learning.task if h.learning else None, unit),
-            "margin": h.margin_fraction, "correction": h.correction}
+    return {
+        "setting": h.setting,
+        "read": read,
+        "todo": todo,
+        "rows": _headline_rows(h) if h.table and h.learning else [],
+        "learning": short_task(h.learning.task) if h.learning else "none",
+        "forgetting": short_task(h.forgetting.task) if h.forgetting else "none",
+        "verdicts": verdict_lines(h, by),
+        "lrs": lr_rows(h.chosen_lrs, family),
+        "choice": lr_choice_rows(h.lr_choice, family, h.learning.task if h.learning else None, unit),
+        "margin": h.margin_fraction,
+        "correction": h.correction,
+    }
 
 
 def headline_section(st: Study, hs: list[Headline], ps: list[Point] = ()) -> Markup:
     """Each setting's verdicts and recommendation first (the page's first screen), then the numbers behind them."""
     family = {r.get("method_name"): r["family"] for r in st.runs}
-    settings = [] if not st.runs else [
-        _headline_setting(h, family, axis([p for p in ps if p.setting == h.setting])) for h in hs]
+    settings = (
+        []
+        if not st.runs
+        else [_headline_setting(h, family, axis([p for p in ps if p.setting == h.setting])) for h in hs]
+    )
     return render("headline.html", settings=settings, capacity_rule=CAPACITY_RULE)
 
 
@@ -76,18 +121,25 @@ def _fig(png: str | None, caption: str | None = None) -> dict:
     return {"png": png, "caption": caption}
 
 
-FOREST_CAPTION = ("Difference vs the base model (dashed line) at each configuration's last checkpoint, signed so "
-                  "that positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal "
-                  "approximation from the two stderrs without samples). These tasks were evaluated at one "
-                  "checkpoint per configuration, so no curve is drawn.")
+FOREST_CAPTION = (
+    "Difference vs the base model (dashed line) at each configuration's last checkpoint, signed so "
+    "that positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal "
+    "approximation from the two stderrs without samples). These tasks were evaluated at one "
+    "checkpoint per configuration, so no curve is drawn."
+)
 
 
 def _forest(st: Study, mine: list[Point], base: dict, role: str, keys: list[tuple[str, str]]) -> dict:
     """Dot-and-interval panels of one role (learning or forgetting), one per task, with their caption."""
     what = "learned" if role == "learning" else "forgot"
-    panels = [{"title": f"{short_task(t)} {m}", "xlabel": f"{role} vs base (positive = {what})",
-               "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in finals(mine) if (t, m) in p.values]}
-              for t, m in keys]
+    panels = [
+        {
+            "title": f"{short_task(t)} {m}",
+            "xlabel": f"{role} vs base (positive = {what})",
+            "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in finals(mine) if (t, m) in p.values],
+        }
+        for t, m in keys
+    ]
     png, notes = forest_figure(panels)
     return _fig(png, " ".join([FOREST_CAPTION.format(what=what), *notes]) if png else None)
 
@@ -114,11 +166,28 @@ def curves_section(st: Study, ps: list[Point], rows: list[dict]) -> Markup:
     for setting, _ in settings_of(st):
         mine = [p for p in ps if p.setting == setting]
         tab = vs_full_table(st, ps, rows, setting)
-        out.append({"setting": setting, "learning": _role_figures(st, mine, base, "learning"),
-                    "forgetting": _role_figures(st, mine, base, "forgetting"),
-                    "loss": _fig(*loss_figure([r for r in st.runs if r.get("setting") == setting])),
-                    "rows": [[r["point"].name, short_task(r["spec"].task), r["spec"].metric, r["value"], r["stderr"],
-                              r["seed_sd"], r["n_seeds"], _iv(r["vs_base"]), _iv(r["vs_full"])] for r in tab]})
+        out.append(
+            {
+                "setting": setting,
+                "learning": _role_figures(st, mine, base, "learning"),
+                "forgetting": _role_figures(st, mine, base, "forgetting"),
+                "loss": _fig(*loss_figure([r for r in st.runs if r.get("setting") == setting])),
+                "rows": [
+                    [
+                        r["point"].name,
+                        short_task(r["spec"].task),
+                        r["spec"].metric,
+                        r["value"],
+                        r["stderr"],
+                        r["seed_sd"],
+                        r["n_seeds"],
+                        _iv(r["vs_base"]),
+                        _iv(r["vs_full"]),
+                    ]
+                    for r in tab
+                ],
+            }
+        )
     return render("curves.html", settings=out)
 
 
@@ -140,19 +209,38 @@ def pareto_section(st: Study, ps: list[Point], rows: list[dict], hs: list[Headli
 def spectrum_section(st: Study, ps: list[Point], rows: list[dict], hs: list[Headline]) -> Markup:
     latest = last_spectra(st)
     items = [(st.run(r)["label"], sp) for r, sp in latest.items()]
-    trows = [[name, sp.get("checkpoint"), mod, a.get("n"), a.get("delta_rank_at_energy"),
-              a.get("gaussian_rank_at_energy"), a.get("delta_rank_fraction"), a.get("delta_rank_over_lora_rank"),
-              a.get("intruders_total")]
-             for name, sp in items for mod, a in sp["aggregate"]["by_module"].items()]
-    figs = {} if not items else {"heatmap": heatmap_figure(items), "by_module": by_module_figure(items),
-                                 "trajectory": trajectory_figure(st), "intruders": intruders_figure(items)}
+    trows = [
+        [
+            name,
+            sp.get("checkpoint"),
+            mod,
+            a.get("n"),
+            a.get("delta_rank_at_energy"),
+            a.get("gaussian_rank_at_energy"),
+            a.get("delta_rank_fraction"),
+            a.get("delta_rank_over_lora_rank"),
+            a.get("intruders_total"),
+        ]
+        for name, sp in items
+        for mod, a in sp["aggregate"]["by_module"].items()
+    ]
+    figs = (
+        {}
+        if not items
+        else {
+            "heatmap": heatmap_figure(items),
+            "by_module": by_module_figure(items),
+            "trajectory": trajectory_figure(st),
+            "intruders": intruders_figure(items),
+        }
+    )
     return render("spectrum.html", items=items, rows=trows, truncations=_truncations(st, ps, rows, hs), **figs)
 
 
 def _truncation_ranks(st: Study, rid: str) -> list[tuple[str, dict]]:
     """(rank name, {(task, metric): (value, stderr)}) of a run's evaluated truncations, in rank order."""
     ranks = []
-    for (r, name) in st.truncations:
+    for r, name in st.truncations:
         res = st.evals.get((rid, f"truncate-{name}"))
         if r == rid and res:
             ranks.append((name, {(t, m): (v, se) for t, m, v, se in result_metrics(res)}))
@@ -185,11 +273,23 @@ def cost_section(st: Study) -> Markup:
         s = r.get("summary") or {}
         tr, tot = s.get("trainable_parameters"), s.get("total_parameters")
         status = "diverged" if r["diverged"] else "complete" if r["complete"] else "incomplete"
-        rows.append([r.get("label"), (r.get("method") or {}).get("kind"), tr, tot,
-                     f"{100 * tr / tot:.3g}%" if tr and tot else None, s.get("tokens"), s.get("tokens_per_s"),
-                     s["peak_memory_bytes"] / 2 ** 30 if s.get("peak_memory_bytes") else None,
-                     s["checkpoint_size_bytes"] / 2 ** 20 if s.get("checkpoint_size_bytes") else None,
-                     s.get("final_loss"), s.get("precision"), s.get("processes"), status])
+        rows.append(
+            [
+                r.get("label"),
+                (r.get("method") or {}).get("kind"),
+                tr,
+                tot,
+                f"{100 * tr / tot:.3g}%" if tr and tot else None,
+                s.get("tokens"),
+                s.get("tokens_per_s"),
+                s["peak_memory_bytes"] / 2**30 if s.get("peak_memory_bytes") else None,
+                s["checkpoint_size_bytes"] / 2**20 if s.get("checkpoint_size_bytes") else None,
+                s.get("final_loss"),
+                s.get("precision"),
+                s.get("processes"),
+                status,
+            ]
+        )
     return render("cost.html", rows=rows if any(r.get("summary") for r in st.runs) else [])
 
 
@@ -203,8 +303,13 @@ def diversity_section(st: Study, ps: list[Point], rows: list[dict]) -> Markup:
         for setting, _ in settings_of(st):
             for p in finals([q for q in ps if q.setting == setting]):
                 if (task, "unique_passed_mean") in p.values:
-                    items.append((f"{setting}: {p.name}", p.values[(task, "unique_passed_mean")][0],
-                                  p.values[(task, "unique_failed_mean")][0]))
+                    items.append(
+                        (
+                            f"{setting}: {p.name}",
+                            p.values[(task, "unique_passed_mean")][0],
+                            p.values[(task, "unique_failed_mean")][0],
+                        )
+                    )
         if items:
             out.append({"task": task, "png": diversity_figure(items, task), "rows": [list(i) for i in items]})
     return render("diversity.html", tasks=out)
@@ -231,11 +336,19 @@ def _data_rows(st: Study) -> list[list]:
     for m, settings in mans.values():
         dropped = dropped_by_decontamination(m)
         rule = (m.get("decontamination") or {}).get("rule", "–")
-        rows.append([m.get("name"), m.get("regime"), ", ".join(sorted({s for s in settings if s})),
-                     "; ".join(f"{s.get('name')} ({s.get('licence')})" for s in m.get("sources", [])),
-                     json.dumps(m.get("documents")), json.dumps(m.get("tokens")), m.get("content_hash"),
-                     f"{rule}; dropped {json.dumps(dropped) if dropped else 'none'}",
-                     json.dumps({k: len(v) for k, v in (m.get("excluded_eval_ids") or {}).items()})])
+        rows.append(
+            [
+                m.get("name"),
+                m.get("regime"),
+                ", ".join(sorted({s for s in settings if s})),
+                "; ".join(f"{s.get('name')} ({s.get('licence')})" for s in m.get("sources", [])),
+                json.dumps(m.get("documents")),
+                json.dumps(m.get("tokens")),
+                m.get("content_hash"),
+                f"{rule}; dropped {json.dumps(dropped) if dropped else 'none'}",
+                json.dumps({k: len(v) for k, v in (m.get("excluded_eval_ids") or {}).items()}),
+            ]
+        )
     return rows
 
 
@@ -254,13 +367,26 @@ def provenance_section(st: Study) -> Markup:
     versions = (st.base or {}).get("versions") or {}
     run_cmds = sorted({r["meta"].get("command") for r in st.runs if r.get("meta") and r["meta"].get("command")})
     return render(
-        "provenance.html", software_keys=SOFTWARE_KEYS,
+        "provenance.html",
+        software_keys=SOFTWARE_KEYS,
         software_rows=[[", ".join(v) if len(v) < 4 else f"{len(v)} runs", *k] for k, v in distinct.items()],
-        base_versions=", ".join(f"{k} {v}" for k, v in versions.items()), data_rows=_data_rows(st),
-        commands="\n".join(c for c in st.commands.splitlines() if c.strip()), run_commands="\n".join(run_cmds),
+        base_versions=", ".join(f"{k} {v}" for k, v in versions.items()),
+        data_rows=_data_rows(st),
+        commands="\n".join(c for c in st.commands.splitlines() if c.strip()),
+        run_commands="\n".join(run_cmds),
         study_yaml=st.study_yaml,
-        runs=[[r["run_id"], r.get("label"), r.get("setting"), json.dumps(r.get("method"), sort_keys=True),
-               r.get("lr"), r.get("seed")] for r in st.runs])
+        runs=[
+            [
+                r["run_id"],
+                r.get("label"),
+                r.get("setting"),
+                json.dumps(r.get("method"), sort_keys=True),
+                r.get("lr"),
+                r.get("seed"),
+            ]
+            for r in st.runs
+        ],
+    )
 
 
 def headlines(st: Study, ps: list[Point], rows: list[dict]) -> list[Headline]:

@@ -93,8 +93,15 @@ def by_module_figure(items: list[tuple[str, dict]]) -> str | None:
         g = [(x, bm[m].get("gaussian_rank_at_energy")) for x, m in zip(xs, [m for m in mods if m in bm])]
         g = [(x, y) for x, y in g if y is not None]
         if g:
-            ax.plot([x for x, _ in g], [y for _, y in g], "_", color="black", ms=12, mew=2,
-                    label="Gaussian baseline" if i == 0 else None)
+            ax.plot(
+                [x for x, _ in g],
+                [y for _, y in g],
+                "_",
+                color="black",
+                ms=12,
+                mew=2,
+                label="Gaussian baseline" if i == 0 else None,
+            )
     ax.set_xticks(range(len(mods)), mods, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("mean rank of dW at energy")
     ax.grid(alpha=0.3, axis="y")

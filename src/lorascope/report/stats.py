@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorascope.evals.catalog import FORGETTING_TASKS, MetricSpec, spec
+
 from ..splits import split_of
 from .collect import Study
-from .metrics import FORGETTING_TASKS, MetricSpec, spec
 
 ItemValues = dict[str, float]  # item id -> per-item value of the metric
 N_BOOT = 2000
@@ -42,7 +43,7 @@ class Interval:
         """The 95% interval excludes 0."""
         return self.lo > 0 or self.hi < 0
 
-    def flipped(self) -> "Interval":
+    def flipped(self) -> Interval:
         return Interval(-self.estimate, -self.hi, -self.lo, self.n, self.method)
 
     def text(self, digits: int = 4) -> str:
@@ -52,8 +53,9 @@ class Interval:
         return f"{f(self.estimate)} [{f(self.lo)}, {f(self.hi)}]"
 
 
-def item_values(st: Study, run_id: str, ckpt: str | None, s: MetricSpec, split: str = "test",
-                weights: list | None = None) -> list[ItemValues] | None:
+def item_values(
+    st: Study, run_id: str, ckpt: str | None, s: MetricSpec, split: str = "test", weights: list | None = None
+) -> list[ItemValues] | None:
     """Per-item values of one task's headline metric on one split (one dict per part: three for
     forgetting_mean), None without samples. weights: a list that receives each part's {item id: weight} (KL's
     tokens per text; 1 elsewhere)."""
@@ -68,8 +70,13 @@ def item_values(st: Study, run_id: str, ckpt: str | None, s: MetricSpec, split: 
     return parts
 
 
-def paired_bootstrap(a: list[list[ItemValues]], b: list[list[ItemValues]], seed: int = 0,
-                     n_boot: int = N_BOOT, weights: list[dict] | None = None) -> Interval | None:
+def paired_bootstrap(
+    a: list[list[ItemValues]],
+    b: list[list[ItemValues]],
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+    weights: list[dict] | None = None,
+) -> Interval | None:
     """95% percentile interval of mean(a) - mean(b).
 
     a, b: per seed (outer list), per part (inner list), item values. Items are paired by id over the items
@@ -101,7 +108,7 @@ def stderr_interval(va: float, sa: float | None, vb: float, sb: float | None) ->
     """Unpaired normal approximation: (va - vb) +- 1.96 sqrt(sa^2 + sb^2); None without both stderrs."""
     if sa is None or sb is None or not (math.isfinite(sa) and math.isfinite(sb)):
         return None
-    half = 1.96 * math.sqrt(sa ** 2 + sb ** 2)
+    half = 1.96 * math.sqrt(sa**2 + sb**2)
     return Interval(va - vb, va - vb - half, va - vb + half, None, "normal approx. from stderr (unpaired)")
 
 

@@ -63,9 +63,17 @@ def timing_rows(st: Study) -> list[list]:
     rows = []
     for kind, a in sorted(acc.items(), key=lambda x: -x[1]["wall"]):
         cat = CATEGORY.get(kind)
-        rows.append([kind, a["n"], a["wall"], *[a["work"] if cat == c else 0.0 for c in CATEGORIES],
-                     a["over"] if a["n_over"] else None, a["over"] / a["n_over"] if a["n_over"] else None,
-                     f"{100 * a['wall'] / total:.0f}%" if total else None])
+        rows.append(
+            [
+                kind,
+                a["n"],
+                a["wall"],
+                *[a["work"] if cat == c else 0.0 for c in CATEGORIES],
+                a["over"] if a["n_over"] else None,
+                a["over"] / a["n_over"] if a["n_over"] else None,
+                f"{100 * a['wall'] / total:.0f}%" if total else None,
+            ]
+        )
     if rows:
         sums = [sum(r[i] for r in rows if r[i] is not None) for i in range(1, 7)]
         n_over = sum(a["n_over"] for a in acc.values())

@@ -15,13 +15,17 @@ from __future__ import annotations
 from .compare import Headline
 from .figures import colors, new_figure, outside_legend, short_task, to_png
 
-QUESTIONS = {"learns_less": "Does {a} learn less than {b}{at}?",
-             "forgets_less_at_equal_learning": "Does {a} forget less than {b} at equal learning?"}
+QUESTIONS = {
+    "learns_less": "Does {a} learn less than {b}{at}?",
+    "forgets_less_at_equal_learning": "Does {a} forget less than {b} at equal learning?",
+}
 
 
-CAPACITY_RULE = ("Capacity: trainable parameters per token seen. Rule of thumb ('LoRA Without Regret', Schulman "
-                 "et al. 2025): LoRA keeps up with full fine-tuning while its trainable parameters are at least the "
-                 "tokens it trains on (capacity >= 1); below that it may learn less.")
+CAPACITY_RULE = (
+    "Capacity: trainable parameters per token seen. Rule of thumb ('LoRA Without Regret', Schulman "
+    "et al. 2025): LoRA keeps up with full fine-tuning while its trainable parameters are at least the "
+    "tokens it trains on (capacity >= 1); below that it may learn less."
+)
 
 
 def _num(x: float) -> str:
@@ -41,7 +45,8 @@ def _capacity(v: dict) -> str | None:
     if lora is None and full is None:
         return None
     text = "capacity (trainable params / token): " + ", ".join(
-        f"{who}: {'–' if c is None else f'{c:.3g}'}" for who, c in ((v.get("a"), lora), (v.get("b"), full)))
+        f"{who}: {'–' if c is None else f'{c:.3g}'}" for who, c in ((v.get("a"), lora), (v.get("b"), full))
+    )
     if lora is not None and lora < 1:
         text += " — LoRA below 1, where the rule of thumb expects it to learn less"
     return text
@@ -51,16 +56,26 @@ def _tests(v: dict, frac: float | None) -> list[str]:
     """The statistics behind one verdict: equivalence margin, raw and Holm-adjusted p, common learning range."""
     out = []
     if v.get("margin") is not None:
-        of = "gain compared" if v["question"] == "learns_less" else "forgetting of the two frontiers atop the common range"
-        out.append(f"equivalence margin ±{abs(v['margin']):.3g}" + (
-            "" if frac is None else f" ({frac:.0%} of the larger {of})"))
+        of = (
+            "gain compared"
+            if v["question"] == "learns_less"
+            else "forgetting of the two frontiers atop the common range"
+        )
+        out.append(
+            f"equivalence margin ±{abs(v['margin']):.3g}"
+            + ("" if frac is None else f" ({frac:.0%} of the larger {of})")
+        )
     if v.get("p") is not None:  # 2 digits: a bootstrap p is a count over its replicates
-        out.append(f"p = {v['p']:.2g}" + (f", Holm-adjusted p = {v['p_holm']:.2g}" if v.get("p_holm") is not None
-                                          else ""))
+        out.append(
+            f"p = {v['p']:.2g}" + (f", Holm-adjusted p = {v['p_holm']:.2g}" if v.get("p_holm") is not None else "")
+        )
     if v["question"] == "forgets_less_at_equal_learning" and "range" in v:
         r = v["range"]
-        out.append("common learning range: none (the two families' learning ranges do not overlap)" if r is None
-                   else f"common learning range {_num(r[0])} to {_num(r[1])}")
+        out.append(
+            "common learning range: none (the two families' learning ranges do not overlap)"
+            if r is None
+            else f"common learning range {_num(r[0])} to {_num(r[1])}"
+        )
     return out
 
 
@@ -80,16 +95,36 @@ def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
             if v.get("interval") is not None:
                 est += f" [{_num(v['interval'][0])}, {_num(v['interval'][1])}]"
             numbers = f"difference {v.get('a')} − {v.get('b')}: {est}" + (
-                f" ({v.get('level', 0.95):.0%} interval)" if v.get("interval") is not None else "")
-            what, less = ("learning", "learned") if v["question"] == "learns_less" else \
-                ("forgetting at equal learning", "forgets")
+                f" ({v.get('level', 0.95):.0%} interval)" if v.get("interval") is not None else ""
+            )
+            what, less = (
+                ("learning", "learned")
+                if v["question"] == "learns_less"
+                else ("forgetting at equal learning", "forgets")
+            )
             gist = f"{what}, {v.get('a')} − {v.get('b')}: {est} (below 0: {v.get('a')} {less} less)"
-        notes = [x for x in (f"noise: {v['noise']}" if v.get("noise") else None,
-                             f"{v['split']} split" if v.get("split") else None, v.get("correction"),
-                             v.get("power")) if x]
-        out.append({"text": q.format(a=v.get("a"), b=v.get("b"), at=at), "verdict": v["verdict"],
-                    "gist": gist, "numbers": numbers, "tests": _tests(v, h.margin_fraction), "capacity": _capacity(v),
-                    "reason": shorten(v.get("reason") or "", tasks), "notes": notes})
+        notes = [
+            x
+            for x in (
+                f"noise: {v['noise']}" if v.get("noise") else None,
+                f"{v['split']} split" if v.get("split") else None,
+                v.get("correction"),
+                v.get("power"),
+            )
+            if x
+        ]
+        out.append(
+            {
+                "text": q.format(a=v.get("a"), b=v.get("b"), at=at),
+                "verdict": v["verdict"],
+                "gist": gist,
+                "numbers": numbers,
+                "tests": _tests(v, h.margin_fraction),
+                "capacity": _capacity(v),
+                "reason": shorten(v.get("reason") or "", tasks),
+                "notes": notes,
+            }
+        )
     return out
 
 
@@ -97,26 +132,41 @@ def lr_rows(chosen: dict[str, float], family: dict[str, str]) -> list[list]:
     """[method, family, chosen LR, LR / full FT's chosen LR] per method; the ratio needs one full-FT method."""
     fulls = [m for m in chosen if family.get(m) == "full"]
     ref = chosen[fulls[0]] if len(fulls) == 1 and chosen[fulls[0]] else None
-    return [[m, family.get(m), lr, lr / ref if ref and family.get(m) not in (None, "full") and lr else None]
-            for m, lr in sorted(chosen.items(), key=lambda x: (family.get(x[0]) != "full", x[0]))]
+    return [
+        [m, family.get(m), lr, lr / ref if ref and family.get(m) not in (None, "full") and lr else None]
+        for m, lr in sorted(chosen.items(), key=lambda x: (family.get(x[0]) != "full", x[0]))
+    ]
 
 
-def lr_choice_rows(choice: dict[str, dict], family: dict[str, str], metric: str | None,
-                   unit: str = "tokens") -> list[list]:
+def lr_choice_rows(
+    choice: dict[str, dict], family: dict[str, str], metric: str | None, unit: str = "tokens"
+) -> list[list]:
     """[method, chosen by, validation metric (split), grid tried, chosen LR, bracketed, diverged LRs, at budget]
     per method, full FT first. `metric`: the headline learning task, which the report's own choice reads when the
     record names none."""
     rows = []
     for m, c in sorted(choice.items(), key=lambda x: (family.get(x[0]) != "full", x[0])):
         grid = c.get("grid") or []
-        edge = "bracketed" if c.get("bracketed") else "only one tried" if len(grid) < 2 else \
-            "unbracketed (best at an edge)"
+        edge = (
+            "bracketed"
+            if c.get("bracketed")
+            else "only one tried"
+            if len(grid) < 2
+            else "unbracketed (best at an edge)"
+        )
         what = c.get("metric") or metric
-        rows.append([m, c.get("by"), f"{short_task(what) if what else '–'} ({c.get('split') or 'validation'})",
-                     ", ".join(f"{x:g}" for x in grid) or "–", c.get("lr"),
-                     edge if c.get("lr") is not None else c.get("status") or "no result",
-                     ", ".join(f"{x:g}" for x in c.get("diverged") or []) or "none",
-                     f"{c['at']:,} {unit}" if c.get("at") else "–"])
+        rows.append(
+            [
+                m,
+                c.get("by"),
+                f"{short_task(what) if what else '–'} ({c.get('split') or 'validation'})",
+                ", ".join(f"{x:g}" for x in grid) or "–",
+                c.get("lr"),
+                edge if c.get("lr") is not None else c.get("status") or "no result",
+                ", ".join(f"{x:g}" for x in c.get("diverged") or []) or "none",
+                f"{c['at']:,} {unit}" if c.get("at") else "–",
+            ]
+        )
     return rows
 
 
@@ -130,7 +180,8 @@ def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
 
 def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
     """Learning (x) vs forgetting (y), both vs the base and on the test split: each family's points, its
-    lower-left (Pareto) frontier, and the matched-learning band where the families are compared. Returns (png, caption)."""
+    lower-left (Pareto) frontier, and the matched-learning band where the families are compared.
+    Returns (png, caption)."""
     fams = {f: fr for f, fr in frontiers.items() if fr.get("points")}
     if not fams:
         return None, None
@@ -143,8 +194,9 @@ def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
     for f, fr in sorted(fams.items()):
         ax.scatter([p[0] for p in fr["points"]], [p[1] for p in fr["points"]], s=22, color=col[f], alpha=0.7)
         if fr.get("curve"):
-            ax.plot([c[0] for c in fr["curve"]], [c[1] for c in fr["curve"]], color=col[f], lw=1.8,
-                    label=f"{f} frontier")
+            ax.plot(
+                [c[0] for c in fr["curve"]], [c[1] for c in fr["curve"]], color=col[f], lw=1.8, label=f"{f} frontier"
+            )
     ax.axhline(0, color="black", lw=0.8, ls="--")
     ax.axvline(0, color="black", lw=0.8, ls="--")
     ax.plot([0], [0], marker="*", ms=12, color="black", ls="none", label="base")
@@ -152,11 +204,16 @@ def frontier_figure(frontiers: dict) -> tuple[str | None, str | None]:
     ax.set_ylabel("forgetting vs base (↑ more forgotten)")
     ax.grid(alpha=0.3)
     outside_legend(ax)
-    cap = ("Each dot is one configuration (learning rate, budget; seeds pooled) on the test split; lines are each "
-           "family's frontier: the configurations no other of the family beats on both counts (learned at least "
-           "as much and forgot no more). ")
-    cap += (f"Shaded: the learning range both families reach ({_num(band[0])} to {_num(band[1])}), where "
-            "forgetting is compared at equal learning." if band else
-            "No shaded band: the families' learning ranges do not overlap, so they cannot be compared at equal "
-            "learning.")
+    cap = (
+        "Each dot is one configuration (learning rate, budget; seeds pooled) on the test split; lines are each "
+        "family's frontier: the configurations no other of the family beats on both counts (learned at least "
+        "as much and forgot no more). "
+    )
+    cap += (
+        f"Shaded: the learning range both families reach ({_num(band[0])} to {_num(band[1])}), where "
+        "forgetting is compared at equal learning."
+        if band
+        else "No shaded band: the families' learning ranges do not overlap, so they cannot be compared at equal "
+        "learning."
+    )
     return to_png(fig), cap

@@ -21,10 +21,19 @@ import json
 import math
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import LorascopeError
-from .studyconfig import (AutoLR, MethodEntry, Setting, StudyConfig, budgets, checkpoint_names, make_run,
-                          round_lr, search_budget)
+from lorascope.config import RunConfig
+from lorascope.errors import LorascopeError
+from lorascope.study.config import (
+    AutoLR,
+    MethodEntry,
+    Setting,
+    StudyConfig,
+    budgets,
+    checkpoint_names,
+    make_run,
+    round_lr,
+    search_budget,
+)
 
 
 def plan_runs(study: StudyConfig, d: Path | None) -> tuple[list[dict], dict[str, dict]]:
@@ -59,8 +68,9 @@ def search_lr(study: StudyConfig, s: Setting, m: MethodEntry, d: Path | None) ->
     task = study.learning_task(s)
     extensions = 0
     while True:
-        runs = [make_run(study, s, m, lr, study.seeds[0], search_budget(s, auto.budget), role="lr-search")
-                for lr in grid]
+        runs = [
+            make_run(study, s, m, lr, study.seeds[0], search_budget(s, auto.budget), role="lr-search") for lr in grid
+        ]
         scores = [validation_score(d, r, task) for r in runs]
         record = _record(s, m, task, grid, runs, scores, extensions)
         if any(sc is None for sc in scores):
@@ -77,7 +87,7 @@ def search_lr(study: StudyConfig, s: Setting, m: MethodEntry, d: Path | None) ->
 
 def validation_score(d: Path | None, run: dict, task: str) -> dict | None:
     """{"value", "split", "diverged"} of a run's final checkpoint on `task`, or None while not yet known."""
-    from .report.metrics import spec
+    from lorascope.evals.catalog import spec
 
     if d is None:
         return None
@@ -94,8 +104,10 @@ def validation_score(d: Path | None, run: dict, task: str) -> dict | None:
         raise LorascopeError(f"{f}: no results for '{task}', the metric that chooses this run's LR")
     by_split = res.get("by_split", {}).get("validation")
     if by_split is not None and not by_split.get("n"):
-        raise LorascopeError(f"{f}: '{task}' has no validation items (n=0), so no LR can be chosen on validation; "
-                             f"evaluate more items (raise the limit of its evals group)")
+        raise LorascopeError(
+            f"{f}: '{task}' has no validation items (n=0), so no LR can be chosen on validation; "
+            f"evaluate more items (raise the limit of its evals group)"
+        )
     # results written before evaluations carried splits: use all items, and say so in lr_search.json
     value, split = (by_split[ms.metric], "validation") if by_split else (res["metrics"][ms.metric], "all items")
     return {"value": value, "split": split, "diverged": False, "higher_better": ms.higher_better}
@@ -103,22 +115,37 @@ def validation_score(d: Path | None, run: dict, task: str) -> dict | None:
 
 def _best(scores: list[dict]) -> int:
     """Index of the best score; diverged runs are worst, ties go to the lower LR."""
+
     def key(i: int) -> float:
         sc = scores[i]
         if sc["diverged"] or sc["value"] is None or not math.isfinite(sc["value"]):
             return -math.inf
         return sc["value"] if sc["higher_better"] else -sc["value"]
+
     return max(range(len(scores)), key=lambda i: (key(i), -i))
 
 
-def _record(s: Setting, m: MethodEntry, task: str, grid: list[float], runs: list[dict], scores: list,
-            extensions: int) -> dict:
-    points = [{"lr": lr, "run_id": r["run_id"], "value": sc and sc["value"], "diverged": bool(sc and sc["diverged"])}
-              for lr, r, sc in zip(grid, runs, scores)]
+def _record(
+    s: Setting, m: MethodEntry, task: str, grid: list[float], runs: list[dict], scores: list, extensions: int
+) -> dict:
+    points = [
+        {"lr": lr, "run_id": r["run_id"], "value": sc and sc["value"], "diverged": bool(sc and sc["diverged"])}
+        for lr, r, sc in zip(grid, runs, scores)
+    ]
     splits = sorted({sc["split"] for sc in scores if sc and sc["split"]})
-    return {"setting": s.name, "method": m.name, "metric": task, "split": "+".join(splits) or None,
-            "grid": list(grid), "points": points, "diverged": [p["lr"] for p in points if p["diverged"]],
-            "extensions": extensions, "chosen": None, "bracketed": False, "status": "searching"}
+    return {
+        "setting": s.name,
+        "method": m.name,
+        "metric": task,
+        "split": "+".join(splits) or None,
+        "grid": list(grid),
+        "points": points,
+        "diverged": [p["lr"] for p in points if p["diverged"]],
+        "extensions": extensions,
+        "chosen": None,
+        "bracketed": False,
+        "status": "searching",
+    }
 
 
 def _choose(record: dict, grid: list[float], scores: list[dict], best: int, edge: int) -> dict:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from .errors import LorascopeError
-from .lifetime import die_with_parent
+from lorascope.errors import LorascopeError
+from lorascope.lifetime import die_with_parent
 
 
 def die_with_launcher() -> None:

@@ -23,7 +23,7 @@ _BITS = 16  # random bits a mask entry: the drop rate is realised to 2**-16 (see
 
 def realised_p(p: float) -> float:
     """The drop probability keep_mask realises for `p`: p rounded to a multiple of 2**-16 (0.05 -> 0.0500031)."""
-    return round(p * 2 ** _BITS) / 2 ** _BITS
+    return round(p * 2**_BITS) / 2**_BITS
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -33,11 +33,11 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     thread) is the cost, and 16 bits an entry draws half of 32 (1024 x 576 entries, 2 cores, medians of 50:
     0.78 ms against 1.37) and a quarter of ``rand_like(x) >= p``'s fp32 path (2.0 ms). Seeded, and saved with a
     training state, with torch's RNG like nn.Dropout."""
-    cut = int(realised_p(p) * 2 ** _BITS)  # entry u in [0, 2**16) is kept when u >= cut
-    if cut >= 2 ** _BITS:  # the int16 threshold 2**15 would wrap around in the comparison
+    cut = int(realised_p(p) * 2**_BITS)  # entry u in [0, 2**16) is kept when u >= cut
+    if cut >= 2**_BITS:  # the int16 threshold 2**15 would wrap around in the comparison
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
     threshold = cut - 2 ** (_BITS - 1)  # as int16: u - 2**15 against the same shift
     return (bits.view(torch.int16)[:n] >= threshold).view(x.shape)
 
@@ -109,8 +109,9 @@ class FusedUpdate(LoraVariant):
         return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         lora_b = module.lora_B[active_adapter]
         h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
         scaling = module.scaling[active_adapter]

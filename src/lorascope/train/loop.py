@@ -42,14 +42,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import runlog
-from .config import RunConfig, TrainConfig, dump
-from .errors import LorascopeError
-from .fileio import atomic_write_text
-from .headloss import HeadLoss, n_targets
-from .schedules import branch_multiplier, cooldown_start, multiplier
-from .sharded import die_with_launcher, enable_cpu_fsdp, fsdp_plugin
-from .trainplan import Plan
+from lorascope.config import RunConfig, TrainConfig, dump
+from lorascope.errors import LorascopeError
+from lorascope.fileio import atomic_write_text
+from lorascope.train import runlog
+from lorascope.train.headloss import HeadLoss, n_targets
+from lorascope.train.plan import Plan
+from lorascope.train.schedules import branch_multiplier, cooldown_start, multiplier
+from lorascope.train.sharded import die_with_launcher, enable_cpu_fsdp, fsdp_plugin
 
 
 def _optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
@@ -85,15 +85,23 @@ def _accelerator(t: TrainConfig):
     # accelerate selects gloo (MULTI_CPU) for a multi-process launch only when told cpu=True.
     cpu = world_env > 1 and not torch.cuda.is_available()
     plugin = fsdp_plugin(t.precision)  # None unless an FSDP launch config asked for sharding
-    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if t.precision == "bf16" else "no",
-                      gradient_accumulation_steps=t.grad_accum, fsdp_plugin=None if cpu else plugin)
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if t.precision == "bf16" else "no",
+        gradient_accumulation_steps=t.grad_accum,
+        fsdp_plugin=None if cpu else plugin,
+    )
     enable_cpu_fsdp(acc, plugin)  # sharded: FSDP2 on CPU/gloo when an FSDP launch config asked for it
     if acc.num_processes != world_env:
-        raise LorascopeError(f"launched as {world_env} processes but accelerate set up {acc.num_processes}; "
-                             "see configs/accelerate/ for working launch configs")
+        raise LorascopeError(
+            f"launched as {world_env} processes but accelerate set up {acc.num_processes}; "
+            "see configs/accelerate/ for working launch configs"
+        )
     if t.batch_size % acc.num_processes:
-        raise LorascopeError(f"train.batch_size: {t.batch_size} is not divisible by {acc.num_processes} processes "
-                             "(it is the global micro-batch)")
+        raise LorascopeError(
+            f"train.batch_size: {t.batch_size} is not divisible by {acc.num_processes} processes "
+            "(it is the global micro-batch)"
+        )
     return acc
 
 
@@ -132,8 +140,20 @@ class Trainer:
     is a method, so a test (or the dry run) can drive them one by one.
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, acc, model, tok, data, manifest: dict, plan: Plan, opt,
-                 counts: tuple[int, int], head_loss: HeadLoss | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        acc,
+        model,
+        tok,
+        data,
+        manifest: dict,
+        plan: Plan,
+        opt,
+        counts: tuple[int, int],
+        head_loss: HeadLoss | None = None,
+    ):
         self.cfg, self.t, self.out, self.acc = cfg, cfg.train, out, acc
         self.head_loss = head_loss  # None: transformers' own loss (headloss.py says where each is used)
         self.model, self.tok, self.data, self.manifest, self.plan, self.opt = model, tok, data, manifest, plan, opt
@@ -142,20 +162,25 @@ class Trainer:
         self.sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
         self.trained = [p for p in model.parameters() if p.requires_grad]
         self.state_dir = out / "state"
-        self.lr_mult = multiplier(self.t.schedule, plan.total, int(round(self.t.warmup_frac * plan.total)),
-                                  self.t.cooldown_frac, self.t.min_lr_ratio)
+        self.lr_mult = multiplier(
+            self.t.schedule,
+            plan.total,
+            int(round(self.t.warmup_frac * plan.total)),
+            self.t.cooldown_frac,
+            self.t.min_lr_ratio,
+        )
         self.prog = {"step": 0, "checkpoints": [], "elapsed_s": 0.0, "tokens_processed": 0, "sessions": 0}
         self.step, self.done = 0, set()
         self.t_start, self.elapsed0, self.processed0, self.processed = time.time(), 0.0, 0, 0
 
     @classmethod
-    def setup(cls, cfg: RunConfig, out: Path) -> "Trainer":
+    def setup(cls, cfg: RunConfig, out: Path) -> Trainer:
         """Accelerator, seeded model + method, data, plan and optimizer; writes nothing but OUT/init (PiSSA/OLoRA)."""
         from accelerate.utils import set_seed
 
-        from . import methods
-        from .data import dataset_manifest, load_dataset
-        from .models import load_base
+        from lorascope.data import dataset_manifest, load_dataset
+        from lorascope.models import load_base
+        from lorascope.train import methods
 
         t = cfg.train
         acc = _accelerator(t)
@@ -169,8 +194,10 @@ class Trainer:
         opt = _optimizer(methods.param_groups(model, cfg.method, t.lr, t.weight_decay), t)
         counts = methods.trainable_parameters(model), methods.total_parameters(model)
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED") and cfg.method.init == "loftq":
-            raise LorascopeError("method.init: loftq merges its adapter in place at save time, which sharded "
-                                 "(FSDP/ZeRO) weights do not allow; train LoftQ on one process")
+            raise LorascopeError(
+                "method.init: loftq merges its adapter in place at save time, which sharded "
+                "(FSDP/ZeRO) weights do not allow; train LoftQ on one process"
+            )
         model, opt = acc.prepare(model, opt)
         return cls(cfg, out, acc, model, tok, data, manifest, plan, opt, counts, head_loss)
 
@@ -192,16 +219,21 @@ class Trainer:
                 self.acc.load_state(str(self.state_dir))
             except Exception as e:  # noqa: BLE001 - name the damaged file, whatever the loader raised
                 bad = runlog.first_unreadable(self.state_dir)
-                where, why = bad if bad else (self.state_dir,
-                                              str(e).splitlines()[0] if str(e) else type(e).__name__)
-                raise LorascopeError(f"{where}: unreadable training state ({why}); delete {self.state_dir} to "
-                                     "restart from the beginning") from None
+                where, why = bad if bad else (self.state_dir, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise LorascopeError(
+                    f"{where}: unreadable training state ({why}); delete {self.state_dir} to restart from the beginning"
+                ) from None
         self.step, self.done = self.prog["step"], set(self.prog["checkpoints"])
         self.prog["sessions"] += 1
         if self.main:
             runlog.truncate_loss(self.out / "loss.jsonl", self.step)  # drop lines logged after the resumed state
-            runlog.write_meta(self.out / "meta.json", seed=self.t.seed, processes=self.world,
-                              start_step=self.step, data_manifest_hash=self.manifest["content_hash"])
+            runlog.write_meta(
+                self.out / "meta.json",
+                seed=self.t.seed,
+                processes=self.world,
+                start_step=self.step,
+                data_manifest_hash=self.manifest["content_hash"],
+            )
         self.t_start, self.elapsed0 = time.time(), self.prog["elapsed_s"]
         self.processed0 = self.processed = self.prog["tokens_processed"]
 
@@ -222,9 +254,16 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every process's files (its RNG state, its shard) are in tmp before the rename
         if self.main:  # progress.json last: a state dir without it is incomplete
-            runlog.write_json(tmp / "progress.json", {**self.prog, "step": at, "checkpoints": sorted(self.done),
-                                                      "elapsed_s": self.elapsed(),
-                                                      "tokens_processed": self.processed})
+            runlog.write_json(
+                tmp / "progress.json",
+                {
+                    **self.prog,
+                    "step": at,
+                    "checkpoints": sorted(self.done),
+                    "elapsed_s": self.elapsed(),
+                    "tokens_processed": self.processed,
+                },
+            )
             shutil.rmtree(self.state_dir, ignore_errors=True)
             tmp.rename(self.state_dir)
         acc.wait_for_everyone()
@@ -241,7 +280,7 @@ class Trainer:
         gn = None
         self.model.train()
         for m in range(t.grad_accum):
-            mine = rows[m * t.batch_size + rank * per: m * t.batch_size + (rank + 1) * per]
+            mine = rows[m * t.batch_size + rank * per : m * t.batch_size + (rank + 1) * per]
             inputs = {k: torch.stack([data[i][k] for i in mine]).to(acc.device) for k in data[mine[0]]}
             with acc.accumulate(self.model):
                 with acc.autocast():
@@ -264,7 +303,7 @@ class Trainer:
 
     def save_checkpoint(self, s: int, mult: float, cooldown: dict | None = None) -> None:
         """Checkpoint of the budget ending at step `s` (its last lr multiplier `mult`), with lorascope.json."""
-        from . import methods  # looked up at call time: tests watch what is saved
+        from lorascope.train import methods  # looked up at call time: tests watch what is saved
 
         acc, t, cfg = self.acc, self.t, self.cfg
         kind, value = self.plan.checkpoints[s]
@@ -272,14 +311,28 @@ class Trainer:
         # sharded weights (FSDP / ZeRO-3) are gathered by every rank together; DDP weights are whole on rank 0
         full_sd = {"state_dict": acc.get_state_dict(self.model)} if self.sharded else {}
         if self.main:
-            meta = {"step": s, "tokens": s * t.tokens_per_step, "epoch": value if kind == "epoch" else None,
-                    "budget": {kind: value}, "method": dump(cfg.method), "lr": t.lr, "final_lr": t.lr * mult,
-                    "schedule": t.schedule, "seed": t.seed}
+            meta = {
+                "step": s,
+                "tokens": s * t.tokens_per_step,
+                "epoch": value if kind == "epoch" else None,
+                "budget": {kind: value},
+                "method": dump(cfg.method),
+                "lr": t.lr,
+                "final_lr": t.lr * mult,
+                "schedule": t.schedule,
+                "seed": t.seed,
+            }
             if cooldown:
                 meta["cooldown"] = cooldown
-            methods.save_checkpoint(acc.unwrap_model(self.model), cfg.method,
-                                    self.out / "checkpoints" / self.plan.name(s), cfg.model, meta,
-                                    tokenizer=self.tok if cfg.method.kind == "full" else None, **full_sd)
+            methods.save_checkpoint(
+                acc.unwrap_model(self.model),
+                cfg.method,
+                self.out / "checkpoints" / self.plan.name(s),
+                cfg.model,
+                meta,
+                tokenizer=self.tok if cfg.method.kind == "full" else None,
+                **full_sd,
+            )
         self.done.add(self.plan.name(s))
         acc.wait_for_everyone()
 
@@ -314,8 +367,15 @@ class Trainer:
         """The main loop, from the resumed step to the end of the budget."""
         plan, tps, branch_at = self.plan, self.t.tokens_per_step, self.branches_at()
         label = f"train {self.cfg.method.label()}"
-        bar = tqdm(total=plan.total * tps, initial=self.step * tps, disable=not (progress and self.main),
-                   unit="tok", unit_scale=True, desc=label, dynamic_ncols=True)
+        bar = tqdm(
+            total=plan.total * tps,
+            initial=self.step * tps,
+            disable=not (progress and self.main),
+            unit="tok",
+            unit_scale=True,
+            desc=label,
+            dynamic_ncols=True,
+        )
         loss_file = open(self.out / "loss.jsonl", "a") if self.main else None
         try:
             while self.step < plan.total:
@@ -342,10 +402,18 @@ class Trainer:
             raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
         if loss_file and (step % self.t.log_every == 0 or step == self.plan.total):
             session = time.time() - self.t_start
-            loss_file.write(json.dumps({"step": step, "tokens": step * tps, **rec,
-                                        "tokens_per_s": round((self.processed - self.processed0) /
-                                                              max(session, 1e-9), 2),
-                                        "elapsed_s": round(self.elapsed(), 3)}) + "\n")
+            loss_file.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "tokens": step * tps,
+                        **rec,
+                        "tokens_per_s": round((self.processed - self.processed0) / max(session, 1e-9), 2),
+                        "elapsed_s": round(self.elapsed(), 3),
+                    }
+                )
+                + "\n"
+            )
             loss_file.flush()
 
     def after_step(self) -> None:
@@ -360,21 +428,32 @@ class Trainer:
 
     def finish(self) -> None:
         """summary.json, then COMPLETE; the resumable state is removed (a full-FT state is 3x the model)."""
-        from .methods import checkpoint_size_bytes
+        from lorascope.train.methods import checkpoint_size_bytes
 
         if self.main:
             out, t, plan = self.out, self.t, self.plan
             curve = runlog.read_loss(out / "loss.jsonl")
             wall = self.elapsed()
-            runlog.write_json(out / "summary.json", {
-                "method": self.cfg.method.label(), "tokens": plan.total * t.tokens_per_step, "steps": plan.total,
-                "tokens_processed": self.processed, "wall_s": round(wall, 3),
-                "tokens_per_s": round(self.processed / wall, 2), "peak_memory_bytes": runlog.peak_memory_bytes(),
-                "trainable_parameters": self.n_trainable, "total_parameters": self.n_total,
-                "checkpoint_size_bytes": checkpoint_size_bytes(out / "checkpoints" / plan.name(plan.total)),
-                "first_loss": curve[0]["loss"] if curve else None,
-                "final_loss": curve[-1]["loss"] if curve else None,
-                "processes": self.world, "precision": t.precision, "sessions": self.prog["sessions"]})
+            runlog.write_json(
+                out / "summary.json",
+                {
+                    "method": self.cfg.method.label(),
+                    "tokens": plan.total * t.tokens_per_step,
+                    "steps": plan.total,
+                    "tokens_processed": self.processed,
+                    "wall_s": round(wall, 3),
+                    "tokens_per_s": round(self.processed / wall, 2),
+                    "peak_memory_bytes": runlog.peak_memory_bytes(),
+                    "trainable_parameters": self.n_trainable,
+                    "total_parameters": self.n_total,
+                    "checkpoint_size_bytes": checkpoint_size_bytes(out / "checkpoints" / plan.name(plan.total)),
+                    "first_loss": curve[0]["loss"] if curve else None,
+                    "final_loss": curve[-1]["loss"] if curve else None,
+                    "processes": self.world,
+                    "precision": t.precision,
+                    "sessions": self.prog["sessions"],
+                },
+            )
             atomic_write_text(out / "COMPLETE", "ok\n")
             shutil.rmtree(self.state_dir, ignore_errors=True)
         self.acc.wait_for_everyone()

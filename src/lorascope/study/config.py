@@ -14,7 +14,7 @@ Example (see configs/quick.yaml for a documented one)::
         train: {seq_len: 256, batch_size: 4, max_tokens: 16384, checkpoints: [4096, 8192]}
     methods:
       - {name: full, method: {kind: full}, lrs: [2.0e-5]}          # a fixed grid
-      - {name: lora-r16, method: {kind: lora, rank: 16}, lrs: auto}  # searched on validation (lorascope.studyplan)
+      - {name: lora-r16, method: {kind: lora, rank: 16}, lrs: auto}  # searched on validation (lorascope.study.plan)
     evals:
       checkpoints: all
       groups:
@@ -22,7 +22,7 @@ Example (see configs/quick.yaml for a documented one)::
     analysis:
       spectrum: {checkpoints: final}
 
-Which runs a study trains is decided in lorascope.studyplan (fixed grids and the LR search).
+Which runs a study trains is decided in lorascope.study.plan (fixed grids and the LR search).
 """
 
 from __future__ import annotations
@@ -34,12 +34,22 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config import (DataConfig, MethodConfig, RunConfig, Strict, TrainConfig, apply_overrides, dump,
-                     format_validation_error, read_yaml, validate)
-from .errors import ConfigError
-from .evals.results import FORGETTING_PARTS
-from .trainplan import budget_checkpoints
-from .trainplan import checkpoint_names as planned_checkpoint_names
+from lorascope.config import (
+    DataConfig,
+    MethodConfig,
+    RunConfig,
+    Strict,
+    TrainConfig,
+    apply_overrides,
+    dump,
+    format_validation_error,
+    read_yaml,
+    validate,
+)
+from lorascope.errors import ConfigError
+from lorascope.evals.results import FORGETTING_PARTS
+from lorascope.train.plan import budget_checkpoints
+from lorascope.train.plan import checkpoint_names as planned_checkpoint_names
 
 FULL_FT_START_LR = 1e-4
 """Centre of the automatic LR grid of full fine-tuning (a common full-FT LR for small decoder models)."""
@@ -151,6 +161,7 @@ class Analysis(Strict):
 class ReportSpec(Strict):
     """Headline metrics of the report; unset = the paper's choice (its benchmark, else held-out BPB;
     forgetting_mean)."""
+
     learning: str | None = None
     forgetting: str | None = None
     margin: float = Field(0.10, gt=0, lt=1)
@@ -187,7 +198,7 @@ class StudyConfig(Strict):
     """How training jobs start (default: one process; see Launcher)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "StudyConfig":
+    def _check(self) -> StudyConfig:
         _check_tasks(self)
         _check_budgets(self)
         _check_report(self)
@@ -200,13 +211,13 @@ class StudyConfig(Strict):
 
     def learning_task(self, setting: Setting) -> str | None:
         """The task whose validation score picks LRs: report.learning, else the report's default for the setting."""
-        from .report.metrics import learning_metric
+        from lorascope.evals.catalog import learning_metric
 
         return self.report.learning or learning_metric(self.final_tasks(), setting.data.dataset)
 
 
 def _check_tasks(study: StudyConfig) -> None:
-    from .evals import registry
+    from lorascope.evals import registry
 
     for gi, g in enumerate(study.evals.groups):
         for ti, t in enumerate(g.tasks):
@@ -221,8 +232,10 @@ def _check_budgets(study: StudyConfig) -> None:
         t = s.train
         end, what = (t.epochs, "epochs") if t.epochs is not None else (t.max_tokens, "max_tokens")
         if end is not None and t.checkpoints and t.checkpoints[-1] >= end:
-            raise ValueError(f"settings[{si}].train.checkpoints: budgets must be increasing and below "
-                             f"{what}={end} (got {t.checkpoints})")
+            raise ValueError(
+                f"settings[{si}].train.checkpoints: budgets must be increasing and below "
+                f"{what}={end} (got {t.checkpoints})"
+            )
 
 
 def _check_report(study: StudyConfig) -> None:
@@ -232,12 +245,13 @@ def _check_report(study: StudyConfig) -> None:
     for field in ("learning", "forgetting"):
         want = getattr(study.report, field)
         if want is not None and want not in evaluated:
-            raise ValueError(f"report.{field}: '{want}' is not evaluated in any evals group "
-                             f"(evaluated: {sorted(evaluated)})")
+            raise ValueError(
+                f"report.{field}: '{want}' is not evaluated in any evals group (evaluated: {sorted(evaluated)})"
+            )
 
 
 def _check_methods(study: StudyConfig) -> None:
-    from .report.metrics import spec
+    from lorascope.evals.catalog import spec
 
     settings = {s.name for s in study.settings}
     for mi, m in enumerate(study.methods):
@@ -245,9 +259,11 @@ def _check_methods(study: StudyConfig) -> None:
             for s in study.settings:
                 task = study.learning_task(s)
                 if task is None or spec(task) is None:
-                    raise ValueError(f"methods[{mi}].lrs: auto needs a learning metric to choose on, and setting "
-                                     f"'{s.name}' evaluates none (add e.g. heldout_bpb:{s.data.dataset} to "
-                                     f"evals.groups, or set report.learning)")
+                    raise ValueError(
+                        f"methods[{mi}].lrs: auto needs a learning metric to choose on, and setting "
+                        f"'{s.name}' evaluates none (add e.g. heldout_bpb:{s.data.dataset} to "
+                        f"evals.groups, or set report.learning)"
+                    )
             continue
         grid = list(m.lrs.values()) if isinstance(m.lrs, dict) else [m.lrs]
         if not grid or not all(grid):
@@ -255,8 +271,10 @@ def _check_methods(study: StudyConfig) -> None:
         if isinstance(m.lrs, dict):
             unknown = set(m.lrs) - settings - {"default"}
             if unknown:
-                raise ValueError(f"methods[{mi}].lrs: unknown setting(s) {sorted(unknown)} (settings: "
-                                 f"{sorted(settings)}, or 'default')")
+                raise ValueError(
+                    f"methods[{mi}].lrs: unknown setting(s) {sorted(unknown)} (settings: "
+                    f"{sorted(settings)}, or 'default')"
+                )
             missing = [s for s in settings if s not in m.lrs and "default" not in m.lrs]
             if missing:
                 raise ValueError(f"methods[{mi}].lrs: no learning rate for setting(s) {sorted(missing)}")
@@ -281,8 +299,9 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(json.dumps(dump(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def make_run(study: StudyConfig, s: Setting, m: MethodEntry, lr: float, seed: int, budget: dict | None,
-             role: str = "main") -> dict:
+def make_run(
+    study: StudyConfig, s: Setting, m: MethodEntry, lr: float, seed: int, budget: dict | None, role: str = "main"
+) -> dict:
     """One run record: run_id, label, the RunConfig and what the report groups runs by (setting, method_name,
     lr, seed, budget; role 'lr-search' marks a run trained only to choose an LR)."""
     train = {**dump(s.train), **m.train, "lr": lr, "seed": seed, **(budget or {})}
@@ -293,9 +312,20 @@ def make_run(study: StudyConfig, s: Setting, m: MethodEntry, lr: float, seed: in
     label = f"{s.name}/{m.name}/lr{lr:g}/s{seed}"
     if budget:
         label += f"/e{budget['epochs']}" if "epochs" in budget else f"/t{budget['max_tokens']}"
-    return {"run_id": run_id(cfg), "label": label, "setting": s.name, "method_name": m.name,
-            "method": dump(m.method), "lr": lr, "seed": seed, "regime": s.data.regime, "dataset": s.data.dataset,
-            "budget": budget, "role": role, "config": dump(cfg)}
+    return {
+        "run_id": run_id(cfg),
+        "label": label,
+        "setting": s.name,
+        "method_name": m.name,
+        "method": dump(m.method),
+        "lr": lr,
+        "seed": seed,
+        "regime": s.data.regime,
+        "dataset": s.data.dataset,
+        "budget": budget,
+        "role": role,
+        "config": dump(cfg),
+    }
 
 
 def budgets(s: Setting) -> list[dict | None]:

@@ -75,9 +75,11 @@ def domain(dataset: str | None) -> str | None:
 
 
 # the paper's benchmark first, then the held-out loss of the setting's own data, then gold-solution BPB
-_LEARNING_ORDER = {"code": ["humaneval", "mbpp", "{heldout}", "humaneval_bpb", "mbpp_bpb"],
-                   "math": ["gsm8k", "math500", "{heldout}", "gsm8k_bpb", "math500_bpb"],
-                   None: ["{heldout}"]}
+_LEARNING_ORDER = {
+    "code": ["humaneval", "mbpp", "{heldout}", "humaneval_bpb", "mbpp_bpb"],
+    "math": ["gsm8k", "math500", "{heldout}", "gsm8k_bpb", "math500_bpb"],
+    None: ["{heldout}"],
+}
 
 
 def learning_metric(tasks: list[str], dataset: str | None) -> str | None:
@@ -102,6 +104,9 @@ def forgetting_metric(tasks: list[str]) -> str | None:
 
 
 def describe(s: MetricSpec) -> str:
-    what = "mean(HellaSwag acc_norm, ARC-C acc_norm, WinoGrande acc)" if s.task == "forgetting_mean" \
+    what = (
+        "mean(HellaSwag acc_norm, ARC-C acc_norm, WinoGrande acc)"
+        if s.task == "forgetting_mean"
         else f"{s.task} {s.metric}"
+    )
     return f"{what} ({'higher' if s.higher_better else 'lower'} is better)"

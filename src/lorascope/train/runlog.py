@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import procenv
-from .fileio import atomic_write_json, atomic_write_text
+from lorascope import procenv
+from lorascope.fileio import atomic_write_json, atomic_write_text
 
 
 def write_json(path: Path, data) -> None:
@@ -40,9 +40,16 @@ def environment() -> dict:
     import peft
     import transformers
 
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-           "accelerate": accelerate.__version__, "command": " ".join(sys.argv)}
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "command": " ".join(sys.argv),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -52,8 +59,12 @@ def write_meta(path: Path, **fields) -> None:
     """meta.json: this session's environment and fields, plus the list of sessions (first run, resumes)."""
     old = json.loads(path.read_text()) if path.exists() else {}
     env = environment()
-    session = {"command": env["command"], "start_step": fields.get("start_step", 0),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": fields.get("processes", 1)}
+    session = {
+        "command": env["command"],
+        "start_step": fields.get("start_step", 0),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "processes": fields.get("processes", 1),
+    }
     write_json(path, {**env, **fields, "sessions": old.get("sessions", []) + [session]})
 
 
@@ -106,7 +117,7 @@ def read_config(path: Path) -> dict | None:
 def read_loss(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_loss(path: Path, last_step: int) -> None:
@@ -116,6 +127,7 @@ def truncate_loss(path: Path, last_step: int) -> None:
 
 
 # --- resumable state (RUN/state): accelerate's save_state files + progress.json, replaced atomically
+
 
 def promote_state(run: Path) -> None:
     """A kill between 'old state removed' and 'new state renamed' leaves a complete state.tmp: use it."""

@@ -18,11 +18,15 @@ epoch (fewer than one step's worth) are not trained on in that epoch.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from .config import TrainConfig
-from .errors import ConfigError, LorascopeError
-from .layout import checkpoint_name
-from .schedules import cooldown_start
+from lorascope.config import TrainConfig
+from lorascope.errors import ConfigError, LorascopeError
+from lorascope.layout import checkpoint_name
+from lorascope.train.schedules import cooldown_start
+
+if TYPE_CHECKING:
+    import torch
 
 
 def budget_checkpoints(t: TrainConfig) -> list[tuple[str, int]]:
@@ -46,8 +50,10 @@ class Plan:
         self.n_rows = n_rows
         self.seed = t.seed
         if n_rows < self.rows_per_step:
-            raise LorascopeError(f"data.dataset: only {n_rows} sequences of train.seq_len={t.seq_len} tokens, "
-                                 f"fewer than one step's {self.rows_per_step} (train.batch_size x train.grad_accum)")
+            raise LorascopeError(
+                f"data.dataset: only {n_rows} sequences of train.seq_len={t.seq_len} tokens, "
+                f"fewer than one step's {self.rows_per_step} (train.batch_size x train.grad_accum)"
+            )
         self.steps_per_epoch = n_rows // self.rows_per_step
         self.by_epoch = t.epochs is not None
         self.tokens_per_step = t.tokens_per_step
@@ -59,8 +65,10 @@ class Plan:
         self.total = max(self.checkpoints)
         self.branches, self.cooldown_frac = t.cooldown_per_checkpoint, t.cooldown_frac
         if self.branches and (self.by_epoch or t.schedule != "wsd"):
-            raise ConfigError("train.cooldown_per_checkpoint: needs schedule=wsd and a token budget "
-                              "(train.max_tokens, no train.epochs)")
+            raise ConfigError(
+                "train.cooldown_per_checkpoint: needs schedule=wsd and a token budget "
+                "(train.max_tokens, no train.epochs)"
+            )
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def name(self, step: int) -> str:
@@ -70,13 +78,21 @@ class Plan:
         """The plan in numbers (what ``lorascope train --dry-run`` prints); tokens_processed adds the tokens
         that cooldown branches re-train."""
         tps = self.tokens_per_step
-        branch_steps = sum(s - cooldown_start(s, self.cooldown_frac) for s in self.checkpoints
-                           if s < self.total) if self.branches else 0
-        return {"steps": self.total, "tokens_per_step": tps, "tokens": self.total * tps,
-                "tokens_processed": (self.total + branch_steps) * tps, "rows": self.n_rows,
-                "steps_per_epoch": self.steps_per_epoch, "epochs": round(self.total / self.steps_per_epoch, 3),
-                "checkpoints": [{"name": self.name(s), "step": s, "tokens": s * tps}
-                                for s in sorted(self.checkpoints)]}
+        branch_steps = (
+            sum(s - cooldown_start(s, self.cooldown_frac) for s in self.checkpoints if s < self.total)
+            if self.branches
+            else 0
+        )
+        return {
+            "steps": self.total,
+            "tokens_per_step": tps,
+            "tokens": self.total * tps,
+            "tokens_processed": (self.total + branch_steps) * tps,
+            "rows": self.n_rows,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": round(self.total / self.steps_per_epoch, 3),
+            "checkpoints": [{"name": self.name(s), "step": s, "tokens": s * tps} for s in sorted(self.checkpoints)],
+        }
 
     def rows(self, step: int) -> list[int]:
         """Global row indices of optimizer step `step` (independent of method and process count)."""

@@ -11,15 +11,15 @@ The study directory (``out``)::
     lr_search.json                      per setting/method with lrs: auto: grid, validation values, chosen LR
     commands.txt                        every command that ran this study; LOCK is held while one runs
     logs/<job>.log  logs/jobs.jsonl     each job's output; one line per finished job (rc, elapsed_s, startup_s)
-    runs/<run_id>/                      training run (see lorascope.runlog); DIVERGED if it blew up
+    runs/<run_id>/                      training run (see lorascope.train.runlog); DIVERGED if it blew up
     evals/base/results.json             the base model
     evals/<run_id>/<ckpt>/results.json  merged over eval groups; groups/<i>/ hold each group's raw output
     analysis/<run_id>/<ckpt>/spectrum.json
     analysis/<run_id>/truncate/r<k>/    rank-k truncations of full-FT runs; evals/<run_id>/truncate-r<k>/
 
-The scheduler here submits each job (lorascope.jobs) once its dependencies are done, to an executor
-(lorascope.executors: ``local`` subprocesses, the default; ``ray``; ``inline`` in this process). Whenever a job
-finishes it re-plans (lorascope.studyplan): an LR search adds runs as its results arrive. Jobs write their outputs
+The scheduler here submits each job (lorascope.study.jobs) once its dependencies are done, to an executor
+(lorascope.study.executors: ``local`` subprocesses, the default; ``ray``; ``inline`` in this process). Whenever a job
+finishes it re-plans (lorascope.study.plan): an LR search adds runs as its results arrive. Jobs write their outputs
 atomically with a completion marker last, so a study killed at any point is completed by running the same
 command again, with no job done twice and none lost; training jobs resume from their own saved state.
 """
@@ -32,15 +32,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .config import dump
-from .errors import LorascopeError
-from .fileio import atomic_write_json, atomic_write_text
-from .jobs import build_jobs, is_done
-from .studyconfig import StudyConfig, load_study
-from .studyplan import plan_runs
+from lorascope.config import dump
+from lorascope.errors import LorascopeError
+from lorascope.fileio import atomic_write_json, atomic_write_text
+from lorascope.study.config import StudyConfig, load_study
+from lorascope.study.jobs import build_jobs, is_done
+from lorascope.study.plan import plan_runs
 
 
 def _priority(job: dict) -> int:
@@ -84,8 +84,9 @@ class Scheduler:
     def submit_ready(self) -> None:
         ready = sorted((j for j in self.pending if all(dep in self.ok for dep in j["deps"])), key=_priority)
         if not ready and self.pending and not self.ex.busy():
-            raise LorascopeError(f"{self.d}: jobs wait on dependencies that never run: "
-                                 f"{[j['id'] for j in self.pending][:3]}")
+            raise LorascopeError(
+                f"{self.d}: jobs wait on dependencies that never run: {[j['id'] for j in self.pending][:3]}"
+            )
         for j in ready[: max(self.ex.slots(), 0)]:
             self.pending.remove(j)
             if is_done(self.d, j):  # e.g. the evals of a run that just diverged
@@ -101,21 +102,32 @@ class Scheduler:
             (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
             took = time.time() - self.started[jid]
             with open(self.d / "logs" / "jobs.jsonl", "a") as f:
-                f.write(json.dumps({"job": jid, "rc": rc, "elapsed_s": round(took, 2),
-                                    **getattr(self.ex, "timing", {}).pop(jid, {}),  # startup_s, if measured
-                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "job": jid,
+                            "rc": rc,
+                            "elapsed_s": round(took, 2),
+                            **getattr(self.ex, "timing", {}).pop(jid, {}),  # startup_s, if measured
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        }
+                    )
+                    + "\n"
+                )
             ended.append((jid, rc, took))
         if ended:
             self.replan()
         return ended
 
     def raise_if_failed(self) -> None:
-        from .layout import job_log_path
+        from lorascope.layout import job_log_path
 
         real = sorted(k for k, v in self.failed.items() if v != -1)
         if real:
-            raise LorascopeError(f"{len(real)} job(s) failed ({len(self.failed) - len(real)} more blocked), first: "
-                                 f"{real[0]} (log: {job_log_path(self.d, real[0])}); fix and re-run to continue")
+            raise LorascopeError(
+                f"{len(real)} job(s) failed ({len(self.failed) - len(real)} more blocked), first: "
+                f"{real[0]} (log: {job_log_path(self.d, real[0])}); fix and re-run to continue"
+            )
 
 
 @contextlib.contextmanager
@@ -128,8 +140,9 @@ def study_lock(d: Path) -> Iterator[None]:
         f.seek(0)
         pid = f.read().strip() or "?"
         f.close()
-        raise LorascopeError(f"{d}: another lorascope study (pid {pid}) is running on this directory; "
-                             f"wait for it to end or stop it") from None
+        raise LorascopeError(
+            f"{d}: another lorascope study (pid {pid}) is running on this directory; wait for it to end or stop it"
+        ) from None
     try:
         f.seek(0)
         f.truncate()
@@ -141,11 +154,18 @@ def study_lock(d: Path) -> Iterator[None]:
         f.close()  # closing releases the lock
 
 
-def run_study(config: str | Path, overrides: list[str], out: Path, jobs: int = 1, executor: str = "local",
-              progress: bool = True, executor_opts: dict | None = None) -> Path:
+def run_study(
+    config: str | Path,
+    overrides: list[str],
+    out: Path,
+    jobs: int = 1,
+    executor: str = "local",
+    progress: bool = True,
+    executor_opts: dict | None = None,
+) -> Path:
     """Plan and run a study; returns the study dir. Failed jobs are reported and make it raise; the jobs that
     do not depend on them still run. executor_opts go to the executor (ray: address, resources)."""
-    from .executors import EXECUTORS
+    from lorascope.study.executors import EXECUTORS
 
     if executor not in EXECUTORS:
         raise LorascopeError(f"--executor: unknown '{executor}' (choose from {', '.join(EXECUTORS)})")
@@ -186,18 +206,31 @@ def _drive(sched: Scheduler, name: str, progress: bool) -> None:
     """Run the scheduler to the end under a progress bar (one printed line per finished job)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .layout import job_log_path
+    from lorascope.layout import job_log_path
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[current]}"), disable=not progress) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[current]}"),
+        disable=not progress,
+    ) as bar:
         task = bar.add_task(f"study {name}", total=len(sched.jobs), current="")
         while sched.active():
             sched.block_failed()
             sched.submit_ready()
             ended = sched.collect()
-            bar.update(task, total=len(sched.jobs), completed=len(sched.ok) + len(sched.failed),
-                       current=", ".join(sched.ex.current()[:3]))
+            bar.update(
+                task,
+                total=len(sched.jobs),
+                completed=len(sched.ok) + len(sched.failed),
+                current=", ".join(sched.ex.current()[:3]),
+            )
             for jid, rc, took in ended if progress else []:
                 n = len(sched.ok) + len(sched.failed)
-                bar.console.print(f"[green]done[/green] {jid} in {took:.0f} s ({n}/{len(sched.jobs)})"
-                                  if rc == 0 else f"[red]failed[/red] {jid} (log: {job_log_path(sched.d, jid)})")
+                bar.console.print(
+                    f"[green]done[/green] {jid} in {took:.0f} s ({n}/{len(sched.jobs)})"
+                    if rc == 0
+                    else f"[red]failed[/red] {jid} (log: {job_log_path(sched.d, jid)})"
+                )

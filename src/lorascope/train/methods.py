@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from .config import MethodConfig
-from .errors import ConfigError, LorascopeError
-from .fileio import atomic_dir, atomic_write_json
-from .layout import CKPT_META
+from lorascope.config import MethodConfig
+from lorascope.errors import ConfigError, LorascopeError
+from lorascope.fileio import atomic_dir, atomic_write_json
+from lorascope.layout import CKPT_META
 
 log = logging.getLogger(__name__)
 _INIT = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
@@ -69,14 +69,23 @@ def apply_method(model, m: MethodConfig, work_dir: Path | None = None):
 
     from peft import LoraConfig, get_peft_model
 
-    from .lora_layers import speed_up
+    from lorascope.train.lora_layers import speed_up
 
     _check_lora(model, m, work_dir)
     modules_to_save, tie = _modules_to_save(model, m)
-    cfg = LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
-                     use_rslora=m.use_rslora, use_dora=m.use_dora, init_lora_weights=_INIT[m.init],
-                     modules_to_save=modules_to_save or None, ensure_weight_tying=tie, task_type="CAUSAL_LM",
-                     **_loftq_fields(m))
+    cfg = LoraConfig(
+        r=m.rank,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.dropout,
+        target_modules=m.target_modules,
+        use_rslora=m.use_rslora,
+        use_dora=m.use_dora,
+        init_lora_weights=_INIT[m.init],
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=tie,
+        task_type="CAUSAL_LM",
+        **_loftq_fields(m),
+    )
     was_training = model.training
     try:
         pm = get_peft_model(model, cfg)
@@ -99,14 +108,17 @@ def _check_lora(model, m: MethodConfig, work_dir: Path | None) -> None:
     known = _linear_leaf_names(model)
     missing = [t for t in m.target_modules if t not in known]
     if missing:
-        raise ConfigError(f"method.targets: module '{missing[0]}' not found in the model "
-                          f"(linear modules: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"method.targets: module '{missing[0]}' not found in the model (linear modules: {', '.join(sorted(known))})"
+        )
     if m.init in _MOVES_BASE and (m.use_dora or m.train_embed_tokens or m.train_lm_head):
         # peft's PiSSA/OLoRA -> LoRA conversion at save time keeps only lora_A/lora_B: a DoRA magnitude or a
         # trained embedding would be dropped from the checkpoint without a word.
         field = "use_dora" if m.use_dora else ("train_embed_tokens" if m.train_embed_tokens else "train_lm_head")
-        raise ConfigError(f"method.{field}: cannot be combined with method.init={m.init} (peft's conversion of "
-                          f"{m.init} checkpoints to a plain adapter keeps only the LoRA matrices)")
+        raise ConfigError(
+            f"method.{field}: cannot be combined with method.init={m.init} (peft's conversion of "
+            f"{m.init} checkpoints to a plain adapter keeps only the LoRA matrices)"
+        )
     if m.init in _MOVES_BASE and work_dir is None:
         raise LorascopeError(f"method.init={m.init} needs a work_dir to keep the initial adapter")
 
@@ -118,13 +130,18 @@ def _modules_to_save(model, m: MethodConfig) -> tuple[list[str], bool]:
     if is_tied(model):
         modules, tie = ["embed_tokens"], True
     else:
-        modules, tie = (["embed_tokens"] if m.train_embed_tokens else []) + \
-                       (["lm_head"] if m.train_lm_head else []), False
+        modules, tie = (
+            (["embed_tokens"] if m.train_embed_tokens else []) + (["lm_head"] if m.train_lm_head else []),
+            False,
+        )
     n = sum(p.numel() for name, p in model.named_parameters() if any(name.endswith(f"{s}.weight") for s in modules))
     # peft writes a tied matrix under both names (safetensors cannot alias), so it costs twice on disk.
-    log.warning("training %s adds %.1f MB (fp32) to every adapter checkpoint%s", "+".join(modules),
-                n * 4 * (2 if tie else 1) / 2**20,
-                " (tied with lm_head: one shared matrix, stored under both names)" if tie else "")
+    log.warning(
+        "training %s adds %.1f MB (fp32) to every adapter checkpoint%s",
+        "+".join(modules),
+        n * 4 * (2 if tie else 1) / 2**20,
+        " (tied with lm_head: one shared matrix, stored under both names)" if tie else "",
+    )
     return modules, tie
 
 
@@ -137,11 +154,14 @@ def _loftq_fields(m: MethodConfig) -> dict:
     from peft.import_utils import is_bnb_4bit_available
 
     if not torch.cuda.is_available():
-        raise LorascopeError("method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
-                             "on CUDA); this machine has none. Use pissa/olora/gaussian here.")
+        raise LorascopeError(
+            "method.init: loftq needs a CUDA GPU (peft quantises with bitsandbytes 4-bit "
+            "on CUDA); this machine has none. Use pissa/olora/gaussian here."
+        )
     if not is_bnb_4bit_available():
-        raise LorascopeError("method.init: loftq needs bitsandbytes (pip install 'lorascope[gpu]'); "
-                             "peft's LoftQ quantises with it")
+        raise LorascopeError(
+            "method.init: loftq needs bitsandbytes (pip install 'lorascope[gpu]'); peft's LoftQ quantises with it"
+        )
     try:
         from peft import LoftQConfig
     except ImportError as e:  # pragma: no cover - depends on peft build
@@ -159,8 +179,11 @@ def adapted_matrix_names(model) -> list[str]:
     from peft.utils import ModulesToSaveWrapper
 
     prefix = "base_model.model."
-    names = [n.removeprefix(prefix) + ".weight" for n, mod in model.named_modules()
-             if isinstance(mod, (LoraLayer, ModulesToSaveWrapper))]
+    names = [
+        n.removeprefix(prefix) + ".weight"
+        for n, mod in model.named_modules()
+        if isinstance(mod, (LoraLayer, ModulesToSaveWrapper))
+    ]
     return sorted(set(names))
 
 
@@ -198,10 +221,11 @@ def _plain(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None,
-                    state_dict: dict | None = None) -> None:
+def save_checkpoint(
+    model, m: MethodConfig, path: Path, base_spec: str, meta: dict, tokenizer=None, state_dict: dict | None = None
+) -> None:
     """Write HF artifacts then lorascope.json, into a temp dir renamed at the end (never a half checkpoint).
-    state_dict: the full weights when `model` holds only shards (FSDP; see lorascope.sharded)."""
+    state_dict: the full weights when `model` holds only shards (FSDP; see lorascope.train.sharded)."""
     model = _plain(model)
     kind, extra = m.kind, {}
     sd = {} if state_dict is None else {"state_dict": state_dict}

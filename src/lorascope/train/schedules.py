@@ -12,13 +12,14 @@ Every schedule reaches its final value (min_ratio for cosine/wsd) at the last st
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 KINDS = ("constant", "cosine", "wsd")
 
 
-def multiplier(kind: str, total_steps: int, warmup_steps: int, cooldown_frac: float = 0.2,
-               min_ratio: float = 0.01) -> Callable[[int], float]:
+def multiplier(
+    kind: str, total_steps: int, warmup_steps: int, cooldown_frac: float = 0.2, min_ratio: float = 0.01
+) -> Callable[[int], float]:
     """lr(step) / base_lr for optimizer step `step` (0-based), covering exactly `total_steps` steps.
 
     constant: linear warmup then 1.0. cosine: warmup then a half cosine from 1.0 to min_ratio.
@@ -32,20 +33,23 @@ def multiplier(kind: str, total_steps: int, warmup_steps: int, cooldown_frac: fl
     if kind == "constant":
         return lambda s: warm(s) or 1.0
     if kind == "cosine":
+
         def cos(s: int) -> float:
             w = warm(s)
             if w is not None:
                 return w
             p = min(1.0, (s - warmup_steps + 1) / max(1, total - warmup_steps))
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
         return cos
     if kind == "wsd":
         return lambda s: warm(s) or decay(s, total, cooldown_frac, min_ratio)
     raise ValueError(f"unknown schedule {kind!r} (known: {', '.join(KINDS)})")
 
 
-def branch_multiplier(main: Callable[[int], float], budget_steps: int, cooldown_frac: float,
-                      min_ratio: float) -> Callable[[int], float]:
+def branch_multiplier(
+    main: Callable[[int], float], budget_steps: int, cooldown_frac: float, min_ratio: float
+) -> Callable[[int], float]:
     """The cooldown of an intermediate budget: the main (wsd) schedule, decayed to min_ratio at budget_steps."""
     return lambda s: min(main(s), decay(s, budget_steps, cooldown_frac, min_ratio))
 

@@ -1,4 +1,4 @@
-"""A study's jobs on a Ray cluster: each job is a Ray task that runs ``python -m lorascope.jobs DIR JOB_ID`` on
+"""A study's jobs on a Ray cluster: each job is a Ray task that runs ``python -m lorascope.study.jobs DIR JOB_ID`` on
 whichever node has the resources its kind asks for.
 
     lorascope study configs/paper-v2.yaml --out /shared/studies/p2 --executor ray --address HEAD:6379 \\
@@ -26,11 +26,11 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .errors import LorascopeError
-from .jobs import job_command
-from .layout import job_log_path
-from .lifetime import die_with_parent
-from .procenv import job_env
+from lorascope.errors import LorascopeError
+from lorascope.layout import job_log_path
+from lorascope.lifetime import die_with_parent
+from lorascope.procenv import job_env
+from lorascope.study.jobs import job_command
 
 KINDS = ("train", "eval", "spectrum", "truncate", "eval-trunc")
 DEFAULT = {"cpus": 1.0, "gpus": 0.0, "memory": None}
@@ -52,8 +52,9 @@ def parse_resources(specs: list[str] | None) -> dict[str, dict]:
         kind, _, body = spec.partition(":")
         kinds = KINDS if kind == "all" else (kind,)
         if kind != "all" and kind not in KINDS:
-            raise LorascopeError(f"--resources: unknown job kind '{kind}' in '{spec}' (choose from all, "
-                                 f"{', '.join(KINDS)})")
+            raise LorascopeError(
+                f"--resources: unknown job kind '{kind}' in '{spec}' (choose from all, {', '.join(KINDS)})"
+            )
         for item in filter(None, body.split(",")):
             key, _, val = item.partition("=")
             try:
@@ -77,8 +78,9 @@ def run_job_task(d: str, job_id: str, threads: int) -> dict:
     with open(job_log_path(Path(d), job_id), "a") as log:  # appended: one header per attempt stays visible
         log.write(f"== lorascope job {job_id} on ray node {node} (host {host}, pid {os.getpid()})\n")
         log.flush()
-        rc = subprocess.run(job_command(Path(d), job_id), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent).returncode
+        rc = subprocess.run(
+            job_command(Path(d), job_id), env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        ).returncode
     return {"rc": rc, "node": node, "host": host}
 
 
@@ -86,16 +88,21 @@ class RayExecutor:
     """Jobs as Ray tasks on a cluster (``address``, else RAY_ADDRESS, else a Ray instance on this machine);
     at most ``jobs`` in flight, each asking for its kind's resources (parse_resources)."""
 
-    def __init__(self, d: Path, jobs: int, address: str | None = None, resources: dict | None = None,
-                 max_retries: int = 3):
+    def __init__(
+        self, d: Path, jobs: int, address: str | None = None, resources: dict | None = None, max_retries: int = 3
+    ):
         import ray
 
         addr = address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():
             try:
                 # "local": a Ray of its own on this machine, never one a `ray start` left running here
-                ray.init(address=addr or "local", num_cpus=None if addr else jobs, log_to_driver=False,
-                         **({} if addr else {"include_dashboard": False}))
+                ray.init(
+                    address=addr or "local",
+                    num_cpus=None if addr else jobs,
+                    log_to_driver=False,
+                    **({} if addr else {"include_dashboard": False}),
+                )
             except ConnectionError as e:
                 raise LorascopeError(f"--address: no Ray cluster at {addr}: {e}") from None
         self.ray, self.d, self.jobs, self.running = ray, Path(d).resolve(), jobs, {}
@@ -113,8 +120,12 @@ class RayExecutor:
 
     def submit(self, job_id: str) -> None:
         r = self.res[job_id.split(":")[0]]
-        opts = {"num_cpus": r["cpus"], "num_gpus": r["gpus"], "max_retries": self.retries,
-                **({"memory": r["memory"]} if r["memory"] else {})}
+        opts = {
+            "num_cpus": r["cpus"],
+            "num_gpus": r["gpus"],
+            "max_retries": self.retries,
+            **({"memory": r["memory"]} if r["memory"] else {}),
+        }
         threads = max(1, int(r["cpus"]))
         self.running[self._task.options(**opts).remote(str(self.d), job_id, threads)] = job_id
 

@@ -19,14 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .studyconfig import StudyConfig
+from lorascope.study.config import StudyConfig
 
 
 def measure_evals(study: StudyConfig) -> dict:
     """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build}."""
-    from .evals.api import evaluate, uses_reference
-    from .jobs import group_options
-    from .models import load_model
+    from lorascope.evals.api import evaluate, uses_reference
+    from lorascope.models import load_model
+    from lorascope.study.jobs import group_options
 
     t = time.perf_counter()
     model, tok = load_model(study.model)
@@ -35,9 +35,17 @@ def measure_evals(study: StudyConfig) -> dict:
     ref = load_model(study.model)[0] if kl_tasks else None
     task_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lorascope-eval-estimate-") as work:
+
         def run(i: int, tasks: list[str], tag: str) -> dict[str, float]:
-            res = evaluate(model, tasks, Path(work) / f"{i}-{tag}", tokenizer=tok, reference=ref, progress=False,
-                           **group_options(study, study.evals.groups[i]))
+            res = evaluate(
+                model,
+                tasks,
+                Path(work) / f"{i}-{tag}",
+                tokenizer=tok,
+                reference=ref,
+                progress=False,
+                **group_options(study, study.evals.groups[i]),
+            )
             return {name: rec["elapsed_s"] for name, rec in res["tasks"].items()}
 
         first: dict[str, float] = {}
@@ -54,7 +62,7 @@ def measure_evals(study: StudyConfig) -> dict:
 def job_seconds(study: StudyConfig, job: dict, cost: dict) -> float:
     """Estimated seconds of one eval or eval-trunc job: a model load and the measured tasks of its groups
     (``eval:base`` skips kl_base: the base against itself needs no forward pass)."""
-    from .evals.api import uses_reference
+    from lorascope.evals.api import uses_reference
 
     groups = job.get("groups") or range(len(study.evals.groups))
     base = job["kind"] == "eval" and job.get("run") is None

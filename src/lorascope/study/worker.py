@@ -1,11 +1,11 @@
 """A job worker: one long-lived process per job slot that runs a study's jobs one after another, so the
 interpreter start and the imports (torch, transformers, peft: most of a fresh job's fixed cost) are paid once
-per slot instead of once per job. lorascope.executors.LocalExecutor starts it and talks to it over a pipe::
+per slot instead of once per job. lorascope.study.executors.LocalExecutor starts it and talks to it over a pipe::
 
-    python -m lorascope.worker       # stdin: one JSON line per job {"dir", "job", "log"}
+    python -m lorascope.study.worker       # stdin: one JSON line per job {"dir", "job", "log"}
                                      # stdout: one JSON line per finished job {"job", "rc", "started"}
 
-Each job runs through the same lorascope.jobs.run_job as a one-process job, with its output (fd 1 and 2,
+Each job runs through the same lorascope.study.jobs.run_job as a one-process job, with its output (fd 1 and 2,
 so C-level output too) sent to its own log. Nothing a job builds is kept for the next one: every job loads its
 models afresh (cheap once the imports are done), and the environment and working directory are restored after
 each job. A job that raises is reported with rc 2 (LorascopeError) or 1 and the worker takes the next job; a
@@ -21,8 +21,14 @@ import sys
 import time
 
 # what a job imports lazily on first use, imported once here while the worker starts
-WARM = ("lorascope.jobs", "lorascope.train", "lorascope.evals.api", "lorascope.analysis.spectrum",
-        "transformers.modeling_utils", "peft")
+WARM = (
+    "lorascope.study.jobs",
+    "lorascope.train.loop",
+    "lorascope.evals.api",
+    "lorascope.analysis.spectrum",
+    "transformers.modeling_utils",
+    "peft",
+)
 
 
 def warm_up() -> None:
@@ -36,7 +42,7 @@ def run_to_log(d: str, job_id: str, log_file: str) -> int:
     """Run one job with fd 1/2 sent to its log; its return code as a one-process job would give it."""
     from pathlib import Path
 
-    from .jobs import run_logged
+    from lorascope.study.jobs import run_logged
 
     env, cwd = dict(os.environ), os.getcwd()
     saved = os.dup(1), os.dup(2)
@@ -65,7 +71,7 @@ def _release_memory() -> None:
     gc.collect()
     import torch
 
-    from .procenv import release_memory
+    from lorascope.procenv import release_memory
 
     release_memory()
 

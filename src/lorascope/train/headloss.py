@@ -49,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = _rows_per_chunk(h.shape[0], weight.shape[0])
         for s in range(0, h.shape[0], rows):
-            hc, y = h[s:s + rows], labels[s:s + rows]
+            hc, y = h[s : s + rows], labels[s : s + rows]
             keep = y != IGNORE
             yk = torch.where(keep, y, 0)
             # One vocabulary-wide block a chunk: the logits become exp(z - max), then the weighted softmax
@@ -64,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.mul_((w / sums)[:, None])  # now the gradient: softmax x the token's weight ...
                 z[torch.arange(len(y), device=y.device), yk] -= w  # ... minus its one-hot
                 if want_h:
-                    torch.mm(z, weight, out=gh[s:s + rows])
+                    torch.mm(z, weight, out=gh[s : s + rows])
                 if want_w:
                     gw.addmm_(z.t(), hc)
             del z  # before the next chunk's logits exist
@@ -105,7 +105,7 @@ class HeadLoss:
             self.labels = None
 
     @classmethod
-    def install(cls, model, row: dict, precision: str) -> "HeadLoss | None":
+    def install(cls, model, row: dict, precision: str) -> HeadLoss | None:
         """A HeadLoss on `model`'s output head where it is exact (module doc), else None (transformers' loss).
         `row`: a training row, whose first tokens make the probe."""
         head = model.get_output_embeddings()

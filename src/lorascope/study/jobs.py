@@ -1,7 +1,7 @@
 """What one job of a study is and does: the job graph of a set of runs, each job's completion marker, and
 running one job, as the command every executor starts::
 
-    python -m lorascope.jobs STUDY_DIR JOB_ID
+    python -m lorascope.study.jobs STUDY_DIR JOB_ID
 
 A job reads only the study directory (study.yaml, runs.json, jobs.json) and writes its outputs atomically with
 its completion marker last, so a job killed half-way is redone (or resumed, for training) by the next attempt.
@@ -17,10 +17,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import LorascopeError
-from .fileio import atomic_write_json, atomic_write_text
-from .studyconfig import StudyConfig, checkpoint_names, load_study
+from lorascope.config import RunConfig
+from lorascope.errors import LorascopeError
+from lorascope.fileio import atomic_write_json, atomic_write_text
+from lorascope.study.config import StudyConfig, checkpoint_names, load_study
 
 
 def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
@@ -30,8 +30,15 @@ def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
         # after one run per training data set has written its data manifest: the base model skips the eval
         # items any run's data excludes, so base and tuned models are scored on the same items
         first = {json.dumps(r["config"]["data"], sort_keys=True): r["run_id"] for r in reversed(runs)}
-        jobs.append({"id": "eval:base", "kind": "eval", "run": None, "ckpt": None,
-                     "deps": sorted(f"train:{rid}" for rid in first.values())})
+        jobs.append(
+            {
+                "id": "eval:base",
+                "kind": "eval",
+                "run": None,
+                "ckpt": None,
+                "deps": sorted(f"train:{rid}" for rid in first.values()),
+            }
+        )
     for r in runs:
         jobs += run_jobs(study, r)
     return jobs
@@ -48,8 +55,9 @@ def run_jobs(study: StudyConfig, run: dict) -> list[dict]:
     for ck in cks:
         groups = [i for i, g in enumerate(ev.groups) if (g.checkpoints or ev.checkpoints) == "all" or ck == cks[-1]]
         if groups:
-            jobs.append({"id": f"eval:{rid}:{ck}", "kind": "eval", "run": rid, "ckpt": ck, "groups": groups,
-                         "deps": [train]})
+            jobs.append(
+                {"id": f"eval:{rid}:{ck}", "kind": "eval", "run": rid, "ckpt": ck, "groups": groups, "deps": [train]}
+            )
     if run.get("role") == "lr-search":
         return jobs
     if an.spectrum:
@@ -59,22 +67,37 @@ def run_jobs(study: StudyConfig, run: dict) -> list[dict]:
         jobs.append({"id": f"truncate:{rid}", "kind": "truncate", "run": rid, "ckpt": cks[-1], "deps": [train]})
         if an.truncate.evaluate and ev.groups:
             for k in an.truncate.ranks:
-                jobs.append({"id": f"eval-trunc:{rid}:r{k}", "kind": "eval-trunc", "run": rid, "rank": str(k),
-                             "deps": [f"truncate:{rid}"]})
+                jobs.append(
+                    {
+                        "id": f"eval-trunc:{rid}:r{k}",
+                        "kind": "eval-trunc",
+                        "run": rid,
+                        "rank": str(k),
+                        "deps": [f"truncate:{rid}"],
+                    }
+                )
     return jobs
 
 
 def job_command(d: Path, job_id: str) -> list[str]:
-    """The command that runs a job in its own process(es): ``python -m lorascope.jobs DIR JOB_ID``, started by
+    """The command that runs a job in its own process(es): ``python -m lorascope.study.jobs DIR JOB_ID``, started by
     ``accelerate launch`` for a training job when the study has a launcher (other jobs stay one process)."""
     import yaml
 
-    own = ["-m", "lorascope.jobs", str(d), job_id]
+    own = ["-m", "lorascope.study.jobs", str(d), job_id]
     lc = (yaml.safe_load((d / "study.yaml").read_text()) or {}).get("launcher")
     if not job_id.startswith("train:") or not lc or lc["num_processes"] == 1:
         return [sys.executable, *own]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", lc["accelerate_config"],
-            "--num_processes", str(lc["num_processes"]), *own]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        lc["accelerate_config"],
+        "--num_processes",
+        str(lc["num_processes"]),
+        *own,
+    ]
 
 
 def done_marker(d: Path, job: dict) -> Path:
@@ -114,17 +137,28 @@ def excluded_by_runs(d: Path) -> dict[str, list]:
 
 def group_options(study: StudyConfig, g) -> dict:
     """evaluate()'s settings for the eval group ``g`` of ``study``: how every job (and the dry run) runs it."""
-    return {"limit": g.limit, "shots": g.shots, "samples": g.samples, "temperature": g.temperature,
-            "batch_size": study.evals.batch_size, "allow_code_execution": g.allow_code_execution}
+    return {
+        "limit": g.limit,
+        "shots": g.shots,
+        "samples": g.samples,
+        "temperature": g.temperature,
+        "batch_size": study.evals.batch_size,
+        "allow_code_execution": g.allow_code_execution,
+    }
 
 
-def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | None = None,
-                  exclude_ids: dict[str, list] | None = None) -> None:
+def evaluate_into(
+    study: StudyConfig,
+    spec: str,
+    out: Path,
+    groups: list[int] | None = None,
+    exclude_ids: dict[str, list] | None = None,
+) -> None:
     """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
     a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate()).
     ``exclude_ids``: eval items to skip besides those the run's own data manifest excludes."""
-    from .evals.api import evaluate
-    from .evals.results import forgetting_mean
+    from lorascope.evals.api import evaluate
+    from lorascope.evals.results import forgetting_mean
 
     merged: dict = {"model": spec, "tasks": {}, "derived": {}, "groups": []}
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -152,7 +186,7 @@ def evaluate_into(study: StudyConfig, spec: str, out: Path, groups: list[int] | 
 
 def train_job(study: StudyConfig, run_dir: Path, cfg: RunConfig) -> None:
     """Train (or resume) one run; a blow-up is a result, marked by DIVERGED, not a failed job."""
-    from .train import train
+    from lorascope.train.loop import train
 
     try:
         train(cfg, run_dir, progress=False)
@@ -163,8 +197,10 @@ def train_job(study: StudyConfig, run_dir: Path, cfg: RunConfig) -> None:
         return
     s = json.loads((run_dir / "summary.json").read_text())
     if s.get("first_loss") and s.get("final_loss") and s["final_loss"] > s["first_loss"] * study.divergence_factor:
-        atomic_write_text(run_dir / "DIVERGED", f"final loss {s['final_loss']:.3f} > {study.divergence_factor} x "
-                                                f"first loss {s['first_loss']:.3f}\n")
+        atomic_write_text(
+            run_dir / "DIVERGED",
+            f"final loss {s['final_loss']:.3f} > {study.divergence_factor} x first loss {s['first_loss']:.3f}\n",
+        )
 
 
 def run_job(d: Path, job_id: str) -> None:
@@ -182,17 +218,23 @@ def run_job(d: Path, job_id: str) -> None:
     elif kind == "eval":
         evaluate_into(study, f"{d / 'runs' / rid}:{job['ckpt']}", done_marker(d, job).parent, job.get("groups"))
     elif kind == "spectrum":
-        from .analysis.spectrum import spectrum_cli
+        from lorascope.analysis.spectrum import spectrum_cli
 
         sp = study.analysis.spectrum
-        spectrum_cli(f"{d / 'runs' / rid}:{job['ckpt']}", out=done_marker(d, job).parent, energy=sp.energy,
-                     top_k=sp.top_k, epsilon=sp.epsilon)
+        spectrum_cli(
+            f"{d / 'runs' / rid}:{job['ckpt']}",
+            out=done_marker(d, job).parent,
+            energy=sp.energy,
+            top_k=sp.top_k,
+            epsilon=sp.epsilon,
+        )
     elif kind == "truncate":
-        from .analysis.truncate import truncate_cli
+        from lorascope.analysis.truncate import truncate_cli
 
         out = d / "analysis" / rid / "truncate"
-        truncate_cli(f"{d / 'runs' / rid}:{job['ckpt']}",
-                     ranks=",".join(str(k) for k in study.analysis.truncate.ranks), out=out)
+        truncate_cli(
+            f"{d / 'runs' / rid}:{job['ckpt']}", ranks=",".join(str(k) for k in study.analysis.truncate.ranks), out=out
+        )
         atomic_write_text(out / "DONE", "ok\n")
     elif kind == "eval-trunc":
         model_dir = d / "analysis" / rid / "truncate" / f"r{job['rank']}"
@@ -219,7 +261,7 @@ def main(argv: list[str]) -> int:
     if procs > 1 and "LORASCOPE_THREADS" in os.environ:
         os.environ["LORASCOPE_THREADS"] = str(max(1, int(os.environ["LORASCOPE_THREADS"]) // procs))
     if len(argv) != 2:
-        print("usage: python -m lorascope.jobs STUDY_DIR JOB_ID", file=sys.stderr)
+        print("usage: python -m lorascope.study.jobs STUDY_DIR JOB_ID", file=sys.stderr)
         return 2
     try:
         run_job(Path(argv[0]), argv[1])

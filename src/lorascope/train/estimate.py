@@ -17,20 +17,27 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from lorascope.config import RunConfig
 
 
 def dry_run(cfg: RunConfig, measure_steps: int = 2) -> dict:
     """The run's plan (trainplan.Plan.describe), parameter counts and, if measure_steps > 0, its measured pace
     and the estimated training time (tokens_processed / measured tokens per second)."""
-    from .train import Trainer
+    from lorascope.train.loop import Trainer
 
     with tempfile.TemporaryDirectory(prefix="lorascope-dry-run-") as work:
         trainer = Trainer.setup(cfg, Path(work))
-        report = {"model": cfg.model, "method": cfg.method.label(), "dataset": cfg.data.dataset,
-                  "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                  "grad_accum": cfg.train.grad_accum, **trainer.plan.describe(),
-                  "trainable_parameters": trainer.n_trainable, "total_parameters": trainer.n_total}
+        report = {
+            "model": cfg.model,
+            "method": cfg.method.label(),
+            "dataset": cfg.data.dataset,
+            "seq_len": cfg.train.seq_len,
+            "batch_size": cfg.train.batch_size,
+            "grad_accum": cfg.train.grad_accum,
+            **trainer.plan.describe(),
+            "trainable_parameters": trainer.n_trainable,
+            "total_parameters": trainer.n_total,
+        }
         if measure_steps > 0:
             m = report["measured"] = measure(trainer, measure_steps)
             report["estimated_s"] = report["tokens_processed"] / m["tokens_per_s"]
@@ -49,9 +56,15 @@ def measure(trainer, steps: int) -> dict:
     for s in range(1, steps + 1):
         trainer.run_step(s % total, trainer.lr_mult(s % total))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {"steps": steps, "warmup_steps": 1, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "tokens_per_s": round(steps * tps / wall, 1), "threads": torch.get_num_threads(),
-            "tokens_per_s_free_cores": round(steps * tps * torch.get_num_threads() / max(cpu, 1e-9), 1)}
+    return {
+        "steps": steps,
+        "warmup_steps": 1,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "tokens_per_s": round(steps * tps / wall, 1),
+        "threads": torch.get_num_threads(),
+        "tokens_per_s_free_cores": round(steps * tps * torch.get_num_threads() / max(cpu, 1e-9), 1),
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -73,13 +86,16 @@ def format_dry_run(r: dict) -> str:
         f"  tokens        {r['tokens']:,}" + (f" (+{extra:,} re-trained by cooldown branches)" if extra else ""),
         f"  checkpoints   {cks}",
         f"  trainable     {r['trainable_parameters']:,} of {r['total_parameters']:,} parameters "
-        f"({100 * r['trainable_parameters'] / r['total_parameters']:.2f}%)"]
+        f"({100 * r['trainable_parameters'] / r['total_parameters']:.2f}%)",
+    ]
     m = r.get("measured")
     if m:
-        lines += [f"  measured      {m['tokens_per_s']:,.1f} tokens/s: {m['steps']} training steps of this model "
-                  f"and method on this machine ({m['threads']} threads, after {m['warmup_steps']} warm-up step; "
-                  f"{m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU)",
-                  f"  estimate      {_duration(r['estimated_s'])} of training at that pace; "
-                  f"{_duration(r['estimated_free_cores_s'])} if the {m['threads']} threads had their cores to "
-                  "themselves (from the CPU time; model/data loading, saves and evaluation not included)"]
+        lines += [
+            f"  measured      {m['tokens_per_s']:,.1f} tokens/s: {m['steps']} training steps of this model "
+            f"and method on this machine ({m['threads']} threads, after {m['warmup_steps']} warm-up step; "
+            f"{m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU)",
+            f"  estimate      {_duration(r['estimated_s'])} of training at that pace; "
+            f"{_duration(r['estimated_free_cores_s'])} if the {m['threads']} threads had their cores to "
+            "themselves (from the CPU time; model/data loading, saves and evaluation not included)",
+        ]
     return "\n".join(lines)

@@ -6,22 +6,22 @@ Lists every planned run (with ``lrs: auto``, the search runs of the first seed, 
 the search will choose, shown as ``lr<chosen>``), its training tokens and checkpoints, the jobs per kind, the
 tokens in total (and with every allowed grid extension), and an estimated time. The training pace is either
 stated (``--tokens-per-s``, printed as an assumption) or, with ``--measure``, measured per (setting, method) by
-``lorascope.trainestimate`` (the run set up as training does, a few timed steps; this loads the model and
+``lorascope.train.estimate`` (the run set up as training does, a few timed steps; this loads the model and
 builds the data, so it takes minutes). Evaluation is a stated time per job (``--eval-job-s``) or, with
-``--measure``, the study's eval groups timed on its base model (``lorascope.evalestimate``: one evaluation of
-the base model, its KL tasks twice). Both speeds are for the whole machine: parallel jobs share its cores, so ``--jobs`` does not divide
-the estimate.
+``--measure``, the study's eval groups timed on its base model (``lorascope.study.evalestimate``: one evaluation of
+the base model, its KL tasks twice). Both speeds are for the whole machine: parallel jobs share its cores, so ``--jobs``
+does not divide the estimate.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from .config import RunConfig
-from .jobs import build_jobs
-from .studyconfig import AutoLR, StudyConfig, budgets, checkpoint_names, make_run, search_budget
-from .studyplan import plan_runs
-from .trainplan import Plan
+from lorascope.config import RunConfig
+from lorascope.study.config import AutoLR, StudyConfig, budgets, checkpoint_names, make_run, search_budget
+from lorascope.study.jobs import build_jobs
+from lorascope.study.plan import plan_runs
+from lorascope.train.plan import Plan
 
 
 def planned(study: StudyConfig) -> tuple[list[dict], list[dict]]:
@@ -56,8 +56,8 @@ def planned_tokens(cfg: RunConfig, measured: dict | None = None) -> int | None:
 
 
 def measure_paces(runs: list[dict]) -> dict[tuple[str, str], dict]:
-    """(setting, method) -> lorascope.trainestimate.dry_run of its first run: measured tokens/s, plan numbers."""
-    from .trainestimate import dry_run as measure_run
+    """(setting, method) -> lorascope.train.estimate.dry_run of its first run: measured tokens/s, plan numbers."""
+    from lorascope.train.estimate import dry_run as measure_run
 
     out: dict[tuple[str, str], dict] = {}
     for r in runs:
@@ -81,22 +81,32 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
         speed = pace["measured"]["tokens_per_s"] if pace else tokens_per_s
         train_s += (tok or 0) / speed
         what = f"{tok:,} tokens" if tok is not None else f"{cfg.train.epochs} epoch(s), tokens depend on the data"
-        lines.append(f"  {r['label']:<44} {r.get('role', 'main'):<9} {what:<22} "
-                     + (f"{speed:,.0f} tokens/s  " if pace else "") + f"checkpoints {', '.join(checkpoint_names(cfg))}")
-    ext = sum(planned_tokens(RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"])))
-              or 0 for r in extra)
+        lines.append(
+            f"  {r['label']:<44} {r.get('role', 'main'):<9} {what:<22} "
+            + (f"{speed:,.0f} tokens/s  " if pace else "")
+            + f"checkpoints {', '.join(checkpoint_names(cfg))}"
+        )
+    ext = sum(
+        planned_tokens(RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"]))) or 0
+        for r in extra
+    )
     n_eval = kinds["eval"] + kinds["eval-trunc"]
     eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure)
-    pace_note = ("the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
-                 if measure else f"{tokens_per_s:g} tokens/s (ASSUMED, --tokens-per-s: the whole machine's, "
-                                 f"whatever --jobs; --measure measures it)")
-    lines += [f"jobs: {len(graph)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
-              f"training tokens: {total:,} planned" + (f" (+ {unknown} epoch-budget runs not counted)" if unknown
-                                                      else "") + (f"; up to {total + ext:,} if every LR search "
-                                                                  f"uses all its extensions" if ext else ""),
-              f"estimated time: {_hms(train_s + eval_s)} = training {_hms(train_s)} at {pace_note} + "
-              f"{n_eval} evaluation jobs: {eval_note}; analysis jobs and set-up not "
-              f"included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown else "")]
+    pace_note = (
+        "the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
+        if measure
+        else f"{tokens_per_s:g} tokens/s (ASSUMED, --tokens-per-s: the whole machine's, "
+        f"whatever --jobs; --measure measures it)"
+    )
+    lines += [
+        f"jobs: {len(graph)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
+        f"training tokens: {total:,} planned"
+        + (f" (+ {unknown} epoch-budget runs not counted)" if unknown else "")
+        + (f"; up to {total + ext:,} if every LR search uses all its extensions" if ext else ""),
+        f"estimated time: {_hms(train_s + eval_s)} = training {_hms(train_s)} at {pace_note} + "
+        f"{n_eval} evaluation jobs: {eval_note}; analysis jobs and set-up not "
+        f"included" + (f"; the {unknown} epoch-budget runs are not estimated" if unknown else ""),
+    ]
     return "\n".join(lines)
 
 
@@ -106,14 +116,17 @@ def _eval_estimate(study: StudyConfig, graph: list[dict], eval_job_s: float, mea
     evals = [j for j in graph if j["kind"] in ("eval", "eval-trunc")]
     if not measure or not evals:
         return len(evals) * eval_job_s, f"{len(evals)} x {eval_job_s:g} s (ASSUMED, --eval-job-s; --measure measures)"
-    from .evalestimate import job_seconds, measure_evals
+    from lorascope.study.evalestimate import job_seconds, measure_evals
 
     cost = measure_evals(study)
     per_job = [job_seconds(study, j, cost) for j in evals]
     tasks = ", ".join(f"{k} {v:.0f} s" for k, v in cost["task_s"].items())
     total = sum(per_job) + cost["kl_cache_s"]
-    return total, (f"{_hms(total)} MEASURED on the base model ({tasks}; a model load {cost['load_s']:.1f} s a job"
-                   + (f"; the KL base cache {cost['kl_cache_s']:.0f} s once" if cost["kl_cache_s"] else "") + ")")
+    return total, (
+        f"{_hms(total)} MEASURED on the base model ({tasks}; a model load {cost['load_s']:.1f} s a job"
+        + (f"; the KL base cache {cost['kl_cache_s']:.0f} s once" if cost["kl_cache_s"] else "")
+        + ")"
+    )
 
 
 def _hms(seconds: float) -> str:

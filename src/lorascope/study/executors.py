@@ -1,14 +1,14 @@
 """Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current() /
-busy()``; the scheduler (lorascope.study) decides what to submit, the executor only runs it.
+busy()``; the scheduler (lorascope.study.scheduler) decides what to submit, the executor only runs it.
 
     ex = LocalExecutor(study_dir, jobs=2)       # a worker process per slot on this machine (the default)
-    ex = RayExecutor(study_dir, jobs=8, address="HEAD:6379")  # Ray tasks on a cluster (lorascope.raycluster)
+    ex = RayExecutor(study_dir, jobs=8, address="HEAD:6379")  # Ray tasks on a cluster (lorascope.study.raycluster)
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
     ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
 
-Ray jobs are the command ``python -m lorascope.jobs DIR JOB_ID`` (under ``accelerate launch`` for training when
-the study has a launcher; lorascope.jobs.job_command). Local jobs run that same job function in a long-lived
-worker per slot (lorascope.worker), and launcher jobs as that command. Either way a job killed half-way leaves
+Ray jobs are the command ``python -m lorascope.study.jobs DIR JOB_ID`` (under ``accelerate launch`` for training when
+the study has a launcher; lorascope.study.jobs.job_command). Local jobs run that same job function in a long-lived
+worker per slot (lorascope.study.worker), and launcher jobs as that command. Either way a job killed half-way leaves
 only its own partial files (which the next attempt redoes or resumes) and never the parent's state, and a
 killed study takes its job processes with it.
 """
@@ -19,17 +19,16 @@ import contextlib
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from . import procenv
-from .jobs import job_command
-from .layout import job_log_path
-from .lifetime import die_with_parent
+from lorascope import procenv
+from lorascope.layout import job_log_path
+from lorascope.lifetime import die_with_parent
+from lorascope.study.jobs import job_command
 
 
 def usable_cores() -> int:
@@ -43,13 +42,19 @@ def job_env(jobs: int) -> dict:
 
 
 class _Worker:
-    """One lorascope.worker process (a job slot) and the job it runs, if any."""
+    """One lorascope.study.worker process (a job slot) and the job it runs, if any."""
 
     def __init__(self, d: Path, jobs: int, first_log):
         # the worker's own output (import warnings or errors) goes to the log of the job that started it
-        self.p = subprocess.Popen([sys.executable, "-m", "lorascope.worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=first_log, env=job_env(jobs), text=True,
-                                  preexec_fn=die_with_parent)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "lorascope.study.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=first_log,
+            env=job_env(jobs),
+            text=True,
+            preexec_fn=die_with_parent,
+        )
         self.job: str | None = None
 
     def alive(self) -> bool:
@@ -72,7 +77,7 @@ class _Worker:
 
 class LocalExecutor:
     """Up to `jobs` jobs at once on this machine, each job's output in DIR/logs/<job>.log. Jobs run in one
-    worker process per slot (lorascope.worker), started on first use and reused, so a job does not pay the
+    worker process per slot (lorascope.study.worker), started on first use and reused, so a job does not pay the
     interpreter start and imports again; a training job under a study's launcher (accelerate launch) gets its
     own processes, and so does every job with ``workers=False`` (one process per job, the reference the worker
     path is tested against). ``timing[job]["startup_s"]``: seconds from submit to the job's start in a worker."""
@@ -96,9 +101,10 @@ class LocalExecutor:
     def submit(self, job_id: str) -> None:
         cmd, log = job_command(self.d, job_id), open(job_log_path(self.d, job_id), "w")
         self.submitted[job_id] = time.time()
-        if cmd[1:3] != ["-m", "lorascope.jobs"] or not self.use_workers:  # e.g. a launcher: processes of its own
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs),
-                                 preexec_fn=die_with_parent)
+        if cmd[1:3] != ["-m", "lorascope.study.jobs"] or not self.use_workers:  # e.g. a launcher: processes of its own
+            p = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs), preexec_fn=die_with_parent
+            )
             self.running[job_id] = (p, log)
             return
         with log:
@@ -167,8 +173,8 @@ class InlineExecutor:
         return bool(self.done)
 
     def submit(self, job_id: str) -> None:
-        from .errors import LorascopeError
-        from .jobs import run_job
+        from lorascope.errors import LorascopeError
+        from lorascope.study.jobs import run_job
 
         rc = 0
         with open(job_log_path(self.d, job_id), "w") as log:
@@ -188,8 +194,8 @@ class InlineExecutor:
 
 
 def _ray_executor(d: Path, jobs: int, **opts):
-    # Ray executor (lorascope.raycluster): imported on use, so the other executors never import ray.
-    from .raycluster import RayExecutor
+    # Ray executor (lorascope.study.raycluster): imported on use, so the other executors never import ray.
+    from lorascope.study.raycluster import RayExecutor
 
     return RayExecutor(d, jobs, **opts)
 

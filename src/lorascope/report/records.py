@@ -1,0 +1,47 @@
+"""The typed records a verdict is made of: one per question and comparison, the same facts on the page, in
+`results.parquet` and in `verdicts.json`. The view renders them; it never parses a decision's sentences.
+
+A `Comparison` carries what a reader needs to act on it: the estimate and its intervals (raw and
+Holm-adjusted), the verdict, and the noise it was decided under (seeds, effective item clusters, and the
+variance components of the estimate), from which `what it would take` (more seeds, more clusters, more tokens)
+and the one-sided bounds of an unresolved answer are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+VERDICTS = ("yes", "no", "reversed", "equivalent", "not resolved", "not comparable")
+
+
+@dataclass
+class Comparison:
+    question: str  # "learns_less" | "forgets_less" | ...: the question this comparison answers
+    setting: str  # e.g. "code-cpt"
+    method: str  # the LoRA method compared with full FT (its config label)
+    budget: str | None  # checkpoint name the comparison is made at (None: over the frontier)
+    metric: str  # the task whose numbers are compared
+    estimate: float | None  # LoRA minus full FT, in the metric's signed units (learning / forgetting)
+    ci_low: float | None  # raw 95% interval (hierarchical bootstrap: seeds, then item clusters)
+    ci_high: float | None
+    ci_low_holm: float | None  # the interval at the Holm-adjusted level this comparison was tested at
+    ci_high_holm: float | None
+    p_value: float | None
+    p_holm: float | None
+    alpha_holm: float | None  # the level it was tested at by Holm's step-down
+    margin: float | None  # equivalence margin, fixed before test (study file or validation)
+    margin_source: str | None  # "study file" | "validation" | ...
+    verdict: str  # one of VERDICTS
+    reason: str  # one sentence, for people; nothing downstream parses it
+    se: float | None  # standard error of the estimate
+    df: float | None  # degrees of freedom of its t reference
+    reference_effect: float | None  # full FT's own effect on this metric (test split), the unit of "%"
+    n_seeds: int | None
+    n_clusters: int | None
+    n_clusters_eff: float | None  # Kish's effective count (splits.effective_clusters)
+    var_seed: float | None  # variance of the estimate per seed: se^2 ~ var_seed/n_seeds + var_cluster/n_eff
+    var_cluster: float | None
+    flags: list[str] = field(default_factory=list)  # e.g. "LR unbracketed", "skewed bootstrap"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Training: one loop for full fine-tuning and every LoRA variant, its plan, estimate and parts."""
