@@ -60,14 +60,30 @@ def test_a_larger_limit_is_a_superset_on_both_splits(monkeypatch):
 
 
 @pytest.mark.parametrize("limit", [5, 16, 40, 64, 100])
-def test_no_cluster_takes_more_while_another_has_room(monkeypatch, limit):
+def test_no_cluster_takes_more_while_another_of_its_split_has_room(monkeypatch, limit):
     _pool(monkeypatch, PLANTED)
     size = _counts(heldout_windows("d", size=SIZE))
     got = _counts(heldout_windows("d", limit, size=SIZE))
-    room = [c for c in size if got[c] < size[c]]  # clusters that could still give a window
-    assert all(got[c] <= got[r] + 1 for c in size for r in room)
-    if all(size[c] >= math.ceil(limit / len(size)) for c in size):
-        assert max(got.values()) <= math.ceil(limit / len(size))
+    by_split = {sp: [c for c in size if split_of(c) == sp] for sp in ("validation", "test")}
+    assert all(by_split.values())  # the planted pool has clusters on both sides
+    n = {sp: sum(got[c] for c in cs) for sp, cs in by_split.items()}
+    full = {sp: n[sp] == sum(size[c] for c in cs) for sp, cs in by_split.items()}
+    assert abs(n["validation"] - n["test"]) <= 1 or any(full.values())  # half a limit each, while both can
+    for cs in by_split.values():
+        room = [c for c in cs if got[c] < size[c]]  # clusters that could still give a window
+        assert all(got[c] <= got[r] + 1 for c in cs for r in room)
+        if all(size[c] >= math.ceil(limit / 2 / len(cs)) for c in cs) and not any(full.values()):
+            assert max(got[c] for c in cs) <= math.ceil(limit / 2 / len(cs))
+
+
+def test_a_limit_below_the_cluster_count_samples_both_splits(monkeypatch):
+    """Records held out one by one: many one-window clusters. The order must not follow the split's own hash
+    (sorting by it would fill a limit from one side)."""
+    docs = [f"record_{i} = {i}\n" * 3 for i in range(400)]
+    monkeypatch.setattr(data, "heldout_texts", lambda name, limit=None: docs)
+    monkeypatch.setattr(data, "heldout_groups", lambda name: [None] * len(docs))
+    splits = collections.Counter(split_of(w["cluster"]) for w in heldout_windows("d", 40))
+    assert 10 <= splits["validation"] <= 30 and splits["validation"] + splits["test"] == 40
 
 
 def test_windows_of_a_cluster_spread_over_its_documents(monkeypatch):

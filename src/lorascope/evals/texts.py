@@ -23,10 +23,14 @@ straddle the validation/test split. The key leaves out the dataset's name (a use
 differs between machines), so a split is the same wherever the data lives, and a package held out of two
 datasets sits on one side for both.
 
-A limit takes a prefix of one fixed order (``nested_order``): round-robin over clusters, within a cluster over
-its documents, each level in a hash order. So every cluster gives one window before any gives a second (no
-cluster holds more than ceil(limit / clusters) while another still has windows), a few big packages cannot
-crowd out the rest, and a larger limit is a superset of a smaller one (limit 128 = limit 64 + 64 more).
+A limit takes a prefix of one fixed order (``nested_order``): round-robin over the two splits (so each gets
+half of a limit while both have windows), within a split over its clusters, within a cluster over its
+documents, each level in a hash order. So within a split every cluster gives one window before any gives a
+second (none holds more than ceil(limit / 2 / the split's clusters) while another still has windows), a few
+big packages cannot crowd out the rest, and a larger limit is a superset of a smaller one (limit 128 = limit
+64 + 64 more). The splits come first because their cluster counts differ (code-cpt: 7 validation, 17 test):
+one round-robin over all clusters would give validation 19 of 64 windows and test 45, and the learning rates
+are chosen on validation.
 
 Example::
 
@@ -41,6 +45,7 @@ from functools import lru_cache
 
 from .. import benchdata
 from ..errors import LorascopeError
+from ..splits import split_of
 from .multiple_choice import hellaswag_preprocess
 
 WINDOW_CHARS = 1500  # ~410 tokens of Python: one model window each, no overlap cost
@@ -115,13 +120,16 @@ def _round_robin(groups: dict[str, list]) -> list:
 
 
 def nested_order(wins: list[dict]) -> list[dict]:
-    """Windows ({id, cluster, doc}) in the order a limit takes them: round-robin over clusters, and within a
-    cluster round-robin over its documents, windows of a document in hash order of their ids. Depends on the
-    windows alone, not on a limit, so limits are nested."""
-    docs: dict[str, dict[str, list]] = {}
+    """Windows ({id, cluster, doc}) in the order a limit takes them: round-robin over the splits, within a split
+    over its clusters, within a cluster over its documents; windows of a document in hash order of their ids.
+    Depends on the windows alone, not on a limit, so limits are nested."""
+    tree: dict[str, dict[str, dict[str, list]]] = {}
     for w in sorted(wins, key=lambda w: _hash(w["id"])):
-        docs.setdefault(w["cluster"], {}).setdefault(w["doc"], []).append(w)
-    return _round_robin({c: _round_robin(by_doc) for c, by_doc in docs.items()})
+        clusters = tree.setdefault(split_of(w["cluster"]), {})
+        clusters.setdefault(w["cluster"], {}).setdefault(w["doc"], []).append(w)
+    return _round_robin(
+        {sp: _round_robin({c: _round_robin(docs) for c, docs in clusters.items()}) for sp, clusters in tree.items()}
+    )
 
 
 def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_CHARS) -> list[dict]:
