@@ -127,6 +127,10 @@ class DataConfig(Strict):
     response_field: str = "response"
     max_docs: int | None = None
     """Cap the number of source documents/pairs (cheap builds for tests)."""
+    group_field: str | None = None
+    """User .jsonl/.parquet/hf data: the field naming each record's group (repository, author, source). Whole
+    groups are held out, and a group is one item cluster on one side of the validation/test split; without it
+    each record is its own cluster (recorded in the dataset manifest as "clusters": "record")."""
 
     @model_validator(mode="after")
     def _infer_regime(self) -> DataConfig:

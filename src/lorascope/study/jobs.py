@@ -157,9 +157,11 @@ def evaluate_into(
     """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
     a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate()).
     ``exclude_ids``: eval items to skip besides those the run's own data manifest excludes."""
+    from lorascope.data import register
     from lorascope.evals.api import evaluate
     from lorascope.evals.results import forgetting_mean
 
+    register(s.data for s in study.settings)  # heldout_bpb:<user file> reads it as its settings do
     merged: dict = {"model": spec, "tasks": {}, "derived": {}, "groups": []}
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for i, g in enumerate(study.evals.groups):
