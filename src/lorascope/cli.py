@@ -239,6 +239,9 @@ def report(study_dir: Path = typer.Argument(..., help="a study directory")):
     from lorascope.report import write_report
 
     path = write_report(study_dir)
+    from lorascope.train.tracking import log_study
+
+    log_study(study_dir)  # the study-level tracked run, when study.yaml has tracking
     typer.echo(str(path))
 
 
