@@ -36,26 +36,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
+def _spawn(root: Path) -> tuple[subprocess.Popen, str]:
+    """An `mlflow server` over a SQLite store in ``root``, on a free port of 127.0.0.1 (not yet answering)."""
     root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", "1"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    log = open(root / "server.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True), f"http://127.0.0.1:{port}"
+
+
+def _wait(proc: subprocess.Popen, uri: str, root: Path) -> str:
+    deadline = time.time() + 300  # a busy 2-core machine takes minutes to import and migrate the store
+    while time.time() < deadline and proc.poll() is None:
         try:
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return proc, uri
+                return uri
         except OSError:
             time.sleep(0.5)
-        if proc.poll() is not None:
-            break
     _stop(proc)
     raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
 
@@ -70,10 +70,20 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    _stop(proc)
+def servers(tmp_path_factory):
+    """Two servers, started at once (each start is slow): [(proc, uri, store dir)]; the second one is killed."""
+    roots = [tmp_path_factory.mktemp("mlflow"), tmp_path_factory.mktemp("mlflow-killed")]
+    spawned = [_spawn(r) for r in roots]
+    try:
+        yield [(proc, _wait(proc, uri, root), root) for (proc, uri), root in zip(spawned, roots)]
+    finally:
+        for proc, _ in spawned:
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(servers):
+    return servers[0][1]
 
 
 @pytest.fixture(scope="module")
@@ -149,39 +159,32 @@ def test_run_logged_to_mlflow_and_tensorboard(tmp_path, tiny_model_dir, corpus, 
     assert list(tb_bpb.step) == [3] and list(tb_bpb.value) == pytest.approx([bpb], rel=1e-6)
 
 
-def test_server_killed_mid_run(tmp_path, tiny_model_dir, corpus, monkeypatch):
+def test_server_killed_mid_run(tmp_path, tiny_model_dir, corpus, servers, monkeypatch):
     """The server dies after step 2: one warning, the run completes with the losses of an untracked run, and the
-    tracked run holds what was logged before."""
+    tracked run (read from the server's store) holds what was logged before."""
     from mlflow import MlflowClient
 
     from lorascope.config import TrackingConfig
 
-    proc, uri = _start_server(tmp_path / "server")
-    try:
-        logged = tracking.RunTracker.log_step
+    proc, uri, root = servers[1]
+    logged = tracking.RunTracker.log_step
 
-        def log_step(self, line):
-            if line["step"] == 3:
-                _stop(proc)
-            logged(self, line)
+    def log_step(self, line):
+        if line["step"] == 3:
+            _stop(proc)
+        logged(self, line)
 
-        monkeypatch.setattr(tracking.RunTracker, "log_step", log_step)
-        tc = TrackingConfig(log_with=["mlflow"], uri=uri, project="t-kill")
-        with pytest.warns(tracking.TrackingWarning, match="mlflow: logging step failed") as caught:
-            run = train(_cfg(tiny_model_dir, corpus, tc), tmp_path / "run", progress=False)
-        assert len([w for w in caught if issubclass(w.category, tracking.TrackingWarning)]) == 1
-        assert (run / "COMPLETE").exists()
-        plain = train(_cfg(tiny_model_dir, corpus), tmp_path / "plain", progress=False)
-        assert _losses(run) == _losses(plain)
-        run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
-    finally:
-        _stop(proc)
-    proc, uri2 = _start_server(tmp_path / "server")  # the same store, served again
-    try:
-        hist = MlflowClient(uri2).get_metric_history(run_id, "train/loss")
-        assert sorted(m.step for m in hist) == [1, 2]
-    finally:
-        _stop(proc)
+    monkeypatch.setattr(tracking.RunTracker, "log_step", log_step)
+    tc = TrackingConfig(log_with=["mlflow"], uri=uri, project="t-kill")
+    with pytest.warns(tracking.TrackingWarning, match="mlflow: logging step failed") as caught:
+        run = train(_cfg(tiny_model_dir, corpus, tc), tmp_path / "run", progress=False)
+    assert len([w for w in caught if issubclass(w.category, tracking.TrackingWarning)]) == 1
+    assert (run / "COMPLETE").exists() and proc.poll() is not None
+    plain = train(_cfg(tiny_model_dir, corpus), tmp_path / "plain", progress=False)
+    assert _losses(run) == _losses(plain)
+    run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
+    hist = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in hist) == [1, 2]
 
 
 def test_unreachable_backend_at_start_warns_and_trains(tmp_path, tiny_model_dir, corpus):
@@ -205,8 +208,8 @@ def test_study_conclusions_from_verdicts_json_and_headline(tmp_path):
     )
     from_page = tracking.study_conclusions(tmp_path)
     assert from_page["recommendation/code-cpt"] == "Recommended: full FT at 1e-4 & seed 0."
-    assert from_page["verdict/code-cpt/Does LoRA learn less_"] == "yes"
-    assert from_page["verdict/code-cpt/Does LoRA forget less_"] == "not resolved"
+    assert from_page["verdict/code-cpt/Does LoRA learn less?"] == "yes"
+    assert from_page["verdict/code-cpt/Does LoRA forget less?"] == "not resolved"
     comp = {"question": "learns_less", "setting": "code-cpt", "method": "lora-r16", "verdict": "no", "estimate": 0.5}
     (tmp_path / "verdicts.json").write_text(json.dumps({"comparisons": [comp]}))
     from_file = tracking.study_conclusions(tmp_path)

@@ -136,7 +136,8 @@ def model_card(run: Path, ck, merged: bool) -> str:
         f"This directory holds {what}, trained with lorascope.",
         "",
         f"- Base model: {base_line(ck.base)}",
-        f"- Checkpoint: step {meta.get('step')}, {meta.get('tokens')} tokens trained, final LR {meta.get('final_lr')}",
+        f"- Checkpoint: step {meta.get('step')}, {meta.get('tokens')} tokens trained, "
+        f"final LR {meta.get('final_lr') or 0:.3g}",
         "",
         "## Training config",
         "",

@@ -339,7 +339,7 @@ def study_conclusions(study_dir: Path) -> dict[str, str | float]:
     else:
         for s, h in heads.items():
             out.update({f"verdict/{s}/{q}": v for q, v in h["verdicts"].items()})
-    return {_metric_key(k): v for k, v in out.items()}
+    return out  # keys as written; each backend's tracker makes them names it accepts
 
 
 def _comparisons(data) -> list[dict]:
