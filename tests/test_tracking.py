@@ -175,7 +175,7 @@ def test_server_killed_mid_run(tmp_path, tiny_model_dir, corpus, servers, monkey
         logged(self, line)
 
     monkeypatch.setattr(tracking.RunTracker, "log_step", log_step)
-    tc = TrackingConfig(log_with=["mlflow"], uri=uri, project="t-kill")
+    tc = TrackingConfig(log_with=["mlflow"], uri=uri, project="t-kill")  # no run_name: the directory's
     with pytest.warns(tracking.TrackingWarning, match="mlflow: logging step failed") as caught:
         run = train(_cfg(tiny_model_dir, corpus, tc), tmp_path / "run", progress=False)
     assert len([w for w in caught if issubclass(w.category, tracking.TrackingWarning)]) == 1
@@ -183,8 +183,9 @@ def test_server_killed_mid_run(tmp_path, tiny_model_dir, corpus, servers, monkey
     plain = train(_cfg(tiny_model_dir, corpus), tmp_path / "plain", progress=False)
     assert _losses(run) == _losses(plain)
     run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
-    hist = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "train/loss")
-    assert sorted(m.step for m in hist) == [1, 2]
+    store = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert sorted(m.step for m in store.get_metric_history(run_id, "train/loss")) == [1, 2]
+    assert store.get_run(run_id).info.run_name == "run"
 
 
 def test_unreachable_backend_at_start_warns_and_trains(tmp_path, tiny_model_dir, corpus):

@@ -206,7 +206,7 @@ class TrackingConfig(Strict):
     logging_dir: str | None = None
     """TensorBoard log root, one sub-directory per run (default: RUN/tensorboard)."""
     run_name: str | None = None
-    """Default: the run's label in a study, else the method's label (e.g. lora-r16-all)."""
+    """Default: the run's label in a study (code-cpt/lora-r16/lr0.001/s0), else the run directory's name."""
     tags: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("log_with", mode="before")

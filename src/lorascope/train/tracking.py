@@ -241,6 +241,7 @@ def start(cfg: TrackingConfig | None, out: Path, resolved: dict, main: bool = Tr
     """The tracked runs of training run ``out`` (its resolved config logged as params); inert when off."""
     if cfg is None or not cfg.log_with or not main:
         return RunTracker()
+    cfg = cfg.model_copy(update={"run_name": cfg.run_name or Path(out).resolve().name})
     trackers, _ = open_trackers(cfg, Path(out), flat_params(resolved))
     return RunTracker(Path(out), trackers)
 
