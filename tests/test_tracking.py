@@ -188,6 +188,35 @@ def test_server_killed_mid_run(tmp_path, tiny_model_dir, corpus, servers, monkey
     assert store.get_run(run_id).info.run_name == "run"
 
 
+def test_resumed_run_continues_its_tracked_run(tmp_path, tiny_model_dir, corpus, mlflow_uri, monkeypatch):
+    """A run killed after step 4 and started again logs into the same MLflow run (by the id in tracking.json)."""
+    from mlflow import MlflowClient
+
+    from lorascope.config import TrackingConfig
+    from lorascope.train.loop import Trainer
+
+    cfg = _cfg(tiny_model_dir, corpus, TrackingConfig(log_with=["mlflow"], uri=mlflow_uri, project="t-resume"))
+    after = Trainer.after_step
+
+    def killed_at_4(self):
+        after(self)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_step", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    first = json.loads((tmp_path / "run" / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(first).info.status == "FAILED"
+    monkeypatch.setattr(Trainer, "after_step", after)
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"] == first
+    assert client.get_run(first).info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(first, "train/loss")} == set(range(1, 7))
+    assert len(client.search_runs([client.get_experiment_by_name("t-resume").experiment_id])) == 1
+
+
 def test_unreachable_backend_at_start_warns_and_trains(tmp_path, tiny_model_dir, corpus):
     from lorascope.config import TrackingConfig
 

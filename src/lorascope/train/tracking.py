@@ -166,6 +166,7 @@ def _make(backend: str, cfg: TrackingConfig, where: Path, old: dict):
 
     name, project = cfg.run_name or "run", cfg.project or "lorascope"
     if backend == "mlflow":
+        old = old if cfg.uri in (None, old.get("uri")) else {}  # another server now: a new tracked run there
         t = mlflow_tracker(project, old.get("uri", cfg.uri), name, dict(cfg.tags), old.get("run_id"))
         return t, t.record
     if backend == "tensorboard":
