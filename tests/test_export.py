@@ -141,3 +141,15 @@ def test_gguf_base_named_by_file_and_hash(tmp_path, tiny_model):
     assert json.loads((tmp_path / "ck" / "lorascope.json").read_text())["base"] == "/models/x/smol.Q8_0.gguf"
     digest = hashlib.sha256(embedded_gguf().read_bytes()).hexdigest()
     assert base_line("embedded") == f"GGUF file `{embedded_gguf().name}`, sha256 `{digest}`"
+
+
+def test_a_file_naming_a_local_path_is_refused(tmp_path):
+    from lorascope.errors import LorascopeError
+    from lorascope.export import _check_portable, portable
+
+    (tmp_path / "ok.json").write_text(json.dumps(portable({"model": str(tmp_path / "m"), "lr": 1e-3, "x": "a/b"})))
+    _check_portable(tmp_path, [tmp_path / "m"])
+    assert json.loads((tmp_path / "ok.json").read_text())["model"] == "m"
+    (tmp_path / "bad.json").write_text(json.dumps({"model": str(tmp_path / "m")}))
+    with pytest.raises(LorascopeError, match="bad.json: names a machine-local path"):
+        _check_portable(tmp_path, [tmp_path / "m"])

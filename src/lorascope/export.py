@@ -6,7 +6,7 @@ trained, from what, on what data, and what its study concluded::
 
 No file written names a path of this machine: the base model is named by hub id, or GGUF file name + sha256, or
 directory name (models.portable_base); paths in the config and data manifest are reduced to file names; and the
-directory is checked for the run's, the cache's and the home directory's paths before it is handed over.
+directory is checked for the run's, the base model's and the cache's paths before it is handed over.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _local_roots(base: str) -> list[Path]:
     from lorascope.assets import cache_dir
     from lorascope.models import resolve_base
 
-    return [cache_dir(), Path.home(), Path(resolve_base(base))]
+    # not the home directory itself: a short path such as /root can be a token of a tokenizer's vocabulary
+    return [cache_dir(), Path(resolve_base(base))]
 
 
 def _scrub_configs(d: Path, base: str) -> None:
