@@ -239,7 +239,23 @@ def report(study_dir: Path = typer.Argument(..., help="a study directory")):
     from lorascope.report import write_report
 
     path = write_report(study_dir)
+    from lorascope.train.tracking import log_study
+
+    log_study(study_dir)  # the study-level tracked run, when study.yaml has tracking
     typer.echo(str(path))
+
+
+@app.command("export")
+@_user_errors
+def export_cmd(
+    spec: str = typer.Argument(..., help="RUN[:CHECKPOINT] (default: the last checkpoint)"),
+    out: Path = typer.Option(..., "--out", help="new directory: HF artifacts + README.md model card"),
+    merged: bool = typer.Option(False, "--merged", help="LoRA merged into its base (default: the adapter)"),
+):
+    """An adapter or a merged model loadable by from_pretrained, with a model card; no machine-local paths."""
+    from lorascope.export import export
+
+    typer.echo(str(export(spec, out, merged=merged)))
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive `app` in-process

@@ -39,6 +39,7 @@ from lorascope.config import (
     MethodConfig,
     RunConfig,
     Strict,
+    TrackingConfig,
     TrainConfig,
     apply_overrides,
     dump,
@@ -196,6 +197,8 @@ class StudyConfig(Strict):
     """A run whose final loss exceeds its first loss x this factor (or goes non-finite) is 'diverged'."""
     launcher: Launcher | None = None
     """How training jobs start (default: one process; see Launcher)."""
+    tracking: TrackingConfig | None = None
+    """Experiment tracking: the study is one experiment (project), each training run one tracked run in it."""
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -326,6 +329,19 @@ def make_run(
         "role": role,
         "config": dump(cfg),
     }
+
+
+def run_config(study: StudyConfig, run: dict) -> RunConfig:
+    """The RunConfig a training job runs: the run's own config, and the study's tracking (the experiment is
+    the study's, the tracked run named by the run's label and tagged with what the report groups runs by)."""
+    cfg = RunConfig.model_validate(run["config"])
+    if study.tracking is None:
+        return cfg
+    keys = ("run_id", "setting", "method_name", "lr", "seed", "role")
+    tags = {**study.tracking.tags, "lorascope.study": study.name, **{f"lorascope.{k}": str(run[k]) for k in keys}}
+    project = study.tracking.project or study.name
+    tracking = study.tracking.model_copy(update={"project": project, "run_name": run["label"], "tags": tags})
+    return cfg.model_copy(update={"tracking": tracking})
 
 
 def budgets(s: Setting) -> list[dict | None]:

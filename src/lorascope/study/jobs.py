@@ -20,7 +20,8 @@ from pathlib import Path
 from lorascope.config import RunConfig
 from lorascope.errors import LorascopeError
 from lorascope.fileio import atomic_write_json, atomic_write_text
-from lorascope.study.config import StudyConfig, checkpoint_names, load_study
+from lorascope.study.config import StudyConfig, checkpoint_names, load_study, run_config
+from lorascope.train.tracking import log_checkpoint_eval
 
 
 def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
@@ -214,11 +215,12 @@ def run_job(d: Path, job_id: str) -> None:
     kind, rid = job["kind"], job.get("run")
     if kind == "train":
         runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
-        train_job(study, d / "runs" / rid, RunConfig.model_validate(runs[rid]["config"]))
+        train_job(study, d / "runs" / rid, run_config(study, runs[rid]))
     elif kind == "eval" and rid is None:
         evaluate_into(study, study.model, done_marker(d, job).parent, exclude_ids=excluded_by_runs(d))
     elif kind == "eval":
         evaluate_into(study, f"{d / 'runs' / rid}:{job['ckpt']}", done_marker(d, job).parent, job.get("groups"))
+        log_checkpoint_eval(d / "runs" / rid, job["ckpt"], json.loads(done_marker(d, job).read_text()))
     elif kind == "spectrum":
         from lorascope.analysis.spectrum import spectrum_cli
 
