@@ -34,7 +34,6 @@ from lorascope.evals.catalog import (
 
 from .bootstrap import percentile_interval
 from .collect import BASE, Study, stderr_key
-from .decide import MARGIN_FRACTION
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
 from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
 
@@ -197,13 +196,11 @@ class Headline:
     table: list[dict]  # one row per configuration at its last checkpoint, test split (with "capacity")
     sentences: list[str]
     recommended: Point | None = None
-    verdicts: list[dict] = field(default_factory=list)  # the paper's two questions, see questions.py; each
-    # tested one has "margin" (equivalence), "p" / "p_holm" (raw / Holm-adjusted), "correction", and the
-    # matched-learning one the common learning range "range"
+    verdicts: list = field(default_factory=list)  # records.Comparison per question and comparison (questions.py)
     chosen_lrs: dict = field(default_factory=dict)  # method name -> chosen LR (study's LR search, else validation)
     frontiers: dict = field(default_factory=dict)  # family -> {"points", "capacity", "curve", "band"}
     lr_choice: dict = field(default_factory=dict)  # method -> {"lr", "by", "bracketed", "status", "grid", ...}
-    margin_fraction: float | None = None  # equivalence margin: this share of the larger gain / forgetting
+    margins: dict = field(default_factory=dict)  # the study file's report.margins (margins.py; default 10%)
     learning_tests: list[dict] = field(default_factory=list)  # per candidate: {"point", "p", "p_holm"}
     correction: str = ""  # the multiplicity correction used, in words
 
@@ -254,13 +251,13 @@ def study_headlines(
     """Every setting's verdicts and recommendation: choices on the validation split, numbers on the test split,
     and Holm's correction over the whole study (every comparison of every setting; separately, every
     configuration tested for a recommendation), since a reader takes the report's verdicts together."""
-    margin = float((st.config.get("report") or {}).get("margin") or MARGIN_FRACTION)
+    margin = (st.config.get("report") or {}).get("margins") or {}
     drafts = [_draft(st, ps, rows, s, d, margin) for s, d in settings]
     live = [d for d in drafts if d.done is None]
     k = settle([d.answer for d in live])
     n = learning_tests([(d.answer, candidates(d.mine, d.fin, d.answer)) for d in live])
     how = (
-        f"significance is Holm-Bonferroni-corrected over all {k} comparison{'s' * (k != 1)} tested in the "
+        f"significance is Holm-Bonferroni-corrected over all {k} test{'s' * (k != 1)} of the "
         f"study (every setting and question); a configuration qualifies for a recommendation only if its learning "
         f"over the base is significantly positive (one-sided bootstrap test, Holm-corrected over the study's "
         f"{n} final main configuration{'s' * (n != 1)})"
@@ -268,7 +265,7 @@ def study_headlines(
     return [d.done or _finish(d, margin, how) for d in drafts]
 
 
-def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: float) -> _Draft:
+def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: dict) -> _Draft:
     base = base_values(rows)
     mine = [p for p in ps if p.setting == setting]
     d = _Draft(setting, mine, [])
@@ -301,6 +298,7 @@ def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: 
         + ", each against the base model; choices are made on "
         "the validation split and every number below is on the test split."
     )
+    d.sentences += record_clusters(st, mine)
     d.answer = answer(st, mine, d.L, d.F, axis(mine), margin, searched=study_choices(st, setting))
     if d.answer.test is None or d.answer.val is None:
         d.done = Headline(
@@ -319,15 +317,23 @@ def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: 
     return d
 
 
-def _finish(d: _Draft, margin: float, how: str) -> Headline:
+def _finish(d: _Draft, margin: dict, how: str) -> Headline:
     a, mine = d.answer, d.mine
     out = d.sentences + [
-        f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over seeds "
-        "and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); 'equivalent' needs "
-        f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."
+        f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate bootstraps over item clusters "
+        "(widened for few or unequal clusters, Student t on Kish's effective count) with each point's training "
+        "noise drawn from the seed variance pooled over the main configurations (Student t on the pooled degrees "
+        "of freedom); 'equivalent' needs both one-sided tests (TOST) inside a margin fixed before test ("
+        + (
+            ", ".join(f"{k}: {v}" for k, v in margin.items()) + " in the study file"
+            if margin
+            else "10% of full FT's validation effect"
+        )
+        + f"); {how}."
     ]
+
     out += lr_sentences(a.lr_choice, "epochs" if axis(mine) == "epoch" else "tokens")
-    pick, said = recommend(mine, d.fin, a, d.L, margin, d.setting)
+    pick, said = recommend(mine, d.fin, a, d.L, setting=d.setting)
     out += said
     out += [f"{mine[i].name} diverged and is left out of every choice." for i in d.fin if mine[i].diverged]
     tests = [{"point": mine[i], **a.learning_p[i]} for i in d.fin if i in a.learning_p]
@@ -346,6 +352,18 @@ def _finish(d: _Draft, margin: float, how: str) -> Headline:
         tests,
         how,
     )
+
+
+def record_clusters(st: Study, mine: list[Point]) -> list[str]:
+    """A sentence when a run's data manifest says each record is its own item cluster (no grouping field)."""
+    ids = {r for p in mine for r in p.run_ids}
+    if not any((st.run(r).get("manifest") or {}).get("clusters") == "record" for r in ids):
+        return []
+    return [
+        "Each record of this setting's data is its own item cluster (the data names no grouping field): held-out "
+        "items from one source count as independent, so the intervals are too narrow if sources repeat (set "
+        "data.group_field to the repository, author or source)."
+    ]
 
 
 def lr_sentences(choice: dict, unit: str = "tokens") -> list[str]:

@@ -42,6 +42,19 @@ class Comparison:
     var_seed: float | None  # variance of the estimate per seed: se^2 ~ var_seed/n_seeds + var_cluster/n_eff
     var_cluster: float | None
     flags: list[str] = field(default_factory=list)  # e.g. "LR unbracketed", "skewed bootstrap"
+    label: str = ""  # the compared LoRA configuration as the page names it (method and LR, or the method)
+    reference: str = ""  # the full-FT configuration it is set against
+    position: float | None = None  # the budget in tokens (or epochs), for sorting and the question's wording
+    p_tost: float | None = None  # equivalence (TOST, max of the two one-sided p-values), inside the Holm family
+    p_tost_holm: float | None = None
+    level: float = 0.95
+    split: str = "test"
+    noise: str = ""  # what the intervals cover, in words
+    correction: str = ""  # the multiplicity correction, in words
+    learning_range: list[float] | None = None  # forgets_less: the common learning range compared over
+    capacity: list[float | None] | None = None  # learns_less: trainable parameters per token (LoRA, full FT)
+    undefined: float | None = None  # share of bootstrap replicates where the statistic is undefined
+    power: str | None = None  # what would resolve an unresolved comparison (decide.power_note)
 
     def to_dict(self) -> dict:
         return asdict(self)

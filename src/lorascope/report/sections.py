@@ -101,7 +101,7 @@ def _headline_setting(h: Headline, family: dict[str, str], by: str) -> dict:
         "verdicts": verdict_lines(h, by),
         "lrs": lr_rows(h.chosen_lrs, family),
         "choice": lr_choice_rows(h.lr_choice, family, h.learning.task if h.learning else None, unit),
-        "margin": h.margin_fraction,
+        "margins": h.margins,
         "correction": h.correction,
     }
 
