@@ -375,6 +375,23 @@ def test_page_shows_each_settings_verdicts_lrs_and_frontiers(study):
     assert pareto.count("where forgetting is compared") + pareto.count("cannot be compared at equal") == len(hs)
 
 
+def test_verdicts_json_parquet_and_page_carry_the_same_records(study):
+    import pyarrow.parquet as pq
+
+    from lorascope.report import verdicts
+
+    d, html, _ = study
+    text = (d / "verdicts.json").read_text()
+    doc = json.loads(text)
+    cs = verdicts(d)
+    assert [c["verdict"] for c in doc["comparisons"]] == [c.verdict for c in cs] and len(cs) >= 2
+    assert json.loads(pq.read_schema(d / "results.parquet").metadata[b"lorascope.verdicts"]) == doc
+    head = _section(html.read_text(), "headline")
+    for c in doc["comparisons"]:
+        assert f'<span class="sig">{c["verdict"]}</span>' in head and f"effective {c['n_clusters_eff']:.1f}" in head
+    assert {r["setting"] for r in doc["recommendations"]} == {"code-cpt", "math-ift"}
+
+
 def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
     from lorascope.report.collect import load_study_dir, metric_rows
     from lorascope.report.compare import headline, points

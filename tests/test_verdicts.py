@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorascope.errors import LorascopeError
 from lorascope.report.bootstrap import (
     ClusterTable,
     Draws,
@@ -610,3 +611,124 @@ def test_a_recommended_lr_at_the_edge_of_its_grid_carries_a_caveat(tmp_path):
     assert "a lower one may learn more" in caveat[0]
     i = h.sentences.index(caveat[0])
     assert h.sentences[i - 1].startswith("Recommended for code-cpt:")
+
+
+def _recluster(d: Path, where) -> None:
+    """Rewrite every samples file of a study: item j (w<j>) gets (split, cluster) = where(j)."""
+    for f in (d / "evals").rglob("samples/*.jsonl"):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for r in recs:
+            r["split"], r["cluster"] = where(int(r["id"][1:]))
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_kish_gate_counts_independent_clusters_not_raw_ones(tmp_path):
+    # the same planted gap on the same 80 test items in 11 raw clusters: one holding 70 of them is Kish 1.3
+    def split(j, test):
+        return ("validation", f"V/c{j // 4}") if j < 80 else ("test", test(j))
+
+    verdict = {}
+    for name, test in (
+        ("balanced", lambda j: f"T/c{j // 8}"),
+        ("one package", lambda j: "T/big" if j < 150 else f"T/{j}"),
+    ):
+        d = _study(
+            tmp_path / name.replace(" ", "-"),
+            {"full": 0.3, "lora-r16": 0.1},
+            {"full": 0.05, "lora-r16": 0.01},
+            {"full": 1e-5, "lora-r16": 1e-4},
+        )
+        _recluster(d, lambda j, test=test: split(j, test))
+        q1 = next(v for v in _headline(d).verdicts if v.question == "learns_less")
+        verdict[name] = (q1.verdict, q1.n_clusters, q1.n_clusters_eff, q1.reason)
+    assert verdict["balanced"][:2] == ("yes", 10) and verdict["balanced"][2] == pytest.approx(10.0)
+    v, raw, eff, why = verdict["one package"]
+    assert v == "not resolved" and raw == 11 and eff == pytest.approx(80**2 / (70**2 + 10), abs=1e-3)
+    assert why.startswith("too few independent item clusters: 1.3 effective (Kish) of 11")
+
+
+def _frontier_study(d: Path, search_points: int) -> Path:
+    """Full FT and LoRA r16 on one true learning-forgetting curve (forgetting = 0.2 x learning): main runs at the
+    chosen LR, 2 seeds, 2 budgets each; plus `search_points` single-seed LoRA LR-search points on the same curve."""
+    base, rng = _base(d)
+    runs = []
+    for m, lr in (("full", 1e-5), ("lora-r16", 1e-4)):
+        for s in (0, 1):
+            runs.append(_run(d, base, rng, "code-cpt", m, lr, s, {2048: (0.05, 0.01), 4096: (0.10, 0.02)}))
+    for k, gain in enumerate(np.linspace(0.05, 0.10, search_points)):
+        lr = 1e-5 * (k + 2)
+        loss = 0.2 * gain + rng.normal(0, 0.008)
+        runs.append(_run(d, base, rng, "code-cpt", "lora-r16", lr, 0, {2048: (gain, loss)}, role="lr-search"))
+    return _write(d, runs)
+
+
+def test_more_lora_points_under_a_null_do_not_move_the_equal_learning_verdict(tmp_path):
+    from lorascope.report.frontier import matched_difference
+
+    q2 = {}
+    for n in (0, 8):  # 8 search points: LoRA would have 4x full FT's 2 points on one pooled frontier
+        h = _headline(_frontier_study(tmp_path / f"n{n}", n))
+        q2[n] = next(v for v in h.verdicts if v.question == "forgets_less_at_equal_learning")
+    assert q2[8].estimate == q2[0].estimate and q2[8].verdict == q2[0].verdict != "yes"
+    assert len(h.frontiers["lora"]["points"]) == 10  # the search points are still drawn
+    # what pooling them into LoRA's frontier would have done: its lower envelope sits lower ("forgets less")
+    pts = {f: [(x, y) for x, y, _ in fr["points"]] for f, fr in h.frontiers.items()}
+    assert matched_difference(pts["lora"], pts["full"]) < q2[8].estimate - 0.002
+
+
+def test_margins_are_fixed_before_test(tmp_path):
+    from lorascope.report.margins import margin
+
+    d = _study(
+        tmp_path, {"full": 0.1, "lora-r16": 0.1}, {"full": 0.02, "lora-r16": 0.02}, {"full": 1e-5, "lora-r16": 1e-4}
+    )
+    before = next(v for v in _headline(d).verdicts if v.question == "learns_less")
+
+    def shift(split: str, by: float) -> None:
+        for f in (d / "evals").glob("code-cpt-full-*/*/samples/heldout_bpb_code-cpt.jsonl"):
+            recs = [json.loads(x) for x in f.read_text().splitlines()]
+            for r in recs:
+                r["bpb"] -= by if r["split"] == split else 0.0
+            f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    shift("test", 0.05)  # full FT learns 0.05 more on the test split only
+    after = next(v for v in _headline(d).verdicts if v.question == "learns_less")
+    assert after.estimate == pytest.approx(before.estimate - 0.05, abs=1e-9) and after.margin == before.margin
+    assert before.margin_source == "10% of full FT's validation learning"
+    shift("validation", 0.05)  # ... and on validation: now the margin follows
+    moved = next(v for v in _headline(d).verdicts if v.question == "learns_less")
+    assert moved.margin == pytest.approx(before.margin + 0.005, abs=1e-9)
+    with (d / "study.yaml").open("a") as f:
+        f.write("report: {margins: {heldout_bpb:code-cpt: 0.004, learning: 20%}}\n")
+    fixed = next(v for v in _headline(d).verdicts if v.question == "learns_less")
+    assert (fixed.margin, fixed.margin_source) == (0.004, "study file (absolute)")  # a task's key beats its role's
+    assert margin({"learning": "20%"}, "learning", "x", -0.05) == (0.01, "20% of full FT's validation learning")
+    with pytest.raises(LorascopeError, match="report.margins.learning: expected a positive number"):
+        margin({"learning": "ten"}, "learning", "x", 0.05)
+
+
+def test_a_grouping_free_dataset_says_each_record_is_its_own_cluster(tmp_path):
+    d = _study(
+        tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01}, {"full": 1e-5, "lora-r16": 1e-4}
+    )
+    assert not any("its own item cluster" in s for s in _headline(d).sentences)
+    rid = json.loads((d / "runs.json").read_text())[0]["run_id"]
+    (d / "runs" / rid / "data_manifest.json").write_text(json.dumps({"name": "mine", "clusters": "record"}))
+    assert any("Each record of this setting's data is its own item cluster" in s for s in _headline(d).sentences)
+
+
+def test_verdicts_are_computed_without_rendering_and_serialise(tmp_path):
+    from lorascope.report import verdicts
+    from lorascope.report.records import dumps, verdicts_document
+
+    d = _study(
+        tmp_path, {"full": 0.3, "lora-r16": 0.1}, {"full": 0.05, "lora-r16": 0.01}, {"full": 1e-5, "lora-r16": 1e-4}
+    )
+    cs = verdicts(d)
+    assert [(c.question, c.verdict) for c in cs] == [(c.question, c.verdict) for c in _headline(d).verdicts]
+    assert not (d / "report.html").exists()
+    doc = json.loads(dumps(verdicts_document(cs, [])))
+    assert [c["verdict"] for c in doc["comparisons"]] == [c.verdict for c in cs]
+    assert {q["question"] for q in doc["questions"]} == {c.question for c in cs}
+    q1 = doc["comparisons"][0]
+    assert q1["se"] > 0 and q1["df"] == 2 and q1["n_clusters_eff"] > 5 and q1["alpha_holm"] <= 0.05

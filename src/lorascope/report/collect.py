@@ -252,8 +252,9 @@ def metric_rows(st: Study) -> list[dict]:
     return rows
 
 
-def write_parquet(rows: list[dict], path: Path) -> Path:
-    """results.parquet with a fixed schema (so an empty study still yields a readable file), atomically."""
+def write_parquet(rows: list[dict], path: Path, verdicts: str | None = None) -> Path:
+    """results.parquet with a fixed schema (so an empty study still yields a readable file), atomically;
+    verdicts: the verdicts.json text, kept in the file's metadata under "lorascope.verdicts" (the same records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -276,6 +277,8 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
             ("stderr", pa.float64()),
         ]
     )
+    if verdicts is not None:
+        schema = schema.with_metadata({"lorascope.verdicts": verdicts})
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)

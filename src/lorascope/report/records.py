@@ -9,6 +9,7 @@ and the one-sided bounds of an unresolved answer are computed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 VERDICTS = ("yes", "no", "reversed", "equivalent", "not resolved", "not comparable")
@@ -58,3 +59,34 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+QUESTIONS = {
+    "learns_less": "At a given budget, with each method at its own best learning rate, does LoRA learn less?",
+    "forgets_less_at_equal_learning": "Among configurations that learn as much, does LoRA forget less?",
+}
+
+
+def verdicts_document(comparisons: list[Comparison], recommendations: list[dict]) -> dict:
+    """verdicts.json (and results.parquet's "lorascope.verdicts" metadata): the questions, every comparison's
+    record, and each setting's recommendation ({"setting", "recommended": name or None, "sentences"})."""
+    return {
+        "questions": [{"question": q, "text": t} for q, t in QUESTIONS.items()],
+        "comparisons": [c.to_dict() for c in comparisons],
+        "recommendations": recommendations,
+    }
+
+
+def dumps(doc: dict) -> str:
+    """JSON with non-finite numbers (an undefined estimate) written as null, so any JSON reader takes it."""
+
+    def clean(x):
+        if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(doc), indent=1)
