@@ -410,7 +410,8 @@ def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
     by = {r["point"].name: r for r in h.table}
     full = by["full lr=2e-05"]["learning"]
     n_test = sum(split_of(f"heldout_bpb:code-cpt/i{j}") == "test" for j in range(N))
-    assert full.method.startswith("hierarchical bootstrap, test split") and full.n == n_test < N
+    assert full.method.startswith("hierarchical bootstrap (item clusters x pooled seed noise), test split")
+    assert full.n == n_test < N
     # per-item noise 0.01, but full FT's single seed gets LoRA's pooled training noise (1 degree of freedom)
     assert abs(full.estimate - 0.30) < 0.01 and 0.05 < full.lo < 0.28 and full.hi > 0.32
     lora = by["lora-r16 lr=0.0002"]

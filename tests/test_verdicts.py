@@ -544,14 +544,15 @@ def test_every_metric_table_is_on_the_test_split(tmp_path):
         signed = base - np.mean(per_seed) if task.startswith("heldout") else np.mean(per_seed) - base
         assert r["vs_base"].estimate == pytest.approx(signed) and r["vs_base"].n == r["n_items"]
         assert r["vs_full"] is None if r["point"].family == "full" else r["vs_full"].n == r["n_items"]
-
-
-def test_paired_bootstrap_weights_items_as_the_metric_does():
-    from lorascope.report.stats import paired_bootstrap
-
-    a, b = [[{"t1": 0.3, "t2": 0.1}]], [[{"t1": 0.1, "t2": 0.1}]]
-    iv = paired_bootstrap(a, b, weights=[{"t1": 30.0, "t2": 10.0}])
-    assert iv.estimate == pytest.approx(0.2 * 30 / 40) and paired_bootstrap(a, b).estimate == pytest.approx(0.1)
+    # the table's intervals come from the verdicts' bootstrap (item clusters x pooled seed noise), not from an
+    # items-only resampling: the headline's interval of the same point has about the same width
+    h = _headline(d)
+    for row in h.table:
+        mine = next(r for r in tab if r["point"].name == row["point"].name and r["spec"].task == h.learning.task)
+        assert mine["vs_base"].method.startswith("hierarchical bootstrap (item clusters x pooled seed noise)")
+        assert mine["vs_base"].estimate == pytest.approx(row["learning"].estimate)
+        width = lambda iv: iv.hi - iv.lo  # noqa: E731
+        assert 0.7 < width(mine["vs_base"]) / width(row["learning"]) < 1.4
 
 
 def test_learns_less_compares_every_lora_method_with_full(tmp_path):

@@ -61,6 +61,7 @@ class Study:
     # samples files already read: every split, headline and table asks again, and the files do not change while
     # a report is built (read-only callers)
     _samples: dict = field(default_factory=dict, repr=False)
+    replicates: dict = field(default_factory=dict, repr=False)  # (setting, task, axis) -> TestReplicates (intervals.py)
 
     def run(self, run_id: str) -> dict:
         return next(r for r in self.runs if r["run_id"] == run_id)

@@ -34,8 +34,9 @@ from lorascope.evals.catalog import (
 
 from .bootstrap import percentile_interval
 from .collect import BASE, Study, stderr_key
+from .intervals import METHOD, hierarchical_difference
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
-from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
+from .stats import Interval, seed_spread, stderr_interval
 
 
 @dataclass
@@ -157,35 +158,20 @@ def point_split_value(st: Study, p: Point, s: MetricSpec, split: str = "test") -
     )
 
 
-def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) -> Interval | None:
+def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, mine: list[Point]) -> Interval | None:
     """Signed (learning or forgetting, per s.role) difference of a over b (b None = the base model), on the
-    test split: paired over test items from the samples, else from the test split's stderrs ("by_split"),
-    else (results written before splits, no samples) from all items, which Interval.method says."""
-    key = (s.task, s.metric)
-    if key not in a.values or (b is not None and key not in b.values) or (b is None and key not in base):
+    test split, from the headline's replicates (intervals.py); without samples, from the test split's stderrs
+    ("by_split"), which Interval.method says. mine: the setting's points."""
+    iv = hierarchical_difference(st, s, mine, mine.index(a), None if b is None else mine.index(b), axis(mine))
+    if iv is not None:
+        return iv
+    ta = point_split_value(st, a, s)
+    tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
+    if ta is None or tb is None:
         return None
-    w: list = []
-    ib = (
-        [item_values(st, BASE, None, s, weights=w)]
-        if b is None
-        else [item_values(st, r, b.checkpoint, s, weights=w) for r in b.run_ids]
-    )
-    ia = [item_values(st, r, a.checkpoint, s) for r in a.run_ids]
-    iv = paired_bootstrap(ia, ib, weights=w[: len(ib[0])]) if all(ia) and all(ib) else None
-    if iv is None:
-        ta = point_split_value(st, a, s)
-        tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
-        if ta is not None and tb is not None:
-            iv = stderr_interval(ta[0], ta[1], tb[0], tb[1])
-        else:
-            va, sa, _ = a.values[key]
-            vb, sb = base[key] if b is None else b.values[key][:2]
-            iv = stderr_interval(va, sa, vb, sb)
-            iv = iv and Interval(iv.estimate, iv.lo, iv.hi, iv.n, iv.method + ", all items (no test split)")
-    if iv is None:
-        return None
+    iv = stderr_interval(ta[0], ta[1], tb[0], tb[1])
     positive = signed(s, 1.0, 0.0) > 0  # does a raw increase count as more learning/forgetting?
-    return iv if positive else iv.flipped()
+    return None if iv is None else iv if positive else iv.flipped()
 
 
 @dataclass
@@ -398,7 +384,7 @@ def _row(p: Point, i: int, a) -> dict:
         if i in est:
             lo, hi = percentile_interval(a.rep.arm(key, i))
             n = a.test.tables[0].n_items if key == "learning" else a.test.tables[-1].n_items
-            row[key] = Interval(est[i], lo, hi, n, f"hierarchical bootstrap, test split, {len(p.run_ids)} seed(s)")
+            row[key] = Interval(est[i], lo, hi, n, f"{METHOD}, {len(p.run_ids)} seed(s)")
     return row
 
 
@@ -406,7 +392,8 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
     """Every known task at each last checkpoint, on the test split: value, stderr, seed sd, difference vs base
     and vs the reference full FT of that point (full_reference)."""
     base = base_values(rows)
-    fin = finals([p for p in ps if p.setting == setting])
+    mine = [p for p in ps if p.setting == setting]
+    fin = finals(mine)
     fulls = [p for p in fin if p.family == "full" and not p.diverged]
     out = []
     for p in fin:
@@ -428,8 +415,8 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
                     "n_seeds": len(p.run_ids),
                     "split": split,
                     "n_items": test[3] if test is not None else None,
-                    "vs_base": difference(st, s, p, None, base) if base else None,
-                    "vs_full": difference(st, s, p, ref, base) if ref else None,
+                    "vs_base": difference(st, s, p, None, mine) if base else None,
+                    "vs_full": difference(st, s, p, ref, mine) if ref else None,
                     "full": ref,
                 }
             )
