@@ -113,7 +113,8 @@ def decide(
 def power_note(
     estimate: float, var_seeds: float, var_items: float, n_seeds: int, n_clusters: int, margin: float | None = None
 ) -> str:
-    """How many more seeds or item clusters would resolve the question, from the measured variance parts.
+    """How many more seeds or effective (Kish) item clusters would resolve the question, from the measured
+    variance parts (n_clusters: the effective count).
 
     var_seeds / var_items: bootstrap variance of the statistic when only seeds / only item clusters are
     resampled. Each shrinks in proportion to its own count, so with k times the clusters the variance is about
@@ -126,7 +127,7 @@ def power_note(
     target = (effect / Z_POWER) ** 2
     out = []
     for what, n, mine, other in (
-        ("item clusters", n_clusters, var_items, var_seeds),
+        ("effective item clusters", n_clusters, var_items, var_seeds),
         ("seeds", n_seeds, var_seeds, var_items),
     ):
         if mine <= 0 or n < 1 or (what == "seeds" and n < 2):
