@@ -403,10 +403,10 @@ def test_headline_numbers_are_test_split_hierarchical_bootstrap(study):
     h = headline(st, points(st, rows), rows, "code-cpt", "code-cpt")
     assert h.learning.task == "heldout_bpb:code-cpt" and h.forgetting.task == "forgetting_mean"
     q1 = [v for v in h.verdicts if v.question == "learns_less"]
-    # full FT has 1 seed and LoRA 2: the pooled training noise rests on 1 degree of freedom (Student t_1), which
-    # a gap of 0.1-0.2 bpb still clears at one budget at least
+    # full FT has 1 seed and LoRA 2: the pooled training noise rests on 1 degree of freedom (Student t_1); the
+    # 0.2 bpb gap at the last budget clears the raw 95% interval, not Holm's over the study's 4 tests
     assert len(q1) == 2 and all(v.estimate < -0.05 and v.verdict in ("yes", "not resolved") for v in q1)
-    assert "yes" in [v.verdict for v in q1] and all("on 1 degrees of freedom" in v.noise for v in q1)
+    assert q1[-1].ci_high < 0 and all("on 1 degrees of freedom" in v.noise for v in q1)
     by = {r["point"].name: r for r in h.table}
     full = by["full lr=2e-05"]["learning"]
     n_test = sum(split_of(f"heldout_bpb:code-cpt/i{j}") == "test" for j in range(N))

@@ -746,3 +746,18 @@ def test_equal_learning_withholds_a_verdict_at_two_seeds(tmp_path):
     assert q2[3].verdict == "yes" and not q2[3].flags
     assert q2[2].verdict == "not resolved" and q2[2].flags == ["yes withheld at 2 seed(s)"]
     assert "run 3 seeds" in q2[2].reason and q2[2].ci_high < 0  # the interval is still printed
+
+
+def test_seed_level_pools_main_points_and_draws_for_every_point():
+    from lorascope.report.noise import Unit, seed_level
+
+    units = {0: Unit(8, ("a",), True), 1: Unit(8, ("b",), True), 2: Unit(4, ("c",), False), 3: Unit(8, ("d",), False)}
+    learn = {0: np.array([1.0, 2.0]), 1: np.array([1.0, 1.5]), 2: np.array([3.0]), 3: np.array([0.0, 5.0])}
+    lv = seed_level({"learning": learn, "forgetting": {0: np.array([0.0, 1.0]), 2: np.array([0.0])}}, units)
+    # pooled over the main points with every coordinate: point 0 alone (1 has no forgetting, 3 is not main)
+    assert list(lv.groups) == [8] and lv.groups[8][1] == 1 and np.allclose(lv.groups[8][0], [[0.5, 0.5], [0.5, 0.5]])
+    assert lv.of == {0: 8, 1: 8, 2: 8, 3: 8}  # the 4k point borrows the nearest budget's estimate
+    d = lv.draws(units, {0: 2, 1: 2, 2: 1, 3: 2}, 4000)
+    iqr = lambda x: np.subtract(*np.quantile(x, [0.75, 0.25]))  # noqa: E731 - t on 1 df has no variance
+    assert 1.2 < iqr(d[2][:, 0]) / iqr(d[0][:, 0]) < 1.7  # 1 seed: sqrt(2) times the seed-mean error of 2 seeds
+    assert np.allclose(d[0], d[0][:, :1])  # learning and forgetting move together here (correlation 1)

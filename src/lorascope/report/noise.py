@@ -87,27 +87,34 @@ class SeedLevel:
 
 
 def seed_level(values: dict, units: dict) -> SeedLevel:
-    """values: coordinate name -> point key -> (n_seeds,) per-seed values (the same seeds in every coordinate);
-    units: point key -> Unit. Pools the covariance of the `pooled` points per budget."""
+    """values: coordinate name -> point key -> (n_seeds,) per-seed values (the same seeds in every coordinate; a
+    point may lack all but the first); units: point key -> Unit. Pools the covariance of the `pooled` points that
+    have every coordinate, per budget; every point of the first coordinate is assigned a group."""
     names = tuple(values)
-    keys = [k for k in units if all(k in values[n] for n in names)]
-    per = {k: np.stack([np.asarray(values[n][k], dtype=float) for n in names], axis=1) for k in keys}
+    keys = [k for k in units if k in values[names[0]]]
+    per = {k: np.stack([_col(values[n], k, len(values[names[0]][k])) for n in names], axis=1) for k in keys}
+    full = [k for k in keys if np.isfinite(per[k]).all()]  # a point lacking a coordinate is drawn, not pooled
     lv = SeedLevel(names)
-    budgets = sorted({units[k].budget for k in keys if units[k].pooled}, key=lambda b: (b is None, b or 0))
+    budgets = sorted({units[k].budget for k in full if units[k].pooled}, key=lambda b: (b is None, b or 0))
     for b in budgets:
-        members = [per[k] for k in keys if units[k].pooled and units[k].budget == b]
+        members = [per[k] for k in full if units[k].pooled and units[k].budget == b]
         cov, df = pooled_covariance(members)
         if cov is not None:
             lv.groups[b] = (cov, df)
             lv.n_configs[b] = sum(1 for m in members if len(m) >= 2)
     for k in keys:
-        if len(per[k]) >= POOL_OWN:
+        if len(per[k]) >= POOL_OWN and k in full:
             lv.groups[("own", k)] = pooled_covariance([per[k]])
             lv.n_configs[("own", k)] = 1
             lv.of[k] = ("own", k)
         elif (g := _nearest(units[k].budget, [g for g in lv.groups if not isinstance(g, tuple)])) is not None:
             lv.of[k] = g
     return lv
+
+
+def _col(by_key: dict, k, n: int) -> np.ndarray:
+    """A coordinate's per-seed values of point k, NaN where the point lacks that coordinate (no samples)."""
+    return np.asarray(by_key[k], dtype=float) if k in by_key else np.full(n, np.nan)
 
 
 def _nearest(budget, have: list):
