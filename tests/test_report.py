@@ -808,7 +808,7 @@ def test_verdicts_show_margin_p_values_correction_and_common_range(real):
     assert q1.question == "learns_less" and q1.p_holm >= q1.p_value > 0
     assert str(escape(f"equivalence margin ±{q1.margin:.3g} (10% of full FT's validation learning)")) in lines[0]
     assert f"p = {q1.p_value:.2g}, Holm-adjusted p = {q1.p_holm:.2g}" in lines[0] and q1.correction in lines[0]
-    holm_iv = f"Holm-adjusted {1 - q1.alpha_holm:.2%} ["
+    holm_iv = f"at its Holm level ({1 - q1.alpha_holm:.2%}): ["
     assert holm_iv in lines[0] and q1.ci_low_holm <= q1.ci_low and q1.ci_high <= q1.ci_high_holm
     # the tiny study's LoRA and full FT learn at disjoint levels: no common range, said in words
     assert q2.learning_range is None and "common learning range: none" in lines[1]

@@ -106,7 +106,7 @@ def decide(
     else:
         why += "it includes 0"
     if has_margin:
-        why += f", and equivalence within +-{margin:.4g} is not shown (TOST p = {p_tost_adjusted:.3g})"
+        why += f", and equivalence within +-{margin:.4g} is not shown (TOST, Holm-adjusted p = {p_tost_adjusted:.3g})"
     return "not resolved", why
 
 

@@ -82,8 +82,9 @@ def _interval(c) -> str:
     out = _num(c.estimate)
     if c.ci_low is not None:
         out += f" [{_num(c.ci_low)}, {_num(c.ci_high)}]"
+        out += f" ({c.level:.0%} interval)"
     if c.ci_low_holm is not None and c.alpha_holm is not None:
-        out += f", Holm-adjusted {1 - c.alpha_holm:.2%} [{_num(c.ci_low_holm)}, {_num(c.ci_high_holm)}]"
+        out += f"; at its Holm level ({1 - c.alpha_holm:.2%}): [{_num(c.ci_low_holm)}, {_num(c.ci_high_holm)}]"
     return out
 
 
@@ -99,10 +100,7 @@ def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
         q = QUESTIONS.get(c.question, c.question + " ({a} vs {b}{at})")
         numbers, gist = None, shorten(c.reason or "", tasks)
         if c.estimate is not None:
-            est = _interval(c)
-            numbers = f"difference {c.label} − {c.reference}: {est}" + (
-                f" ({c.level:.0%} interval)" if c.ci_low is not None else ""
-            )
+            numbers = f"difference {c.label} − {c.reference}: {_interval(c)}"
             what, less = (
                 ("learning", "learned") if c.question == "learns_less" else ("forgetting at equal learning", "forgets")
             )
