@@ -426,6 +426,10 @@ def settle(answers: list[Answer]) -> int:
     """Decide every pending comparison of the study with Holm's correction over all of its tests (every setting
     and question; each comparison's difference test and, with a margin, its equivalence test): the family-wise
     error of the whole report. Returns the number of tests corrected over."""
+    for a in answers:
+        for c in a.verdicts:
+            if c.verdict is None and c.p_value is None:  # no finite replicate: nothing to test
+                c.verdict, c.reason = "not resolved", "the statistic is undefined on every bootstrap replicate"
     pending = [(a, c) for a in answers for c in a.verdicts if c.verdict is None]
     tests = [(c, "diff", c.p_value) for _, c in pending] + [(c, "tost", c.p_tost) for _, c in pending if c.p_tost]
     ps = [p for *_, p in tests]
