@@ -761,3 +761,19 @@ def test_seed_level_pools_main_points_and_draws_for_every_point():
     iqr = lambda x: np.subtract(*np.quantile(x, [0.75, 0.25]))  # noqa: E731 - t on 1 df has no variance
     assert 1.2 < iqr(d[2][:, 0]) / iqr(d[0][:, 0]) < 1.7  # 1 seed: sqrt(2) times the seed-mean error of 2 seeds
     assert np.allclose(d[0], d[0][:, :1])  # learning and forgetting move together here (correlation 1)
+
+
+def test_skewed_or_partly_undefined_bootstraps_are_flagged():
+    from lorascope.report.questions import bootstrap_flags
+
+    rng = np.random.default_rng(0)
+    centred = rng.normal(0.0, 1.0, 1000)
+    assert bootstrap_flags(centred, 0.0, 1.0) == []
+    assert bootstrap_flags(centred, 0.3, 1.0) == [
+        "skewed bootstrap (its median is more than 0.25 SE from the estimate)"
+    ]
+    holes = centred.copy()
+    holes[:60] = np.nan  # 6% of replicates without a common learning range
+    assert bootstrap_flags(holes, 0.0, 1.0) == ["partly undefined bootstrap (6% of replicates have no common range)"]
+    holes[:40] = 0.0
+    assert bootstrap_flags(holes, 0.0, 1.0) == []  # 2%: tolerated

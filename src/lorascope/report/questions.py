@@ -409,10 +409,20 @@ def _describe(c: Comparison, rep: TestReplicates, work) -> None:
     c.df = float(rep.level.groups[g][1]) if g is not None else None
     if c.margin:
         c.p_tost = p_tost(boot, c.margin)
-    if (c.undefined or 0) > UNDEFINED_SHARE:
-        c.flags.append(f"partly undefined bootstrap ({c.undefined:.0%} of replicates have no common range)")
-    if c.se > 0 and abs(float(np.nanmedian(boot)) - c.estimate) > SKEW_SE * c.se:
-        c.flags.append("skewed bootstrap (its median is more than 0.25 SE from the estimate)")
+    c.flags += bootstrap_flags(boot, c.estimate, c.se)
+
+
+def bootstrap_flags(boot: np.ndarray, estimate: float, se: float) -> list[str]:
+    """Warnings about replicates a percentile interval should not be trusted from: undefined on more than
+    UNDEFINED_SHARE of them (no common learning range), or a median more than SKEW_SE standard errors from the
+    estimate (a biased, non-smooth statistic such as a frontier: its estimate sits at the edge of its interval)."""
+    out = []
+    undefined = float(np.mean(~np.isfinite(boot)))
+    if undefined > UNDEFINED_SHARE:
+        out.append(f"partly undefined bootstrap ({undefined:.0%} of replicates have no common range)")
+    if se > 0 and abs(float(np.nanmedian(boot)) - estimate) > SKEW_SE * se:
+        out.append(f"skewed bootstrap (its median is more than {SKEW_SE:g} SE from the estimate)")
+    return out
 
 
 def _stat(c: Comparison, pts):
