@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -165,8 +165,12 @@ class ReportSpec(Strict):
 
     learning: str | None = None
     forgetting: str | None = None
-    margin: float = Field(0.10, gt=0, lt=1)
-    """Equivalence margin of the verdicts, as a share of the larger gain (learning) or forgetting compared."""
+    margins: dict[
+        str, Annotated[float, Field(gt=0, strict=True)] | Annotated[str, Field(pattern=r"^\d+(\.\d+)?%$")]
+    ] = Field(default_factory=dict)
+    """Equivalence margins of the verdicts, fixed before test, per role ("learning", "forgetting") or task name:
+    a positive number (absolute, in the metric's units) or a share like "10%" of full FT's validation effect
+    (the default for anything not named); the report reads them (lorascope.report.margins)."""
 
 
 class Launcher(Strict):
