@@ -80,12 +80,12 @@ def test_dry_run_counts_runs_jobs_tokens_and_time(tmp_path, corpus):
     res = CliRunner().invoke(app, ["study", str(p), "--dry-run", "--tokens-per-s", "10", "--eval-job-s", "6"])
     assert res.exit_code == 0, res.output
     out = res.output
-    # 4 fixed runs + 3 search runs + 1 more seed at the chosen LR; 1000 tokens = 8 steps of 128 = 1024 tokens
-    assert "8 runs" in out and out.count("tokens  ") == 8 and "lr<chosen>/s1" in out
-    assert "jobs: 25 (eval 17, train 8)" in out  # base + 8 runs x 2 checkpoints
-    assert "training tokens: 8,192 planned; up to 10,240 if every LR search uses all its extensions" in out
-    # 8,192 tokens at 10 tokens/s + 17 evals x 6 s = 921 s = 15 min
-    assert "estimated time: 15 min" in out and "ASSUMED" in out
+    # 4 fixed runs + 3 search runs (a seed of their own) + 2 seeds at the chosen LR; 1000 tokens = 8 steps of 128
+    assert "9 runs" in out and out.count("tokens  ") == 9 and "lr<chosen>/s1" in out
+    assert "jobs: 28 (eval 19, train 9)" in out  # base + 9 runs x 2 checkpoints
+    assert "training tokens: 9,216 planned; up to 11,264 if every LR search uses all its extensions" in out
+    # 9,216 tokens at 10 tokens/s + 19 evals x 6 s = 1,036 s = 17 min
+    assert "estimated time: 17 min" in out and "ASSUMED" in out
     assert not (tmp_path / "s").exists()
 
 
