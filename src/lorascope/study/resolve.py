@@ -45,6 +45,7 @@ from lorascope.study.spending import nominal_alpha, spent
 MAX_LOOKS = 3
 ALPHA = 0.05
 STATE = "resolve.json"
+MIN_GAIN = 0.05  # a step must raise the plan's precision by 5% at least: no budget spent on crumbs
 SUPERSEDED = "superseded"  # evaluations replaced by a larger limit are moved here, not deleted
 
 
@@ -148,8 +149,9 @@ class Chooser:
                 cost = self.cost_s(m)
                 if cost / max(jobs, 1) > budget_s:
                     continue
-                rate = (self.gain(m) - base_gain) / max(cost - base_cost, 1e-9)
-                if rate > best_rate:
+                added = self.gain(m) - base_gain
+                rate = added / max(cost - base_cost, 1e-9)
+                if added >= MIN_GAIN * (base_gain + len(self.comps)) and rate > best_rate:
                     best, best_rate = m, rate
             if best is None:
                 return plan
