@@ -11,10 +11,12 @@ import yaml
 from test_whatif import comparison
 from typer.testing import CliRunner
 
-import lorascope.study.resolve as resolve
+import lorascope.report.nextstep as nextstep
 from lorascope.cli import app
 from lorascope.errors import LorascopeError
+from lorascope.report import write_report
 from lorascope.report.jobcosts import study_costs
+from lorascope.report.nextstep import next_step
 from lorascope.study.resolve import parse_budget, resolve_study
 from lorascope.study.spending import boundaries, nominal_alpha, spent
 
@@ -26,6 +28,14 @@ def study_copy(tiny_study_dir, tmp_path):
     d = tmp_path / "study"
     shutil.copytree(tiny_study_dir, d, ignore=shutil.ignore_patterns("LOCK"))
     return d
+
+
+def planned(comps):
+    return lambda d, budget_s, jobs: next_step(d, comps, budget_s, jobs)
+
+
+def dry(d, budget_s, comps) -> str:
+    return resolve_study(d, budget_s, planned(comps), write_report, dry_run=True)
 
 
 def seedy():
@@ -56,8 +66,7 @@ def test_budget_durations():
 
 def test_seed_noise_picks_seeds_and_cluster_noise_picks_items(study_copy):
     before = (study_copy / "study.yaml").read_text()
-    t_seed = resolve_study(study_copy, 600, dry_run=True, comparisons=seedy())
-    t_items = resolve_study(study_copy, 600, dry_run=True, comparisons=clustery())
+    t_seed, t_items = dry(study_copy, 600, seedy()), dry(study_copy, 600, clustery())
     assert "another seed" in t_seed and "items of eval group" not in t_seed
     assert "items of eval group 2 x2" in t_items and "another seed" not in t_items
     assert "look 2 of at most 3" in t_seed and "CPU-h" in t_seed
@@ -68,17 +77,17 @@ def test_the_budget_sizes_the_step_at_the_logged_price(study_copy):
     per_seed = study_costs(study_copy).per_seed_s()  # CPU-s of one more seed of both configurations, from the log
 
     def seeds(budget_s: float) -> int:
-        text = resolve_study(study_copy, budget_s, dry_run=True, comparisons=seedy())
+        text = dry(study_copy, budget_s, seedy())
         return int(text.split("another seed (")[1].split(")")[0]) if "another seed (" in text else 0
 
     assert (seeds(0.5 * per_seed), seeds(1.5 * per_seed), seeds(4.5 * per_seed)) == (0, 1, 4)
 
 
 def test_resolve_runs_the_items_step_and_records_the_look(study_copy, monkeypatch):
-    monkeypatch.setattr(resolve, "MAX_ITEM_FACTOR", 2.0)  # one doubling, whatever this machine's pace
+    monkeypatch.setattr(nextstep, "MAX_ITEM_FACTOR", 2.0)  # one doubling, whatever this machine's pace
     base_groups = {p.name for p in (study_copy / "evals" / "base" / "groups").iterdir()}
     old_heldout = (study_copy / "evals" / "base" / "groups" / "0" / "results.json").read_text()
-    text = resolve_study(study_copy, 600, executor="inline", comparisons=clustery(), progress=False)
+    text = resolve_study(study_copy, 600, planned(clustery()), write_report, executor="inline", progress=False)
     assert "look 2 done" in text
     study = yaml.safe_load((study_copy / "study.yaml").read_text())
     limit = study["evals"]["groups"][2]["limit"]
@@ -96,11 +105,11 @@ def test_resolve_runs_the_items_step_and_records_the_look(study_copy, monkeypatc
     state["looks"].append({**state["looks"][-1], "look": 3})
     (study_copy / "resolve.json").write_text(json.dumps(state))
     with pytest.raises(LorascopeError, match="all 3 looks are spent"):
-        resolve_study(study_copy, 2.0, comparisons=clustery())
+        resolve_study(study_copy, 600, planned(clustery()), write_report)
 
 
 def test_cli_resolve_dry_run_and_its_errors(study_copy, monkeypatch):
-    monkeypatch.setattr(resolve, "load_comparisons", lambda d: seedy())
+    monkeypatch.setattr(nextstep, "load_comparisons", lambda d: seedy())
     res = CliRunner().invoke(app, ["study", str(study_copy), "--resolve", "--budget", "20m", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "another seed" in res.output and "cost:" in res.output

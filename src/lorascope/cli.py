@@ -226,11 +226,7 @@ def study(
     elif resolve:
         raise LorascopeError(f"--resolve: needs a study directory (got {config})")
     if resolve:
-        from lorascope.study.resolve import parse_budget, resolve_study
-
-        seconds = parse_budget(budget)
-        opts = _executor_opts(executor, address, resources)
-        typer.echo(resolve_study(out, seconds, jobs=jobs, executor=executor, dry_run=dry_run, executor_opts=opts))
+        typer.echo(_resolve(out, budget, jobs, executor, dry_run, _executor_opts(executor, address, resources)))
         return
     if dry_run:
         from lorascope.study.config import load_study
@@ -244,6 +240,21 @@ def study(
 
     opts = _executor_opts(executor, address, resources)
     run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
+
+
+def _resolve(d: Path, budget: str, jobs: int, executor: str, dry_run: bool, opts: dict | None) -> str:
+    """--resolve: the report's planner and report writer, handed to the study's resolve (which never imports the
+    report)."""
+    from lorascope.report import write_report
+    from lorascope.report.nextstep import load_comparisons, next_step
+    from lorascope.study.resolve import parse_budget, resolve_study
+
+    seconds = parse_budget(budget)
+
+    def planner(d: Path, budget_s: float, jobs: int) -> dict:
+        return next_step(d, load_comparisons(d), budget_s, jobs)
+
+    return resolve_study(d, seconds, planner, write_report, jobs, executor, dry_run, opts)
 
 
 def _executor_opts(executor: str, address: str | None, resources: list[str] | None) -> dict | None:
