@@ -80,8 +80,8 @@ def test_costs_come_from_the_job_log(tmp_path):
     c = study_costs(write_study(tmp_path))
     assert c.per_seed_s() == pytest.approx(2 * sum(RUN_S.values()))  # 2 main configurations, LR search excluded
     assert c.item_s[TASK] == pytest.approx(0.25)
-    assert c.eval_dirs[TASK] == 6  # 5 runs + the base model
-    assert c.reeval_s(TASK, 128) == pytest.approx(128 * 0.25 * 6)
+    assert c.eval_dirs[TASK] == 5  # 4 main runs + the base model (the LR-search run keeps its evaluation)
+    assert c.reeval_s(TASK, 128) == pytest.approx(128 * 0.25 * 5)
     assert not c.cores_known
 
 

@@ -28,7 +28,7 @@ class StudyCosts:
     train_s: dict[str, float] = field(default_factory=dict)  # run id -> CPU-s of its training job
     item_s: dict[str, float] = field(default_factory=dict)  # task -> CPU-s per evaluated item (median over jobs)
     items: dict[str, int] = field(default_factory=dict)  # task -> items one evaluation of it scored (most seen)
-    eval_dirs: dict[str, int] = field(default_factory=dict)  # task -> evaluations (base included) that scored it
+    eval_dirs: dict[str, int] = field(default_factory=dict)  # task -> evaluations of main runs and base scoring it
     limits: dict[str, int | None] = field(default_factory=dict)  # task -> its eval group's limit in study.yaml
     sized_by_limit: dict[str, bool] = field(default_factory=dict)  # False: the task ignores `limit` (e.g. tokens)
     configs: dict[tuple, list[str]] = field(default_factory=dict)  # main configuration -> its run ids (seeds)
@@ -112,12 +112,15 @@ def study_costs(d: Path) -> StudyCosts:
         if kind == "train":
             c.train_s[rid] = cpu
     threads = statistics.fmean([float(j.get("threads") or 1) for j in lines]) if lines else 1.0
+    runs = json.loads((d / "runs.json").read_text(encoding="utf-8")) if (d / "runs.json").exists() else []
+    main = {r["run_id"] for r in runs if r.get("role", "main") == "main"}
     for rid, res in _eval_results(d):
         if rid is not None:
             c.eval_dirs_of_run[rid] = c.eval_dirs_of_run.get(rid, 0) + 1
         for task, r in (res.get("tasks") or {}).items():
             n, secs = r.get("n"), r.get("elapsed_s")
-            c.eval_dirs[task] = c.eval_dirs.get(task, 0) + 1
+            if rid is None or rid in main:  # what more items re-evaluates (an LR search keeps its evaluations)
+                c.eval_dirs[task] = c.eval_dirs.get(task, 0) + 1
             if isinstance(n, int) and n > 0:
                 c.items[task] = max(c.items.get(task, 0), n)
                 if isinstance(secs, (int, float)):
@@ -125,7 +128,6 @@ def study_costs(d: Path) -> StudyCosts:
             ignored = str(((r.get("info") or {}).get("limit")) or "").startswith("ignored")
             c.sized_by_limit[task] = not ignored
     c.item_s = {t: statistics.median(v) for t, v in per_item.items()}
-    runs = json.loads((d / "runs.json").read_text(encoding="utf-8")) if (d / "runs.json").exists() else []
     for r in runs:
         if r.get("role", "main") == "main":
             key = (r["setting"], r["method_name"], r["lr"], json.dumps(r.get("budget"), sort_keys=True))

@@ -162,6 +162,8 @@ def _tokens_ok(study: dict) -> bool:
 
 def describe(plan: Plan, ch: Chooser, jobs: int) -> str:
     cpu = ch.cost_s(plan)
+    if not ch.comps:
+        return "no unresolved comparison with measured variance parts: nothing to resolve"
     if not plan.steps:
         return "no step fits the budget (or none would add precision): nothing to run"
     steps = ", ".join(f"{s} ({n})" for s, n in _counted(plan.steps))
