@@ -229,10 +229,15 @@ def token_option(c: Comparison, trend: dict | None, m: float, costs: StudyCosts)
 
 
 def whatif_rows(comparisons: list[Comparison], study_dir: Path) -> list[dict]:
-    """One row per unresolved comparison: bounds, MDE, and the plans for TARGETS, priced from study_dir."""
+    """One row per unresolved comparison: bounds, MDE, and the plans for TARGETS, priced from study_dir;
+    row["index"] is the comparison's position in `comparisons` (to render it beside its verdict)."""
     costs = study_costs(Path(study_dir))
     trends = token_trends(comparisons)
-    return [_row(c, costs, trends.get(_key(c))) for c in comparisons if c.verdict == "not resolved"]
+    return [
+        {"index": i, **_row(c, costs, trends.get(_key(c)))}
+        for i, c in enumerate(comparisons)
+        if c.verdict == "not resolved"
+    ]
 
 
 def _row(c: Comparison, costs: StudyCosts, trend: dict | None) -> dict:
