@@ -117,3 +117,18 @@ def test_cli_resolve_dry_run_and_its_errors(study_copy, monkeypatch):
     assert res.exit_code == 2 and "error: --resolve: needs a study directory" in res.output
     res = CliRunner().invoke(app, ["study", str(study_copy), "--resolve", "--budget", "later"])
     assert res.exit_code == 2 and "error: --budget:" in res.output
+
+
+def test_apply_adds_fresh_seeds_and_longer_budgets(study_copy):
+    from lorascope.study.config import load_study
+    from lorascope.study.resolve import apply
+
+    doc = yaml.safe_load((study_copy / "study.yaml").read_text())
+    doc["seeds"] = [0, 999]  # the next seed up, 1000, is the LR search's: skipped
+    (study_copy / "study.yaml").write_text(yaml.safe_dump(doc))
+    plan = {"seeds": 2, "factors": {}, "tokens": 2.0, "steps": []}
+    new = apply(plan, load_study(study_copy / "study.yaml"), study_copy, 2)
+    assert new.seeds == [0, 999, 1001, 1002]
+    t = new.settings[0].train
+    assert (t.max_tokens, t.checkpoints) == (1024, [512])  # the old budget stays a checkpoint
+    assert load_study(study_copy / "study.yaml") == new and not (study_copy / "superseded").exists()
