@@ -66,21 +66,19 @@ def test_budget_durations():
 
 def test_seed_noise_picks_seeds_and_cluster_noise_picks_items(study_copy):
     before = (study_copy / "study.yaml").read_text()
-    t_seed, t_items = dry(study_copy, 600, seedy()), dry(study_copy, 600, clustery())
-    assert "another seed" in t_seed and "items of eval group" not in t_seed
-    assert "items of eval group 2 x2" in t_items and "another seed" not in t_items
-    assert "look 2 of at most 3" in t_seed and "CPU-h" in t_seed
+    p_seed, p_items = next_step(study_copy, seedy(), 600), next_step(study_copy, clustery(), 600)
+    assert p_seed["seeds"] > 0 and not p_seed["factors"]
+    assert p_items["seeds"] == 0 and list(p_items["factors"]) == [2] and p_items["factors"][2] >= 2
+    text = dry(study_copy, 600, clustery())
+    assert "look 2 of at most 3" in text and "eval group 2 (arc_easy): limit 3 -> " in text and "CPU-h" in text
     assert (study_copy / "study.yaml").read_text() == before and not (study_copy / "resolve.json").exists()
 
 
 def test_the_budget_sizes_the_step_at_the_logged_price(study_copy):
     per_seed = study_costs(study_copy).per_seed_s()  # CPU-s of one more seed of both configurations, from the log
-
-    def seeds(budget_s: float) -> int:
-        text = dry(study_copy, budget_s, seedy())
-        return int(text.split("another seed (")[1].split(")")[0]) if "another seed (" in text else 0
-
-    assert (seeds(0.5 * per_seed), seeds(1.5 * per_seed), seeds(4.5 * per_seed)) == (0, 1, 4)
+    seeds = [next_step(study_copy, seedy(), k * per_seed)["seeds"] for k in (0.5, 1.5, 4.5)]
+    assert seeds == [0, 1, 4]
+    assert next_step(study_copy, seedy(), 4.5 * per_seed / 2, jobs=2)["seeds"] == 4  # wall time at 2 jobs
 
 
 def test_resolve_runs_the_items_step_and_records_the_look(study_copy, monkeypatch):
@@ -112,7 +110,7 @@ def test_cli_resolve_dry_run_and_its_errors(study_copy, monkeypatch):
     monkeypatch.setattr(nextstep, "load_comparisons", lambda d: seedy())
     res = CliRunner().invoke(app, ["study", str(study_copy), "--resolve", "--budget", "20m", "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "another seed" in res.output and "cost:" in res.output
+    assert "more seeds of every main configuration" in res.output and "cost:" in res.output
     res = CliRunner().invoke(app, ["study", str(study_copy / "study.yaml"), "--resolve"])
     assert res.exit_code == 2 and "error: --resolve: needs a study directory" in res.output
     res = CliRunner().invoke(app, ["study", str(study_copy), "--resolve", "--budget", "later"])

@@ -166,9 +166,8 @@ def describe(plan: Plan, ch: Chooser, jobs: int) -> str:
         return "no unresolved comparison with measured variance parts: nothing to resolve"
     if not plan.steps:
         return "no step fits the budget (or none would add precision): nothing to run"
-    steps = ", ".join(f"{s} ({n})" for s, n in _counted(plan.steps))
     return (
-        f"plan: {steps}\n"
+        f"plan: {'; '.join(_parts(plan, ch.study))}\n"
         f"precision: 1/se^2 up {ch.gain(plan) / max(len(ch.comps), 1):+.0%} on average over "
         f"{len(ch.comps)} unresolved comparison(s)\n"
         f"cost: {cpu / 3600:.2f} CPU-h, about {cpu / max(jobs, 1) / 60:.0f} min at --jobs {jobs} "
@@ -176,11 +175,19 @@ def describe(plan: Plan, ch: Chooser, jobs: int) -> str:
     )
 
 
-def _counted(steps: list[str]) -> list[tuple[str, int]]:
-    out: dict[str, int] = {}
-    for s in steps:
-        out[s] = out.get(s, 0) + 1
-    return list(out.items())
+def _parts(plan: Plan, study: dict) -> list[str]:
+    out = []
+    if plan.seeds:
+        out.append(f"{plan.seeds} more seed{'s' * (plan.seeds > 1)} of every main configuration (new main runs)")
+    for g, f in sorted(plan.factors.items()):
+        grp = _groups(study)[g]
+        out.append(
+            f"eval group {g} ({', '.join(grp['tasks'])}): limit {grp['limit']} -> {math.ceil(grp['limit'] * f)}, "
+            "evaluated again on the main runs and the base model"
+        )
+    if plan.tokens > 1:
+        out.append(f"token budget x{plan.tokens:g} (every main run trained again; the old budget stays a checkpoint)")
+    return out
 
 
 def next_step(d: Path, comparisons: list[Comparison], budget_s: float, jobs: int = 1) -> dict:
