@@ -121,6 +121,8 @@ def test_apply_adds_fresh_seeds_and_longer_budgets(study_copy):
     from lorascope.study.config import load_study
     from lorascope.study.resolve import apply
 
+    one = {"seeds": 2, "factors": {}, "tokens": 1.0, "steps": []}
+    assert apply(one, load_study(study_copy / "study.yaml"), study_copy, 2).seeds == [0, 1, 2]
     doc = yaml.safe_load((study_copy / "study.yaml").read_text())
     doc["seeds"] = [0, 999]  # the next seed up, 1000, is the LR search's: skipped
     (study_copy / "study.yaml").write_text(yaml.safe_dump(doc))

@@ -66,9 +66,8 @@ def look_record(look: int, state: dict) -> dict:
 def apply(plan: dict, study: StudyConfig, d: Path, look: int) -> StudyConfig:
     """Write the plan into d/study.yaml and move aside the evaluations a larger limit replaces."""
     data = dump(study)
-    taken = set(study.seeds) | {search_seed(study)}
+    taken, nxt = set(study.seeds) | {search_seed(study)}, max(study.seeds)
     for _ in range(plan["seeds"]):
-        nxt = max(taken) + 1
         while nxt in taken:
             nxt += 1
         data["seeds"].append(nxt)
