@@ -140,6 +140,9 @@ def test_an_exhausted_pool_caps_the_item_lever(tmp_path):
     assert not row["targets"][0]["met"]
     assert all(t["clusters_only"] is None for t in row["targets"])
     assert "pool is exhausted" in whatif_text(row)
+    (derived,) = whatif_rows([comparison(metric="forgetting_mean", var_seed=1e-6, var_cluster=1e-3)], d)
+    assert all(t["clusters_only"] is None for t in derived["targets"])
+    assert "no eval group scores it" in whatif_text(derived)
 
 
 def test_only_unresolved_comparisons_get_rows(tmp_path):

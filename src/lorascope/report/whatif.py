@@ -107,14 +107,16 @@ class Pricer:
         self.items = costs.items.get(t) or (costs.limits.get(t) or 0)
         limit = costs.limits.get(t)
         exhausted = limit is None or (t in costs.items and costs.items[t] < limit)
-        self.max_factor = 1.0 if exhausted or not costs.sized_by_limit.get(t, True) else MAX_ITEM_FACTOR
         self.why_capped = (
-            "the task is not sized by items"
+            "no eval group scores it as a task of its own"
+            if t not in costs.limits
+            else "the task is not sized by items"
             if not costs.sized_by_limit.get(t, True)
             else "the item pool is exhausted"
             if exhausted
             else ""
         )
+        self.max_factor = 1.0 if self.why_capped else MAX_ITEM_FACTOR
 
     def items_at(self, factor: float) -> int:
         return math.ceil(self.items * factor - 1e-9)
