@@ -10,7 +10,7 @@ Steps, each priced from the study's own job log (``jobcosts``):
   tokens across >= 3 budgets (``whatif.token_trends``).
 
 Precision is counted per comparison as the relative gain in 1/se^2 (so questions in other units weigh alike),
-from the variance model ``se^2 ~ var_seed/n_seeds + var_cluster/n_eff`` (``whatif``); steps are added greedily,
+from the variance model ``se^2 ~ v_seed/n_seeds + v_cluster/n_eff`` (``whatif``); steps are added greedily,
 the most gain per CPU-second first, while the plan's wall time (CPU-seconds / jobs) fits the budget and each step
 raises the plan's precision by MIN_GAIN at least.
 
@@ -30,7 +30,7 @@ import yaml
 from ..errors import LorascopeError
 from .jobcosts import StudyCosts, study_costs
 from .records import Comparison
-from .whatif import MAX_ITEM_FACTOR, MAX_SEEDS, Pricer, token_trends
+from .whatif import MAX_ITEM_FACTOR, MAX_SEEDS, Pricer, token_trends, unit_parts
 
 MIN_GAIN = 0.05  # a step must raise the plan's precision by 5% at least: no budget spent on crumbs
 
@@ -81,8 +81,9 @@ class Chooser:
         for c in self.comps:
             g = _group_of(self.study, c.metric)
             f = min(p.factors.get(g, 1.0), self.pricers[id(c)].max_factor) if g is not None else 1.0
-            units = c.var_seed / (c.n_seeds + p.seeds) + c.var_cluster / (c.n_clusters_eff * f)
-            now = c.var_seed / c.n_seeds + c.var_cluster / c.n_clusters_eff
+            vs, vc = unit_parts(c)
+            units = vs / (c.n_seeds + p.seeds) + vc / (c.n_clusters_eff * f)
+            now = vs / c.n_seeds + vc / c.n_clusters_eff
             total += now / units * self._signal(c, p.tokens) - 1.0
         return total
 

@@ -7,7 +7,8 @@ For every comparison whose verdict is "not resolved" (a `records.Comparison`), t
 2. **What this design could have seen**: the minimum detectable effect (MDE) at its Holm level with 80% power,
    ``(t_{1-a/2} + t_{0.8}) * se`` on its degrees of freedom.
 3. **What it would take** to detect 10%, 25% and 50% of full FT's effect: seeds, effective item clusters (Kish)
-   or both, from the variance model ``se^2 ~ var_seed / n_seeds + var_cluster / n_eff`` scaled to the reported
+   or both, from the variance model ``se^2 ~ v_seed / n_seeds + v_cluster / n_eff`` (v: one seed's, one effective
+   cluster's share; the record's var_seed / var_cluster are the estimate's, at its own counts) scaled to the reported
    se, each costed in CPU-hours from the study's job log (`jobcosts.study_costs`); and, where the gap grows with
    the token budget across at least 3 budgets (a weighted fit on log tokens, |t| >= 2), the budget at which it
    would reach the MDE. Tokens are offered only when the data show such a trend.
@@ -65,8 +66,15 @@ def _alpha(c: Comparison) -> float:
     return c.alpha_holm if c.alpha_holm else ALPHA
 
 
+def unit_parts(c: Comparison) -> tuple[float, float]:
+    """(one seed's, one effective cluster's) variance: the record holds the estimate's seeds-only and
+    clusters-only bootstrap variances at its own counts, each shrinking in proportion to its count."""
+    return c.var_seed * c.n_seeds, c.var_cluster * c.n_clusters_eff
+
+
 def _units(c: Comparison, n_s: float, n_c: float) -> float:
-    return c.var_seed / n_s + c.var_cluster / n_c
+    vs, vc = unit_parts(c)
+    return vs / n_s + vc / n_c
 
 
 def design_se(c: Comparison, n_s: float, n_c: float) -> float:
@@ -81,7 +89,8 @@ def design_df(c: Comparison, n_s: float, n_c: float) -> float | None:
         return None
 
     def ws(ns: float, nc: float) -> float:
-        a, b = c.var_seed / ns, c.var_cluster / nc
+        vs, vc = unit_parts(c)
+        a, b = vs / ns, vc / nc
         den = (a * a / (ns - 1) if ns > 1 else 0.0) + (b * b / (nc - 1) if nc > 1 else 0.0)
         return (a + b) ** 2 / den if den > 0 else math.inf
 
