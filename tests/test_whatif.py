@@ -144,6 +144,11 @@ def test_an_exhausted_pool_caps_the_item_lever(tmp_path):
     (derived,) = whatif_rows([comparison(metric="forgetting_mean", var_seed=1e-6, var_cluster=1e-3)], d)
     assert all(t["clusters_only"] is None for t in derived["targets"])
     assert "no eval group scores it" in whatif_text(derived)
+    (d / "evals" / "base" / "results.json").write_text(json.dumps({"tasks": {TASK: {"n": 40}}}))
+    for f in (d / "evals").glob("*/*/results.json"):
+        f.write_text(json.dumps({"tasks": {TASK: {"n": 64}}}))  # no elapsed_s: more items cannot be priced
+    (unpriced,) = whatif_rows([comparison(var_seed=1e-6, var_cluster=1e-3)], d)
+    assert all(t["clusters_only"] is None for t in unpriced["targets"]) and "no time per item" in whatif_text(unpriced)
 
 
 def test_only_unresolved_comparisons_get_rows(tmp_path):

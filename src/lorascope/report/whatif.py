@@ -123,6 +123,8 @@ class Pricer:
             if not costs.sized_by_limit.get(t, True)
             else "the item pool is exhausted"
             if exhausted
+            else "its evaluations record no time per item to price more"
+            if t not in costs.item_s
             else ""
         )
         self.max_factor = 1.0 if self.why_capped else MAX_ITEM_FACTOR
