@@ -71,6 +71,7 @@ def write_study(d: Path, n_items: int = 64, limit: int = 64) -> Path:
         json.dumps({"tasks": {TASK: {"n": n_items, "elapsed_s": n_items * 0.25}}})
     )
     lines.append({"job": "train:broken", "rc": 1, "elapsed_s": 999.0})  # a failed job prices nothing
+    lines.insert(0, {"job": "train:full-0", "rc": 0, "elapsed_s": 500.0})  # a job run again counts its last run
     (d / "logs" / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (d / "runs.json").write_text(json.dumps(runs))
     return d

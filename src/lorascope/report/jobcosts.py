@@ -100,7 +100,8 @@ def study_costs(d: Path) -> StudyCosts:
     """The price list of the study in d, from its own files (empty parts where nothing has run yet)."""
     d = Path(d)
     c = StudyCosts(limits=_group_limits(d))
-    lines = [j for j in _jobs(d) if j.get("rc") == 0 and isinstance(j.get("elapsed_s"), (int, float))]
+    last = {j.get("job"): j for j in _jobs(d) if j.get("rc") == 0 and isinstance(j.get("elapsed_s"), (int, float))}
+    lines = list(last.values())  # a job run again (after --resolve raised a limit) counts once, at its last run
     c.cores_known = bool(lines) and all(isinstance(j.get("threads"), (int, float)) for j in lines)
     per_item: dict[str, list[float]] = {}
     for j in lines:
