@@ -133,9 +133,10 @@ def resolve_study(
     text += plan["text"]
     if dry_run or not plan["steps"]:
         return text
+    from lorascope.study.scheduler import study_lock
+
     if not state["looks"]:
         state["looks"].append({**look_record(1, state), "status": "done", "plan": None})
-    apply(plan, load_study(d / "study.yaml"), d, look)
     keep = ("seeds", "factors", "tokens", "steps")
     state["looks"].append(
         {
@@ -147,7 +148,9 @@ def resolve_study(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
-    atomic_write_json(d / STATE, state)
+    with study_lock(d):  # not while a scheduler runs this study
+        apply(plan, load_study(d / "study.yaml"), d, look)
+        atomic_write_json(d / STATE, state)
     return text + "\n" + _run_look(d, state, reporter, jobs, executor, executor_opts, progress)
 
 
