@@ -40,8 +40,8 @@ class Comparison:
     n_seeds: int | None
     n_clusters: int | None
     n_clusters_eff: float | None  # Kish's effective count (splits.effective_clusters)
-    var_seed: float | None  # variance of the estimate per seed: se^2 ~ var_seed/n_seeds + var_cluster/n_eff
-    var_cluster: float | None
+    var_seed: float | None  # the estimate's variance with only seeds resampled (se^2 ~ var_seed + var_cluster;
+    var_cluster: float | None  # ... only item clusters): each shrinks in proportion to its own count
     flags: list[str] = field(default_factory=list)  # e.g. "LR unbracketed", "skewed bootstrap"
     label: str = ""  # the compared LoRA configuration as the page names it (method and LR, or the method)
     reference: str = ""  # the full-FT configuration it is set against
