@@ -30,7 +30,8 @@ def _user_errors(fn):
         try:
             return fn(*a, **kw)
         except LorascopeError as e:
-            typer.echo(f"error: {e}", err=True)
+            # one line, whatever the message quoted (a YAML parser's caret diagram, a library's traceback text)
+            typer.echo("error: " + " ".join(part.strip() for part in str(e).splitlines() if part.strip()), err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -60,22 +61,41 @@ def train(
         False,
         "--dry-run",
         help="print the plan (steps, tokens, checkpoints, "
-        "parameters) and a time estimate from 2 measured "
+        "parameters), a peak-memory estimate and a time estimate from 2 measured "
         "steps; train nothing",
+    ),
+    ignore_memory_estimate: bool = typer.Option(
+        False, "--ignore-memory-estimate", help="train even if the estimated peak memory exceeds what is available"
     ),
 ):
     """Train one run: lorascope train CONFIG.yaml [dotted.key=value ...] --out RUN_DIR."""
-    from lorascope.config import load_run_config
+    from lorascope.config import check_seq_len, load_run_config
+    from lorascope.data import load_docs
+    from lorascope.models import context_length
+    from lorascope.train.estimate import check_memory, format_memory, memory_estimate
 
     cfg = load_run_config(config, ctx.args)
+    if out is None and not dry_run:
+        raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
+    load_docs(cfg.data)  # the data's errors before a model is loaded (built once, cached for the run)
+    check_seq_len(cfg, context_length(cfg.model))  # before anything is loaded, allocated or written
+    memory = memory_estimate(cfg)
+    fits = True
+    if not ignore_memory_estimate:
+        try:
+            check_memory(memory)
+        except LorascopeError:
+            if not dry_run:
+                raise
+            fits = False
     if dry_run:
         from lorascope.train.estimate import dry_run as plan_run
         from lorascope.train.estimate import format_dry_run
 
-        typer.echo(format_dry_run(plan_run(cfg)))
+        # measuring steps that would not fit is what the estimate is there to prevent
+        typer.echo(format_dry_run(plan_run(cfg, measure_steps=2 if fits else 0)))
+        typer.echo(format_memory(memory) + ("" if fits else "; would be refused, so no step was measured"))
         return
-    if out is None:
-        raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
     from lorascope.train.loop import train as run_train
 
     run_train(cfg, out)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from ..config import DataConfig
+from ..config import DataConfig, validate
 
 
 def data_cli(
@@ -17,7 +17,7 @@ def data_cli(
     from ..models import load_tokenizer
     from . import dataset_manifest, load_dataset
 
-    dcfg = DataConfig(dataset=dataset, regime=regime, max_docs=max_docs)
+    dcfg = validate(DataConfig, {"dataset": dataset, "regime": regime, "max_docs": max_docs}, "data")
     tok = load_tokenizer(model)
     m = dataset_manifest(dcfg, tok)
     rows = {"seq_len": seq_len}
