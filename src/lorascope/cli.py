@@ -109,12 +109,27 @@ def data(
     regime: str | None = typer.Option(None, "--regime", help="cpt | ift (user files; built-ins know)"),
     max_docs: int | None = typer.Option(None, "--max-docs", help="first N training documents"),
     seq_len: int = typer.Option(512, "--seq-len", help="packed row length for the row statistics"),
+    preview: bool = typer.Option(
+        False,
+        "--preview",
+        help="documents, examples, the held-out split and its groups, decontamination, and "
+        "the held-out windows a study would evaluate on, by validation/test split",
+    ),
+    eval_limit: int | None = typer.Option(
+        None, "--eval-limit", help="with --preview: the limit of the study's heldout_bpb eval group"
+    ),
 ):
     """Build (or read from the cache) a dataset and print its manifest and how it packs into rows."""
     import json
 
-    from lorascope.data.describe import data_cli
+    from lorascope.data.describe import data_cli, format_preview
+    from lorascope.data.describe import preview as data_preview
 
+    if preview:
+        if eval_limit is not None and eval_limit < 1:
+            raise LorascopeError(f"--eval-limit: must be >= 1 (got {eval_limit})")
+        typer.echo(format_preview(data_preview(dataset, model, regime, max_docs, eval_limit)))
+        return
     typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len), indent=2))
 
 
