@@ -132,3 +132,52 @@ def test_lm_eval_arc_easy_agrees_with_native_item_for_item(tmp_path, monkeypatch
     for key in ("acc,none", "acc_norm,none"):
         assert res["tasks"][name]["metrics"][key] == pytest.approx(res["tasks"]["arc_easy"]["metrics"][key])
     assert not math.isnan(res["tasks"][name]["metrics"]["acc_norm,none"])
+
+
+def test_lm_eval_task_is_a_study_headline_metric(task_dir, tmp_path, tiny_model_dir, one_thread):
+    """A tiny study whose learning metric is the custom lm-eval task: the report's headline reads it from the
+    test split and states its verdicts."""
+    import yaml
+
+    from lorascope.report import write_report
+    from lorascope.report.collect import load_study_dir, metric_rows
+    from lorascope.report.compare import points
+    from lorascope.report.sections import headlines
+    from lorascope.study.scheduler import run_study
+
+    corpus = tmp_path / "code.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"def f{i}(a):\n    return a + {i}\n" * 8}) + "\n" for i in range(60))
+    )
+    task = "lm_eval:addition@learning"
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-lm-eval",
+                "model": str(tiny_model_dir),
+                "seeds": [0],
+                "settings": [
+                    {
+                        "name": "cpt",
+                        "data": {"dataset": str(corpus)},
+                        "train": {"seq_len": 32, "batch_size": 4, "max_tokens": 256},
+                    }
+                ],
+                "methods": [
+                    {"name": "full", "method": {"kind": "full"}, "lrs": [1e-3]},
+                    {"name": "lora-r4", "method": {"kind": "lora", "rank": 4}, "lrs": [1e-2]},
+                ],
+                "evals": {"checkpoints": "final", "groups": [{"tasks": [task]}, {"tasks": ["kl_base:500"]}]},
+                "report": {"learning": task, "forgetting": "kl_base:500"},
+            }
+        )
+    )
+    d = run_study(cfg, [], tmp_path / "study", executor="inline", progress=False)
+    html = write_report(d).read_text()
+    st = load_study_dir(d)
+    rows = metric_rows(st)
+    [h] = headlines(st, points(st, rows), rows)
+    assert h.learning.task == task and h.learning.metric == "acc,none"
+    assert h.verdicts and all(v["verdict"] for v in h.verdicts)
+    assert task in html and '<div class="verdict">' in html
