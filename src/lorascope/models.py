@@ -276,8 +276,8 @@ def load_checkpoint(ck: Checkpoint, merge: bool = False):
             model = PeftModel.from_pretrained(base, str(ck.path))
     except (OSError, ValueError, KeyError) as e:  # weights missing or damaged in the checkpoint directory
         raise LorascopeError(f"{ck.path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
-        if merge:
-            model = model.merge_and_unload()
+    if merge and ck.kind == "lora":
+        model = model.merge_and_unload()
     model.eval()
     return model, load_tokenizer(ck.base)
 
