@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lorascope.cli import app
@@ -55,3 +56,26 @@ def test_cli_preview_prints_what_a_study_evaluates(tmp_path, tiny_model_dir):
     assert out.count("windows in") == 2  # validation and test
     r = CliRunner().invoke(app, ["data", str(p), "--model", str(tiny_model_dir), "--preview", "--eval-limit", "0"])
     assert r.exit_code == 2 and r.stderr.startswith("error: --eval-limit")
+
+
+def test_preview_reads_the_data_with_its_own_fields(tmp_path, tiny_model_dir):
+    """A record field other than 'text': the preview (and the windows it counts) read it as a study would."""
+    p = tmp_path / "body.jsonl"
+    p.write_text("".join(json.dumps({"body": f"Entry {i}. " + "words here. " * (30 + i)}) + "\n" for i in range(40)))
+    r = CliRunner().invoke(app, ["data", str(p), "--model", str(tiny_model_dir), "--preview"])
+    assert r.exit_code == 2 and "text" in r.stderr  # the default field is not in these records
+    r = CliRunner().invoke(app, ["data", str(p), "--model", str(tiny_model_dir), "--preview", "--text-field", "body"])
+    assert r.exit_code == 0, r.output
+    pv = preview(str(p), model=str(tiny_model_dir), fields={"text_field": "body"})
+    assert pv["documents"]["train"] + pv["documents"]["heldout"] == 40 and pv["evaluation"]["windows"] > 0
+
+
+@pytest.mark.skipif("group_field" not in DataConfig.model_fields, reason="DataConfig has no group_field here")
+def test_preview_shows_groups_of_group_field(tmp_path, tiny_model_dir):
+    p = tmp_path / "grouped.jsonl"
+    rows = [{"text": f"Doc {i} of repo {i % 12}. " + "code line. " * 40, "repo": f"r{i % 12}"} for i in range(96)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pv = preview(str(p), model=str(tiny_model_dir), fields={"group_field": "repo"})
+    assert "repo" in pv["heldout_unit"] and pv["heldout_groups"]["count"] >= 1
+    ev = pv["evaluation"]
+    assert ev["validation"]["clusters"] + ev["test"]["clusters"] == pv["heldout_groups"]["count"]

@@ -118,6 +118,10 @@ def data(
     eval_limit: int | None = typer.Option(
         None, "--eval-limit", help="with --preview: the limit of the study's heldout_bpb eval group"
     ),
+    text_field: str | None = typer.Option(None, "--text-field", help="data.text_field (CPT records)"),
+    prompt_field: str | None = typer.Option(None, "--prompt-field", help="data.prompt_field (IFT records)"),
+    response_field: str | None = typer.Option(None, "--response-field", help="data.response_field (IFT records)"),
+    group_field: str | None = typer.Option(None, "--group-field", help="data.group_field: records held out together"),
 ):
     """Build (or read from the cache) a dataset and print its manifest and how it packs into rows."""
     import json
@@ -125,12 +129,15 @@ def data(
     from lorascope.data.describe import data_cli, format_preview
     from lorascope.data.describe import preview as data_preview
 
+    given = {"text_field": text_field, "prompt_field": prompt_field, "response_field": response_field}
+    fields = {k: v for k, v in {**given, "group_field": group_field}.items() if v is not None}
     if preview:
         if eval_limit is not None and eval_limit < 1:
             raise LorascopeError(f"--eval-limit: must be >= 1 (got {eval_limit})")
-        typer.echo(format_preview(data_preview(dataset, model, regime, max_docs, eval_limit)))
+        typer.echo(format_preview(data_preview(dataset, model, regime, max_docs, eval_limit, fields=fields)))
         return
-    typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len), indent=2))
+    out = data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len, fields=fields)
+    typer.echo(json.dumps(out, indent=2))
 
 
 @app.command("eval")

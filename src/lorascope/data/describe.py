@@ -10,14 +10,24 @@ from __future__ import annotations
 from ..config import DataConfig, validate
 
 
+def data_config(dataset: str, regime: str | None = None, max_docs: int | None = None, fields: dict | None = None):
+    """The DataConfig the command describes; ``fields``: other DataConfig fields given (text_field, ...)."""
+    return validate(DataConfig, {"dataset": dataset, "regime": regime, "max_docs": max_docs, **(fields or {})}, "data")
+
+
 def data_cli(
-    dataset: str, model: str = "embedded", regime: str | None = None, max_docs: int | None = None, seq_len: int = 512
+    dataset: str,
+    model: str = "embedded",
+    regime: str | None = None,
+    max_docs: int | None = None,
+    seq_len: int = 512,
+    fields: dict | None = None,
 ) -> dict:
     """Manifest of ``dataset`` for ``model``'s tokenizer, plus how it packs into ``seq_len`` rows."""
     from ..models import load_tokenizer
     from . import dataset_manifest, load_dataset
 
-    dcfg = validate(DataConfig, {"dataset": dataset, "regime": regime, "max_docs": max_docs}, "data")
+    dcfg = data_config(dataset, regime, max_docs, fields)
     tok = load_tokenizer(model)
     m = dataset_manifest(dcfg, tok)
     rows = {"seq_len": seq_len}
@@ -45,7 +55,7 @@ def _excerpt(doc, chars: int = 160) -> str:
     return text if len(text) <= chars else text[: chars - 3] + "..."
 
 
-def _evaluation(dataset: str, limit: int | None) -> dict:
+def _evaluation(dcfg: DataConfig, limit: int | None) -> dict:
     """The held-out windows ``heldout_bpb:<dataset>`` scores, per validation/test split: windows, clusters and
     Kish's effective number of clusters (what the bootstrap resamples)."""
     from collections import Counter
@@ -54,8 +64,9 @@ def _evaluation(dataset: str, limit: int | None) -> dict:
     from ..evals.texts import heldout_windows
     from ..splits import SPLITS, effective_clusters, split_of
 
-    wins = heldout_windows(dataset, limit=limit)
-    out = {"task": f"heldout_bpb:{dataset}", "windows": len(wins), "limit": limit}
+    # read with the data's own fields, as a study reads it; without the cap: held-out documents are never trained on
+    wins = heldout_windows(dcfg.model_copy(update={"max_docs": None}), limit=limit)
+    out = {"task": f"heldout_bpb:{dcfg.dataset}", "windows": len(wins), "limit": limit}
     for split in SPLITS:
         sizes = Counter(w["cluster"] for w in wins if split_of(w["cluster"]) == split)
         out[split] = {
@@ -74,6 +85,7 @@ def preview(
     max_docs: int | None = None,
     eval_limit: int | None = None,
     examples: int = 2,
+    fields: dict | None = None,
 ) -> dict:
     """Documents, tokens, a few examples, the held-out split and its groups, decontamination, and the held-out
     windows a study's ``heldout_bpb:<dataset>`` would evaluate, by validation/test split."""
@@ -82,7 +94,7 @@ def preview(
     from ..models import load_tokenizer
     from . import dataset_manifest, load_docs
 
-    dcfg = validate(DataConfig, {"dataset": dataset, "regime": regime, "max_docs": max_docs}, "data")
+    dcfg = data_config(dataset, regime, max_docs, fields)
     docs = load_docs(dcfg)
     m = dataset_manifest(dcfg, load_tokenizer(model))
     group_field = getattr(dcfg, "group_field", None)  # a field of DataConfig in newer versions
@@ -103,7 +115,7 @@ def preview(
         ),
         "heldout_groups": {"count": len(groups), "largest": [f"{g} ({n})" for g, n in groups.most_common(3)]},
         "decontamination": m["decontamination"],
-        "evaluation": _evaluation(dataset, eval_limit) if dcfg.regime == "cpt" or docs["heldout"] else None,
+        "evaluation": _evaluation(dcfg, eval_limit) if dcfg.regime == "cpt" or docs["heldout"] else None,
     }
 
 
