@@ -30,7 +30,8 @@ def _user_errors(fn):
         try:
             return fn(*a, **kw)
         except LorascopeError as e:
-            typer.echo(f"error: {e}", err=True)
+            # one line, whatever the message quoted (a YAML parser's caret diagram, a library's traceback text)
+            typer.echo("error: " + " ".join(part.strip() for part in str(e).splitlines() if part.strip()), err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -60,22 +61,41 @@ def train(
         False,
         "--dry-run",
         help="print the plan (steps, tokens, checkpoints, "
-        "parameters) and a time estimate from 2 measured "
+        "parameters), a peak-memory estimate and a time estimate from 2 measured "
         "steps; train nothing",
+    ),
+    ignore_memory_estimate: bool = typer.Option(
+        False, "--ignore-memory-estimate", help="train even if the estimated peak memory exceeds what is available"
     ),
 ):
     """Train one run: lorascope train CONFIG.yaml [dotted.key=value ...] --out RUN_DIR."""
-    from lorascope.config import load_run_config
+    from lorascope.config import check_seq_len, load_run_config
+    from lorascope.data import load_docs
+    from lorascope.models import context_length
+    from lorascope.train.estimate import check_memory, format_memory, memory_estimate
 
     cfg = load_run_config(config, ctx.args)
+    if out is None and not dry_run:
+        raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
+    load_docs(cfg.data)  # the data's errors before a model is loaded (built once, cached for the run)
+    check_seq_len(cfg, context_length(cfg.model))  # before anything is loaded, allocated or written
+    memory = memory_estimate(cfg)
+    fits = True
+    if not ignore_memory_estimate:
+        try:
+            check_memory(memory)
+        except LorascopeError:
+            if not dry_run:
+                raise
+            fits = False
     if dry_run:
         from lorascope.train.estimate import dry_run as plan_run
         from lorascope.train.estimate import format_dry_run
 
-        typer.echo(format_dry_run(plan_run(cfg)))
+        # measuring steps that would not fit is what the estimate is there to prevent
+        typer.echo(format_dry_run(plan_run(cfg, measure_steps=2 if fits else 0)))
+        typer.echo(format_memory(memory) + ("" if fits else "; would be refused, so no step was measured"))
         return
-    if out is None:
-        raise LorascopeError("--out: the run directory is required to train (or pass --dry-run)")
     from lorascope.train.loop import train as run_train
 
     run_train(cfg, out)
@@ -89,13 +109,35 @@ def data(
     regime: str | None = typer.Option(None, "--regime", help="cpt | ift (user files; built-ins know)"),
     max_docs: int | None = typer.Option(None, "--max-docs", help="first N training documents"),
     seq_len: int = typer.Option(512, "--seq-len", help="packed row length for the row statistics"),
+    preview: bool = typer.Option(
+        False,
+        "--preview",
+        help="documents, examples, the held-out split and its groups, decontamination, and "
+        "the held-out windows a study would evaluate on, by validation/test split",
+    ),
+    eval_limit: int | None = typer.Option(
+        None, "--eval-limit", help="with --preview: the limit of the study's heldout_bpb eval group"
+    ),
+    text_field: str | None = typer.Option(None, "--text-field", help="data.text_field (CPT records)"),
+    prompt_field: str | None = typer.Option(None, "--prompt-field", help="data.prompt_field (IFT records)"),
+    response_field: str | None = typer.Option(None, "--response-field", help="data.response_field (IFT records)"),
+    group_field: str | None = typer.Option(None, "--group-field", help="data.group_field: records held out together"),
 ):
     """Build (or read from the cache) a dataset and print its manifest and how it packs into rows."""
     import json
 
-    from lorascope.data.describe import data_cli
+    from lorascope.data.describe import data_cli, format_preview
+    from lorascope.data.describe import preview as data_preview
 
-    typer.echo(json.dumps(data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len), indent=2))
+    given = {"text_field": text_field, "prompt_field": prompt_field, "response_field": response_field}
+    fields = {k: v for k, v in {**given, "group_field": group_field}.items() if v is not None}
+    if preview:
+        if eval_limit is not None and eval_limit < 1:
+            raise LorascopeError(f"--eval-limit: must be >= 1 (got {eval_limit})")
+        typer.echo(format_preview(data_preview(dataset, model, regime, max_docs, eval_limit, fields=fields)))
+        return
+    out = data_cli(dataset, model=model, regime=regime, max_docs=max_docs, seq_len=seq_len, fields=fields)
+    typer.echo(json.dumps(out, indent=2))
 
 
 @app.command("eval")

@@ -317,6 +317,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     return validate(RunConfig, data, str(path) if path else "")
 
 
+def check_seq_len(cfg: RunConfig, context: int | None) -> None:
+    """ConfigError when ``train.seq_len`` exceeds the model's context (``context``: models.context_length):
+    positions past it have no trained embedding, and a long enough row exhausts memory before it fails."""
+    if context is not None and cfg.train.seq_len > context:
+        raise ConfigError(
+            f"train.seq_len: {cfg.train.seq_len} exceeds the context of model '{cfg.model}' "
+            f"({context} tokens, its max_position_embeddings)"
+        )
+
+
 def dump(cfg: BaseModel) -> dict:
     """Plain dict (JSON/YAML-safe) of a config."""
     return cfg.model_dump(mode="json")

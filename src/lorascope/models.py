@@ -129,8 +129,43 @@ def resolve_base(spec: str) -> str:
         return str(p)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise LorascopeError(f"model path '{spec}' does not exist")
+    _check_hub_id(spec)
     _check_hub(spec)
     return spec
+
+
+def _check_hub_id(spec: str) -> None:
+    """A spec that is no path left is a hub id: refuse one that cannot be (huggingface_hub's own complaint is a
+    validation traceback), naming the RUN:CHECKPOINT form when that is what it looks like."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    run, sep, ck = spec.rpartition(":")
+    if sep and run:
+        raise LorascopeError(
+            f"model '{spec}': '{run}' is not a run directory (no {run}/checkpoints/), so ':{ck}' names no checkpoint"
+        )
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as e:
+        why = str(e).splitlines()[0]
+        raise LorascopeError(f"model '{spec}': not a local path, run directory or hub id ({why})") from None
+
+
+def context_length(spec: str) -> int | None:
+    """The longest sequence the model behind ``spec`` (base or run dir) was built for, from its config alone
+    (no weights load): ``max_position_embeddings`` or its older names; None if its config states none."""
+    from transformers import AutoConfig
+
+    base = base_of(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_base(base))
+    except (OSError, ValueError, KeyError) as e:
+        raise LorascopeError(f"cannot read the config of model '{base}': {str(e).splitlines()[0]}") from None
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
 
 
 def _check_hub(repo_id: str, timeout: float = 3.0) -> None:
@@ -170,7 +205,11 @@ def portable_base(spec: str) -> str:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_base(spec))
+    src = resolve_base(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, KeyError) as e:
+        raise LorascopeError(f"cannot load the tokenizer of model '{spec}': {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -184,7 +223,7 @@ def load_base(spec: str = EMBEDDED, dtype: torch.dtype = torch.float32):
     src = resolve_base(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:  # missing weights, an architecture transformers does not know
         raise LorascopeError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
     model.eval()
     return model, load_tokenizer(spec)
@@ -233,15 +272,21 @@ def load_checkpoint(ck: Checkpoint, merge: bool = False):
     from transformers import AutoModelForCausalLM
 
     _torch_threads()
-    if ck.kind == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=torch.float32)
-    else:
-        from peft import PeftModel
+    needed = "config.json" if ck.kind == "full" else "adapter_config.json"
+    if not (ck.path / needed).exists():  # checked before the base model is loaded for nothing
+        raise LorascopeError(f"{ck.path}: incomplete {ck.kind} checkpoint (no {needed})")
+    try:
+        if ck.kind == "full":
+            model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=torch.float32)
+        else:
+            from peft import PeftModel
 
-        base, _ = load_base(ck.base)
-        model = PeftModel.from_pretrained(base, str(ck.path))
-        if merge:
-            model = model.merge_and_unload()
+            base, _ = load_base(ck.base)
+            model = PeftModel.from_pretrained(base, str(ck.path))
+    except (OSError, ValueError, KeyError) as e:  # weights missing or damaged in the checkpoint directory
+        raise LorascopeError(f"{ck.path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    if merge and ck.kind == "lora":
+        model = model.merge_and_unload()
     model.eval()
     return model, load_tokenizer(ck.base)
 

@@ -56,6 +56,11 @@ def spec(task: str) -> MetricSpec | None:
     """The headline metric of a task, or None for a task the report does not know (still in the parquet)."""
     if task.startswith("heldout_bpb:"):
         return MetricSpec(task, "bpb", False, "learning", "bpb")
+    if task.startswith("lm_eval:"):  # metric and direction from lm-eval's task config, the role from the name
+        from .lm_eval_task import catalog_entry
+
+        entry = catalog_entry(task)
+        return MetricSpec(task, *entry) if entry else None
     if task.startswith("kl_base:"):  # kl_base:<tokens>, a stated amount of text
         return MetricSpec(task, *_FIXED["kl_base"])
     if task not in _FIXED:

@@ -37,15 +37,19 @@ TASKS: dict[str, str] = {
     "mbpp": "lorascope.evals.code_tasks:MBPP",
     "gsm8k": "lorascope.evals.math_tasks:GSM8K",
     "math500": "lorascope.evals.math_tasks:Math500",
+    # any lm-evaluation-harness task: lm_eval:<task>[@learning|@forgetting]
+    "lm_eval": "lorascope.evals.lm_eval_task:LmEvalTask",
 }
 
-PARAMETRIC = {"heldout_bpb"}
+PARAMETRIC = {"heldout_bpb": "<dataset>", "lm_eval": "<task>[@learning|@forgetting]"}
 OPTIONAL_ARG = {"kl_base"}  # called with no argument, or with the part after ":"
 
 
 def names() -> list[str]:
     """Known task names; parametric ones are shown as ``name:<arg>``."""
-    return sorted(f"{n}:<dataset>" if n in PARAMETRIC else f"{n}[:<tokens>]" if n in OPTIONAL_ARG else n for n in TASKS)
+    return sorted(
+        f"{n}:{PARAMETRIC[n]}" if n in PARAMETRIC else f"{n}[:<tokens>]" if n in OPTIONAL_ARG else n for n in TASKS
+    )
 
 
 def _split(name: str) -> tuple[str, str | None]:
@@ -59,8 +63,8 @@ def validate(name: str) -> None:
     if base not in TASKS:
         raise LorascopeError(f"unknown task '{name}'; known tasks: {', '.join(names())}")
     if base in PARAMETRIC and not arg:
-        raise LorascopeError(f"task '{base}' needs an argument: {base}:<dataset>")
-    if base not in PARAMETRIC | OPTIONAL_ARG and arg is not None:
+        raise LorascopeError(f"task '{base}' needs an argument: {base}:{PARAMETRIC[base]}")
+    if base not in PARAMETRIC.keys() | OPTIONAL_ARG and arg is not None:
         raise LorascopeError(f"task '{base}' takes no ':{arg}' argument")
 
 
