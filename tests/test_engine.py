@@ -173,14 +173,22 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
     assert n_costly == n_costly_alone
 
 
-def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer):
+def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer, monkeypatch):
+    """The head runs on the scored positions only, in chunks of at most VocabHead.rows (the chunk size is shrunk
+    here so that a pass takes several), never on the module's own path (which would take the whole pass)."""
+    from lorascope.evals import vocab_head
+
     reqs = _requests()
     items = [it for r in reqs for it, _ in engine._tokenize(tokenizer, r, 1024)]
+    monkeypatch.setattr(vocab_head, "HEAD_CHUNK_BYTES", 4 * len(tokenizer) * 7)  # 7 rows a chunk
+    monkeypatch.setattr(vocab_head.VocabHead, "check", lambda self, model: None)  # its probe is not scoring
+    chunks, real = [], vocab_head.VocabHead._logits
+    monkeypatch.setattr(vocab_head.VocabHead, "_logits", lambda self, x: (chunks.append(len(x)), real(self, x))[1])
     c = _Count(tiny_model)
     res = score(tiny_model, tokenizer, reqs, batch_size=3)
     c.close()
-    assert c.head_rows == sum(len(t) for it in items for t in it.conts)
-    assert c.graphs == 0
+    assert sum(chunks) == sum(len(t) for it in items for t in it.conts) and max(chunks) <= 7 < sum(chunks)
+    assert c.head_rows == 0 and c.graphs == 0
     assert _max_diff(res, score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
 
 

@@ -1,0 +1,145 @@
+"""The output head run chunk by chunk on hidden states: no (positions x vocabulary) tensor is ever whole.
+
+A scoring pass keeps only the final hidden states of the positions it scores (``captured_hidden``: the head's
+input is taken by a forward pre-hook and the head itself gets no rows); ``VocabHead`` then runs the head on
+``HEAD_CHUNK_BYTES`` of logits at a time, into one buffer allocated once and reused for every chunk of every
+batch, and reduces each chunk at once (log-sum-exp, the target's logit, the argmax, a KL). At a 262k vocabulary
+a batch of 2,048 positions would be 2.1 GB of fresh fp32 logits, which this kind of machine pays for in page
+faults before any arithmetic; a chunk is 64 MiB, touched again and again.
+
+Exactness: the same matmul on the same hidden states, so the logits are those of the model's own head up to
+the float rounding of a matmul with fewer rows. Models that post-process logits after the head are supported
+where the config says how (``final_logit_softcapping``); ``VocabHead.check`` compares against the model's own
+logits on a probe and refuses a model whose logits it cannot reproduce.
+
+Example::
+
+    >>> head = VocabHead(model)
+    >>> with captured_hidden(model, flat_idx) as got:
+    ...     model(input_ids=ids)
+    >>> nll = head.nll(got[0], targets)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models whose logits VocabHead reproduces
+# 64 MiB of fp32 logits a chunk, as the training head loss (train/headloss.py): smaller chunks read the head's
+# weight more often per row (at 262k x 640 it is 671 MB) and run thinner, slower matmuls.
+HEAD_CHUNK_BYTES = 64 << 20
+
+
+def output_head(model):
+    """The model's output embedding (its LM head), or None for a model without one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+@contextlib.contextmanager
+def captured_hidden(model, flat_idx: torch.Tensor):
+    """While open, the model's head sees no rows; the hidden states it would have seen at ``flat_idx`` of the
+    flattened (batch, position) grid are appended to the yielded list, one [n, hidden] tensor per forward."""
+    head = output_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to score with")
+    got: list[torch.Tensor] = []
+
+    def keep(_module, args):
+        h = args[0]
+        flat = h.reshape(-1, h.shape[-1])
+        got.append(flat.index_select(0, flat_idx.to(h.device)) if flat_idx.numel() else flat[:0])
+        return (h[..., :0, :],) + args[1:]
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+def _text_config(model):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+class VocabHead:
+    """A model's output head (plus its logit soft-capping) over hidden states, HEAD_CHUNK_BYTES at a time."""
+
+    def __init__(self, model):
+        self.module = output_head(model)
+        if self.module is None:
+            raise ValueError(f"{type(model).__name__} has no output embedding to score with")
+        self.weight = getattr(self.module, "weight", None)
+        w = self.weight
+        self.vocab = int(w.shape[0] if w is not None else _text_config(model).vocab_size)
+        self.softcap = getattr(_text_config(model), "final_logit_softcapping", None)
+        self.plain = type(self.module) is torch.nn.Linear and "forward" not in vars(self.module)
+        self.rows = max(1, HEAD_CHUNK_BYTES // (4 * self.vocab))
+        self._buf: torch.Tensor | None = None
+        if model not in _CHECKED:
+            self.check(model)
+            _CHECKED[model] = True
+
+    @torch.no_grad()
+    def chunks(self, h: torch.Tensor):
+        """(slice, fp32 logits of h[slice]) chunk by chunk. The logits of a plain fp32 head are written into one
+        reused buffer: a chunk's tensor is overwritten by the next, and callers may change it in place."""
+        n = h.shape[0]
+        step = -(-n // -(-n // self.rows)) if n else 1  # even chunks: no one-row matmul at the end
+        for a in range(0, n, step):
+            c = slice(a, min(a + step, n))
+            yield c, self._logits(h[c])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.plain and w.dtype == torch.float32 and x.dtype == torch.float32:
+            if self._buf is None or self._buf.device != w.device:
+                with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+                    self._buf = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=w.device)
+            z = self._buf[: x.shape[0]]
+            torch.mm(x, w.t(), out=z)
+            if self.module.bias is not None:
+                z += self.module.bias
+        else:
+            z = self.module(x).float()
+        if self.softcap:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    @torch.no_grad()
+    def nll(self, h: torch.Tensor, targets: torch.Tensor, greedy: bool = False):
+        """-log softmax(logits)[target] per row (and, with ``greedy``, whether the target is the argmax)."""
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        hit = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+        targets = targets.to(h.device)
+        for c, z in self.chunks(h):
+            picked = z.gather(1, targets[c, None])[:, 0]
+            if greedy:
+                hit[c] = z.argmax(-1) == targets[c]
+            out[c] = log_sum_exp_(z) - picked
+        return (out, hit) if greedy else out
+
+    def check(self, model) -> None:
+        """Raise ValueError unless these logits are the model's own on a probe of 8 tokens (model in eval mode)."""
+        probe = (torch.arange(1, 9) % self.vocab)[None].to(
+            self.module.weight.device if self.weight is not None else "cpu"
+        )
+        with torch.inference_mode():
+            want = model(input_ids=probe, use_cache=False).logits[0].float()
+            idx = torch.arange(probe.shape[1])
+            with captured_hidden(model, idx) as got:
+                model(input_ids=probe, use_cache=False)
+            have = torch.cat([z.clone() for _, z in self.chunks(got[0])])
+        if have.shape != want.shape or not torch.allclose(have, want, rtol=1e-4, atol=1e-4):
+            raise ValueError(
+                f"{type(model).__name__}: its logits are post-processed in a way the chunked head does not know"
+            )
+
+
+def log_sum_exp_(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension, overwriting ``z`` with exp(z - max) (no second vocabulary-wide block)."""
+    top = z.amax(dim=-1, keepdim=True)
+    return top[:, 0] + z.sub_(top).exp_().sum(-1).log()
