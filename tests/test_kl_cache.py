@@ -238,3 +238,31 @@ def test_kl_with_a_head_shared_by_model_and_reference_is_not_overwritten(tokeniz
     reference.lm_head = model.lm_head
     got = kl.kl_per_text(model, reference, tokenizer, TEXTS, cache=False)
     assert got == want and sum(s for s, *_ in want) > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("head_too", [True, False], ids=["head-moved", "head-kept"])
+def test_embedded_model_cached_kl_within_1e3_of_the_two_pass_kl(tmp_path, monkeypatch, head_too):
+    """The embedded model against a copy of it with every weight (or all but the tied embedding) moved by 1% of
+    its spread: the KL from the cache within REL of the two-pass KL, in total and per text."""
+    import copy
+
+    from lorascope.evals import kl_cache
+    from lorascope.evals.kl import kl_per_text, select_texts
+    from lorascope.models import load_base
+
+    monkeypatch.setattr(kl_cache, "cache_dir", lambda: tmp_path)  # the model's own cache stays where it is
+    base, tok = load_base("embedded")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if (head_too or "embed" not in name) and p.dim() == 2:
+                p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
+    texts = [d["text"] for d in select_texts(tok, 600)]
+    want = kl_per_text(tuned, base, tok, texts, cache=False)
+    got = kl_per_text(tuned, base, tok, texts, cache=True)
+    assert len(list((tmp_path / "kl-base").glob("*.npy"))) == 1
+    _close(got, want)
+    total, total2 = sum(s + fs for s, _, fs, _ in want), sum(s + fs for s, _, fs, _ in got)
+    assert abs(total2 - total) <= REL * total
