@@ -12,6 +12,7 @@ two-pass KL, and the cached one (one build, then a timed checkpoint), for a tune
 head (LoRA's case); relative differences printed.
 
     python bench/eval_throughput.py [--model embedded|PATH.gguf|...] [--tokens 2000] [--rounds 2] [--no-kl]
+        [--chunk-mib 64]
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import argparse
 import copy
 import tempfile
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 
-from lorascope.evals import kl_cache
+from lorascope.evals import kl_cache, vocab_head
 from lorascope.evals.bpb import text_nll
 from lorascope.evals.kl import kl_per_text, select_texts
 from lorascope.evals.token_windows import batch_width, pack_width, packed_batches, pad_id, windows
@@ -112,9 +114,9 @@ def scoring_flops(model, tok, texts: list[str]) -> float:
     return 2.0 * (body * inputs + head.weight.numel() * targets)
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     t = time.process_time()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.process_time() - t
 
 
@@ -127,7 +129,7 @@ def bench_scoring(model, tok, texts, rounds: int) -> None:
     for k in range(rounds):
         order = [("new", text_nll, new_t), ("old", old_text_nll, old_t)]
         for name, fn, acc in order if k % 2 == 0 else order[::-1]:
-            res, dt = timed(lambda: fn(model, tok, texts))
+            res, dt = timed(fn, model, tok, texts)
             acc.append(dt)
             if name == "new":
                 new_res = res
@@ -138,7 +140,9 @@ def bench_scoring(model, tok, texts, rounds: int) -> None:
         best = min(ts)
         print(f"  {name}: CPU {best:.2f} s (best of {len(ts)}), MFU {flops / best / 1e9 / (peak * threads):.0%}")
     ratios = sorted(o / n for o, n in zip(old_t, new_t))
-    print(f"  old / new CPU time per round: {', '.join(f'{r:.3f}' for r in ratios)}x; NLL max |diff| / token {worst:.2e}")
+    print(
+        f"  old / new CPU time per round: {', '.join(f'{r:.3f}' for r in ratios)}x; max |NLL diff| / token {worst:.1e}"
+    )
 
 
 def bench_kl(base, tok, texts) -> None:
@@ -149,11 +153,11 @@ def bench_kl(base, tok, texts) -> None:
             for name, p in tuned.named_parameters():
                 if (head_too or "embed" not in name) and p.dim() == 2:
                     p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
-        with tempfile.TemporaryDirectory() as d, mock.patch.object(kl_cache, "cache_dir", lambda: __import__("pathlib").Path(d)):
-            two, t_two = timed(lambda: kl_per_text(tuned, base, tok, texts, cache=False))
-            _, t_build = timed(lambda: kl_per_text(tuned, base, tok, texts, cache=True))
-            got, t_got = timed(lambda: kl_per_text(tuned, base, tok, texts, cache=True))
-            size = sum(f.stat().st_size for f in __import__("pathlib").Path(d).rglob("*.npy"))
+        with tempfile.TemporaryDirectory() as d, mock.patch.object(kl_cache, "cache_dir", lambda: Path(d)):
+            two, t_two = timed(kl_per_text, tuned, base, tok, texts, cache=False)
+            _, t_build = timed(kl_per_text, tuned, base, tok, texts, cache=True)
+            got, t_got = timed(kl_per_text, tuned, base, tok, texts, cache=True)
+            size = sum(f.stat().st_size for f in Path(d).rglob("*.npy"))
         tot, tot2 = sum(s + fs for s, _, fs, _ in two), sum(s + fs for s, _, fs, _ in got)
         n = sum(c + fc for _, c, _, fc in two)
         worst = max(abs((s + fs) - (s2 + fs2)) / (s + fs) for (s, _, fs, _), (s2, _, fs2, _) in zip(two, got))
@@ -162,7 +166,6 @@ def bench_kl(base, tok, texts) -> None:
             f" cached / two-pass rel. diff {abs(tot2 - tot) / tot:.1e} (worst text {worst:.1e}); CPU two-pass"
             f" {t_two:.1f} s, build {t_build:.1f} s, cached {t_got:.1f} s; cache {size / 1e6:.1f} MB"
         )
-        del tuned
 
 
 def main() -> None:
@@ -171,12 +174,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-kl", action="store_true")
+    ap.add_argument("--chunk-mib", type=int, default=None, help="vocab_head.HEAD_CHUNK_BYTES for this run")
     args = ap.parse_args()
+    if args.chunk_mib:
+        vocab_head.HEAD_CHUNK_BYTES = args.chunk_mib << 20
     model, tok = load_base(args.model)
     model.eval()
     texts = [d["text"] for d in select_texts(tok, args.tokens)]
     vocab = model.get_output_embeddings().weight.shape[0]
-    print(f"{args.model}: vocabulary {vocab}, {len(texts)} English texts, ~{args.tokens} tokens; process CPU time")
+    print(
+        f"{args.model}: vocabulary {vocab}, {len(texts)} English texts, ~{args.tokens} tokens; process CPU time;"
+        f" head chunks of {vocab_head.HEAD_CHUNK_BYTES >> 20} MiB"
+    )
     bench_scoring(model, tok, texts, args.rounds)
     if not args.no_kl:
         bench_kl(model, tok, texts)
