@@ -174,16 +174,18 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
 
 
 def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer, monkeypatch):
-    """The head runs on the scored positions only, in chunks of at most VocabHead.rows (the chunk size is shrunk
-    here so that a pass takes several), never on the module's own path (which would take the whole pass)."""
+    """The head runs on the scored positions only, in blocks of at most BLOCK_ROWS rows (shrunk here so that a
+    pass takes several), never on the module's own path (which would take the whole pass)."""
     from lorascope.evals import vocab_head
 
     reqs = _requests()
     items = [it for r in reqs for it, _ in engine._tokenize(tokenizer, r, 1024)]
-    monkeypatch.setattr(vocab_head, "HEAD_CHUNK_BYTES", 4 * len(tokenizer) * 7)  # 7 rows a chunk
+    monkeypatch.setattr(vocab_head, "BLOCK_ROWS", 7)
     monkeypatch.setattr(vocab_head.VocabHead, "check", lambda self, model: None)  # its probe is not scoring
-    chunks, real = [], vocab_head.VocabHead._logits
-    monkeypatch.setattr(vocab_head.VocabHead, "_logits", lambda self, x: (chunks.append(len(x)), real(self, x))[1])
+    chunks, real = [], vocab_head.VocabHead._reduce_rows
+    monkeypatch.setattr(
+        vocab_head.VocabHead, "_reduce_rows", lambda self, x, *a: (chunks.append(len(x)), real(self, x, *a))[1]
+    )
     c = _Count(tiny_model)
     res = score(tiny_model, tokenizer, reqs, batch_size=3)
     c.close()

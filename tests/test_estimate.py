@@ -24,11 +24,13 @@ def _trainer(step_s: list[float]):
 def test_the_first_steps_slowness_is_paid_once_not_taken_as_the_pace():
     from lorascope.train.estimate import FIRST_STEPS, measure
 
-    slow, fast = [0.30, 0.20], 0.05
+    slow, fast = [0.60, 0.40], 0.05
     m = measure(_trainer(slow + [fast] * 3), steps=4)
     assert FIRST_STEPS == 2 and len(m["step_wall_s"]) == 5
-    assert m["tokens_per_s"] == pytest.approx(1000 / fast, rel=0.25)  # the median of the later steps
+    assert m["tokens_per_s"] == pytest.approx(
+        1000 / fast, rel=0.5
+    )  # sleeps overshoot on a busy machine  # the median of the later steps
     # what the first two took beyond that pace: a real run of N steps costs N x pace + this
-    assert m["first_steps_extra_s"] == pytest.approx(sum(slow) - 2 * fast, abs=0.04)
+    assert m["first_steps_extra_s"] == pytest.approx(sum(slow) - 2 * fast, abs=0.15)
     even = measure(_trainer([fast] * 5), steps=4)
-    assert even["first_steps_extra_s"] < 0.04 < m["first_steps_extra_s"]
+    assert even["first_steps_extra_s"] < 0.15 < m["first_steps_extra_s"]

@@ -184,6 +184,9 @@ def test_vocab_head_gives_the_heads_own_logits_through_one_buffer(tokenizer, mon
 
     model = make_tiny_llama(len(tokenizer), seed=2)
     monkeypatch.setattr(vocab_head, "HEAD_CHUNK_BYTES", 4 * len(tokenizer) * 5)  # 5 rows a chunk
+    # reductions: 4 rows x 1,000 columns a block, so 50 vocabulary blocks (the last of 152) and several row blocks
+    monkeypatch.setattr(vocab_head, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(vocab_head, "VOCAB_BLOCK_BYTES", 4 * 4 * 1000)
     head = vocab_head.VocabHead(model)
     lm = model.get_output_embeddings()
     seen = set()
@@ -206,6 +209,8 @@ def test_vocab_head_gives_the_heads_own_logits_through_one_buffer(tokenizer, mon
     other = vocab_head.VocabHead(model)
     h = torch.randn(7, model.config.hidden_size)
     assert not other.plain and torch.allclose(torch.cat([z for _, z in other.chunks(h)]), lm(h), atol=1e-5)
+    t = torch.randint(0, len(tokenizer), (7,))
+    assert torch.allclose(other.nll(h, t), head.nll(h, t), atol=1e-5)  # the chunked path, the blocked one
     model.set_output_embeddings(lm)
     capped = make_tiny_llama(len(tokenizer), seed=2)
     capped.config.final_logit_softcapping = 3.0
@@ -217,11 +222,12 @@ def test_vocab_head_gives_the_heads_own_logits_through_one_buffer(tokenizer, mon
         return out
 
     monkeypatch.setattr(type(capped), "forward", forward)
-    vocab_head.VocabHead(capped)  # reproduced: no error
+    h = torch.randn(3, model.config.hidden_size)
+    next(vocab_head.VocabHead(capped).chunks(h))  # reproduced: no error at the first use
     capped.config.final_logit_softcapping = None
     vocab_head._CHECKED.pop(capped, None)
     with pytest.raises(ValueError, match="post-processed"):
-        vocab_head.VocabHead(capped)
+        next(vocab_head.VocabHead(capped).chunks(h))
 
 
 def test_kl_with_a_head_shared_by_model_and_reference_is_not_overwritten(tokenizer):

@@ -45,7 +45,7 @@ import torch
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
 from .token_windows import pack_width, packed_batches, target_hidden
-from .vocab_head import VocabHead, log_sum_exp_
+from .vocab_head import VocabHead
 
 FORMAT = 2  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
@@ -169,9 +169,6 @@ def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 def kl_same_head(side: torch.Tensor, h_q: torch.Tensor, head: VocabHead) -> torch.Tensor:
     """KL(p || q) per position where q's head is p's: ent - s.h' + logsumexp(W h') (module doc), float64."""
     d = h_q.shape[1]
-    out = torch.empty(h_q.shape[0], dtype=torch.float64)
-    for c, z in head.chunks(h_q):
-        lse = log_sum_exp_(z).double().cpu()
-        cross = (side[c, d:-1] * h_q[c].double().cpu()).sum(-1)
-        out[c] = side[c, -1] + lse - cross
-    return out
+    lse = head.reduce(h_q)[0].double().cpu()
+    cross = (side[:, d:-1] * h_q.double().cpu()).sum(-1)
+    return side[:, -1] + lse - cross

@@ -79,7 +79,7 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
         tok = planned_tokens(cfg, pace)
         total, unknown = total + (tok or 0), unknown + (tok is None)
         speed = pace["measured"]["tokens_per_s"] if pace else tokens_per_s
-        train_s += (tok or 0) / speed + (pace["measured"]["first_steps_extra_s"] if pace and tok else 0.0)
+        train_s += (tok or 0) / speed + (pace["measured"].get("first_steps_extra_s", 0.0) if pace and tok else 0.0)
         what = f"{tok:,} tokens" if tok is not None else f"{cfg.train.epochs} epoch(s), tokens depend on the data"
         lines.append(
             f"  {r['label']:<44} {r.get('role', 'main'):<9} {what:<22} "
