@@ -55,8 +55,8 @@ def test_cached_kl_equals_two_pass_kl_and_runs_the_base_once(tokenizer, cache, m
     two_pass = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=False)  # window 16: sliding rows
     calls, rows_p = [], []
     base.register_forward_hook(lambda *a: calls.append(1))
-    real = kl.kl_rows
-    monkeypatch.setattr(kl, "kl_rows", lambda p, q: (rows_p.append(len(p)), real(p, q))[1])
+    real = kl.kl_between
+    monkeypatch.setattr(kl, "kl_between", lambda hp, p, *a: (rows_p.append(len(p)), real(hp, p, *a))[1])
     first = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
     built = len(calls)
     again = kl_per_text(tuned, base, tokenizer, TEXTS, window=16, cache=True)
@@ -272,3 +272,23 @@ def test_embedded_model_cached_kl_within_1e3_of_the_two_pass_kl(tmp_path, monkey
     _close(got, want, least=1e-3)  # measured: ~0.005 nats per token
     total, total2 = sum(s + fs for s, _, fs, _ in want), sum(s + fs for s, _, fs, _ in got)
     assert abs(total2 - total) <= REL * total
+
+
+def test_kl_between_two_heads_in_vocabulary_blocks_equals_the_whole_formula(tokenizer, monkeypatch):
+    """Two different heads over 2 row blocks x 50 vocabulary blocks (the last one short): the online KL equals
+    log-softmax on the whole logits; the base head against itself gives 0."""
+    from lorascope.evals import kl_cache, vocab_head
+
+    monkeypatch.setattr(vocab_head, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(vocab_head, "VOCAB_BLOCK_BYTES", 4 * 4 * 1000)
+    p_model = make_tiny_llama(len(tokenizer), seed=0, tie=False)
+    q_model = make_tiny_llama(len(tokenizer), seed=1, tie=False)
+    hp, hq = vocab_head.VocabHead(p_model), vocab_head.VocabHead(q_model)
+    g = torch.Generator().manual_seed(0)
+    xp, xq = (torch.randn(7, p_model.config.hidden_size, generator=g) * 4 for _ in range(2))
+    assert vocab_head.blockable(hp, xp, hq, xq)
+    got = vocab_head.kl_between(hp, xp, hq, xq)
+    want = kl_cache.kl_rows(p_model.lm_head(xp), q_model.lm_head(xq))
+    assert want.min() > 0.01 and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    again = vocab_head.VocabHead(p_model)  # a head object each side: each has its own buffer
+    assert torch.allclose(vocab_head.kl_between(hp, xp, again, xp), torch.zeros(7), atol=1e-5)

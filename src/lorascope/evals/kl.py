@@ -38,7 +38,7 @@ from .kl_cache import base_side, kl_rows, kl_same_head, row_offsets, worth_cachi
 from .results import mean_stderr
 from .texts import english_texts
 from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
-from .vocab_head import VocabHead
+from .vocab_head import VocabHead, blockable, kl_between
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -117,6 +117,8 @@ def _kl_logits(head_p: VocabHead, h_p: torch.Tensor, head_q: VocabHead, h_q: tor
         raise LorascopeError(
             f"kl_base: the reference's vocabulary ({head_p.vocab}) is not the model's ({head_q.vocab})"
         )
+    if blockable(head_p, h_p, head_q, h_q):
+        return kl_between(head_p, h_p, head_q, h_q)
     out = torch.empty(h_q.shape[0], dtype=torch.float32, device=h_q.device)
     for (c, zp), (_, zq) in zip(head_p.chunks(h_p), head_q.chunks(h_q)):
         out[c] = kl_rows(zp, zq)

@@ -164,18 +164,12 @@ class VocabHead:
         picked = torch.zeros(r, dtype=torch.float32, device=x.device) if targets is not None else None
         best = torch.full((r,), -torch.inf, dtype=torch.float32, device=x.device) if greedy else None
         arg = torch.zeros(r, dtype=torch.long, device=x.device) if greedy else None
-        bias = self.module.bias
         for v in range(0, self.vocab, cols):
-            w = self.weight[v : v + cols]
-            z = self._buffer(r * w.shape[0], x.device).view(r, w.shape[0])
-            torch.mm(x, w.t(), out=z)
-            if bias is not None:
-                z += bias[v : v + cols]
-            if self.softcap:
-                z.div_(self.softcap).tanh_().mul_(self.softcap)
+            z = self._block(x, v, cols)
             if targets is not None:
-                here = (targets >= v) & (targets < v + w.shape[0])
-                picked = torch.where(here, z.gather(1, (targets - v).clamp(0, w.shape[0] - 1)[:, None])[:, 0], picked)
+                w = z.shape[1]
+                here = (targets >= v) & (targets < v + w)
+                picked = torch.where(here, z.gather(1, (targets - v).clamp(0, w - 1)[:, None])[:, 0], picked)
             bmax, bidx = z.max(-1)
             if greedy:
                 better = bmax > best  # strictly: the first maximum wins, as argmax over the whole row
@@ -184,6 +178,17 @@ class VocabHead:
             s = s * torch.exp(m - new) + z.sub_(new[:, None]).exp_().sum(-1)
             m = new
         return m + s.log(), picked, arg
+
+    def _block(self, x: torch.Tensor, v: int, cols: int) -> torch.Tensor:
+        """Logits of rows ``x`` over vocabulary entries v .. v + cols, in this head's buffer."""
+        w = self.weight[v : v + cols]
+        z = self._buffer(x.shape[0] * w.shape[0], x.device).view(x.shape[0], w.shape[0])
+        torch.mm(x, w.t(), out=z)
+        if self.module.bias is not None:
+            z += self.module.bias[v : v + cols]
+        if self.softcap:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
 
     def _reduce_chunks(self, h: torch.Tensor, targets, greedy: bool):
         n = h.shape[0]
@@ -213,6 +218,46 @@ class VocabHead:
             raise ValueError(
                 f"{type(model).__name__}: its logits are post-processed in a way the chunked head does not know"
             )
+
+
+def blockable(head_p: VocabHead, h_p: torch.Tensor, head_q: VocabHead, h_q: torch.Tensor) -> bool:
+    """Whether kl_between can run both heads in vocabulary blocks (plain fp32 heads of one vocabulary)."""
+    return head_p._blockable(h_p) and head_q._blockable(h_q) and head_p.vocab == head_q.vocab
+
+
+@torch.no_grad()
+def kl_between(head_p: VocabHead, h_p: torch.Tensor, head_q: VocabHead, h_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, p = softmax(head_p(h_p)), q = softmax(head_q(h_q)), the vocabulary in blocks: with
+    running maxima and sums, KL = sum exp(zp - mp)(zp - zq) / sp - (mp + log sp) + (mq + log sq). Needs
+    ``blockable``."""
+    n = h_q.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=h_q.device)
+    rows = min(BLOCK_ROWS, n) or 1
+    cols = max(1, VOCAB_BLOCK_BYTES // (4 * rows))
+    for a in range(0, n, rows):
+        c = slice(a, min(a + rows, n))
+        out[c] = _kl_rows(head_p, h_p[c], head_q, h_q[c], cols)
+    return out
+
+
+def _kl_rows(head_p: VocabHead, xp: torch.Tensor, head_q: VocabHead, xq: torch.Tensor, cols: int) -> torch.Tensor:
+    head_p._check_once()
+    head_q._check_once()
+    r = xq.shape[0]
+    mp = torch.full((r,), -torch.inf, device=xq.device)
+    mq = torch.full((r,), -torch.inf, device=xq.device)
+    sp, sq, acc = (torch.zeros(r, device=xq.device) for _ in range(3))
+    for v in range(0, head_q.vocab, cols):
+        zp, zq = head_p._block(xp, v, cols), head_q._block(xq, v, cols)  # each head's own buffer
+        np_, nq = torch.maximum(mp, zp.amax(-1)), torch.maximum(mq, zq.amax(-1))
+        sq = sq * torch.exp(mq - nq) + torch.exp(zq - nq[:, None]).sum(-1)
+        zq.sub_(zp).neg_()  # zp - zq
+        zp.sub_(np_[:, None]).exp_()  # exp(zp - mp)
+        scale = torch.exp(mp - np_)
+        sp = sp * scale + zp.sum(-1)
+        acc = acc * scale + (zp * zq).sum(-1)
+        mp, mq = np_, nq
+    return acc / sp - (mp + sp.log()) + (mq + sq.log())
 
 
 def log_sum_exp_(z: torch.Tensor) -> torch.Tensor:
