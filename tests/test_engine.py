@@ -173,14 +173,24 @@ def test_winogrande_contexts_share_the_text_before_the_blank(tiny_model, tokeniz
     assert n_costly == n_costly_alone
 
 
-def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer):
+def test_vocabulary_head_runs_only_at_scored_positions(tiny_model, tokenizer, monkeypatch):
+    """The head runs on the scored positions only, in blocks of at most BLOCK_ROWS rows (shrunk here so that a
+    pass takes several), never on the module's own path (which would take the whole pass)."""
+    from lorascope.evals import vocab_head
+
     reqs = _requests()
     items = [it for r in reqs for it, _ in engine._tokenize(tokenizer, r, 1024)]
+    monkeypatch.setattr(vocab_head, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(vocab_head.VocabHead, "check", lambda self, model: None)  # its probe is not scoring
+    chunks, real = [], vocab_head.VocabHead._reduce_rows
+    monkeypatch.setattr(
+        vocab_head.VocabHead, "_reduce_rows", lambda self, x, *a: (chunks.append(len(x)), real(self, x, *a))[1]
+    )
     c = _Count(tiny_model)
     res = score(tiny_model, tokenizer, reqs, batch_size=3)
     c.close()
-    assert c.head_rows == sum(len(t) for it in items for t in it.conts)
-    assert c.graphs == 0
+    assert sum(chunks) == sum(len(t) for it in items for t in it.conts) and max(chunks) <= 7 < sum(chunks)
+    assert c.head_rows == 0 and c.graphs == 0
     assert _max_diff(res, score_naive(tiny_model, tokenizer, reqs)) <= 1e-4
 
 

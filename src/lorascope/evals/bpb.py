@@ -39,16 +39,8 @@ from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
 from .results import mean_stderr, select_items
 from .texts import english_texts, heldout_windows
-from .token_windows import (
-    largest_batch,
-    pack_width,
-    packed_batches,
-    pad_id,
-    reused_head_output,
-    target_logits,
-    target_nll,
-    windows,
-)
+from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
+from .vocab_head import VocabHead
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -74,14 +66,15 @@ def text_nll(
     out = [[0.0, 0] for _ in texts]
     model.eval()
     bar = tqdm(total=len(rows), desc=desc, unit="win", disable=not progress, dynamic_ncols=True)
-    plan = packed_batches(rows, token_budget, pack_width(model))
-    with reused_head_output(model, largest_batch(rows, plan)):
-        for seqs in plan:
-            for r, logits in target_logits(model, rows, seqs, pad).items():
-                i, _, tgt, _ = rows[r]
-                out[i][0] += target_nll(logits, tgt).sum().item()
-                out[i][1] += len(tgt)
-                bar.update(1)
+    head = VocabHead(model)  # one logits buffer for every batch
+    for seqs in packed_batches(rows, token_budget, pack_width(model)):
+        h, spans = target_hidden(model, rows, seqs, pad)
+        nll = head.nll(h, torch.tensor([t for r in spans for t in rows[r][2]])).tolist()
+        for r, c in spans.items():
+            i = rows[r][0]
+            out[i][0] += sum(nll[c])
+            out[i][1] += c.stop - c.start
+            bar.update(1)
     bar.close()
     return [(a, n) for a, n in out]
 

@@ -14,7 +14,9 @@ What is faster than lm-eval (and why it gives the same numbers up to float round
 3. Items whose contexts start alike beyond that (WinoGrande's two contexts share the text before the blank)
    run the common part once: a "follower" runs only its own tail on top of its "leader's" cache.
 4. The vocabulary head and log-softmax run only at scored positions: a forward pre-hook on the output
-   embedding keeps just those hidden states (context passes keep none), so padding costs no unembedding.
+   embedding keeps just those hidden states (context passes keep none), so padding costs no unembedding, and
+   the head then runs on them chunk by chunk into one reused buffer (vocab_head.py): no positions x
+   vocabulary tensor is ever whole.
 5. Passes are sized in padded tokens, not rows: rows of many items (of different groups, so of different
    tasks when their requests are scored together) are length-sorted and cut into passes by a small dynamic
    programme that weighs the fixed cost of a pass, timed on the model at start-up, against its tokens.
@@ -35,11 +37,12 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from .vocab_head import VocabHead, captured_hidden
 
 MIN_SHARED = 8  # tokens; a shorter common prefix is not worth a separate cache
 MIN_SIBLING = 4  # tokens; items sharing at least this much context beyond their group prefix run it once
@@ -83,11 +86,6 @@ def max_length(model) -> int:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def output_head(model):
-    """The model's output embedding (its LM head), or None for a model without one."""
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 @dataclass
@@ -205,29 +203,6 @@ def pass_overhead(model) -> float:
     return value
 
 
-@contextmanager
-def _head_only_at(model, flat_idx: torch.Tensor):
-    """Run the output embedding only on hidden states at ``flat_idx`` of the flattened (batch, position) grid.
-
-    The model's own head code (and any elementwise logit post-processing after it) then sees a [1, n, hidden]
-    input, so its logits come back as [1, n, vocab]; a model without an output embedding is left alone.
-    """
-    head = output_head(model)
-    if head is None:
-        yield
-        return
-
-    def keep(_module, args):
-        h = args[0]
-        return (h.reshape(-1, h.shape[-1]).index_select(0, flat_idx.to(h.device)).unsqueeze(0),) + args[1:]
-
-    handle = head.register_forward_pre_hook(keep)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _build_past(pasts: list[list[_Seg]]):
     """One right-padded cache for rows whose pasts are lists of segments; returns (cache or None, past mask)."""
     from transformers import DynamicCache
@@ -257,7 +232,8 @@ def _build_past(pasts: list[list[_Seg]]):
 
 
 def _forward(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, scored: torch.Tensor):
-    """One pass: ``rows`` after their pasts; returns (cache, past width, logits at the ``scored`` flat indices)."""
+    """One pass: ``rows`` after their pasts; returns (cache, past width, final hidden states at the ``scored``
+    flat indices); the vocabulary head runs on none (vocab_head)."""
     from transformers import DynamicCache
 
     ids, mask = _pad(rows, pad)
@@ -265,7 +241,7 @@ def _forward(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, sc
     start = past_mask.sum(1, keepdim=True)
     positions = start + torch.arange(ids.shape[1]).unsqueeze(0)
     dev = model_device(model)
-    with _head_only_at(model, scored):
+    with captured_hidden(model, scored) as got:
         out = model(
             input_ids=ids.to(dev),
             attention_mask=torch.cat([past_mask, mask], 1).to(dev),
@@ -273,10 +249,7 @@ def _forward(model, rows: list[list[int]], pasts: list[list[_Seg]], pad: int, sc
             past_key_values=cache if cache is not None else DynamicCache(),
             use_cache=True,
         )
-    logits = out.logits
-    if logits.shape[0] != 1 or logits.shape[1] != scored.numel():  # no hook took effect: select here
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, scored.to(logits.device)).unsqueeze(0)
-    return out.past_key_values, past_mask.shape[1], logits[0]
+    return out.past_key_values, past_mask.shape[1], got[0]
 
 
 @torch.inference_mode()
@@ -369,7 +342,9 @@ def _context_segs(
 
 
 @torch.inference_mode()
-def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int, budget: int, overhead: float):
+def _score_choices(
+    model, head: VocabHead, items: list[_Item], pasts: list[list[_Seg]], pad: int, budget: int, overhead: float
+):
     """(loglik, is_greedy) per choice: rows [last context token] + continuation[:-1] after the item's past."""
     owner, slot, inputs = [], [], []
     for i, it in enumerate(items):
@@ -382,11 +357,10 @@ def _score_choices(model, items: list[_Item], pasts: list[list[_Seg]], pad: int,
     for sub in _passes(order, [len(x) for x in inputs], budget, overhead):
         width = max(len(inputs[r]) for r in sub)
         scored = torch.cat([j * width + torch.arange(len(inputs[r])) for j, r in enumerate(sub)])
-        _, _, logits = _forward(model, [inputs[r] for r in sub], [pasts[owner[r]] for r in sub], pad, scored)
-        targets = torch.tensor([t for r in sub for t in items[owner[r]].conts[slot[r]]], device=logits.device)
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        tok_lp = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        hit = (lp.argmax(-1) == targets).tolist()
+        _, _, h = _forward(model, [inputs[r] for r in sub], [pasts[owner[r]] for r in sub], pad, scored)
+        targets = torch.tensor([t for r in sub for t in items[owner[r]].conts[slot[r]]])
+        nll, hit = head.nll(h, targets, greedy=True)
+        tok_lp, hit = (-nll).tolist(), hit.tolist()
         at = 0
         for r in sub:
             n = len(inputs[r])
@@ -443,6 +417,7 @@ def score(
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
     try:
         overhead = pass_overhead(model)
+        head = VocabHead(model)  # one logits buffer for every pass
         gsegs = [[]] + [[_prefix_cache(model, toks, pad)] for toks in groups[1:]]
         for chunk, fams in _chunks(items, groups, CHUNK_BATCHES * batch_size):
             sub = [items[i] for i in chunk]
@@ -451,7 +426,7 @@ def score(
             # a pass holds as many padded tokens as `batch_size` of the chunk's longest naive sequences
             budget = batch_size * max(_work(it, groups) for it in sub)
             pasts = _context_segs(model, sub, fams, gsegs, pad, budget, overhead)
-            for i, o in zip(chunk, _score_choices(model, sub, pasts, pad, budget, overhead)):
+            for i, o in zip(chunk, _score_choices(model, head, sub, pasts, pad, budget, overhead)):
                 for j, x in zip(slots[i], o):
                     results[owner[i]][j] = x
             bar.update(len(chunk))

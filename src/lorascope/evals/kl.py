@@ -10,11 +10,13 @@ positions of each text. The reference is ctx.reference_model (the base model). M
   training rarely sees a text start right after BOS: a format shift there measures drift, not forgetting;
 - ``kl_text_mean``: the mean of per-text means (the old headline; short texts weigh as much as long ones).
 
-Cost: the base model's side is computed once per base model and text set and cached (kl_cache: 0.98 GB of disk
-per 10k tokens), so each checkpoint runs one forward pass over the texts, packed several to a sequence
-(token_windows). Measured on the embedded 135M model, 2k tokens, CPU time on one thread, one run: the former
-two-pass scoring 17.1 s; the first checkpoint (which builds the cache) 13.5 s; every later one 7.8 s (2.2x
-less). Small reference models (tests) skip the cache: for them a second pass is cheaper than the file.
+Cost: the base model's side is computed once per base model and text set and cached (kl_cache: 92 MB of disk
+per 10k tokens on the embedded model), so each checkpoint runs one forward pass over the texts, packed several
+to a sequence (token_windows), and its head chunk by chunk (vocab_head); a checkpoint whose head differs from
+the base's also runs the base's head on the cached hidden states. Measured on the embedded model (1,119 tokens,
+one thread, process CPU time on a shared machine, bench/eval_throughput.py): two-pass 10.0 s; from the cache 4.7
+s with the base's head (LoRA), 6.5 s with a moved one (full FT); building the cache 12-14 s, 10.3 MB. Small
+reference models (tests) skip the cache: for them a second pass is cheaper than the file.
 
 Example::
 
@@ -25,16 +27,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
-from .engine import max_length, output_head
-from .kl_cache import base_logprobs, kl_rows, row_offsets, worth_caching
+from .engine import max_length
+from .kl_cache import base_side, kl_rows, kl_same_head, row_offsets, worth_caching
 from .results import mean_stderr
 from .texts import english_texts
-from .token_windows import largest_batch, pack_width, packed_batches, pad_id, reused_head_output, target_logits, windows
+from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
+from .vocab_head import VocabHead, blockable, kl_between
 
 KL_TOKENS = 10_000
 KL_FIRST = 4  # positions after BOS reported apart as kl_first
@@ -65,36 +69,60 @@ def kl_per_text(
     reference.eval()
     if cache is None:
         cache = worth_caching(reference)
-    stored = base_logprobs(reference, rows, pad, token_budget, progress) if cache and not same else None
+    stored = base_side(reference, rows, pad, token_budget, progress) if cache and not same else None
     off = row_offsets(rows)
-    plan = packed_batches(rows, token_budget, pack_width(model))
-    most = largest_batch(rows, plan)
-    if stored is None and output_head(model) is output_head(reference):
-        most = 0  # one head module for both: the reference's pass would overwrite the model's logits in its buffer
-    with reused_head_output(model, most), reused_head_output(reference, most if stored is None else 0):
-        for seqs in tqdm(plan, desc="kl_base", disable=not progress, dynamic_ncols=True):
-            kls = (
-                {r: None for s in seqs for r in s} if same else _kl_rows(model, reference, rows, seqs, pad, stored, off)
-            )
-            for r, kl in kls.items():
-                i, _, tgt, start = rows[r]
-                per = [0.0] * len(tgt) if kl is None else kl.tolist()
-                for pos, v in enumerate(per, start):
-                    k = 2 if pos <= first else 0
-                    out[i][k] += v
-                    out[i][k + 1] += 1
+    heads = (VocabHead(reference), VocabHead(model))  # one logits buffer each, for every batch
+    fast = stored is not None and same_head(*heads)
+    for seqs in tqdm(packed_batches(rows, token_budget, pack_width(model)), desc="kl_base", disable=not progress):
+        if same:
+            kls = {r: [0.0] * len(rows[r][2]) for s in seqs for r in s}
+        else:
+            kls = _kl_batch(model, reference, rows, seqs, pad, heads, stored, off, fast)
+        for r, per in kls.items():
+            i, _, _, start = rows[r]
+            for pos, v in enumerate(per, start):
+                k = 2 if pos <= first else 0
+                out[i][k] += v
+                out[i][k + 1] += 1
     return [tuple(o) for o in out]
 
 
-def _kl_rows(
-    model, reference, rows: list, seqs: list[list[int]], pad: int, stored, off: list[int]
-) -> dict[int, torch.Tensor]:
-    """KL(reference || model) at the scored positions of the rows packed in ``seqs``: one tensor per row."""
-    lqs = target_logits(model, rows, seqs, pad)
-    if stored is None:
-        lps = target_logits(reference, rows, seqs, pad)
-        return {r: kl_rows(lps[r], lq.to(lps[r].device)) for r, lq in lqs.items()}
-    return {r: kl_rows(stored[off[r] : off[r + 1]], lq) for r, lq in lqs.items()}
+def same_head(a: VocabHead, b: VocabHead) -> bool:
+    """Whether two heads give the same logits from the same hidden states, as plain linear maps (no bias, no
+    soft-capping): kl_cache's one-pass formula holds."""
+    plain = all(h.plain and not h.softcap and h.module.bias is None for h in (a, b))
+    return plain and a.weight.shape == b.weight.shape and bool(torch.equal(a.weight, b.weight))
+
+
+def _kl_batch(model, reference, rows, seqs, pad, heads, stored, off, fast) -> dict[int, list[float]]:
+    """KL(reference || model) at the scored positions of the rows packed in ``seqs``, per row."""
+    head_p, head_q = heads
+    h_q, spans = target_hidden(model, rows, seqs, pad)
+    if stored is not None:
+        side = torch.from_numpy(np.concatenate([stored[off[r] : off[r + 1]] for r in spans]))
+        if fast:
+            kl = kl_same_head(side, h_q, head_q)
+        else:
+            kl = _kl_logits(head_p, side[:, : h_q.shape[1]].to(h_q), head_q, h_q)
+    else:
+        h_p, _ = target_hidden(reference, rows, seqs, pad)  # the same packing: the same positions in order
+        kl = _kl_logits(head_p, h_p.to(h_q.device), head_q, h_q)
+    per = kl.tolist()
+    return {r: per[c] for r, c in spans.items()}
+
+
+def _kl_logits(head_p: VocabHead, h_p: torch.Tensor, head_q: VocabHead, h_q: torch.Tensor) -> torch.Tensor:
+    """KL from both sides' logits, the two heads run chunk by chunk in step (each into its own buffer)."""
+    if head_p.vocab != head_q.vocab:
+        raise LorascopeError(
+            f"kl_base: the reference's vocabulary ({head_p.vocab}) is not the model's ({head_q.vocab})"
+        )
+    if blockable(head_p, h_p, head_q, h_q):
+        return kl_between(head_p, h_p, head_q, h_q)
+    out = torch.empty(h_q.shape[0], dtype=torch.float32, device=h_q.device)
+    for (c, zp), (_, zq) in zip(head_p.chunks(h_p), head_q.chunks(h_q)):
+        out[c] = kl_rows(zp, zq)
+    return out
 
 
 def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:

@@ -1,17 +1,27 @@
 """The base model's side of KL(base || tuned), computed once per base model and text set, then memory-mapped.
 
-KL(p || q) at one position needs the whole base distribution p, so the cache holds, for every scored position
-(in the order token_windows.windows yields them), the base model's log-softmax over the vocabulary in float16.
-Disk cost: 2 bytes x vocabulary per scored token; for the embedded model (49,152 tokens) 96 KiB per token,
-about 0.98 GB per 10k tokens (the default ``kl_base``), 0.2 GB for ``kl_base:2000``. Every later checkpoint then
-runs one forward pass (the tuned model's) instead of two.
+KL(p || q) at one position needs the whole base distribution p, but not stored as such: what is stored per
+scored position (in the order token_windows.windows yields them) is, in float64,
 
-Exactness: float16 rounds each log-probability by at most 2^-11 of its size, so the most probable tokens (log p
-near 0), which carry the KL, keep nearly all their precision; only tokens with p < e^-8 lose more than 0.004
-nats, weighted by p. The stored row is renormalised (log_softmax again) before use, so p stays a distribution
-and KL >= 0. Tested tolerance: the KL from the cache is within 1e-4 nats per token of the two-pass KL (tests/
-test_kl_cache.py; the tiny model's worst text differs by 4e-6). Measured on the embedded model (2k tokens, a
-LoRA checkpoint with KL 1.2e-4): 4e-7 nats per token overall, 1.5e-6 for the worst text.
+- ``h``: the base model's final hidden state (what its head reads), from which the base logits are exact again
+  through the base's head: ``hidden`` numbers instead of ``vocabulary``;
+- ``s = W^T p``: the base distribution's expected output embedding, and ``ent = sum p log p``.
+
+With a tuned model whose head is the base's (LoRA and the other adapters that leave ``lm_head`` alone: the
+head's weight is compared), KL = ent - p.z + logsumexp(z) where z = W h' is the tuned logits and p.z = s.h', so
+one pass of the tuned model, its logits reduced chunk by chunk, gives the KL with no base computation at all.
+With another head (full fine-tuning, a tied embedding that moved) the base logits are recomputed from ``h``
+through the base's head, chunk by chunk beside the tuned ones: one more head matmul per token, no base body.
+
+Disk: (2 x hidden + 1) x 8 bytes per scored token: 9.2 KB for the embedded model (was 96 KiB as float16
+log-probabilities over 49,152 tokens), 92 MB per 10k tokens (was 0.98 GB); 10.3 KB for Gemma 3 270M (was 512 KiB).
+
+Exactness: both paths are the two-pass KL's arithmetic up to float rounding (no truncation of p anywhere);
+tested within 1e-3 relative of the two-pass KL (tests/test_kl_cache.py: the tiny model, and the embedded model
+as an integration test, both paths). Measured (bench/eval_throughput.py, ~1.1k tokens, weights moved by 1% of
+their spread): with a moved head the same arithmetic as two passes (difference 0); with the base's head 2.9e-5
+relative on the embedded model (worst text 7.2e-5), 1.4e-4 on Gemma 3 270M (worst text 2.3e-4): the one-pass
+formula subtracts numbers of ~10 nats to get ~0.005, so fp32 rounding of the tuned logits shows.
 
 The key is a hash of what determines the numbers, not of names: the model's config (less the path it was read
 from), a fingerprint of its weights (shape, dtype, float64 sum and a strided sample of every tensor: cheap, and a
@@ -21,7 +31,7 @@ asking for the same base build it once.
 
 Example::
 
-    >>> lp = base_logprobs(base, rows, pad=2)      # (scored positions, vocab) float16, memory-mapped
+    >>> side = base_side(base, rows, pad=2)      # (scored positions, 2 x hidden + 1) float64, memory-mapped
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
-from .token_windows import largest_batch, pack_width, packed_batches, reused_head_output, row_chunks, target_logits
+from .token_windows import pack_width, packed_batches, target_hidden
+from .vocab_head import VocabHead
 
-FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
+FORMAT = 2  # bump when what is stored (or how positions are ordered) changes
 _SAMPLE = 4096  # elements hashed per tensor
-# Below this size a forward pass costs about what writing and reading 2 bytes x vocab per token does (a test's
-# tiny model would write 1 GB to skip a one-second pass); the embedded model has 135M.
+# Below this size a second forward pass costs less than building and reading the file (a test's tiny model);
+# the embedded model has 135M.
 CACHE_MIN_PARAMS = 20_000_000
 
 
@@ -82,16 +93,9 @@ def row_offsets(rows: list) -> list[int]:
     return out + [n]
 
 
-def log_probs_f16(logits: torch.Tensor) -> np.ndarray:
-    """float16 log-softmax of (positions, vocab) logits, computed chunk by chunk."""
-    out = np.empty(tuple(logits.shape), dtype=np.float16)
-    for c in row_chunks(*logits.shape):
-        out[c] = torch.log_softmax(logits[c].float(), dim=-1).to(torch.float16).cpu().numpy()
-    return out
-
-
-def base_logprobs(reference, rows: list, pad: int, token_budget: int = 1024, progress: bool = False) -> np.ndarray:
-    """(scored positions, vocab) float16 log-softmax of ``reference`` over ``rows``: built once, then read."""
+def base_side(reference, rows: list, pad: int, token_budget: int = 1024, progress: bool = False) -> np.ndarray:
+    """(scored positions, 2 x hidden + 1) float64 [h | W^T p | sum p log p] of ``reference`` over ``rows``
+    (module doc): built once, then read."""
     path = cache_dir() / "kl-base" / f"{cache_key(reference, rows)}.npy"
     with cache_lock(path):  # parallel jobs: one builds, the others wait and read
         if not path.exists():
@@ -99,12 +103,14 @@ def base_logprobs(reference, rows: list, pad: int, token_budget: int = 1024, pro
     return np.load(path, mmap_mode="r")
 
 
+@torch.no_grad()
 def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     off = row_offsets(rows)
-    vocab = int(reference.get_output_embeddings().weight.shape[0])
-    need = off[-1] * vocab * 2
+    head = VocabHead(reference)
+    width = 2 * int(head.weight.shape[1]) + 1
+    need = off[-1] * width * 8
     free = shutil.disk_usage(path.parent).free
     if need > free * 0.9:
         raise LorascopeError(
@@ -113,13 +119,25 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(off[-1], width))
         reference.eval()
-        plan = packed_batches(rows, token_budget, pack_width(reference))
-        with reused_head_output(reference, largest_batch(rows, plan)):
-            for seqs in tqdm(plan, desc="kl_base (base, cached)", disable=not progress, dynamic_ncols=True):
-                for r, lg in target_logits(reference, rows, seqs, pad).items():
-                    arr[off[r] : off[r + 1]] = log_probs_f16(lg)
+        w64 = head.weight.detach().double()
+        for seqs in tqdm(
+            packed_batches(rows, token_budget, pack_width(reference)),
+            desc="kl_base (base, cached)",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
+            h, spans = target_hidden(reference, rows, seqs, pad)
+            side = torch.empty(h.shape[0], width, dtype=torch.float64)
+            side[:, : h.shape[1]] = h
+            for c, z in head.chunks(h):
+                lp = torch.log_softmax(z.double(), dim=-1)
+                p = lp.exp()
+                side[c, h.shape[1] : -1] = (p @ w64.to(p.device)).cpu()
+                side[c, -1] = (p * lp).sum(-1).cpu()
+            for r, c in spans.items():
+                arr[off[r] : off[r + 1]] = side[c].numpy()
         arr.flush()
         del arr
         os.replace(tmp, path)
@@ -127,15 +145,33 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
         tmp.unlink(missing_ok=True)
 
 
-def kl_rows(p, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position, in chunks: ``p`` is the reference's float16 log-probs from the cache (numpy,
-    renormalised here) or its logits (tensor); ``q_logits`` the model's logits at the same positions."""
+# Positions per chunk of a vocabulary-wide temporary in kl_rows: at 16 MiB or less, glibc serves it from the heap
+# and reuses it (larger blocks are fresh mmaps, paid in page faults on every call). One KL batch of 1,024
+# positions, CPU time on the embedded model, 3 repetitions while another study shared the cores: 0.49 s whole,
+# 0.14 s in chunks, same values.
+CHUNK_BYTES = 16 << 20
+
+
+def row_chunks(n: int, vocab: int):
+    """Slices of ``n`` positions whose float32 rows over ``vocab`` fit CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position from both sides' logits at the same positions, in chunks of CHUNK_BYTES."""
     out = torch.empty(q_logits.shape[0], dtype=torch.float32, device=q_logits.device)
     for c in row_chunks(*q_logits.shape):
-        # the float16 rows are copied as they are and widened by torch: numpy's float16 -> float32 cast runs
-        # element by element (4.3 s vs 0.06 s for 1,024 positions x 262k vocabulary, measured); both exact
-        pc = torch.from_numpy(np.array(p[c])) if isinstance(p, np.ndarray) else p[c]
-        lp = torch.log_softmax(pc.to(q_logits.device).float(), dim=-1)
+        lp = torch.log_softmax(p_logits[c].to(q_logits.device).float(), dim=-1)
         lq = torch.log_softmax(q_logits[c].float(), dim=-1)
         out[c] = (lp.exp() * (lp - lq)).sum(-1)
     return out
+
+
+@torch.no_grad()
+def kl_same_head(side: torch.Tensor, h_q: torch.Tensor, head: VocabHead) -> torch.Tensor:
+    """KL(p || q) per position where q's head is p's: ent - s.h' + logsumexp(W h') (module doc), float64."""
+    d = h_q.shape[1]
+    lse = head.reduce(h_q)[0].double().cpu()
+    cross = (side[:, d:-1] * h_q.double().cpu()).sum(-1)
+    return side[:, -1] + lse - cross

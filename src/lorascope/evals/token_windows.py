@@ -13,11 +13,10 @@ batches, into 1024 only 1.02x.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .engine import model_device, output_head, prefix_token_id
+from .engine import model_device, prefix_token_id
+from .vocab_head import captured_hidden
 
 PACK_WIDTH = 256  # tokens per packed sequence: short texts share one, attention stays cheap (see module doc)
 
@@ -50,7 +49,7 @@ def pack_width(model) -> int:
 
 def packed_batches(rows: list, budget: int, width: int = PACK_WIDTH) -> list[list[list[int]]]:
     """Rows packed into sequences of at most ``width`` tokens (a longer row alone), first fit, longest first;
-    sequences grouped into batches of at most ``budget`` padded tokens (logits are vocab-sized).
+    sequences grouped into batches of at most ``budget`` padded tokens.
     Returns batches of sequences of row indices."""
     seqs: list[list[int]] = []
     room: list[int] = []
@@ -80,102 +79,52 @@ def batch_width(rows: list, seqs: list[list[int]]) -> int:
 
 
 def padded_tokens(rows: list, seqs: list[list[int]]) -> int:
-    """Positions of one batch as target_logits lays it out: sequences x the longest sequence."""
+    """Positions of one batch as target_hidden lays it out: sequences x the longest sequence."""
     return len(seqs) * batch_width(rows, seqs)
 
 
-def largest_batch(rows: list, plan: list[list[list[int]]]) -> int:
-    """The most positions any batch of ``plan`` (packed_batches) lays out: what reused_head_output holds."""
-    return max((padded_tokens(rows, b) for b in plan), default=0)
-
-
-@contextlib.contextmanager
-def reused_head_output(model, positions: int):
-    """While open, a plain ``nn.Linear`` output head writes its logits into one buffer of ``positions`` rows
-    (largest_batch of the plan), allocated once for every batch.
-
-    The logits of a batch are (tokens x vocabulary): ~340 MB at 2k tokens and a 49k vocabulary, a fresh block
-    each batch whose pages the kernel must fault in again. Measured on the 2-core machine: 400 MB written into
-    fresh memory took 4.3-5.0 s through mimalloc's 2 MiB pages (0.2-0.3 s through glibc), 0.02-0.06 s when
-    reused; an eval job of ``quick`` (held-out BPB + KL, one thread) took 201 / 191 s against 221 / 205 s
-    before, alternated, with identical results. The logits a batch returns are views into the buffer,
-    overwritten by the next batch: target_logits' callers consume them first. Same arithmetic as the module's
-    own forward (one mm over the flattened rows, then the bias). Heads of another type (LoRA-wrapped,
-    quantised) and batches larger than the buffer take the module's own path."""
-    head = output_head(model)
-    if positions <= 0 or type(head) is not torch.nn.Linear or "forward" in vars(head):
-        yield
-        return
-    w = head.weight
-    buf = torch.empty(positions, w.shape[0], dtype=w.dtype, device=w.device)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > positions or x.dtype != w.dtype:
-            return torch.nn.Linear.forward(head, x)
-        out = buf[:rows]
-        torch.mm(x.reshape(rows, -1), w.t(), out=out)
-        if head.bias is not None:
-            out += head.bias
-        return out.view(*x.shape[:-1], w.shape[0])
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 @torch.inference_mode()
-def target_logits(model, rows: list, seqs: list[list[int]], pad: int) -> dict[int, torch.Tensor]:
-    """Logits at each row's target positions, the rows packed into the sequences ``seqs``. Positions restart at
-    0 for every row and a block-diagonal causal mask keeps rows from seeing each other, so each row is scored
-    as if alone (same tokens, positions and context; only float rounding differs, ~1e-5 in log-probabilities)."""
+def target_hidden(model, rows: list, seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, dict[int, slice]]:
+    """The final hidden states at every row's target positions, (targets, hidden), and each row's slice of
+    them; the rows packed into the sequences ``seqs``. Positions restart at 0 for every row and a block-diagonal
+    causal mask keeps rows from seeing each other, so each row is scored as if alone (same tokens, positions and
+    context; only float rounding differs, ~1e-5 in log-probabilities). The vocabulary head does not run here:
+    vocab_head.VocabHead runs it on these states chunk by chunk."""
     width = batch_width(rows, seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
-    spans = []
+    flat, spans, at = [], {}, 0
     for j, s in enumerate(seqs):
         o = 0
         for k, r in enumerate(s):
-            inp, n = rows[r][1], len(rows[r][1])
+            inp, n, t = rows[r][1], len(rows[r][1]), len(rows[r][2])
             ids[j, o : o + n], pos[j, o : o + n], doc[j, o : o + n] = torch.tensor(inp), torch.arange(n), k
-            spans.append((r, j, o + n - len(rows[r][2]), o + n))
+            flat.append(torch.arange(j * width + o + n - t, j * width + o + n))
+            spans[r] = slice(at, at + t)
+            at += t
             o += n
     dev = model_device(model)
-    if all(len(s) == 1 for s in seqs):  # nothing packed: a plain padding mask, which every attention kernel takes
-        out = model(input_ids=ids.to(dev), attention_mask=(doc >= 0).long().to(dev), use_cache=False).logits
-        return {r: out[j, a:b] for r, j, a, b in spans}
+    with captured_hidden(model, torch.cat(flat)) as got:
+        if all(len(s) == 1 for s in seqs):  # nothing packed: a plain padding mask, which every kernel takes
+            model(input_ids=ids.to(dev), attention_mask=(doc >= 0).long().to(dev), use_cache=False)
+        else:
+            model(
+                input_ids=ids.to(dev),
+                position_ids=pos.to(dev),
+                attention_mask=_block_mask(model, doc).to(dev),
+                use_cache=False,
+            )
+    return got[0], spans
+
+
+def _block_mask(model, doc: torch.Tensor) -> torch.Tensor:
+    """Additive 4D mask of packed rows: causal within a row, nothing across (eager attention adds it, SDPA takes
+    it; transformers uses a 4D mask as given)."""
+    width = doc.shape[1]
     allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & torch.ones(width, width).tril().bool()
     allowed |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no all-masked row (NaN)
     dtype = next(model.parameters()).dtype
-    # additive float mask: eager attention adds it, SDPA takes it; a 4D mask is used as given by transformers
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-    return {r: logits[j, a:b] for r, j, a, b in spans}
-
-
-# Positions per chunk of a vocabulary-wide temporary: at 16 MiB or less, glibc serves it from the heap and reuses
-# it (larger blocks are fresh mmaps, paid in page faults on every call). One KL batch of 1,024 positions, CPU
-# time on the embedded model, 3 repetitions while another study shared the cores: 0.49 s whole, 0.14 s in
-# chunks, same values (kl_cache.kl_rows).
-CHUNK_BYTES = 16 << 20
-
-
-def row_chunks(n: int, vocab: int):
-    """Slices of ``n`` positions whose float32 rows over ``vocab`` fit CHUNK_BYTES."""
-    step = max(1, CHUNK_BYTES // (4 * vocab))
-    return (slice(i, min(i + step, n)) for i in range(0, n, step))
-
-
-def target_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """Negative log-likelihood of each target under (positions, vocab) logits, in chunks (see CHUNK_BYTES)."""
-    tgt = torch.tensor(targets, device=logits.device)[:, None]
-    out = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
-    for c in row_chunks(*logits.shape):
-        x = logits[c].float()
-        out[c] = torch.logsumexp(x, dim=-1) - x.gather(1, tgt[c])[:, 0]
-    return out
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def pad_id(tokenizer) -> int:

@@ -89,7 +89,7 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
         tok = planned_tokens(cfg, pace)
         total, unknown = total + (tok or 0), unknown + (tok is None)
         speed = pace["measured"]["tokens_per_s"] if pace else tokens_per_s
-        train_s += (tok or 0) / speed
+        train_s += (tok or 0) / speed + (pace["measured"].get("first_steps_extra_s", 0.0) if pace and tok else 0.0)
         what = f"{tok:,} tokens" if tok is not None else f"{cfg.train.epochs} epoch(s), tokens depend on the data"
         lines.append(
             f"  {r['label']:<44} {r.get('role', 'main'):<9} {what:<22} "
@@ -101,7 +101,8 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
         for r in extra
     )
     n_eval = kinds["eval"] + kinds["eval-trunc"]
-    eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure)
+    moved = {r["run_id"] for r in runs if _moves_head(r["config"])}
+    eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure, moved)
     pace_note = (
         "the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
         if measure
@@ -120,7 +121,15 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
     return "\n".join(lines)
 
 
-def _eval_estimate(study: StudyConfig, graph: list[dict], eval_job_s: float, measure: bool) -> tuple[float, str]:
+def _moves_head(config: dict) -> bool:
+    from lorascope.study.evalestimate import moves_head
+
+    return moves_head(RunConfig.model_validate(config))
+
+
+def _eval_estimate(
+    study: StudyConfig, graph: list[dict], eval_job_s: float, measure: bool, moved: set = frozenset()
+) -> tuple[float, str]:
     """(seconds of every evaluation job, how they were found): measured per eval task on the base model with
     --measure (evalestimate), else the stated seconds per job."""
     evals = [j for j in graph if j["kind"] in ("eval", "eval-trunc")]
@@ -129,7 +138,7 @@ def _eval_estimate(study: StudyConfig, graph: list[dict], eval_job_s: float, mea
     from lorascope.study.evalestimate import job_seconds, measure_evals
 
     cost = measure_evals(study)
-    per_job = [job_seconds(study, j, cost) for j in evals]
+    per_job = [job_seconds(study, j, cost, j.get("run") in moved) for j in evals]
     tasks = ", ".join(f"{k} {v:.0f} s" for k, v in cost["task_s"].items())
     total = sum(per_job) + cost["kl_cache_s"]
     return total, (
