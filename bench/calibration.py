@@ -1,9 +1,11 @@
 """Are the report's verdicts calibrated at the designs the presets ship? Simulated studies with a planted truth
 (lorascope.report.simulate) go through the report's own decision code, samples files in, verdicts out.
 
-Per design (quick: 2 seeds, 1 budget, test clusters {19,1,1,1,1}; evidence: 2 seeds, 4 budgets, 4 LoRA methods;
-user-groups: 2 seeds, unequal groups {9,6,4,3,2,2,1,1,1,1}) and planted truth (null: LoRA learns and forgets as
-full FT does; effect: LoRA learns 25% less and forgets a third less per unit learned), per question:
+Per design (quick: 2 seeds, 1 budget, test clusters {19,1,1,1,1}; quick-balanced: the same with 12 test clusters
+of 2; evidence: 2 seeds, 4 budgets, 4 LoRA methods, 12 test clusters of 2; user-groups: 2 seeds, unequal groups
+{9,6,4,3,2,2,1,1,1,1}), noise (training: seed x method dominant; balanced: training, cluster and item noise alike)
+and planted truth (null: LoRA learns and forgets as full FT does; effect: LoRA learns 25% less and forgets a third
+less per unit learned), per question:
 
 - cov95: share of comparisons whose 95% interval holds the truth (target 95 +- 3%);
 - tost_lo / tost_hi: share whose 90% interval's lower / upper bound lies on the right side of the truth (each is
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorascope.report.simulate import EVIDENCE, QUICK, USER, Design, Noise, Truth
+from lorascope.report.simulate import EVIDENCE, QUICK, QUICK_BALANCED, USER, Design, Noise, Truth
 
 QUESTIONS = ("learns_less", "forgets_less_at_equal_learning")
 Q_NAMES = {"learns_less": "Q1 learns less (paired difference)", "forgets_less_at_equal_learning": "Q2 frontier"}
@@ -65,7 +68,7 @@ def truths(design: Design, noise: str = "training") -> dict[str, Truth]:
     return {"null": null, "effect": effect}
 
 
-DESIGNS = {d.name: d for d in (QUICK, EVIDENCE, USER)}
+DESIGNS = {d.name: d for d in (QUICK, QUICK_BALANCED, EVIDENCE, USER)}
 
 
 # ---- the adapter: the report's decisions without rendering ------------------------------------------------------
@@ -121,7 +124,7 @@ def _from_records(verdicts, d: Path, n_boot: int) -> list[dict]:
     out = []
     for c in verdicts(d, **kw):
         q = "forgets_less_at_equal_learning" if c.question.startswith("forgets_less") else c.question
-        lo90, hi90 = getattr(c, "ci90_low", None), getattr(c, "ci90_high", None)
+        lo90, hi90 = _ci90(c)
         out.append(
             {
                 "key": (c.question, c.setting, c.method, c.budget),
@@ -136,6 +139,18 @@ def _from_records(verdicts, d: Path, n_boot: int) -> list[dict]:
             }
         )
     return out
+
+
+def _ci90(c) -> tuple:
+    """TOST's 90% interval: the record's own if it has one, else estimate +- t(0.95, df) x se from the record."""
+    from lorascope.report.bootstrap import t_quantile
+
+    if getattr(c, "ci90_low", None) is not None:
+        return c.ci90_low, c.ci90_high
+    if c.estimate is None or c.se is None or c.df is None or not np.isfinite(c.se):
+        return None, None
+    q = t_quantile(0.95, c.df) if c.df < 1e4 else 1.6449
+    return c.estimate - q * c.se, c.estimate + q * c.se
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
@@ -202,7 +217,9 @@ class Tally:
         }
 
 
-def calibrate(design: Design, truth: Truth, n: int, seed: int = 0, n_boot: int = 1000) -> dict[str, Tally]:
+def calibrate(
+    design: Design, truth: Truth, n: int, seed: int = 0, n_boot: int = 1000, progress: bool = False
+) -> dict[str, Tally]:
     """Simulate n studies, decide each with the report's code, and tally them against the noiseless twin."""
     from lorascope.report.simulate import simulate_study
 
@@ -222,6 +239,8 @@ def calibrate(design: Design, truth: Truth, n: int, seed: int = 0, n_boot: int =
                 rows = [(r, twins[key][r["key"]]) for r in got if r["question"] == q and r["key"] in twins[key]]
                 tallies[q].add([(r, t) for r, t in rows if t is not None and np.isfinite(t)])
             shutil.rmtree(d)
+            if progress and (k + 1) % 100 == 0:
+                print(f"    {k + 1} studies", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return tallies
@@ -261,7 +280,7 @@ def table_row(design: str, noise: str, truth: str, q: str, r: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=500, help="simulated studies per design and truth")
-    ap.add_argument("--designs", default="quick,evidence,user-groups")
+    ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--truths", default="null,effect")
     ap.add_argument("--noise", default="training,balanced", help=", ".join(NOISES))
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap replicates (the report's default: 1000)")
@@ -276,7 +295,7 @@ def main(argv=None) -> None:
         for noise in args.noise.split(","):
             for tname in args.truths.split(","):
                 ts = time.time()
-                tallies = calibrate(design, truths(design, noise)[tname], args.n, args.seed, args.boot)
+                tallies = calibrate(design, truths(design, noise)[tname], args.n, args.seed, args.boot, True)
                 for q, t in tallies.items():
                     lines.append(table_row(name, noise, tname, q, t.row()))
                 print(f"  {noise} {tname}: {args.n} studies in {time.time() - ts:.0f} s", flush=True)

@@ -56,9 +56,9 @@ def test_wrong_verdicts_are_those_the_truth_contradicts():
 
 @pytest.fixture(scope="module")
 def quick_null():
-    """50 studies of quick's design (2 seeds, 1 budget, test clusters {19,1,1,1,1}: Kish 1.4; training noise
-    dominant) with no true difference between LoRA and full FT, decided by the report."""
-    return cal.calibrate(QUICK, cal.truths(QUICK)["null"], 50, seed=7, n_boot=N_BOOT)
+    """The first 50 studies of the bench's quick run (same seeds): 2 seeds, 1 budget, test clusters {19,1,1,1,1}
+    (Kish 1.4), training noise dominant, no true difference between LoRA and full FT."""
+    return cal.calibrate(QUICK, cal.truths(QUICK)["null"], 50, seed=0, n_boot=N_BOOT)
 
 
 def _calibrated(r: dict, n_min: int) -> None:
@@ -72,13 +72,8 @@ def test_quick_learns_less_covers_and_a_null_gets_few_wrong_verdicts(quick_null)
     _calibrated(quick_null["learns_less"].row(), 40)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 25: the equal-learning interval has no training-noise term (its seed count is the fewest of any "
-    "point, 1 for an LR-search point) and the frontier pools the LR-search points: measured at this seed 82% "
-    "coverage and 12% wrong verdicts under the null (n=50)",
-)
 def test_quick_forgets_less_covers_and_a_null_gets_few_wrong_verdicts(quick_null):
+    # 50 studies cannot tell 92% from 95% (bench/RESULTS.md has n=500): this guards against gross failure
     _calibrated(quick_null["forgets_less_at_equal_learning"].row(), 40)
 
 
@@ -93,6 +88,7 @@ def test_shrunk_intervals_are_caught():
     assert tally.row()["cov95"] < _low(200)
 
 
+# evidence's 4 LoRA methods and LR search at the first budget, 2 budgets, 12 balanced test clusters
 FRONTIER_BIAS = replace(EVIDENCE, name="frontier-bias", budgets=(4096, 16384), search_budget=4096)
 
 

@@ -111,7 +111,11 @@ EVIDENCE = Design(
     ),
     budgets=(4096, 8192, 16384, 32768),
     search_budget=4096,
+    test_clusters=(2,) * 12,  # as evidence's held-out windows are once balanced over clusters (quick has today's)
+    val_clusters=(3,) * 13 + (2,),
 )
+# quick once its held-out windows are balanced over clusters: 24 test windows, 2 from each of 12 packages (Kish 12)
+QUICK_BALANCED = replace(QUICK, name="quick-balanced", test_clusters=(2,) * 12, val_clusters=(3,) * 13 + (2,))
 USER = replace(QUICK, name="user-groups", test_clusters=(9, 6, 4, 3, 2, 2, 1, 1, 1, 1), val_clusters=(8, 7, 5, 3, 3, 2))
 
 
