@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorascope.report.simulate import EVIDENCE, QUICK, simulate_study
+from lorascope.report.simulate import EVIDENCE, QUICK, QUICK_BALANCED, simulate_study
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "calibration.py"
 N_BOOT = 400  # replicates per study: enough for a 95% interval's ends, and the test stays fast
@@ -77,6 +77,22 @@ def test_quick_forgets_less_covers_and_a_null_gets_few_wrong_verdicts(quick_null
     _calibrated(quick_null["forgets_less_at_equal_learning"].row(), 40)
 
 
+# quick's runs at 2 budgets with 12 balanced test clusters: equal footing (full FT and LoRA have the same points),
+# so only the interval's noise terms decide the coverage
+TWO_BUDGETS = replace(QUICK_BALANCED, name="two-budgets", budgets=(2048, 4096), search_budget=2048)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 25: the equal-learning interval has no training-noise term (its seed count is the fewest of any "
+    "point: 1, an LR-search point); measured here 78% coverage and 16% wrong verdicts under the null (n=50), and "
+    "80% / 14% at quick-balanced (n=500, bench/RESULTS.md)",
+)
+def test_equal_learning_covers_once_items_are_balanced():
+    tallies = cal.calibrate(TWO_BUDGETS, cal.truths(TWO_BUDGETS)["null"], 50, seed=0, n_boot=N_BOOT)
+    _calibrated(tallies["forgets_less_at_equal_learning"].row(), 40)
+
+
 def test_shrunk_intervals_are_caught():
     # the tally is not a formality: the same studies' intervals shrunk 4x about their estimates under-cover
     tally = cal.Tally()
@@ -96,7 +112,7 @@ FRONTIER_BIAS = replace(EVIDENCE, name="frontier-bias", budgets=(4096, 16384), s
     strict=True,
     reason="issue 25: the equal-learning question pools every LoRA method and the LR-search points into one frontier "
     "(4x full FT's points); a lower envelope over more noisy points sits lower, so a null reads 'LoRA forgets less' "
-    "(measured: bias -0.8 SD, coverage 78%, 'yes' in 12% of null studies)",
+    "(measured here: bias -0.37 SD, coverage 50%, 7 'yes' and 2 'reversed' in 30 null studies)",
 )
 def test_a_lora_family_with_four_times_the_points_does_not_move_the_verdict():
     # 4 LoRA methods and full FT with identical true curves; LoRA has 4x full FT's points where they are pooled
