@@ -70,3 +70,23 @@ def test_overrides_walk_lists_by_index_and_star():
         apply_overrides(d, ["a.2.b=1"])
     with pytest.raises(ConfigError, match=r"c.d.e: 'd' is not a section"):
         apply_overrides(d, ["c.d.e=1"])
+
+
+def test_every_study_preset_finds_its_lrs_or_says_why_it_pins_them():
+    """A variant compared at someone else's LR is a comparison of LRs: presets search (`lrs: auto`) unless
+    their header says why they pin LRs. Fails for a preset whose method carries a bare LR list."""
+    from pathlib import Path
+
+    import yaml
+
+    from lorascope.study.config import AutoLR, load_study
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if not isinstance(raw, dict) or "methods" not in raw:
+            continue  # a run config, not a study
+        if "# LRs pinned:" in path.read_text():
+            continue
+        study = load_study(path)
+        pinned = [m.name for m in study.methods if not isinstance(m.lrs, AutoLR)]
+        assert not pinned, f"{path.name}: {pinned} pin their LRs without a '# LRs pinned:' reason"

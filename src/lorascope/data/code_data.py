@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..assets import package_dir
-from .files import assign, code_files, code_sources, is_heldout, package_version, read_text
+from .files import assign, code_files, code_sources, is_heldout, library_cluster, package_version, read_text
 
 
 def code_cpt() -> tuple[list, list, list, list]:
@@ -32,7 +32,7 @@ def code_cpt() -> tuple[list, list, list, list]:
     for group, f in tqdm(code_files(), desc="code-cpt: reading files", unit="file", leave=False):
         text = read_text(f)
         if text and text.strip():
-            assign(text, group, train, heldout, groups)
+            assign(text, group, train, heldout, groups, library_cluster(group))
     return train, heldout, code_sources(), groups
 
 
@@ -125,7 +125,7 @@ def code_ift() -> tuple[list, list, list, list]:
         for ex in docstring_pairs(text) if text else []:
             if ex["prompt"] not in seen:  # vendored copies of the same function
                 seen.add(ex["prompt"])
-                assign(ex, group, train, heldout, groups)
+                assign(ex, group, train, heldout, groups, library_cluster(group))
     sources = [
         {
             "name": "reasoning-gym CodeI/O (codeio*.jsonl.gz)",

@@ -6,6 +6,11 @@ split).
 
     files = code_files()                 # [(group, path), ...], e.g. ("stdlib/email", .../email/parser.py)
     heldout = is_heldout("stdlib/email")  # True for ~10% of groups, the same on every machine
+    library_cluster("sympy/solvers")      # 'sympy#solvers': clustered by subpackage, split by library
+
+Held-out documents are recorded with ``library_cluster(group)``: the validation/test split of held-out
+evaluation (lorascope.splits) then keeps one library on one side (sympy's held-out subpackages all land where
+"sympy" does), while each subpackage stays its own item cluster. Each stdlib top-level package is a library.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import importlib.metadata
 import importlib.util
 import sysconfig
 from pathlib import Path
+
+from ..splits import cluster_key
 
 MIN_BYTES, MAX_BYTES = 400, 150_000  # tiny files are boilerplate; huge ones are generated tables
 HELDOUT_PERCENT = 10
@@ -26,12 +33,19 @@ def is_heldout(key: str) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
-def assign(item, group: str, train: list, heldout: list, groups: list) -> None:
-    """Put `item` on the held-out side when its group is held out (recording the group, so held-out evaluation
-    can cluster by it), else on the training side."""
+def library_cluster(group: str) -> str:
+    """The cluster key of a file group "<library>/<sub>": "<library>#<sub>" (lorascope.splits.cluster_key), but
+    "stdlib/<package>" as it is (each stdlib package is its own library); a group without a sub is itself."""
+    lib, _, sub = group.partition("/")
+    return group if lib == "stdlib" else cluster_key(lib, sub or None)
+
+
+def assign(item, group: str, train: list, heldout: list, groups: list, cluster: str | None = None) -> None:
+    """Put `item` on the held-out side when its group is held out, recording `cluster` (default: the group) so
+    held-out evaluation can cluster and split by it; else on the training side."""
     if is_heldout(group):
         heldout.append(item)
-        groups.append(group)
+        groups.append(cluster or group)
     else:
         train.append(item)
 

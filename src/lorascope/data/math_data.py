@@ -22,7 +22,16 @@ from tqdm import tqdm
 
 from ..benchdata import olmo_docs
 from ..errors import LorascopeError
-from .files import HELDOUT_PERCENT, assign, is_heldout, package_roots, package_version, py_files, read_text
+from .files import (
+    HELDOUT_PERCENT,
+    assign,
+    is_heldout,
+    library_cluster,
+    package_roots,
+    package_version,
+    py_files,
+    read_text,
+)
 
 MATH_PACKAGES = ("sympy", "mpmath", "scipy")
 # "mathematical prose": LaTeX / math markup, or at least two distinct mathematical terms
@@ -66,7 +75,7 @@ def math_cpt() -> tuple[list, list, list, list]:
             if doc not in seen:  # re-exported / inherited docstrings
                 seen.add(doc)
                 key = f"{root.name}/{f.relative_to(root)}"
-                assign(doc, key, train, heldout, groups)
+                assign(doc, key, train, heldout, groups, library_cluster(key))
     if not train:
         raise LorascopeError("math-cpt: no mathematical docstrings found (needs sympy, mpmath or scipy installed)")
     return (

@@ -2,7 +2,9 @@
 
 CPT records need ``data.text_field``; IFT records need ``data.prompt_field`` + ``data.response_field``, or a
 ``messages`` list in chat format ([{"role", "content"}, ...], the last turn being the assistant's response).
-A .txt file is one CPT document. About 10% of records (by a stable content hash) are held out.
+A .txt file is one CPT document. About 10% of records (by a stable content hash) are held out, each its own
+item cluster; with ``data.group_field`` (e.g. "repo") a tenth of the groups are held out whole (those with the
+lowest hashes of their values), and a group is one cluster, on one side of the validation/test split.
 
     train, heldout, sources, groups = user_docs(DataConfig(dataset="notes.jsonl", text_field="body"))
     train, heldout, sources, groups = user_docs(DataConfig(dataset="hf:openai/gsm8k", regime="ift",
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import LorascopeError
+from ..splits import cluster_key
 
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 
@@ -96,20 +99,48 @@ def _doc(r: dict, dcfg: DataConfig, where: str):
     return {"prompt": str(r[dcfg.prompt_field]), "response": str(r[dcfg.response_field])}
 
 
-def _is_heldout(doc) -> bool:
-    return int(hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest(), 16) % 10 == 0
+def _hash(key) -> int:
+    return int(hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest(), 16)
+
+
+def _group(r: dict, field: str, where: str) -> str:
+    v = r.get(field)
+    if v is None or str(v).strip() == "":
+        raise LorascopeError(f"data.group_field: {where} has no field '{field}' (or it is empty)")
+    return str(v)
+
+
+def _records_held(docs: list) -> list[bool]:
+    """Per record: held out when its content hash falls in the held-out tenth (none of fewer than 10 records:
+    a held-out split of 0-1 documents measures nothing)."""
+    return [len(docs) >= 10 and _hash(d) % 10 == 0 for d in docs]
+
+
+def _groups_held(groups: list[str]) -> list[bool]:
+    """Per record: held out when its group is among the tenth of groups (rounded up) with the lowest hashes, so
+    a dozen repositories still hold one out; none of fewer than 10 groups."""
+    units = sorted(set(groups), key=_hash)
+    held = set(units[: -(-len(units) // 10)]) if len(units) >= 10 else set()
+    return [g in held for g in groups]
 
 
 def user_docs(dcfg: DataConfig) -> tuple[list, list, list, list]:
     """(train, heldout, sources, heldout groups) of a user dataset: records are held out one by one (groups
-    are None); empty documents are skipped, an empty dataset is an error."""
-    docs = [_doc(r, dcfg, f"{dcfg.dataset}: record {i + 1}") for i, r in enumerate(records(dcfg))]
-    docs = [d for d in docs if (d if isinstance(d, str) else d["response"]).strip()]
+    are None), or whole groups of data.group_field (groups are its values); empty documents are skipped, an
+    empty dataset is an error."""
+    docs, keys = [], []
+    for i, r in enumerate(records(dcfg)):
+        where = f"{dcfg.dataset}: record {i + 1}"
+        doc = _doc(r, dcfg, where)
+        group = _group(r, dcfg.group_field, where) if dcfg.group_field else None
+        if (doc if isinstance(doc, str) else doc["response"]).strip():
+            docs.append(doc)
+            keys.append(group)
     if not docs:
         raise LorascopeError(f"data.dataset: '{dcfg.dataset}' is empty (no non-empty documents)")
-    # fewer than 10 records: all of them train (a held-out split of 0-1 documents measures nothing)
-    split = len(docs) >= 10
-    heldout = [d for d in docs if split and _is_heldout(d)]
-    train = [d for d in docs if not (split and _is_heldout(d))]
+    held = _groups_held(keys) if dcfg.group_field else _records_held(docs)
+    groups = [cluster_key(g) if g is not None else None for g, h in zip(keys, held) if h]
+    train = [d for d, h in zip(docs, held) if not h]
+    heldout = [d for d, h in zip(docs, held) if h]
     sources = [{"name": dcfg.dataset, "licence": "user data", "documents": len(docs)}]
-    return train, heldout, sources, [None] * len(heldout)
+    return train, heldout, sources, groups

@@ -16,11 +16,21 @@ Each text's id (and cluster) is "<source>/<item id>"; a HellaSwag text shares it
 
 ``heldout_windows(dataset, limit)`` feeds ``heldout_bpb``: every held-out document is cut (at line ends) into
 consecutive windows of ~WINDOW_CHARS characters covering its whole body, not only its head (a source file's
-head is mostly docstring and imports); a limit picks windows evenly spread over all of them. A window's cluster
-is the unit its document was held out with ("heldout/<package or file or template>", data.heldout_groups),
-else its document ("heldout/<document hash>"): correlated windows never straddle the validation/test split.
-The key leaves out the dataset's name (a user file's is its path, which differs between machines), so a split
-is the same wherever the data lives, and a package held out of two datasets sits on one side for both.
+head is mostly docstring and imports). A window's cluster is the unit its document was held out with
+("heldout/<package or file or template or group>", data.heldout_groups; "heldout/sympy#solvers" is split with
+its library, lorascope.splits), else its document ("heldout/<document hash>"): correlated windows never
+straddle the validation/test split. The key leaves out the dataset's name (a user file's is its path, which
+differs between machines), so a split is the same wherever the data lives, and a package held out of two
+datasets sits on one side for both.
+
+A limit takes a prefix of one fixed order (``nested_order``): round-robin over the two splits (so each gets
+half of a limit while both have windows), within a split over its clusters, within a cluster over its
+documents, each level in a hash order. So within a split every cluster gives one window before any gives a
+second (none holds more than ceil(limit / 2 / the split's clusters) while another still has windows), a few
+big packages cannot crowd out the rest, and a larger limit is a superset of a smaller one (limit 128 = limit
+64 + 64 more). The splits come first because their cluster counts differ (code-cpt: 7 validation, 17 test):
+one round-robin over all clusters would give validation 19 of 64 windows and test 45, and the learning rates
+are chosen on validation.
 
 Example::
 
@@ -35,6 +45,7 @@ from functools import lru_cache
 
 from .. import benchdata
 from ..errors import LorascopeError
+from ..splits import split_of
 from .multiple_choice import hellaswag_preprocess
 
 WINDOW_CHARS = 1500  # ~410 tokens of Python: one model window each, no overlap cost
@@ -97,8 +108,33 @@ def _windows_of(text: str, size: int) -> list[tuple[int, str]]:
     return [(a, text[a:b]) for a, b in cuts if text[a:b].strip()]
 
 
+def _hash(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+def _round_robin(groups: dict[str, list]) -> list:
+    """The first item of every group (groups in hash order of their keys), then every second item, ..."""
+    keys = sorted(groups, key=_hash)
+    depth = max((len(g) for g in groups.values()), default=0)
+    return [groups[k][r] for r in range(depth) for k in keys if r < len(groups[k])]
+
+
+def nested_order(wins: list[dict]) -> list[dict]:
+    """Windows ({id, cluster, doc}) in the order a limit takes them: round-robin over the splits, within a split
+    over its clusters, within a cluster over its documents; windows of a document in hash order of their ids.
+    Depends on the windows alone, not on a limit, so limits are nested."""
+    tree: dict[str, dict[str, dict[str, list]]] = {}
+    for w in sorted(wins, key=lambda w: _hash(w["id"])):
+        clusters = tree.setdefault(split_of(w["cluster"]), {})
+        clusters.setdefault(w["cluster"], {}).setdefault(w["doc"], []).append(w)
+    return _round_robin(
+        {sp: _round_robin({c: _round_robin(docs) for c, docs in clusters.items()}) for sp, clusters in tree.items()}
+    )
+
+
 def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_CHARS) -> list[dict]:
-    """[{id, cluster, text}]: windows over the full bodies of a dataset's held-out documents."""
+    """[{id, cluster, text}]: windows over the full bodies of a dataset's held-out documents, the first `limit`
+    of nested_order (all of them, in that order, without a limit)."""
     from ..data import heldout_groups, heldout_texts
 
     texts = heldout_texts(dataset)
@@ -106,12 +142,10 @@ def heldout_windows(dataset: str, limit: int | None = None, size: int = WINDOW_C
         raise LorascopeError(f"dataset '{dataset}' has no held-out documents")
     wins = []
     for doc, group in zip(texts, heldout_groups(dataset)):
-        key = hashlib.sha1(doc.encode("utf-8")).hexdigest()[:12]
+        key = _hash(doc)[:12]
         wins.extend(
-            {"id": f"{key}@{off}", "cluster": f"heldout/{group or key}", "text": piece}
+            {"id": f"{key}@{off}", "cluster": f"heldout/{group or key}", "doc": key, "text": piece}
             for off, piece in _windows_of(doc, size)
         )
-    if limit and limit < len(wins):
-        # evenly spread: the split is ordered by package, so a prefix would be one package's first file
-        wins = [wins[round(i * (len(wins) - 1) / max(1, limit - 1))] for i in range(limit)]
-    return wins
+    picked = nested_order(wins)[: limit or None]
+    return [{k: w[k] for k in ("id", "cluster", "text")} for w in picked]

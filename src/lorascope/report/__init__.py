@@ -1,4 +1,6 @@
-"""The study report: STUDY/report.html (one offline page) and STUDY/results.parquet (the long table).
+"""The study report: STUDY/report.html (one offline page), STUDY/results.parquet (the long table) and
+STUDY/verdicts.json (every comparison as a records.Comparison, the questions and the recommendations; the same
+document sits in results.parquet's metadata under "lorascope.verdicts").
 
 Reads files only (no torch), so it runs anywhere the study directory is copied, and is tolerant of a study
 still running: what is absent is shown as "Not run".
@@ -10,6 +12,8 @@ Example::
     >>> from lorascope.report import write_report
     >>> write_report(Path("studies/quick"))
     PosixPath('studies/quick/report.html')
+    >>> [(c.question, c.verdict) for c in verdicts(Path("studies/quick"))]   # no page rendered
+    [('learns_less', 'not resolved'), ('forgets_less_at_equal_learning', 'not resolved')]
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import time
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .collect import load_study_dir, metric_rows, write_parquet
+from .collect import Study, load_study_dir, metric_rows, write_parquet
 from .compare import points
 from .html import render
+from .records import Comparison, dumps, verdicts_document
 from .sections import (
     cost_section,
     curves_section,
@@ -33,19 +38,40 @@ from .sections import (
     timing_section,
 )
 
-__all__ = ["write_report"]
+__all__ = ["verdicts", "write_report"]
+
+
+def verdicts(study_dir: Path) -> list[Comparison]:
+    """Every comparison of a study (both questions, every setting, Holm over the study), without rendering."""
+    st = load_study_dir(Path(study_dir))
+    rows = metric_rows(st)
+    return [c for h in headlines(st, points(st, rows), rows) for c in h.verdicts]
+
+
+def _document(st: Study, hs: list) -> str:
+    recs = [
+        {
+            "setting": h.setting,
+            "recommended": h.recommended.name if h.recommended else None,
+            "sentences": [s for s in h.sentences if s.startswith(("Recommended for", "No recommendation", "Caveat"))],
+        }
+        for h in hs
+    ]
+    return dumps(verdicts_document([c for h in hs for c in h.verdicts], recs))
 
 
 def write_report(study_dir: Path) -> Path:
-    """Write STUDY_DIR/results.parquet and STUDY_DIR/report.html (atomically); return the html path."""
+    """Write STUDY_DIR/verdicts.json, results.parquet and report.html (atomically); return the html path."""
     from tqdm.auto import tqdm
 
     study_dir = Path(study_dir)
     st = load_study_dir(study_dir)
     rows = metric_rows(st)
-    write_parquet(rows, study_dir / "results.parquet")
     ps = points(st, rows)
     hs = headlines(st, ps, rows)
+    doc = _document(st, hs)
+    atomic_write_text(study_dir / "verdicts.json", doc + "\n")
+    write_parquet(rows, study_dir / "results.parquet", doc)
     steps = [
         ("headline", "Headline and recommendation", lambda: headline_section(st, hs, ps)),
         ("curves", "Learning, forgetting and loss", lambda: curves_section(st, ps, rows)),

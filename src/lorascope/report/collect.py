@@ -61,6 +61,7 @@ class Study:
     # samples files already read: every split, headline and table asks again, and the files do not change while
     # a report is built (read-only callers)
     _samples: dict = field(default_factory=dict, repr=False)
+    replicates: dict = field(default_factory=dict, repr=False)  # (setting, task, axis) -> TestReplicates (intervals.py)
 
     def run(self, run_id: str) -> dict:
         return next(r for r in self.runs if r["run_id"] == run_id)
@@ -252,8 +253,9 @@ def metric_rows(st: Study) -> list[dict]:
     return rows
 
 
-def write_parquet(rows: list[dict], path: Path) -> Path:
-    """results.parquet with a fixed schema (so an empty study still yields a readable file), atomically."""
+def write_parquet(rows: list[dict], path: Path, verdicts: str | None = None) -> Path:
+    """results.parquet with a fixed schema (so an empty study still yields a readable file), atomically;
+    verdicts: the verdicts.json text, kept in the file's metadata under "lorascope.verdicts" (the same records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -276,6 +278,8 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
             ("stderr", pa.float64()),
         ]
     )
+    if verdicts is not None:
+        schema = schema.with_metadata({"lorascope.verdicts": verdicts})
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)

@@ -34,9 +34,9 @@ from lorascope.evals.catalog import (
 
 from .bootstrap import percentile_interval
 from .collect import BASE, Study, stderr_key
-from .decide import MARGIN_FRACTION
+from .intervals import METHOD, hierarchical_difference
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
-from .stats import Interval, item_values, paired_bootstrap, seed_spread, stderr_interval
+from .stats import Interval, seed_spread, stderr_interval
 
 
 @dataclass
@@ -158,35 +158,20 @@ def point_split_value(st: Study, p: Point, s: MetricSpec, split: str = "test") -
     )
 
 
-def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, base: dict) -> Interval | None:
+def difference(st: Study, s: MetricSpec, a: Point, b: Point | None, mine: list[Point]) -> Interval | None:
     """Signed (learning or forgetting, per s.role) difference of a over b (b None = the base model), on the
-    test split: paired over test items from the samples, else from the test split's stderrs ("by_split"),
-    else (results written before splits, no samples) from all items, which Interval.method says."""
-    key = (s.task, s.metric)
-    if key not in a.values or (b is not None and key not in b.values) or (b is None and key not in base):
+    test split, from the headline's replicates (intervals.py); without samples, from the test split's stderrs
+    ("by_split"), which Interval.method says. mine: the setting's points."""
+    iv = hierarchical_difference(st, s, mine, mine.index(a), None if b is None else mine.index(b), axis(mine))
+    if iv is not None:
+        return iv
+    ta = point_split_value(st, a, s)
+    tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
+    if ta is None or tb is None:
         return None
-    w: list = []
-    ib = (
-        [item_values(st, BASE, None, s, weights=w)]
-        if b is None
-        else [item_values(st, r, b.checkpoint, s, weights=w) for r in b.run_ids]
-    )
-    ia = [item_values(st, r, a.checkpoint, s) for r in a.run_ids]
-    iv = paired_bootstrap(ia, ib, weights=w[: len(ib[0])]) if all(ia) and all(ib) else None
-    if iv is None:
-        ta = point_split_value(st, a, s)
-        tb = split_value(st.base, s) if b is None else point_split_value(st, b, s)
-        if ta is not None and tb is not None:
-            iv = stderr_interval(ta[0], ta[1], tb[0], tb[1])
-        else:
-            va, sa, _ = a.values[key]
-            vb, sb = base[key] if b is None else b.values[key][:2]
-            iv = stderr_interval(va, sa, vb, sb)
-            iv = iv and Interval(iv.estimate, iv.lo, iv.hi, iv.n, iv.method + ", all items (no test split)")
-    if iv is None:
-        return None
+    iv = stderr_interval(ta[0], ta[1], tb[0], tb[1])
     positive = signed(s, 1.0, 0.0) > 0  # does a raw increase count as more learning/forgetting?
-    return iv if positive else iv.flipped()
+    return None if iv is None else iv if positive else iv.flipped()
 
 
 @dataclass
@@ -197,13 +182,11 @@ class Headline:
     table: list[dict]  # one row per configuration at its last checkpoint, test split (with "capacity")
     sentences: list[str]
     recommended: Point | None = None
-    verdicts: list[dict] = field(default_factory=list)  # the paper's two questions, see questions.py; each
-    # tested one has "margin" (equivalence), "p" / "p_holm" (raw / Holm-adjusted), "correction", and the
-    # matched-learning one the common learning range "range"
+    verdicts: list = field(default_factory=list)  # records.Comparison per question and comparison (questions.py)
     chosen_lrs: dict = field(default_factory=dict)  # method name -> chosen LR (study's LR search, else validation)
     frontiers: dict = field(default_factory=dict)  # family -> {"points", "capacity", "curve", "band"}
     lr_choice: dict = field(default_factory=dict)  # method -> {"lr", "by", "bracketed", "status", "grid", ...}
-    margin_fraction: float | None = None  # equivalence margin: this share of the larger gain / forgetting
+    margins: dict = field(default_factory=dict)  # the study file's report.margins (margins.py; default 10%)
     learning_tests: list[dict] = field(default_factory=list)  # per candidate: {"point", "p", "p_holm"}
     correction: str = ""  # the multiplicity correction used, in words
 
@@ -254,13 +237,13 @@ def study_headlines(
     """Every setting's verdicts and recommendation: choices on the validation split, numbers on the test split,
     and Holm's correction over the whole study (every comparison of every setting; separately, every
     configuration tested for a recommendation), since a reader takes the report's verdicts together."""
-    margin = float((st.config.get("report") or {}).get("margin") or MARGIN_FRACTION)
+    margin = (st.config.get("report") or {}).get("margins") or {}
     drafts = [_draft(st, ps, rows, s, d, margin) for s, d in settings]
     live = [d for d in drafts if d.done is None]
     k = settle([d.answer for d in live])
     n = learning_tests([(d.answer, candidates(d.mine, d.fin, d.answer)) for d in live])
     how = (
-        f"significance is Holm-Bonferroni-corrected over all {k} comparison{'s' * (k != 1)} tested in the "
+        f"significance is Holm-Bonferroni-corrected over all {k} test{'s' * (k != 1)} of the "
         f"study (every setting and question); a configuration qualifies for a recommendation only if its learning "
         f"over the base is significantly positive (one-sided bootstrap test, Holm-corrected over the study's "
         f"{n} final main configuration{'s' * (n != 1)})"
@@ -268,7 +251,7 @@ def study_headlines(
     return [d.done or _finish(d, margin, how) for d in drafts]
 
 
-def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: float) -> _Draft:
+def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: dict) -> _Draft:
     base = base_values(rows)
     mine = [p for p in ps if p.setting == setting]
     d = _Draft(setting, mine, [])
@@ -301,6 +284,7 @@ def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: 
         + ", each against the base model; choices are made on "
         "the validation split and every number below is on the test split."
     )
+    d.sentences += record_clusters(st, mine)
     d.answer = answer(st, mine, d.L, d.F, axis(mine), margin, searched=study_choices(st, setting))
     if d.answer.test is None or d.answer.val is None:
         d.done = Headline(
@@ -319,15 +303,23 @@ def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: 
     return d
 
 
-def _finish(d: _Draft, margin: float, how: str) -> Headline:
+def _finish(d: _Draft, margin: dict, how: str) -> Headline:
     a, mine = d.answer, d.mine
     out = d.sentences + [
-        f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate hierarchical bootstraps over seeds "
-        "and item clusters, widened for few seeds or clusters (Student t, Welch-Satterthwaite); 'equivalent' needs "
-        f"the 90% interval inside +-{margin:.0%} of the larger gain (learning) or forgetting compared (TOST); {how}."
+        f"How the verdicts decide: intervals are {a.rep.both.n_boot}-replicate bootstraps over item clusters "
+        "(widened for few or unequal clusters, Student t on Kish's effective count) with each point's training "
+        "noise drawn from the seed variance pooled over the main configurations (Student t on the pooled degrees "
+        "of freedom); 'equivalent' needs both one-sided tests (TOST) inside a margin fixed before test ("
+        + (
+            ", ".join(f"{k}: {v}" for k, v in margin.items()) + " in the study file"
+            if margin
+            else "10% of full FT's validation effect"
+        )
+        + f"); {how}."
     ]
+
     out += lr_sentences(a.lr_choice, "epochs" if axis(mine) == "epoch" else "tokens")
-    pick, said = recommend(mine, d.fin, a, d.L, margin, d.setting)
+    pick, said = recommend(mine, d.fin, a, d.L, setting=d.setting)
     out += said
     out += [f"{mine[i].name} diverged and is left out of every choice." for i in d.fin if mine[i].diverged]
     tests = [{"point": mine[i], **a.learning_p[i]} for i in d.fin if i in a.learning_p]
@@ -346,6 +338,18 @@ def _finish(d: _Draft, margin: float, how: str) -> Headline:
         tests,
         how,
     )
+
+
+def record_clusters(st: Study, mine: list[Point]) -> list[str]:
+    """A sentence when a run's data manifest says each record is its own item cluster (no grouping field)."""
+    ids = {r for p in mine for r in p.run_ids}
+    if not any((st.run(r).get("manifest") or {}).get("clusters") == "record" for r in ids):
+        return []
+    return [
+        "Each record of this setting's data is its own item cluster (the data names no grouping field): held-out "
+        "items from one source count as independent, so the intervals are too narrow if sources repeat (set "
+        "data.group_field to the repository, author or source)."
+    ]
 
 
 def lr_sentences(choice: dict, unit: str = "tokens") -> list[str]:
@@ -380,7 +384,7 @@ def _row(p: Point, i: int, a) -> dict:
         if i in est:
             lo, hi = percentile_interval(a.rep.arm(key, i))
             n = a.test.tables[0].n_items if key == "learning" else a.test.tables[-1].n_items
-            row[key] = Interval(est[i], lo, hi, n, f"hierarchical bootstrap, test split, {len(p.run_ids)} seed(s)")
+            row[key] = Interval(est[i], lo, hi, n, f"{METHOD}, {len(p.run_ids)} seed(s)")
     return row
 
 
@@ -388,7 +392,8 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
     """Every known task at each last checkpoint, on the test split: value, stderr, seed sd, difference vs base
     and vs the reference full FT of that point (full_reference)."""
     base = base_values(rows)
-    fin = finals([p for p in ps if p.setting == setting])
+    mine = [p for p in ps if p.setting == setting]
+    fin = finals(mine)
     fulls = [p for p in fin if p.family == "full" and not p.diverged]
     out = []
     for p in fin:
@@ -410,8 +415,8 @@ def vs_full_table(st: Study, ps: list[Point], rows: list[dict], setting: str) ->
                     "n_seeds": len(p.run_ids),
                     "split": split,
                     "n_items": test[3] if test is not None else None,
-                    "vs_base": difference(st, s, p, None, base) if base else None,
-                    "vs_full": difference(st, s, p, ref, base) if ref else None,
+                    "vs_base": difference(st, s, p, None, mine) if base else None,
+                    "vs_full": difference(st, s, p, ref, mine) if ref else None,
                     "full": ref,
                 }
             )

@@ -3,12 +3,14 @@
 Verdicts (one per question and comparison):
   "yes"            the difference is significant in the paper's direction (after Holm's correction),
   "reversed"       significant the other way,
-  "equivalent"     two one-sided tests (TOST, Schuirmann 1987): the 90% interval lies inside [-margin, +margin],
+  "equivalent"     two one-sided tests (TOST, Schuirmann 1987) show the difference inside [-margin, +margin],
   "not resolved"   none of these: the interval is too wide for the data to tell,
   "not comparable" decided by the caller before testing (no common learning range, nothing learned).
 A non-significant difference is never read as equivalence: only the margin test says "equivalent".
 
-Family-wise error: Holm-Bonferroni (Holm 1979) over the p-values of the comparisons made together.
+Family-wise error: Holm-Bonferroni (Holm 1979) over the p-values of the comparisons made together, the
+equivalence tests' (the larger of TOST's two one-sided p-values) in the same family; ``holm_levels`` gives the
+level each was tested at, and ``holm_interval`` the interval at that level, printed beside the raw 95% one.
 
 Example::
 
@@ -25,7 +27,7 @@ import numpy as np
 from .bootstrap import percentile_interval
 
 ALPHA = 0.05
-MARGIN_FRACTION = 0.10  # equivalence margin: this share of the larger gain (configurable: report.margin)
+MARGIN_DEFAULT = "10%"  # equivalence margin: this share of full FT's validation effect (report.margins)
 Z_POWER = 1.96 + 0.84  # two-sided 5% test with 80% power
 
 
@@ -41,6 +43,33 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj
 
 
+def holm_levels(pvalues: list[float]) -> list[float]:
+    """The level Holm's step-down tests each hypothesis at: ALPHA / (m - rank), rank 0 for the smallest p."""
+    m = len(pvalues)
+    out = [ALPHA] * m
+    for rank, i in enumerate(np.argsort(pvalues, kind="stable")):
+        out[i] = ALPHA / (m - rank)
+    return out
+
+
+def p_tost(boot: np.ndarray, margin: float) -> float:
+    """Bootstrap p-value of equivalence within +-margin (TOST, Schuirmann 1987): the larger of the one-sided
+    p-values of "difference <= -margin" and "difference >= +margin", each (1 + replicates beyond) / (B + 1)."""
+    b = boot[np.isfinite(boot)]
+    lo = (1 + (b <= -margin).sum()) / (len(b) + 1)
+    hi = (1 + (b >= margin).sum()) / (len(b) + 1)
+    return float(min(1.0, max(lo, hi)))
+
+
+def holm_interval(estimate: float, lo: float, hi: float, alpha: float, level: float = 0.95) -> tuple[float, float]:
+    """The interval at Holm's level 1 - alpha, from the raw one: each side's distance from the estimate scaled by
+    z(1 - alpha/2) / z(1 - (1 - level)/2) (the bootstrap's tails are too sparse for a 99.9% percentile)."""
+    from .bootstrap import _z
+
+    k = _z(1 - alpha / 2) / _z(1 - (1 - level) / 2)
+    return estimate - k * (estimate - lo), estimate + k * (hi - estimate)
+
+
 def decide(
     estimate: float,
     boot: np.ndarray,
@@ -49,37 +78,43 @@ def decide(
     yes_sign: int,
     p_raw: float | None = None,
     k: int = 1,
+    p_tost_adjusted: float | None = None,
 ) -> tuple[str, str]:
-    """(verdict, reason) for a difference whose paper-direction sign is yes_sign (-1: smaller is "yes")."""
+    """(verdict, reason) for a difference whose paper-direction sign is yes_sign (-1: smaller is "yes").
+    p_adjusted / p_tost_adjusted: the difference's and the equivalence test's Holm-adjusted p-values (both in
+    one family); without p_tost_adjusted the equivalence test is the unadjusted TOST on boot."""
     lo, hi = percentile_interval(boot, 0.95)
     if p_adjusted < ALPHA:
         v = "yes" if np.sign(estimate) == yes_sign else "reversed"
         return (
             v,
             f"the 95% interval [{lo:+.4g}, {hi:+.4g}] excludes 0 (Holm-adjusted p = {p_adjusted:.3g}, "
-            f"{k} comparison{'s' * (k > 1)})",
+            f"{k} test{'s' * (k > 1)})",
         )
-    lo90, hi90 = percentile_interval(boot, 1 - 2 * ALPHA)
-    if margin is not None and margin > 0 and -margin < lo90 and hi90 < margin:
+    has_margin = margin is not None and margin > 0
+    if has_margin and p_tost_adjusted is None:
+        p_tost_adjusted = p_tost(boot, margin)
+    if has_margin and p_tost_adjusted < ALPHA:
         return (
             "equivalent",
-            f"the 90% interval [{lo90:+.4g}, {hi90:+.4g}] lies inside the equivalence margin "
-            f"+-{margin:.4g} (TOST at 5%)",
+            f"the difference lies inside the equivalence margin +-{margin:.4g} (TOST, Holm-adjusted p = "
+            f"{p_tost_adjusted:.3g})",
         )
     why = f"the 95% interval [{lo:+.4g}, {hi:+.4g}] is too wide: "
     if p_raw is not None and p_raw < ALPHA:
-        why += f"significant alone (p = {p_raw:.3g}) but not after Holm's correction over {k} comparisons"
+        why += f"significant alone (p = {p_raw:.3g}) but not after Holm's correction over {k} tests"
     else:
         why += "it includes 0"
-    if margin is not None and margin > 0:
-        why += f", and the 90% interval is not inside the equivalence margin +-{margin:.4g}"
+    if has_margin:
+        why += f", and equivalence within +-{margin:.4g} is not shown (TOST, Holm-adjusted p = {p_tost_adjusted:.3g})"
     return "not resolved", why
 
 
 def power_note(
     estimate: float, var_seeds: float, var_items: float, n_seeds: int, n_clusters: int, margin: float | None = None
 ) -> str:
-    """How many more seeds or item clusters would resolve the question, from the measured variance parts.
+    """How many more seeds or effective (Kish) item clusters would resolve the question, from the measured
+    variance parts (n_clusters: the effective count).
 
     var_seeds / var_items: bootstrap variance of the statistic when only seeds / only item clusters are
     resampled. Each shrinks in proportion to its own count, so with k times the clusters the variance is about
@@ -92,7 +127,7 @@ def power_note(
     target = (effect / Z_POWER) ** 2
     out = []
     for what, n, mine, other in (
-        ("item clusters", n_clusters, var_items, var_seeds),
+        ("effective item clusters", n_clusters, var_items, var_seeds),
         ("seeds", n_seeds, var_seeds, var_items),
     ):
         if mine <= 0 or n < 1 or (what == "seeds" and n < 2):

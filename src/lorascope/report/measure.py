@@ -20,8 +20,10 @@ import numpy as np
 
 from lorascope.evals.catalog import FORGETTING_TASKS, MetricSpec, signed
 
-from .bootstrap import N_BOOT, ClusterTable, Draws, small_sample_widen
+from ..splits import effective_clusters
+from .bootstrap import N_BOOT, ClusterTable, Draws, cluster_widen
 from .collect import BASE, Study
+from .noise import SeedLevel, Unit, seed_level
 from .stats import split_items
 
 
@@ -122,50 +124,123 @@ def _signed(ts: list[ClusterTable], draws: Draws, s: MetricSpec) -> tuple[dict, 
     )
 
 
+def seed_values(ts: list[ClusterTable], s: MetricSpec) -> dict:
+    """Point key -> (n_seeds,) signed value (learning or forgetting vs the base's estimate) of each seed's mean over
+    the split's items (the parts of forgetting_mean averaged): the data of the pooled seed variance."""
+    out: dict = {}
+    for t in ts:
+        base = float(t.sums[BASE].sum() / (len(t.sums[BASE]) * t.counts.sum()))
+        for k, rows in t.sums.items():
+            if k != BASE:
+                v = np.array([signed(s, float(r.sum() / t.counts.sum()), base) for r in rows])
+                out[k] = out.get(k, 0.0) + v / len(ts)
+    return out
+
+
+def units_of(ps: list, by: str) -> dict:
+    """Point index -> noise.Unit: its budget, its configuration (method, LR, role), pooled if a main run."""
+    return {
+        i: Unit(p.position(by), (p.method, p.lr, p.role), p.role == "main" and not p.diverged) for i, p in enumerate(ps)
+    }
+
+
 @dataclass
 class TestReplicates:
-    """The test split measured under three resamplings (both levels; seeds only; item clusters only), so that
-    any statistic's replicates can be widened for few seeds or clusters (bootstrap.small_sample_widen)."""
+    """The test split's replicates that every reported interval reads (``both``): item clusters resampled (seeds
+    fixed, widened for few or unequal clusters: bootstrap.cluster_widen) plus each point's seed-mean error drawn
+    from the pooled seed covariance (noise.py); ``seeds`` and ``clusters`` hold each level alone (the variance
+    parts of "what it would take")."""
 
     both: SplitMeasure
     seeds: SplitMeasure
     clusters: SplitMeasure
+    level: SeedLevel
+    n_clusters: int  # fewest raw item clusters of a compared task on the test split
+    n_clusters_eff: float  # fewest effective (Kish) item clusters of a compared task
 
     @classmethod
     def make(
-        cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT, var_boot: int = 300
+        cls, st: Study, ps: list, L: MetricSpec, F: MetricSpec | None, n_boot: int = N_BOOT, by: str = "tokens"
     ) -> TestReplicates | None:
-        read = (tables(st, ps, L, "test"), tables(st, ps, F, "test") if F is not None else None)
-        both = measure_split(st, ps, L, F, "test", n_boot, read=read)
-        if both is None:
-            return None
-        return cls(
-            both,
-            *(
-                measure_split(st, ps, L, F, "test", var_boot, resample=m, seed=1, read=read)
-                for m in ("seeds", "clusters")
-            ),
-        )
+        lt, ft = tables(st, ps, L, "test"), tables(st, ps, F, "test") if F is not None else None
+        return None if lt is None else cls.from_tables(lt, ft, L, F, units_of(ps, by), n_boot)
 
-    @property
-    def n_clusters(self) -> int:
-        return min(len(t.clusters) for t in self.both.tables)
+    @classmethod
+    def from_tables(
+        cls,
+        lt: list[ClusterTable],
+        ft: list[ClusterTable] | None,
+        L: MetricSpec,
+        F: MetricSpec | None,
+        units: dict,
+        n_boot: int = N_BOOT,
+        seed: int = 0,
+    ) -> TestReplicates:
+        """The replicates from cluster tables (keys: point keys and BASE); units: point key -> noise.Unit. The
+        calibration bench calls this with simulated tables."""
+        ts = lt + (ft or [])
+        clus = measure_split(None, [], L, F, "test", n_boot, resample="clusters", seed=seed, read=(lt, ft))
+        n_c = min(len(t.clusters) for t in ts)
+        n_eff = min(effective_clusters(t.counts) for t in ts)
+        k = cluster_widen(n_c, n_eff)
+        keys = [("learning", L)] + ([("forgetting", F)] if ft is not None else [])
+        vals = {name: seed_values(lt if name == "learning" else ft, s) for name, s in keys}
+        level = seed_level(vals, {u: units[u] for u in units if u in vals["learning"]})
+        n_seeds = {key: len(lt[0].seeds[key]) for key in vals["learning"]}
+        errs = level.draws({u: units[u] for u in level.of}, n_seeds, n_boot, seed + 1)
+        both, alone = _copy(clus), _copy(clus)
+        for j, (name, _) in enumerate(keys):
+            est, cb = getattr(clus, name), getattr(clus, f"boot_{name}")
+            for i in est:
+                e = errs[i][:, j] if i in errs else 0.0
+                cb[i] = est[i] + k * (cb[i] - est[i])
+                getattr(both, f"boot_{name}")[i] = cb[i] + e
+                getattr(alone, f"boot_{name}")[i] = est[i] + e * np.ones(n_boot)
+        return cls(both, alone, clus, level, n_c, n_eff)
 
-    def of(self, stat, theta: float, n_seeds: int) -> np.ndarray:
-        """Widened replicates of stat(SplitMeasure) -> (B,) array, centred on its estimate theta."""
-        return small_sample_widen(
-            theta, stat(self.both), stat(self.seeds), stat(self.clusters), n_seeds, self.n_clusters
-        )
+    def of(self, stat) -> np.ndarray:
+        """Replicates of stat(SplitMeasure) -> (B,) array: the interval every verdict and table reads."""
+        return stat(self.both)
 
     def variances(self, stat) -> tuple[float, float]:
-        """(seeds-only, clusters-only) bootstrap variance of a statistic: the power note's inputs."""
-        return float(np.nanvar(stat(self.seeds))), float(np.nanvar(stat(self.clusters)))
+        """(seed level alone, item clusters alone) variance of a statistic's replicates (robust_var)."""
+        return robust_var(stat(self.seeds)), robust_var(stat(self.clusters))
 
     def arm(self, key: str, i) -> np.ndarray:
-        """Widened replicates of one point's learning or forgetting over the base."""
-        est = getattr(self.both, key)
-        return self.of(
-            lambda m: getattr(m, f"boot_{key}")[i],
-            est[i],
-            len(next(s for t in self.both.tables for k, s in t.seeds.items() if k == i)),
+        """Replicates of one point's learning or forgetting over the base."""
+        return getattr(self.both, f"boot_{key}")[i]
+
+    def n_seeds(self, i) -> int:
+        return len(self.both.tables[0].seeds[i])
+
+    def noise(self) -> str:
+        """What the intervals cover, in words (seeds, clusters, items, the seed level's pooling)."""
+        t = self.both.tables
+        lo, hi = self.both.n_seeds
+        ns = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return (
+            f"{ns} seed(s) x {self.n_clusters} item clusters (effective {self.n_clusters_eff:.1f}, Kish; "
+            f"{t[0].n_items} items), {self.both.n_boot} bootstrap replicates; {self.level.describe()}"
         )
+
+
+def robust_var(x: np.ndarray) -> float:
+    """The squared half-width of the central 68.3% of the finite replicates: the variance for a normal, and a
+    finite scale for the seed level's Student t on 2 degrees of freedom (which has no variance)."""
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return float("nan")
+    lo, hi = np.quantile(x, [0.158655, 0.841345])
+    return float(((hi - lo) / 2) ** 2)
+
+
+def _copy(m: SplitMeasure) -> SplitMeasure:
+    return SplitMeasure(
+        m.split,
+        dict(m.learning),
+        dict(m.boot_learning),
+        dict(m.forgetting),
+        dict(m.boot_forgetting),
+        m.tables,
+        m.n_boot,
+    )

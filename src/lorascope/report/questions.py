@@ -5,19 +5,23 @@
    LoRA - full, per method, since rank and targets are where a capacity gap shows. One choice, one place: when
    the study ran an LR search for a method (STUDY/lr_search.json, made on the validation split), its chosen LR
    is used and only the main runs (runs.json role "main") answer the question; with a fixed LR list the report
-   chooses on the validation split itself.
-2. forgets_less_at_equal_learning: the matched-learning forgetting difference LoRA - full of the families'
-   lower-left (Pareto) frontiers over all their points (learning rates, budgets, LR-search runs at their own budget too;
-   seeds inside each point), see frontier.py.
-Both are bootstrapped hierarchically (seeds x item clusters, bootstrap.py), Holm-corrected over every comparison
-of the study (``settle``, all settings together), and decided by decide.py; "yes" means the paper's claim holds
-(difference < 0).
+   chooses on the validation split itself. When either LR search ended at its grid's edge the premise "each at
+   its best LR" fails: the verdict is "not comparable" and the record is flagged "LR unbracketed".
+2. forgets_less_at_equal_learning, per LoRA method: its main points at its chosen LR (every budget, seeds
+   averaged) against full FT's, each reduced to its lower-left (Pareto) frontier (frontier.py): equal footing,
+   one schedule. LR-search points stay in the Pareto figure only: a lower envelope over more noisy points sits
+   lower, so pooling them (or every LoRA variant) into one frontier biases the answer toward "LoRA forgets less".
+Both are bootstrapped (item clusters x the pooled seed level, measure.TestReplicates), decided by decide.py with
+equivalence margins fixed before test (margins.py), and Holm-corrected over every test of the study, the
+equivalence tests included (``settle``, all settings together); "yes" means the paper's claim holds
+(difference < 0). Below MIN_EFFECTIVE_CLUSTERS effective (Kish) item clusters on the test split nothing is tested.
+Every comparison is a records.Comparison.
 
 Example::
 
     >>> a = answer(st, ps, L, F, "tokens", searched=study_choices(st, "code-cpt"))   # ps: the setting's points
     >>> settle([a])                                                                  # Holm over the study
-    >>> [(v["question"], v["verdict"]) for v in a.verdicts]
+    >>> [(c.question, c.verdict) for c in a.verdicts]
     [('learns_less', 'yes'), ('forgets_less_at_equal_learning', 'not resolved')]
 """
 
@@ -32,24 +36,32 @@ import numpy as np
 from lorascope.evals.catalog import MetricSpec
 
 from ..errors import LorascopeError
-from .bootstrap import noise_text, p_one_sided, p_two_sided, percentile_interval
-from .decide import ALPHA, MARGIN_FRACTION, decide, holm, power_note
-from .frontier import common_range, compared_forgetting, fit, matched_boot, matched_difference
-from .measure import SplitMeasure, TestReplicates, measure_split
+from .bootstrap import p_one_sided, p_two_sided, percentile_interval
+from .decide import ALPHA, decide, holm, holm_interval, holm_levels, p_tost, power_note
+from .frontier import common_range, fit, matched_boot, matched_difference
+from .margins import margin as margin_for
+from .measure import SplitMeasure, TestReplicates, measure_split, robust_var
+from .records import Comparison
 
-VAR_BOOT = 300  # replicates of the seeds-only / clusters-only bootstraps behind the power note
-# Fewest test-split item clusters to test on. A raw percentile bootstrap over clusters covered 69% / 84% / 88% at
-# 3 / 5 / 8 clusters (nominal 95%, 500 simulations, the tests' model); widened (bootstrap.small_sample_widen)
-# 94% / 96% / 93%. Below 5 the bootstrap has too few distinct resamples to be more than a formality.
-MIN_CLUSTERS = 5
+# Fewest effective (Kish) test-split item clusters to test on: a percentile bootstrap over fewer has too few
+# distinct resamples (and one dominant cluster decides every replicate) to be more than a formality.
+MIN_EFFECTIVE_CLUSTERS = 5
+# Fewest seeds at which the equal-learning (frontier) statistic may say yes / reversed / equivalent. Simulated
+# null coverage of its 95% interval with the pooled seed level, 4 budgets per method, seed noise dominant: 0.90-0.92
+# at 2 seeds, 0.96 at 3 (the paired learns-less difference covers at 2 seeds: 0.94-0.97; tests/test_verdicts.py).
+FRONTIER_MIN_SEEDS = 3
+NEAR_BEST = 0.10  # a recommendation weighs forgetting among configurations within this share of the best learning
+SKEW_SE = 0.25  # flag a bootstrap whose median sits this many SEs from the estimate
+UNDEFINED_SHARE = 0.05  # flag a statistic undefined (no common range) on more replicates than this
 MAIN = "main"  # runs.json role of a run that answers the questions; "lr-search" runs only chose an LR
 STUDY_SEARCH = "the study's LR search (validation split)"
 REPORT_CHOICE = "the report (validation split; fixed LR list)"
+Q1, Q2 = "learns_less", "forgets_less_at_equal_learning"
 
 
 @dataclass
 class Answer:
-    verdicts: list[dict] = field(default_factory=list)
+    verdicts: list[Comparison] = field(default_factory=list)
     chosen_lrs: dict = field(default_factory=dict)
     frontiers: dict = field(default_factory=dict)
     val: SplitMeasure | None = None
@@ -57,6 +69,7 @@ class Answer:
     lr_choice: dict = field(default_factory=dict)  # method -> {"lr", "by", "bracketed", "status", "grid", ...}
     ps: list = field(default_factory=list)
     learning_p: dict = field(default_factory=dict)  # point index -> {"p", "p_holm"}: learning > 0 on test
+    work: dict = field(default_factory=dict)  # id(Comparison) -> (replicates, compared points) until settled
 
     @property
     def test(self) -> SplitMeasure | None:
@@ -155,128 +168,186 @@ def lr_choices(ps: list, val: SplitMeasure, searched: dict, by: str) -> dict[str
     return out
 
 
-def _verdict(question: str, a: str, b: str, budget, est, boot, reason: str, noise: str, **kw) -> dict:
-    iv = percentile_interval(boot) if boot is not None and np.isfinite(boot).any() else None
-    return {
-        "question": question,
-        "verdict": kw.pop("verdict", None),
-        "estimate": est,
-        "interval": iv,
-        "level": 0.95,
-        "reason": reason,
-        "noise": noise,
-        "split": "test",
-        "a": a,
-        "b": b,
-        "budget": budget,
-        "boot": boot,
+def _comparison(question: str, ps: list, i, j, budget, metric: str, noise: str, **kw) -> Comparison:
+    """A pending comparison (verdict None) of LoRA point(s) i against full-FT point(s) j."""
+    a = ps[i] if isinstance(i, int) else ps[i[0]]
+    b = ps[j] if isinstance(j, int) else ps[j[0]]
+    return Comparison(
+        question=question,
+        setting=a.setting,
+        method=a.method,
+        budget=budget,
+        metric=metric,
+        estimate=kw.pop("estimate", None),
+        ci_low=None,
+        ci_high=None,
+        ci_low_holm=None,
+        ci_high_holm=None,
+        p_value=None,
+        p_holm=None,
+        alpha_holm=None,
+        margin=kw.pop("margin", None),
+        margin_source=kw.pop("margin_source", None),
+        verdict=kw.pop("verdict", None),
+        reason=kw.pop("reason", ""),
+        se=None,
+        df=None,
+        reference_effect=kw.pop("reference_effect", None),
+        n_seeds=kw.pop("n_seeds", None),
+        n_clusters=None,
+        n_clusters_eff=None,
+        var_seed=None,
+        var_cluster=None,
+        label=a.name if isinstance(i, int) else a.method,
+        reference=b.name if isinstance(j, int) else b.method,
+        noise=noise,
         **kw,
-    }
+    )
 
 
-def learns_less(
-    ps: list,
-    val: SplitMeasure,
-    rep: TestReplicates,
-    by: str,
-    noise: str,
-    frac: float = MARGIN_FRACTION,
-    searched: dict | None = None,
-) -> list:
-    """Question 1 at every budget of the main runs, each method at its chosen LR; the pending comparisons."""
-    out, test, searched = [], rep.both, searched or {}
+def chosen_main(ps: list, val: SplitMeasure, test: SplitMeasure, by: str, searched: dict) -> dict:
+    """Budget -> {method: point index at its chosen LR} over the main, not diverged points measured on test, and
+    "full" -> the full-FT point that learned most on validation at that budget (the reference)."""
     main = [i for i, p in enumerate(ps) if p.role == MAIN and not p.diverged and i in test.learning]
+    out = {}
     for b in sorted({ps[i].position(by) for i in main if ps[i].position(by) is not None}):
         per = at_chosen(ps, [i for i in main if ps[i].position(by) == b], val, searched)
         j = family_best(ps, per, val).get("full")
-        if j is None:
-            continue
-        for i in sorted(i for i in per.values() if ps[i].family != "full"):
-            est = test.learning[i] - test.learning[j]
-            d = rep.of(lambda m, i=i, j=j: m.boot_learning[i] - m.boot_learning[j], est, _seeds(ps, [i, j]))
-            gains = [test.learning[i], test.learning[j]]
-            lows = [percentile_interval(rep.arm("learning", k))[0] for k in (i, j)]
-            v = _verdict(
-                "learns_less",
-                ps[i].name,
-                ps[j].name,
-                b,
-                est,
-                d,
-                "",
-                noise,
-                margin=frac * max(gains),
-                points=(i, j),
-                capacity=(ps[i].capacity, ps[j].capacity),
-            )
-            if max(lows) <= 0:
-                v.update(
-                    verdict="not comparable",
-                    reason=f"nothing learned: neither {ps[i].name} nor {ps[j].name} "
-                    "improved on the base model significantly on the test split",
-                )
-            out.append(v)
+        if j is not None:
+            out[b] = (per, j)
     return out
 
 
-def forgets_less(ps: list, rep: TestReplicates, noise: str, frac: float = MARGIN_FRACTION) -> tuple[list, dict]:
-    """Question 2 per LoRA family against full FT, and the frontiers for the Pareto figure (every point, the
-    LR-search runs' included: each is a (method, LR, budget) configuration measured on the test split)."""
-    test = rep.both
+def unbracketed(lr_choice: dict, methods: list[str]) -> list[str]:
+    """The methods among `methods` whose chosen LR is the best of a grid of 2 or more but sits at its edge."""
+    return [
+        m
+        for m in methods
+        if (c := lr_choice.get(m)) and c.get("lr") is not None and not c.get("bracketed") and len(c.get("grid")) > 1
+    ]
+
+
+def learns_less(ps: list, val: SplitMeasure, rep: TestReplicates, chosen: dict, ctx: dict) -> list:
+    """Question 1 at every budget of the main runs, each method at its chosen LR; the pending comparisons."""
+    out, test = [], rep.both
+    for b, (per, j) in chosen.items():
+        for i in sorted(i for i in per.values() if ps[i].family != "full"):
+            est = test.learning[i] - test.learning[j]
+            mg, src = margin_for(ctx["margins"], "learning", ctx["L"].task, val.learning.get(j))
+            c = _comparison(
+                Q1,
+                ps,
+                i,
+                j,
+                ps[i].checkpoint,
+                ctx["L"].task,
+                ctx["noise"],
+                estimate=est,
+                margin=mg,
+                margin_source=src,
+                reference_effect=test.learning[j],
+                n_seeds=min(rep.n_seeds(i), rep.n_seeds(j)),
+                position=b,
+                capacity=[ps[i].capacity, ps[j].capacity],
+            )
+            ctx["work"][id(c)] = (rep.of(lambda m, i=i, j=j: m.boot_learning[i] - m.boot_learning[j]), (i, j))
+            lows = [percentile_interval(rep.arm("learning", k))[0] for k in (i, j)]
+            edge = unbracketed(ctx["lr_choice"], [ps[i].method, ps[j].method])
+            if max(lows) <= 0:
+                c.verdict = "not comparable"
+                c.reason = (
+                    f"nothing learned: neither {ps[i].name} nor {ps[j].name} improved on the base model "
+                    "significantly on the test split"
+                )
+            elif edge:
+                c.verdict = "not comparable"
+                c.flags.append("LR unbracketed")
+                c.reason = (
+                    f"LR unbracketed: the chosen learning rate of {', '.join(edge)} is at the edge of the grid "
+                    "tried, so neither is known to be at its best LR (widen the search)"
+                )
+            out.append(c)
+    return out
+
+
+def forgets_less(ps: list, val: SplitMeasure, rep: TestReplicates, chosen: dict, ctx: dict) -> list:
+    """Question 2 per LoRA method: its frontier over its main points at its chosen LR (every budget) against full
+    FT's (likewise); the pending comparisons."""
+    test, out = rep.both, []
+    has = lambda i: i in test.forgetting  # noqa: E731
+    full = [j for _, (_, j) in chosen.items() if has(j)]
+    methods = sorted({ps[i].method for per, _ in chosen.values() for i in per.values() if ps[i].family != "full"})
+    for m in methods:
+        idx = [per[m] for per, _ in chosen.values() if m in per and has(per[m])]
+        if not idx or not full:
+            continue
+        a = [(test.learning[i], test.forgetting[i]) for i in idx]
+        b = [(test.learning[j], test.forgetting[j]) for j in full]
+        rng = common_range(a, b)
+        vf = [val.forgetting[j] for j in full if j in val.forgetting]
+        mg, src = margin_for(ctx["margins"], "forgetting", ctx["F"].task, float(np.mean(vf)) if vf else None)
+        c = _comparison(
+            Q2,
+            ps,
+            idx,
+            full,
+            None,
+            ctx["F"].task,
+            ctx["noise"],
+            margin=mg,
+            margin_source=src,
+            reference_effect=float(np.mean([test.forgetting[j] for j in full])),
+            n_seeds=min(rep.n_seeds(k) for k in idx + full),
+            learning_range=list(rng) if rng else None,
+        )
+        if len(idx) < 2 or len(full) < 2:
+            c.verdict, c.reason = (
+                "not comparable",
+                f"one budget: {m} and full fine-tuning need main points at two budgets or more for a frontier with a "
+                "learning range (add checkpoints: train.checkpoints)",
+            )
+        elif rng is None:
+            c.verdict, c.reason = (
+                "not comparable",
+                f"the learning ranges of {m} and full fine-tuning do not overlap on the test split, so there is "
+                "no equal-learning level to compare at",
+            )
+        elif rng[1] <= 0:
+            c.verdict, c.reason = (
+                "not comparable",
+                "nothing learned: the common learning range lies at or below the base",
+            )
+        else:
+            c.estimate = matched_difference(a, b)
+            boot = rep.of(lambda s, idx=idx, full=full: _matched(s, idx, full))
+            ctx["work"][id(c)] = (boot, (idx, full))
+            c.undefined = float(np.mean(~np.isfinite(boot)))
+        out.append(c)
+    return out
+
+
+def frontiers_of(ps: list, test: SplitMeasure, comparisons: list) -> dict:
+    """Per family, every measured point (LR-search runs included: the figure shows them) and its frontier; "band":
+    the common learning range of the family's first compared method."""
     fams: dict[str, list[int]] = {}
     for i, p in enumerate(ps):
         if not p.diverged and i in test.learning and i in test.forgetting:
             fams.setdefault(p.family, []).append(i)
-    pts = {f: [(test.learning[i], test.forgetting[i]) for i in idx] for f, idx in fams.items()}
-    frontiers = {
+    out = {
         f: {
             "points": [(test.learning[i], test.forgetting[i], ps[i].name) for i in idx],
             "capacity": [ps[i].capacity for i in idx],
-            "curve": fit(pts[f]),
+            "curve": fit([(test.learning[i], test.forgetting[i]) for i in idx]),
             "band": None,
         }
         for f, idx in fams.items()
     }
-    out = []
-    for f, idx in fams.items():
-        if f == "full" or "full" not in fams:
-            continue
-        j = fams["full"]
-        rng = common_range(pts[f], pts["full"])
-        frontiers[f]["band"] = rng
-        frontiers["full"]["band"] = frontiers["full"]["band"] or rng
-        v = _verdict(
-            "forgets_less_at_equal_learning", f, "full", None, None, None, "", noise, points=(idx, j), range=rng
-        )
-        if rng is None:
-            v.update(
-                verdict="not comparable",
-                reason=f"the learning ranges of {f} and full fine-tuning do not "
-                "overlap on the test split, so there is no equal-learning level to compare at",
-            )
-        elif rng[1] <= 0:
-            v.update(
-                verdict="not comparable",
-                reason="nothing learned: the common learning range lies at or below the base model",
-            )
-        else:
-            est = matched_difference(pts[f], pts["full"])
-            boot = rep.of(lambda m, idx=idx, j=j: _matched(m, idx, j), est, _seeds(ps, idx + j))
-            top = compared_forgetting(pts[f], pts["full"])
-            v.update(
-                estimate=est,
-                boot=boot,
-                interval=percentile_interval(boot),
-                margin=frac * top,
-                undefined=float(np.mean(~np.isfinite(boot))),
-            )
-        out.append(v)
-    return out, frontiers
-
-
-def _seeds(ps: list, idx: list[int]) -> int:
-    """Seeds behind a statistic of several points: the fewest any of them has."""
-    return min(len(ps[i].run_ids) for i in idx)
+    family = {p.method: p.family for p in ps}
+    for c in comparisons:
+        for f in (family.get(c.method), "full"):
+            if f in out and out[f]["band"] is None and c.learning_range:
+                out[f]["band"] = tuple(c.learning_range)
+    return out
 
 
 def _matched(m: SplitMeasure, ia: list[int], ib: list[int]) -> np.ndarray:
@@ -295,47 +366,107 @@ def answer(
     L: MetricSpec,
     F: MetricSpec | None,
     by: str,
-    margin_fraction: float = MARGIN_FRACTION,
+    margins: dict | None = None,
     n_boot: int = 1000,
     searched: dict | None = None,
 ) -> Answer:
-    """Both questions for one setting's points; the tested comparisons stay pending (verdict None, with their
-    replicates) until ``settle`` decides them with Holm's correction over the whole study."""
+    """Both questions for one setting's points; the tested comparisons stay pending (verdict None, their
+    replicates in Answer.work) until ``settle`` decides them with Holm's correction over the whole study.
+    margins: the study file's report.margins (margins.py)."""
     searched = searched or {}
     val = measure_split(st, ps, L, F, "validation", n_boot)
-    rep = TestReplicates.make(st, ps, L, F, n_boot, VAR_BOOT)
+    rep = TestReplicates.make(st, ps, L, F, n_boot, by)
     if val is None or rep is None:
         return Answer(val=val, rep=rep, ps=ps)
-    noise = noise_text(rep.both.n_seeds, rep.both.tables[:1], n_boot)
-    lr_choice = lr_choices(ps, val, searched, by)
-    q1 = learns_less(ps, val, rep, by, noise, margin_fraction, searched)
-    q2, frontiers = forgets_less(ps, rep, noise, margin_fraction) if F is not None else ([], {})
-    vs = q1 + q2
-    few = _too_few(rep.both)
-    for v in vs:
-        if v["verdict"] is None and few:
-            v.update(verdict="not resolved", reason=few)
-        if v["verdict"] is None:
-            v["p"] = p_two_sided(v["boot"])
-    chosen = {m: c["lr"] for m, c in lr_choice.items() if c["lr"] is not None}
-    return Answer(vs, chosen, frontiers, val, rep, lr_choice, ps)
+    a = Answer(val=val, rep=rep, ps=ps, lr_choice=lr_choices(ps, val, searched, by))
+    ctx = {"margins": margins or {}, "L": L, "F": F, "noise": rep.noise(), "work": a.work, "lr_choice": a.lr_choice}
+    chosen = chosen_main(ps, val, rep.both, by, searched)
+    q1 = learns_less(ps, val, rep, chosen, ctx)
+    q2 = forgets_less(ps, val, rep, chosen, ctx) if F is not None else []
+    a.verdicts = q1 + q2
+    a.frontiers = frontiers_of(ps, rep.both, q2) if F is not None else {}
+    few = _too_few(rep)
+    for c in a.verdicts:
+        _describe(c, rep, a.work.get(id(c)))
+        if c.verdict is None and few:
+            c.verdict, c.reason = "not resolved", few
+            c.flags.append("too few independent item clusters")
+    a.chosen_lrs = {m: c["lr"] for m, c in a.lr_choice.items() if c["lr"] is not None}
+    return a
+
+
+def _describe(c: Comparison, rep: TestReplicates, work) -> None:
+    """Fill the interval, SE, variance parts and cluster counts of a comparison from its replicates."""
+    c.n_clusters, c.n_clusters_eff = rep.n_clusters, round(rep.n_clusters_eff, 3)
+    if work is None or c.estimate is None or not np.isfinite(work[0]).any():
+        return
+    boot = work[0]
+    c.ci_low, c.ci_high = percentile_interval(boot)
+    c.p_value = p_two_sided(boot)
+    c.se = math.sqrt(robust_var(boot))
+    c.var_seed, c.var_cluster = rep.variances(_stat(c, work[1]))
+    g = rep.level.of.get(work[1][0] if c.question == Q1 else work[1][0][0])
+    c.df = float(rep.level.groups[g][1]) if g is not None else None
+    if c.margin:
+        c.p_tost = p_tost(boot, c.margin)
+    c.flags += bootstrap_flags(boot, c.estimate, c.se)
+
+
+def bootstrap_flags(boot: np.ndarray, estimate: float, se: float) -> list[str]:
+    """Warnings about replicates a percentile interval should not be trusted from: undefined on more than
+    UNDEFINED_SHARE of them (no common learning range), or a median more than SKEW_SE standard errors from the
+    estimate (a biased, non-smooth statistic such as a frontier: its estimate sits at the edge of its interval)."""
+    out = []
+    undefined = float(np.mean(~np.isfinite(boot)))
+    if undefined > UNDEFINED_SHARE:
+        out.append(f"partly undefined bootstrap ({undefined:.0%} of replicates have no common range)")
+    if se > 0 and abs(float(np.nanmedian(boot)) - estimate) > SKEW_SE * se:
+        out.append(f"skewed bootstrap (its median is more than {SKEW_SE:g} SE from the estimate)")
+    return out
+
+
+def _stat(c: Comparison, pts):
+    if c.question == Q1:
+        i, j = pts
+        return lambda m: m.boot_learning[i] - m.boot_learning[j]
+    return lambda m: _matched(m, *pts)
 
 
 def settle(answers: list[Answer]) -> int:
-    """Decide every pending comparison of the study with Holm's correction over all of them (every setting and
-    question: the family-wise error of the whole report); returns the number of comparisons corrected over."""
-    pending = [(a, v) for a in answers for v in a.verdicts if v["verdict"] is None]
-    k = len(pending)
-    for (a, v), pa in zip(pending, holm([v["p"] for _, v in pending])):
-        v["verdict"], v["reason"] = decide(v["estimate"], v["boot"], pa, v["margin"], -1, v["p"], k)
-        v["p_holm"] = pa  # sign -1: the paper's direction, LoRA learns less / forgets less
-        v["correction"] = f"Holm over the {k} comparison{'s' * (k != 1)} of the study (all settings)"
-        if v["verdict"] == "not resolved":
-            v["power"] = _power(a.rep, v, a.ps)
+    """Decide every pending comparison of the study with Holm's correction over all of its tests (every setting
+    and question; each comparison's difference test and, with a margin, its equivalence test): the family-wise
+    error of the whole report. Returns the number of tests corrected over."""
     for a in answers:
-        for v in a.verdicts:
-            v.pop("boot", None)
-            v.pop("points", None)
+        for c in a.verdicts:
+            if c.verdict is None and c.p_value is None:  # no finite replicate: nothing to test
+                c.verdict, c.reason = "not resolved", "the statistic is undefined on every bootstrap replicate"
+    pending = [(a, c) for a in answers for c in a.verdicts if c.verdict is None]
+    tests = [(c, "diff", c.p_value) for _, c in pending] + [(c, "tost", c.p_tost) for _, c in pending if c.p_tost]
+    ps = [p for *_, p in tests]
+    k = len(tests)
+    for (c, kind, _), pa, lvl in zip(tests, holm(ps), holm_levels(ps)):
+        if kind == "diff":
+            c.p_holm, c.alpha_holm = pa, lvl
+            c.ci_low_holm, c.ci_high_holm = holm_interval(c.estimate, c.ci_low, c.ci_high, lvl)
+        else:
+            c.p_tost_holm = pa
+    for a, c in pending:
+        boot = a.work[id(c)][0]
+        c.verdict, c.reason = decide(c.estimate, boot, c.p_holm, c.margin, -1, c.p_value, k, c.p_tost_holm)
+        if c.question == Q2 and (c.n_seeds or 0) < FRONTIER_MIN_SEEDS and c.verdict != "not resolved":
+            c.flags.append(f"{c.verdict} withheld at {c.n_seeds} seed(s)")
+            c.reason = (
+                f"the data say '{c.verdict}' ({c.reason}), but at {c.n_seeds} seed(s) the equal-learning interval "
+                f"under-covers when training noise dominates (simulated: 90-92% for a 95% interval), so no verdict "
+                f"is drawn from it; run {FRONTIER_MIN_SEEDS} seeds"
+            )
+            c.verdict = "not resolved"
+        c.correction = f"Holm over the {k} test{'s' * (k != 1)} of the study (all settings; equivalence tests included)"
+        if c.verdict == "not resolved":
+            n_eff = max(1, round(c.n_clusters_eff or 1))
+            c.power = power_note(c.estimate, c.var_seed, c.var_cluster, c.n_seeds or 1, n_eff, c.margin)
+    for a in answers:
+        a.work.clear()
     return k
 
 
@@ -352,27 +483,15 @@ def learning_tests(cands: list[tuple[Answer, list[int]]]) -> int:
     return len(flat)
 
 
-def _too_few(test: SplitMeasure) -> str:
-    """Why the test split is too small to test on ("" when it is not)."""
-    n = min(len(t.clusters) for t in test.tables)
-    if n >= MIN_CLUSTERS:
+def _too_few(rep: TestReplicates) -> str:
+    """Why the test split is too small to test on ("" when it is not): Kish's effective count of item clusters."""
+    if rep.n_clusters_eff >= MIN_EFFECTIVE_CLUSTERS:
         return ""
     return (
-        f"only {n} item cluster{'s' * (n != 1)} on the test split of a compared task; an interval needs at "
-        f"least {MIN_CLUSTERS} (raise the evaluation limit)"
+        f"too few independent item clusters: {rep.n_clusters_eff:.1f} effective (Kish) of {rep.n_clusters} on the "
+        f"test split of a compared task; an interval needs at least {MIN_EFFECTIVE_CLUSTERS} (balance the "
+        "evaluation items over more clusters, or raise the evaluation limit)"
     )
-
-
-def _power(rep: TestReplicates, v: dict, ps: list) -> str:
-    """The power note of one unresolved comparison, from seeds-only and clusters-only bootstraps."""
-    i, j = v["points"]
-    if v["question"] == "learns_less":
-        vs, vc = rep.variances(lambda m: m.boot_learning[i] - m.boot_learning[j])
-        n_seeds = _seeds(ps, [i, j])
-    else:
-        vs, vc = rep.variances(lambda m: _matched(m, i, j))
-        n_seeds = _seeds(ps, i + j)
-    return power_note(v["estimate"], vs, vc, n_seeds, rep.n_clusters, v.get("margin"))
 
 
 def candidates(ps: list, fin: list[int], a: Answer) -> list[int]:
@@ -386,14 +505,14 @@ def candidates(ps: list, fin: list[int], a: Answer) -> list[int]:
 
 
 def recommend(
-    ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = MARGIN_FRACTION, setting: str = ""
+    ps: list, fin: list[int], a: Answer, L: MetricSpec, frac: float = NEAR_BEST, setting: str = ""
 ) -> tuple[int | None, list[str]]:
     """(point index or None, sentences). Only points whose test-split learning over the base is significantly
     positive (one-sided, Holm-corrected over the study's candidates: learning_tests) qualify; among them the
     choice reads validation: the least validation forgetting among those within the margin of the best
     validation learning. Without a qualifier, what to change instead."""
     val, test = a.val, a.test
-    if few := _too_few(test):
+    if few := _too_few(a.rep):
         return None, [f"No recommendation for {setting}: {few}."]
     cands = [i for i in candidates(ps, fin, a) if a.learning_p.get(i, {}).get("p_holm", 1.0) < ALPHA]
     if not cands:

@@ -9,6 +9,7 @@ and the one-sided bounds of an unresolved answer are computed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 VERDICTS = ("yes", "no", "reversed", "equivalent", "not resolved", "not comparable")
@@ -39,9 +40,53 @@ class Comparison:
     n_seeds: int | None
     n_clusters: int | None
     n_clusters_eff: float | None  # Kish's effective count (splits.effective_clusters)
-    var_seed: float | None  # variance of the estimate per seed: se^2 ~ var_seed/n_seeds + var_cluster/n_eff
-    var_cluster: float | None
+    var_seed: float | None  # the estimate's variance with only seeds resampled (se^2 ~ var_seed + var_cluster;
+    var_cluster: float | None  # ... only item clusters): each shrinks in proportion to its own count
     flags: list[str] = field(default_factory=list)  # e.g. "LR unbracketed", "skewed bootstrap"
+    label: str = ""  # the compared LoRA configuration as the page names it (method and LR, or the method)
+    reference: str = ""  # the full-FT configuration it is set against
+    position: float | None = None  # the budget in tokens (or epochs), for sorting and the question's wording
+    p_tost: float | None = None  # equivalence (TOST, max of the two one-sided p-values), inside the Holm family
+    p_tost_holm: float | None = None
+    level: float = 0.95
+    split: str = "test"
+    noise: str = ""  # what the intervals cover, in words
+    correction: str = ""  # the multiplicity correction, in words
+    learning_range: list[float] | None = None  # forgets_less: the common learning range compared over
+    capacity: list[float | None] | None = None  # learns_less: trainable parameters per token (LoRA, full FT)
+    undefined: float | None = None  # share of bootstrap replicates where the statistic is undefined
+    power: str | None = None  # what would resolve an unresolved comparison (decide.power_note)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+QUESTIONS = {
+    "learns_less": "At a given budget, with each method at its own best learning rate, does LoRA learn less?",
+    "forgets_less_at_equal_learning": "Among configurations that learn as much, does LoRA forget less?",
+}
+
+
+def verdicts_document(comparisons: list[Comparison], recommendations: list[dict]) -> dict:
+    """verdicts.json (and results.parquet's "lorascope.verdicts" metadata): the questions, every comparison's
+    record, and each setting's recommendation ({"setting", "recommended": name or None, "sentences"})."""
+    return {
+        "questions": [{"question": q, "text": t} for q, t in QUESTIONS.items()],
+        "comparisons": [c.to_dict() for c in comparisons],
+        "recommendations": recommendations,
+    }
+
+
+def dumps(doc: dict) -> str:
+    """JSON with non-finite numbers (an undefined estimate) written as null, so any JSON reader takes it."""
+
+    def clean(x):
+        if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(doc), indent=1)

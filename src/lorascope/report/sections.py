@@ -101,7 +101,7 @@ def _headline_setting(h: Headline, family: dict[str, str], by: str) -> dict:
         "verdicts": verdict_lines(h, by),
         "lrs": lr_rows(h.chosen_lrs, family),
         "choice": lr_choice_rows(h.lr_choice, family, h.learning.task if h.learning else None, unit),
-        "margin": h.margin_fraction,
+        "margins": h.margins,
         "correction": h.correction,
     }
 
@@ -123,8 +123,9 @@ def _fig(png: str | None, caption: str | None = None) -> dict:
 
 FOREST_CAPTION = (
     "Difference vs the base model (dashed line) at each configuration's last checkpoint, signed so "
-    "that positive = {what}; bars: 95% interval (paired bootstrap over items, or the normal "
-    "approximation from the two stderrs without samples). These tasks were evaluated at one "
+    "that positive = {what}; bars: 95% interval on the test split (the verdicts' bootstrap: item clusters x "
+    "the seed noise pooled over the main configurations; without samples, the normal approximation from the two "
+    "stderrs). These tasks were evaluated at one "
     "checkpoint per configuration, so no curve is drawn."
 )
 
@@ -136,7 +137,7 @@ def _forest(st: Study, mine: list[Point], base: dict, role: str, keys: list[tupl
         {
             "title": f"{short_task(t)} {m}",
             "xlabel": f"{role} vs base (positive = {what})",
-            "rows": [(p.name, difference(st, spec(t), p, None, base)) for p in finals(mine) if (t, m) in p.values],
+            "rows": [(p.name, difference(st, spec(t), p, None, mine)) for p in finals(mine) if (t, m) in p.values],
         }
         for t, m in keys
     ]

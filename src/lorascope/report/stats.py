@@ -1,17 +1,10 @@
-"""Intervals for differences: paired bootstrap over the items of one split (seeded), from the samples files.
-
-Two models evaluated on the same items differ item by item far less than their two stderrs suggest, so the
-difference is resampled per item (paired). Several seeds of one configuration are averaged per item first.
-The paper's forgetting_mean is the mean of three tasks; each task is resampled on its own items and the three
-resampled means are averaged. When a samples file is missing the interval falls back to the unpaired normal
-approximation from the two stderrs, and says so in ``Interval.method``.
+"""Intervals and per-item values from the samples files: the Interval record the tables print, the normal
+approximation from two stderrs (for results without samples), and one task's items on one split.
 
 Example::
 
-    >>> a = [{"q1": 1.0, "q2": 1.0, "q3": 0.0}]; b = [{"q1": 0.0, "q2": 1.0, "q3": 0.0}]
-    >>> iv = paired_bootstrap([a], [b], seed=0)
-    >>> round(iv.estimate, 3), iv.n, iv.method
-    (0.333, 3, 'paired bootstrap')
+    >>> stderr_interval(0.5, 0.01, 0.4, 0.01).text()
+    '+0.1000 [+0.0723, +0.1277]'
 """
 
 from __future__ import annotations
@@ -21,13 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorascope.evals.catalog import FORGETTING_TASKS, MetricSpec, spec
+from lorascope.evals.catalog import spec
 
 from ..splits import split_of
 from .collect import Study
-
-ItemValues = dict[str, float]  # item id -> per-item value of the metric
-N_BOOT = 2000
 
 
 @dataclass(frozen=True)
@@ -35,7 +25,7 @@ class Interval:
     estimate: float
     lo: float
     hi: float
-    n: int | None  # paired items (None for the stderr approximation)
+    n: int | None  # test items (None for the stderr approximation)
     method: str
 
     @property
@@ -51,57 +41,6 @@ class Interval:
             return f"{round(x, digits) + 0.0:+.{digits}f}"  # + 0.0 turns a rounded -0.0 into +0.0
 
         return f"{f(self.estimate)} [{f(self.lo)}, {f(self.hi)}]"
-
-
-def item_values(
-    st: Study, run_id: str, ckpt: str | None, s: MetricSpec, split: str = "test", weights: list | None = None
-) -> list[ItemValues] | None:
-    """Per-item values of one task's headline metric on one split (one dict per part: three for
-    forgetting_mean), None without samples. weights: a list that receives each part's {item id: weight} (KL's
-    tokens per text; 1 elsewhere)."""
-    parts = []
-    for task in FORGETTING_TASKS if s.task == "forgetting_mean" else (s.task,):
-        got = split_items(st, run_id, ckpt, task, split)
-        if got is None:
-            return None
-        parts.append(got[0])
-        if weights is not None:
-            weights.append(got[2])
-    return parts
-
-
-def paired_bootstrap(
-    a: list[list[ItemValues]],
-    b: list[list[ItemValues]],
-    seed: int = 0,
-    n_boot: int = N_BOOT,
-    weights: list[dict] | None = None,
-) -> Interval | None:
-    """95% percentile interval of mean(a) - mean(b).
-
-    a, b: per seed (outer list), per part (inner list), item values. Items are paired by id over the items
-    every seed of both sides has; None when some part has no common item. weights: per part, item id ->
-    weight of the item in its part's mean (a token-weighted KL is a ratio of sums; missing: unweighted).
-    """
-    rng = np.random.default_rng(seed)
-    n_parts = len(a[0])
-    boot = np.zeros(n_boot)
-    est, n_items = 0.0, 0
-    for p in range(n_parts):
-        ids = set.intersection(*(set(x[p]) for x in a), *(set(x[p]) for x in b))
-        if not ids:
-            return None
-        ids = sorted(ids)
-        d = np.array([np.mean([x[p][i] for x in a]) - np.mean([x[p][i] for x in b]) for i in ids])
-        w = np.array([(weights[p] if weights else {}).get(i, 1.0) for i in ids], dtype=float)
-        if w.sum() <= 0:
-            w = np.ones_like(d)
-        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-        boot += (d * w)[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-300) / n_parts
-        est += float((d * w).sum() / w.sum()) / n_parts
-        n_items += len(d)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return Interval(est, float(lo), float(hi), n_items, "paired bootstrap")
 
 
 def stderr_interval(va: float, sa: float | None, vb: float, sb: float | None) -> Interval | None:

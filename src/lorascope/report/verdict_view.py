@@ -39,89 +39,95 @@ def shorten(text: str, tasks) -> str:
     return text
 
 
-def _capacity(v: dict) -> str | None:
+def _capacity(c) -> str | None:
     """The learns-less comparison's capacity ratios (LoRA, full), flagged where LoRA's is below the rule's 1."""
-    lora, full = v.get("capacity") or (None, None)
+    lora, full = c.capacity or (None, None)
     if lora is None and full is None:
         return None
     text = "capacity (trainable params / token): " + ", ".join(
-        f"{who}: {'–' if c is None else f'{c:.3g}'}" for who, c in ((v.get("a"), lora), (v.get("b"), full))
+        f"{who}: {'–' if x is None else f'{x:.3g}'}" for who, x in ((c.label, lora), (c.reference, full))
     )
     if lora is not None and lora < 1:
         text += " — LoRA below 1, where the rule of thumb expects it to learn less"
     return text
 
 
-def _tests(v: dict, frac: float | None) -> list[str]:
-    """The statistics behind one verdict: equivalence margin, raw and Holm-adjusted p, common learning range."""
+def _tests(c) -> list[str]:
+    """The statistics behind one verdict: equivalence margin (and where it came from), raw and Holm-adjusted p of
+    the difference and of the equivalence test, the common learning range."""
     out = []
-    if v.get("margin") is not None:
-        of = (
-            "gain compared"
-            if v["question"] == "learns_less"
-            else "forgetting of the two frontiers atop the common range"
-        )
+    if c.margin is not None:
+        out.append(f"equivalence margin ±{abs(c.margin):.3g} ({c.margin_source})")
+    elif c.margin_source:
+        out.append(f"no equivalence margin: {c.margin_source}")
+    if c.p_value is not None:  # 2 digits: a bootstrap p is a count over its replicates
+        out.append(f"p = {c.p_value:.2g}" + (f", Holm-adjusted p = {c.p_holm:.2g}" if c.p_holm is not None else ""))
+    if c.p_tost is not None:
         out.append(
-            f"equivalence margin ±{abs(v['margin']):.3g}"
-            + ("" if frac is None else f" ({frac:.0%} of the larger {of})")
+            f"equivalence (TOST) p = {c.p_tost:.2g}"
+            + (f", Holm-adjusted p = {c.p_tost_holm:.2g}" if c.p_tost_holm is not None else "")
         )
-    if v.get("p") is not None:  # 2 digits: a bootstrap p is a count over its replicates
+    if c.question == "forgets_less_at_equal_learning":
+        r = c.learning_range
         out.append(
-            f"p = {v['p']:.2g}" + (f", Holm-adjusted p = {v['p_holm']:.2g}" if v.get("p_holm") is not None else "")
-        )
-    if v["question"] == "forgets_less_at_equal_learning" and "range" in v:
-        r = v["range"]
-        out.append(
-            "common learning range: none (the two families' learning ranges do not overlap)"
+            "common learning range: none (the two frontiers' learning ranges do not overlap)"
             if r is None
             else f"common learning range {_num(r[0])} to {_num(r[1])}"
         )
     return out
 
 
+def _interval(c) -> str:
+    """The estimate with its raw 95% interval and, once tested, the interval at its Holm level beside it."""
+    out = _num(c.estimate)
+    if c.ci_low is not None:
+        out += f" [{_num(c.ci_low)}, {_num(c.ci_high)}]"
+        out += f" ({c.level:.0%} interval)"
+    if c.ci_low_holm is not None and c.alpha_holm is not None:
+        out += f"; at its Holm level ({1 - c.alpha_holm:.2%}): [{_num(c.ci_low_holm)}, {_num(c.ci_high_holm)}]"
+    return out
+
+
 def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
-    """{"text", "verdict", "gist", "numbers", "tests", "capacity", "reason", "notes"} per verdict, in the engine's
-    order ("gist": the difference and interval, else the reason, for the first screen); `by`: the budget's unit
-    ("tokens" or "epoch")."""
+    """{"text", "verdict", "gist", "numbers", "tests", "capacity", "flags", "reason", "notes"} per comparison, in
+    the engine's order ("gist": the difference and interval, else the reason, for the first screen); `by`: the
+    budget's unit ("tokens" or "epoch"). Reads the records' fields only, never their sentences."""
     tasks = [s.task for s in (h.learning, h.forgetting) if s]
     out = []
-    for v in h.verdicts:
-        b = v.get("budget")
+    for c in h.verdicts:
+        b = c.position
         at = "" if b is None else f" (at epoch {b:g})" if by == "epoch" else f" (at {b:,} tokens)"
-        q = QUESTIONS.get(v["question"], v["question"] + " ({a} vs {b}{at})")
-        numbers, gist = None, shorten(v.get("reason") or "", tasks)
-        if v.get("estimate") is not None:
-            est = _num(v["estimate"])
-            if v.get("interval") is not None:
-                est += f" [{_num(v['interval'][0])}, {_num(v['interval'][1])}]"
-            numbers = f"difference {v.get('a')} − {v.get('b')}: {est}" + (
-                f" ({v.get('level', 0.95):.0%} interval)" if v.get("interval") is not None else ""
-            )
+        q = QUESTIONS.get(c.question, c.question + " ({a} vs {b}{at})")
+        numbers, gist = None, shorten(c.reason or "", tasks)
+        if c.estimate is not None:
+            numbers = f"difference {c.label} − {c.reference}: {_interval(c)}"
             what, less = (
-                ("learning", "learned")
-                if v["question"] == "learns_less"
-                else ("forgetting at equal learning", "forgets")
+                ("learning", "learned") if c.question == "learns_less" else ("forgetting at equal learning", "forgets")
             )
-            gist = f"{what}, {v.get('a')} − {v.get('b')}: {est} (below 0: {v.get('a')} {less} less)"
+            gist = f"{what}, {c.label} − {c.reference}: {_num(c.estimate)}" + (
+                f" [{_num(c.ci_low)}, {_num(c.ci_high)}]" if c.ci_low is not None else ""
+            )
+            gist += f" (below 0: {c.label} {less} less)"
         notes = [
             x
             for x in (
-                f"noise: {v['noise']}" if v.get("noise") else None,
-                f"{v['split']} split" if v.get("split") else None,
-                v.get("correction"),
-                v.get("power"),
+                f"noise: {c.noise}" if c.noise else None,
+                f"{c.split} split" if c.split else None,
+                c.correction,
+                c.power,
             )
             if x
         ]
         out.append(
             {
-                "text": q.format(a=v.get("a"), b=v.get("b"), at=at),
-                "verdict": v["verdict"],
+                "text": q.format(a=c.label, b=c.reference, at=at),
+                "verdict": c.verdict,
                 "gist": gist,
                 "numbers": numbers,
-                "tests": _tests(v, h.margin_fraction),
-                "capacity": _capacity(v),
-                "reason": shorten(v.get("reason") or "", tasks),
+                "tests": _tests(c),
+                "capacity": _capacity(c),
+                "flags": list(c.flags),
+                "reason": shorten(c.reason or "", tasks),
                 "notes": notes,
             }
         )

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -39,6 +40,7 @@ from lorascope.config import (
     MethodConfig,
     RunConfig,
     Strict,
+    TrackingConfig,
     TrainConfig,
     apply_overrides,
     dump,
@@ -53,6 +55,9 @@ from lorascope.train.plan import checkpoint_names as planned_checkpoint_names
 
 FULL_FT_START_LR = 1e-4
 """Centre of the automatic LR grid of full fine-tuning (a common full-FT LR for small decoder models)."""
+LR_SEARCH_SEED_OFFSET = 1000
+"""The LR search trains at seed seeds[0] + this, a seed no main run uses: a search run's training luck is
+selected on validation and must not be reported on test as a main run's (the winner's curse)."""
 LORA_LR_RATIO = 10.0
 """LoRA's automatic grid is centred at 10x full FT's: the field's rule that LoRA's best LR is ~10x full FT's
 (Biderman et al. 2024; Schulman et al., "LoRA Without Regret", 2025)."""
@@ -72,11 +77,13 @@ class Setting(Strict):
 class AutoLR(Strict):
     """Find the LR per (setting, method) on the validation split instead of fixing it.
 
-    The first seed trains a log-spaced grid of ``points`` LRs, ``factor`` apart, centred on ``start`` (default:
-    1e-4 for full fine-tuning and 10x that for LoRA, the field's rule that LoRA's best LR is ~10x full FT's).
+    A seed no main run uses (search_seed) trains a log-spaced grid of ``points`` LRs, ``factor`` apart, centred
+    on ``start`` (default: 1e-4 for full fine-tuning and 10x that for LoRA, the field's rule that LoRA's best LR
+    is ~10x full FT's).
     While the best LR sits on an edge of the grid, the next LR beyond that edge is added (at most
     ``max_extensions`` times); then the best is chosen and every seed trains at it. ``budget: first`` trains
-    the search at the setting's first budget (its first checkpoint) only, which is cheaper for long settings."""
+    the search at the setting's first budget (its first checkpoint) only, which is cheaper for long settings,
+    on the main runs' schedule up to that budget (search_schedule)."""
 
     start: float | None = Field(None, gt=0)
     factor: float = Field(3.16, gt=1)
@@ -164,8 +171,12 @@ class ReportSpec(Strict):
 
     learning: str | None = None
     forgetting: str | None = None
-    margin: float = Field(0.10, gt=0, lt=1)
-    """Equivalence margin of the verdicts, as a share of the larger gain (learning) or forgetting compared."""
+    margins: dict[
+        str, Annotated[float, Field(gt=0, strict=True)] | Annotated[str, Field(pattern=r"^\d+(\.\d+)?%$")]
+    ] = Field(default_factory=dict)
+    """Equivalence margins of the verdicts, fixed before test, per role ("learning", "forgetting") or task name:
+    a positive number (absolute, in the metric's units) or a share like "10%" of full FT's validation effect
+    (the default for anything not named); the report reads them (lorascope.report.margins)."""
 
 
 class Launcher(Strict):
@@ -196,6 +207,8 @@ class StudyConfig(Strict):
     """A run whose final loss exceeds its first loss x this factor (or goes non-finite) is 'diverged'."""
     launcher: Launcher | None = None
     """How training jobs start (default: one process; see Launcher)."""
+    tracking: TrackingConfig | None = None
+    """Experiment tracking: the study is one experiment (project), each training run one tracked run in it."""
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -278,6 +291,11 @@ def _check_methods(study: StudyConfig) -> None:
             missing = [s for s in settings if s not in m.lrs and "default" not in m.lrs]
             if missing:
                 raise ValueError(f"methods[{mi}].lrs: no learning rate for setting(s) {sorted(missing)}")
+    if any(isinstance(m.lrs, AutoLR) for m in study.methods) and search_seed(study) in study.seeds:
+        raise ValueError(
+            f"seeds: {search_seed(study)} is the LR search's seed (seeds[0] + {LR_SEARCH_SEED_OFFSET}); "
+            "a main run must not reuse it"
+        )
     names = [m.name for m in study.methods]
     if len(set(names)) != len(names):
         raise ValueError(f"methods: names must be unique (got {names})")
@@ -300,11 +318,19 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def make_run(
-    study: StudyConfig, s: Setting, m: MethodEntry, lr: float, seed: int, budget: dict | None, role: str = "main"
+    study: StudyConfig,
+    s: Setting,
+    m: MethodEntry,
+    lr: float,
+    seed: int,
+    budget: dict | None,
+    role: str = "main",
+    schedule: dict | None = None,
 ) -> dict:
     """One run record: run_id, label, the RunConfig and what the report groups runs by (setting, method_name,
-    lr, seed, budget; role 'lr-search' marks a run trained only to choose an LR)."""
-    train = {**dump(s.train), **m.train, "lr": lr, "seed": seed, **(budget or {})}
+    lr, seed, budget; role 'lr-search' marks a run trained only to choose an LR). schedule: train overrides
+    of an LR-search run (search_schedule)."""
+    train = {**dump(s.train), **m.train, "lr": lr, "seed": seed, **(budget or {}), **(schedule or {})}
     try:
         cfg = RunConfig(model=study.model, method=m.method, data=s.data, train=TrainConfig.model_validate(train))
     except ValidationError as e:
@@ -328,6 +354,19 @@ def make_run(
     }
 
 
+def run_config(study: StudyConfig, run: dict) -> RunConfig:
+    """The RunConfig a training job runs: the run's own config, and the study's tracking (the experiment is
+    the study's, the tracked run named by the run's label and tagged with what the report groups runs by)."""
+    cfg = RunConfig.model_validate(run["config"])
+    if study.tracking is None:
+        return cfg
+    keys = ("run_id", "setting", "method_name", "lr", "seed", "role")
+    tags = {**study.tracking.tags, "lorascope.study": study.name, **{f"lorascope.{k}": str(run[k]) for k in keys}}
+    project = study.tracking.project or study.name
+    tracking = study.tracking.model_copy(update={"project": project, "run_name": run["label"], "tags": tags})
+    return cfg.model_copy(update={"tracking": tracking})
+
+
 def budgets(s: Setting) -> list[dict | None]:
     """[None] (one run), or one train override per budget when the setting trains each as its own run."""
     if not s.separate_runs:
@@ -341,6 +380,53 @@ def search_budget(s: Setting, which: Literal["final", "first"]) -> dict | None:
     if which == "final":
         return budgets(s)[-1]
     return _budget_override(s, _ends(s)[0])
+
+
+def search_seed(study: StudyConfig) -> int:
+    """The seed of every LR-search run (fixed when seeds are appended to the study)."""
+    return study.seeds[0] + LR_SEARCH_SEED_OFFSET
+
+
+def search_schedule(s: Setting, which: Literal["final", "first"]) -> tuple[dict, dict]:
+    """(train override, record) of an LR-search run: the main runs' schedule up to the search's budget.
+
+    Warmup is counted in the main run's steps (a search trained to the first budget of a longer run warms up
+    for as many steps as the main run does, not for a fraction of its own shorter run); the cooldown is the one
+    the main run's checkpoint at that budget had (its own with cooldown_per_checkpoint, none mid-run under wsd).
+    A cosine decay cannot be cut short in a train config: that search's schedule is marked as not matching."""
+    t = s.train
+    end = _ends(s)[-1] if which == "final" or s.separate_runs else _ends(s)[0]
+    total, main = _steps(t, end), _steps(t, _ends(s)[-1] if not s.separate_runs else end)
+    warm = int(round(t.warmup_frac * main))
+    over: dict = {}
+    matches = True
+    if total != main:
+        if _by_epoch(s):  # steps per epoch are known only once the data is read: scale the fraction
+            over["warmup_frac"] = min(t.warmup_frac * main / total, 0.99)
+            matches = t.warmup_frac * main < total
+        else:
+            over["warmup_frac"] = min(warm, total - 1) / total
+            matches = warm < total
+        if t.schedule == "wsd" and not t.cooldown_per_checkpoint:
+            over["cooldown_frac"] = 0.0
+        matches = matches and t.schedule != "cosine"
+    record = {
+        "budget": end,
+        "unit": "epochs" if _by_epoch(s) else "tokens",
+        "steps": total,
+        "warmup_frac": over.get("warmup_frac", t.warmup_frac),
+        "warmup_steps": None if _by_epoch(s) else int(round(over.get("warmup_frac", t.warmup_frac) * total)),
+        "main_warmup_steps": None if _by_epoch(s) else warm,
+        "schedule": t.schedule,
+        "cooldown_frac": over.get("cooldown_frac", t.cooldown_frac),
+        "matches_main": matches,
+    }
+    return over, record
+
+
+def _steps(t: TrainConfig, end: int) -> int:
+    """Optimizer steps to `end` (tokens; epochs count as steps in proportion, which is all a ratio needs)."""
+    return end if t.epochs is not None else math.ceil(end / t.tokens_per_step)
 
 
 def _ends(s: Setting) -> list[int]:

@@ -18,7 +18,16 @@ from __future__ import annotations
 from collections import Counter
 
 from lorascope.config import RunConfig
-from lorascope.study.config import AutoLR, StudyConfig, budgets, checkpoint_names, make_run, search_budget
+from lorascope.study.config import (
+    AutoLR,
+    StudyConfig,
+    budgets,
+    checkpoint_names,
+    make_run,
+    search_budget,
+    search_schedule,
+    search_seed,
+)
 from lorascope.study.jobs import build_jobs
 from lorascope.study.plan import plan_runs
 from lorascope.train.plan import Plan
@@ -34,7 +43,8 @@ def planned(study: StudyConfig) -> tuple[list[dict], list[dict]]:
                 continue
             grid = m.lrs.grid(m.method)
             chosen = grid[len(grid) // 2]  # stands in for the LR the search will choose
-            search = make_run(study, s, m, chosen, study.seeds[0], search_budget(s, m.lrs.budget), "lr-search")
+            b0, sched = search_budget(s, m.lrs.budget), search_schedule(s, m.lrs.budget)[0]
+            search = make_run(study, s, m, chosen, search_seed(study), b0, "lr-search", schedule=sched)
             for seed in study.seeds:
                 for b in budgets(s):
                     r = make_run(study, s, m, chosen, seed, b)

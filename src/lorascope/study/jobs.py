@@ -20,7 +20,8 @@ from pathlib import Path
 from lorascope.config import RunConfig
 from lorascope.errors import LorascopeError
 from lorascope.fileio import atomic_write_json, atomic_write_text
-from lorascope.study.config import StudyConfig, checkpoint_names, load_study
+from lorascope.study.config import StudyConfig, checkpoint_names, load_study, run_config
+from lorascope.train.tracking import log_checkpoint_eval
 
 
 def build_jobs(study: StudyConfig, runs: list[dict]) -> list[dict]:
@@ -157,9 +158,11 @@ def evaluate_into(
     """Run the eval groups (default: all) into out/groups/<i>/, then merge into out/results.json (written last;
     a group already done by an interrupted attempt is reused, a half-done one is redone by evaluate()).
     ``exclude_ids``: eval items to skip besides those the run's own data manifest excludes."""
+    from lorascope.data import register
     from lorascope.evals.api import evaluate
     from lorascope.evals.results import forgetting_mean
 
+    register(s.data for s in study.settings)  # heldout_bpb:<user file> reads it as its settings do
     merged: dict = {"model": spec, "tasks": {}, "derived": {}, "groups": []}
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for i, g in enumerate(study.evals.groups):
@@ -212,11 +215,12 @@ def run_job(d: Path, job_id: str) -> None:
     kind, rid = job["kind"], job.get("run")
     if kind == "train":
         runs = {r["run_id"]: r for r in json.loads((d / "runs.json").read_text())}
-        train_job(study, d / "runs" / rid, RunConfig.model_validate(runs[rid]["config"]))
+        train_job(study, d / "runs" / rid, run_config(study, runs[rid]))
     elif kind == "eval" and rid is None:
         evaluate_into(study, study.model, done_marker(d, job).parent, exclude_ids=excluded_by_runs(d))
     elif kind == "eval":
         evaluate_into(study, f"{d / 'runs' / rid}:{job['ckpt']}", done_marker(d, job).parent, job.get("groups"))
+        log_checkpoint_eval(d / "runs" / rid, job["ckpt"], json.loads(done_marker(d, job).read_text()))
     elif kind == "spectrum":
         from lorascope.analysis.spectrum import spectrum_cli
 

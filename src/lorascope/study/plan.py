@@ -2,14 +2,16 @@
 
     runs, searches = plan_runs(study, Path("studies/quick"))   # None instead of a path: nothing run yet
 
-A method with fixed ``lrs: [...]`` trains every LR x seed (x budget with separate_runs). A method with
-``lrs: auto`` (studyconfig.AutoLR) first trains its grid for the FIRST seed only; once those runs are evaluated,
-each is scored on the VALIDATION split of the setting's learning metric (results.json
-``tasks[t]["by_split"]["validation"]``), a diverged run (DIVERGED marker) counting as the worst. While the best
-LR sits on an edge of the grid, the next LR beyond that edge joins the grid (at most ``max_extensions``); then
-the best LR is chosen (``bracketed`` when a worse LR was tested on both sides, else recorded as
-"unbracketed") and every seed trains at it. A choice made on validation items is not re-used to report, so the
-report's test-split numbers carry no winner's curse (selection rule: see the verdicts notes of the project).
+A method with fixed ``lrs: [...]`` trains every LR x seed (x budget with separate_runs). A method with ``lrs:
+auto`` (study.config.AutoLR) first trains its grid at a seed no main run uses (config.search_seed), on the main
+runs' schedule up to the search's budget (config.search_schedule: warmup in the main run's steps; the record in
+lr_search.json says which schedule a bracket refers to); once those runs are evaluated, each is scored on the
+VALIDATION split of the setting's learning metric (results.json ``tasks[t]["by_split"]["validation"]``), a
+diverged run (DIVERGED marker) counting as the worst. While the best LR sits on an edge of the grid, the next LR
+beyond that edge joins the grid (at most ``max_extensions``); then the best LR is chosen (``bracketed`` when a
+worse LR was tested on both sides, else recorded as "unbracketed") and every seed trains at it. A choice made on
+validation items is not re-used to report, so the report's test-split numbers carry no winner's curse (selection
+rule: see the verdicts notes of the project).
 
 The plan is a pure function of the study and the files on disk, so a scheduler calls it again whenever a job
 finishes (new runs appear as results arrive) and a re-run of a killed study replays the same decisions.
@@ -33,6 +35,8 @@ from lorascope.study.config import (
     make_run,
     round_lr,
     search_budget,
+    search_schedule,
+    search_seed,
 )
 
 
@@ -55,7 +59,7 @@ def plan_runs(study: StudyConfig, d: Path | None) -> tuple[list[dict], dict[str,
                 for seed in study.seeds:
                     for budget in budgets(s):
                         r = make_run(study, s, m, lr, seed, budget)
-                        runs[r["run_id"]] = r  # a search run that trains the chosen LR is a main run too
+                        runs[r["run_id"]] = r
     if not runs:
         raise LorascopeError("the study grid is empty")
     return list(runs.values()), searches
@@ -67,12 +71,12 @@ def search_lr(study: StudyConfig, s: Setting, m: MethodEntry, d: Path | None) ->
     grid = auto.grid(m.method)
     task = study.learning_task(s)
     extensions = 0
+    budget, seed = search_budget(s, auto.budget), search_seed(study)
+    schedule, sched_record = search_schedule(s, auto.budget)
     while True:
-        runs = [
-            make_run(study, s, m, lr, study.seeds[0], search_budget(s, auto.budget), role="lr-search") for lr in grid
-        ]
+        runs = [make_run(study, s, m, lr, seed, budget, role="lr-search", schedule=schedule) for lr in grid]
         scores = [validation_score(d, r, task) for r in runs]
-        record = _record(s, m, task, grid, runs, scores, extensions)
+        record = {**_record(s, m, task, grid, runs, scores, extensions), "seed": seed, "schedule": sched_record}
         if any(sc is None for sc in scores):
             return record, runs  # still waiting for results
         best = _best(scores)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from lorascope.config import RunConfig, TrainConfig, dump
 from lorascope.errors import LorascopeError
 from lorascope.fileio import atomic_write_text
-from lorascope.train import runlog
+from lorascope.train import runlog, tracking
 from lorascope.train.headloss import HeadLoss, n_targets
 from lorascope.train.plan import Plan
 from lorascope.train.schedules import branch_multiplier, cooldown_start, multiplier
@@ -127,8 +127,12 @@ def train(cfg: RunConfig, out: Path, *, progress: bool = True) -> Path:
     trainer = Trainer.setup(cfg, out)
     trainer.write_record(resolved)
     trainer.resume()
-    trainer.run(progress)
-    trainer.finish()
+    trainer.tracker = tracking.start(cfg.tracking, out, resolved, trainer.main)
+    try:
+        trainer.run(progress)
+        trainer.finish()
+    finally:
+        trainer.tracker.finish()
     return out
 
 
@@ -171,6 +175,7 @@ class Trainer:
         )
         self.prog = {"step": 0, "checkpoints": [], "elapsed_s": 0.0, "tokens_processed": 0, "sessions": 0}
         self.step, self.done = 0, set()
+        self.tracker = tracking.RunTracker()  # off until train() starts it; it only reads what the loop logs
         self.t_start, self.elapsed0, self.processed0, self.processed = time.time(), 0.0, 0, 0
 
     @classmethod
@@ -402,19 +407,16 @@ class Trainer:
             raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
         if loss_file and (step % self.t.log_every == 0 or step == self.plan.total):
             session = time.time() - self.t_start
-            loss_file.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "tokens": step * tps,
-                        **rec,
-                        "tokens_per_s": round((self.processed - self.processed0) / max(session, 1e-9), 2),
-                        "elapsed_s": round(self.elapsed(), 3),
-                    }
-                )
-                + "\n"
-            )
+            line = {
+                "step": step,
+                "tokens": step * tps,
+                **rec,
+                "tokens_per_s": round((self.processed - self.processed0) / max(session, 1e-9), 2),
+                "elapsed_s": round(self.elapsed(), 3),
+            }
+            loss_file.write(json.dumps(line) + "\n")
             loss_file.flush()
+            self.tracker.log_step(line)
 
     def after_step(self) -> None:
         """Checkpoint (main-run budgets; branches save their own) and resumable state after a main-run step."""

@@ -30,6 +30,7 @@ therefore saved as merged full models (kind "full", with ``adapter_init: loftq``
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -238,11 +239,21 @@ def save_checkpoint(
         elif m.kind == "lora":
             init_dir = getattr(model, "_lorascope_init_dir", None)
             model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=init_dir, **sd)
+            _name_base(tmp, base_spec)
         else:
             model.save_pretrained(str(tmp), **sd)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / CKPT_META, {"kind": kind, "base": base_spec, **meta, **extra})
+
+
+def _name_base(adapter_dir: Path, base_spec: str) -> None:
+    """adapter_config.json's base_model_name_or_path: the base as named off this machine (lorascope.json keeps the
+    spec lorascope loads it by), not the resolved directory (for a GGUF, a machine-local cache path)."""
+    from lorascope.models import portable_base
+
+    f = adapter_dir / "adapter_config.json"
+    atomic_write_json(f, {**json.loads(f.read_text()), "base_model_name_or_path": portable_base(base_spec)})
 
 
 def checkpoint_size_bytes(path: Path) -> int:
