@@ -2,7 +2,7 @@
 (lorascope.report.simulate) go through the report's own decision code, samples files in, verdicts out.
 
 Per design (quick: 2 seeds, 1 budget, test clusters {19,1,1,1,1}; quick-balanced: the same with 12 test clusters
-of 2; evidence: 2 seeds, 4 budgets, 4 LoRA methods, 12 test clusters of 2; user-groups: 2 seeds, unequal groups
+of 2; evidence: 3 seeds, 4 budgets, 4 LoRA methods, 12 test clusters of 2; user-groups: 2 seeds, unequal groups
 {9,6,4,3,2,2,1,1,1,1}), noise (training: seed x method dominant; balanced: training, cluster and item noise alike)
 and planted truth (null: LoRA learns and forgets as full FT does; effect: LoRA learns 25% less and forgets a third
 less per unit learned), per question:
@@ -188,6 +188,8 @@ class Tally:
         bad = False
         for r, t in rows:
             self.verdicts[r["verdict"]] = self.verdicts.get(r["verdict"], 0) + 1
+            if t is None:  # no estimand (e.g. "not comparable" without noise too): nothing to hold it against
+                continue
             is_wrong = wrong(r["verdict"], t, r["margin"])
             self.wrong += is_wrong
             bad |= is_wrong
@@ -237,7 +239,7 @@ def calibrate(
                 twins[key] = {r["key"]: r["estimate"] for r in decisions(t, n_boot)}
             for q in QUESTIONS:
                 rows = [(r, twins[key][r["key"]]) for r in got if r["question"] == q and r["key"] in twins[key]]
-                tallies[q].add([(r, t) for r, t in rows if t is not None and np.isfinite(t)])
+                tallies[q].add([(r, t if t is not None and np.isfinite(t) else None) for r, t in rows])
             shutil.rmtree(d)
             if progress and (k + 1) % 100 == 0:
                 print(f"    {k + 1} studies", file=sys.stderr, flush=True)

@@ -109,6 +109,7 @@ EVIDENCE = Design(
         ("lora-r64", {**LORA16, "rank": 64}, 19_537_920),
         ("lora-r16-attn", {**LORA16, "targets": "attention"}, 1_843_200),
     ),
+    seeds=(0, 1, 2),  # configs/evidence.yaml runs three
     budgets=(4096, 8192, 16384, 32768),
     search_budget=4096,
     test_clusters=(2,) * 12,  # as evidence's held-out windows are once balanced over clusters (quick has today's)
