@@ -829,3 +829,15 @@ def test_a_repeated_look_tests_at_its_spent_alpha(tmp_path):
     assert f"Look 2 of at most 3 (O'Brien-Fleming alpha spending): tested at alpha = {level:.3g}" in page
     look = json.loads((d / "verdicts.json").read_text())["look"]
     assert look["look"] == 2 and look["alpha_level"] == pytest.approx(level) and 0 < level < look["alpha_spent"]
+
+
+def test_a_broken_resolve_json_is_one_error_line(tmp_path):
+    from lorascope.report.looks import current_look
+
+    assert current_look(tmp_path) is None  # no --resolve yet: the first and only look, at 0.05
+    (tmp_path / "resolve.json").write_text('{"looks": []}')
+    with pytest.raises(LorascopeError, match="resolve.json: no look with alpha_level"):
+        current_look(tmp_path)
+    (tmp_path / "resolve.json").write_text("{")
+    with pytest.raises(LorascopeError, match="resolve.json: not valid JSON"):
+        current_look(tmp_path)
