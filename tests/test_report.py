@@ -689,7 +689,7 @@ def _headline_with_verdicts():
             label="lora",
             reference="full",
             learning_range=[0.1, 0.3],
-            power="about 4x the item clusters would resolve a difference this size",
+            whatif={"method": "lora", "budget": None, "question": "forgets_less_at_equal_learning", "plannable": False},
         ),
     ]
     frontiers = {
@@ -732,7 +732,9 @@ def test_verdicts_lrs_and_frontiers_render_from_a_headline(tmp_path):
     assert "Does lora-r16 lr=0.0002 learn less than full lr=2e-05 (at 8,192 tokens)?" in lines[0]
     assert "yes" in lines[0] and "-0.125 [-0.2, -0.05] (95% interval)" in lines[0] and "test split" in lines[0]
     assert "2 seed(s) x 10 item clusters" in lines[0] and "significant in the paper" in lines[0]
-    assert "not resolved" in lines[1] and "too wide &lt;to tell&gt;" in lines[1] and "about 4x" in lines[1]
+    assert "not resolved" in lines[1] and "too wide &lt;to tell&gt;" in lines[1]
+    assert "What the data exclude" not in lines[0] and "What the data exclude" in lines[1]  # whatif_text
+    assert "lora vs full FT: not enough measured" in lines[1]
     lrs = dict(
         (r[0], r[1:])
         for r in re.findall(

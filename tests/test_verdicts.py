@@ -18,7 +18,7 @@ from lorascope.report.bootstrap import (
     percentile_interval,
     t_quantile,
 )
-from lorascope.report.decide import decide, holm, holm_levels, p_tost, power_note
+from lorascope.report.decide import decide, holm, holm_levels, p_tost
 from lorascope.report.frontier import common_range, compared_forgetting, fit, matched_difference
 
 
@@ -199,14 +199,15 @@ def test_tost_p_is_the_larger_one_sided_p_and_sits_in_the_holm_family():
     assert holm_levels([0.01, 0.04, 0.03]) == pytest.approx([0.05 / 3, 0.05, 0.05 / 2])
 
 
-def test_holm_and_power_note():
+def test_holm_adjusts_and_steps_down_from_the_familys_alpha():
     assert np.allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
     assert np.allclose(holm([0.5, 0.001]), [0.5, 0.002])
-    note = power_note(0.01, var_seeds=1e-6, var_items=4e-5, n_seeds=2, n_clusters=20)
-    assert "item clusters (now 20)" in note
-    k = int(note.split("about ")[1].split(" ")[0])
-    assert 20 < k and 1e-6 + 4e-5 * 20 / k <= (0.01 / 2.8) ** 2 * 1.01  # the asked-for count is enough
-    assert "cannot resolve" in power_note(0.01, var_seeds=1e-4, var_items=1e-6, n_seeds=2, n_clusters=20)
+    # a repeated look tests the family at its spent alpha: every level scales with it
+    assert holm_levels([0.01, 0.04, 0.03], 0.016) == pytest.approx([0.016 / 3, 0.016, 0.016 / 2])
+    boot = np.random.default_rng(0).normal(-0.2, 0.05, 1000)
+    assert decide(-0.2, boot, 0.03, None, -1, 0.03)[0] == "yes"
+    v, why = decide(-0.2, boot, 0.03, None, -1, 0.03, alpha=0.016)
+    assert v == "not resolved" and "this look's level (alpha 0.016)" in why
 
 
 # ---- the report's headline on small study directories in the agreed file format (split and cluster per item)
@@ -777,3 +778,66 @@ def test_skewed_or_partly_undefined_bootstraps_are_flagged():
     assert bootstrap_flags(holes, 0.0, 1.0) == ["partly undefined bootstrap (6% of replicates have no common range)"]
     holes[:40] = 0.0
     assert bootstrap_flags(holes, 0.0, 1.0) == []  # 2%: tolerated
+
+
+def _gap_study(d: Path, gap: float) -> Path:
+    """Full FT learns `gap` more than LoRA (same forgetting), 2 seeds each."""
+    return _study(
+        d, {"full": 0.1 + gap, "lora-r16": 0.1}, {"full": 0.02, "lora-r16": 0.02}, {"full": 1e-5, "lora-r16": 1e-4}
+    )
+
+
+def test_an_unresolved_comparison_carries_its_bound_on_the_page_and_in_verdicts_json(tmp_path):
+    import html
+
+    from lorascope.report import write_report
+
+    d = _gap_study(tmp_path, 0.008)
+    page = html.unescape(write_report(d).read_text())
+    doc = json.loads((d / "verdicts.json").read_text())
+    cs = {c["verdict"]: c for c in doc["comparisons"]}
+    c = cs["not resolved"]
+    w = c["whatif"]
+    # the bound is the interval at the level the comparison was tested at, relative to full FT's own effect
+    assert (w["bound_low"], w["bound_high"]) == pytest.approx((c["ci_low_holm"], c["ci_high_holm"]))
+    assert w["bound_low_pct"] == pytest.approx(c["ci_low_holm"] / abs(c["reference_effect"]))
+    assert w["alpha"] == c["alpha_holm"] and w["mde"] > abs(c["estimate"])
+    assert [t["fraction"] for t in w["targets"]] == [0.1, 0.25, 0.5]
+    assert f"the data exclude LoRA learning more than {-w['bound_low_pct']:.0%} less than full FT" in page
+    assert f"this design detects a difference of {w['mde']:.3g} or more" in page
+    assert cs["not comparable"]["whatif"] is None  # only unresolved comparisons get one
+    assert "for 80% power to see" not in page  # the post-hoc power line is gone
+
+
+def test_a_repeated_look_tests_at_its_spent_alpha(tmp_path):
+    import html
+
+    from lorascope.report import verdicts, write_report
+    from lorascope.study.resolve import look_record, read_state
+
+    d = _gap_study(tmp_path, 0.016)
+    q1 = verdicts(d)[0]
+    level = look_record(2, read_state(d))["alpha_level"]
+    assert q1.verdict == "yes" and level < q1.p_holm < 0.05 and q1.whatif is None
+    state = read_state(d)
+    state["looks"] = [{**look_record(k, state), "status": "done"} for k in (1, 2)]
+    (d / "resolve.json").write_text(json.dumps(state))
+    q1 = verdicts(d)[0]
+    assert q1.verdict == "not resolved" and q1.alpha_holm <= level and q1.whatif["alpha"] == q1.alpha_holm
+    assert f"alpha {level:.3g}" in q1.correction
+    page = html.unescape(write_report(d).read_text())
+    assert f"Look 2 of at most 3 (O'Brien-Fleming alpha spending): tested at alpha = {level:.3g}" in page
+    look = json.loads((d / "verdicts.json").read_text())["look"]
+    assert look["look"] == 2 and look["alpha_level"] == pytest.approx(level) and 0 < level < look["alpha_spent"]
+
+
+def test_a_broken_resolve_json_is_one_error_line(tmp_path):
+    from lorascope.report.looks import current_look
+
+    assert current_look(tmp_path) is None  # no --resolve yet: the first and only look, at 0.05
+    (tmp_path / "resolve.json").write_text('{"looks": []}')
+    with pytest.raises(LorascopeError, match="resolve.json: no look with alpha_level"):
+        current_look(tmp_path)
+    (tmp_path / "resolve.json").write_text("{")
+    with pytest.raises(LorascopeError, match="resolve.json: not valid JSON"):
+        current_look(tmp_path)

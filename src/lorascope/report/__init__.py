@@ -25,6 +25,7 @@ from ..fileio import atomic_write_text
 from .collect import Study, load_study_dir, metric_rows, write_parquet
 from .compare import points
 from .html import render
+from .looks import current_look
 from .records import Comparison, dumps, verdicts_document
 from .sections import (
     cost_section,
@@ -57,7 +58,7 @@ def _document(st: Study, hs: list) -> str:
         }
         for h in hs
     ]
-    return dumps(verdicts_document([c for h in hs for c in h.verdicts], recs))
+    return dumps(verdicts_document([c for h in hs for c in h.verdicts], recs, current_look(st.path)))
 
 
 def write_report(study_dir: Path) -> Path:

@@ -34,9 +34,12 @@ from lorascope.evals.catalog import (
 
 from .bootstrap import percentile_interval
 from .collect import BASE, Study, stderr_key
+from .decide import ALPHA
 from .intervals import METHOD, hierarchical_difference
+from .looks import current_look
 from .questions import Answer, answer, candidates, learning_tests, recommend, settle, study_choices
 from .stats import Interval, seed_spread, stderr_interval
+from .whatif import whatif_rows
 
 
 @dataclass
@@ -236,11 +239,15 @@ def study_headlines(
 ) -> list[Headline]:
     """Every setting's verdicts and recommendation: choices on the validation split, numbers on the test split,
     and Holm's correction over the whole study (every comparison of every setting; separately, every
-    configuration tested for a recommendation), since a reader takes the report's verdicts together."""
+    configuration tested for a recommendation), since a reader takes the report's verdicts together. After
+    `--resolve` the verdicts' family is tested at the latest look's spent alpha (looks.py). Each unresolved
+    comparison gets its whatif row: what the data exclude and what would resolve it."""
     margin = (st.config.get("report") or {}).get("margins") or {}
     drafts = [_draft(st, ps, rows, s, d, margin) for s, d in settings]
     live = [d for d in drafts if d.done is None]
-    k = settle([d.answer for d in live])
+    look = current_look(st.path)
+    k = settle([d.answer for d in live], look["alpha_level"] if look else ALPHA)
+    attach_whatif([c for d in live for c in d.answer.verdicts], st.path)
     n = learning_tests([(d.answer, candidates(d.mine, d.fin, d.answer)) for d in live])
     how = (
         f"significance is Holm-Bonferroni-corrected over all {k} test{'s' * (k != 1)} of the "
@@ -249,6 +256,12 @@ def study_headlines(
         f"{n} final main configuration{'s' * (n != 1)})"
     )
     return [d.done or _finish(d, margin, how) for d in drafts]
+
+
+def attach_whatif(comparisons: list, study_dir) -> None:
+    """Each unresolved comparison's whatif row (bounds, MDE at its Holm level, priced plans), on its record."""
+    for row in whatif_rows(comparisons, study_dir):
+        comparisons[row.pop("index")].whatif = row
 
 
 def _draft(st: Study, ps: list[Point], rows: list[dict], setting: str, dataset: str | None, margin: dict) -> _Draft:

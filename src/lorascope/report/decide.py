@@ -1,4 +1,4 @@
-"""Turning a bootstrapped difference into a verdict that can abstain, and a note on what would resolve it.
+"""Turning a bootstrapped difference into a verdict that can abstain (what would resolve it: whatif.py).
 
 Verdicts (one per question and comparison):
   "yes"            the difference is significant in the paper's direction (after Holm's correction),
@@ -28,7 +28,6 @@ from .bootstrap import percentile_interval
 
 ALPHA = 0.05
 MARGIN_DEFAULT = "10%"  # equivalence margin: this share of full FT's validation effect (report.margins)
-Z_POWER = 1.96 + 0.84  # two-sided 5% test with 80% power
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -43,12 +42,12 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj
 
 
-def holm_levels(pvalues: list[float]) -> list[float]:
-    """The level Holm's step-down tests each hypothesis at: ALPHA / (m - rank), rank 0 for the smallest p."""
+def holm_levels(pvalues: list[float], alpha: float = ALPHA) -> list[float]:
+    """The level Holm's step-down tests each hypothesis at: alpha / (m - rank), rank 0 for the smallest p."""
     m = len(pvalues)
-    out = [ALPHA] * m
+    out = [alpha] * m
     for rank, i in enumerate(np.argsort(pvalues, kind="stable")):
-        out[i] = ALPHA / (m - rank)
+        out[i] = alpha / (m - rank)
     return out
 
 
@@ -79,64 +78,37 @@ def decide(
     p_raw: float | None = None,
     k: int = 1,
     p_tost_adjusted: float | None = None,
+    alpha: float = ALPHA,
 ) -> tuple[str, str]:
     """(verdict, reason) for a difference whose paper-direction sign is yes_sign (-1: smaller is "yes").
     p_adjusted / p_tost_adjusted: the difference's and the equivalence test's Holm-adjusted p-values (both in
-    one family); without p_tost_adjusted the equivalence test is the unadjusted TOST on boot."""
+    one family); without p_tost_adjusted the equivalence test is the unadjusted TOST on boot. alpha: the family's
+    level (below 0.05 at a repeated look, after alpha spending)."""
     lo, hi = percentile_interval(boot, 0.95)
-    if p_adjusted < ALPHA:
+    at = "" if alpha == ALPHA else f" < alpha {alpha:.3g}"
+    if p_adjusted < alpha:
         v = "yes" if np.sign(estimate) == yes_sign else "reversed"
         return (
             v,
-            f"the 95% interval [{lo:+.4g}, {hi:+.4g}] excludes 0 (Holm-adjusted p = {p_adjusted:.3g}, "
+            f"the 95% interval [{lo:+.4g}, {hi:+.4g}] excludes 0 (Holm-adjusted p = {p_adjusted:.3g}{at}, "
             f"{k} test{'s' * (k > 1)})",
         )
     has_margin = margin is not None and margin > 0
     if has_margin and p_tost_adjusted is None:
         p_tost_adjusted = p_tost(boot, margin)
-    if has_margin and p_tost_adjusted < ALPHA:
+    if has_margin and p_tost_adjusted < alpha:
         return (
             "equivalent",
             f"the difference lies inside the equivalence margin +-{margin:.4g} (TOST, Holm-adjusted p = "
-            f"{p_tost_adjusted:.3g})",
+            f"{p_tost_adjusted:.3g}{at})",
         )
     why = f"the 95% interval [{lo:+.4g}, {hi:+.4g}] is too wide: "
-    if p_raw is not None and p_raw < ALPHA:
+    if p_raw is not None and p_raw < alpha:
         why += f"significant alone (p = {p_raw:.3g}) but not after Holm's correction over {k} tests"
+    elif p_raw is not None and p_raw < ALPHA:
+        why += f"significant at {ALPHA:g} alone (p = {p_raw:.3g}) but not at this look's level (alpha {alpha:.3g})"
     else:
         why += "it includes 0"
     if has_margin:
         why += f", and equivalence within +-{margin:.4g} is not shown (TOST, Holm-adjusted p = {p_tost_adjusted:.3g})"
     return "not resolved", why
-
-
-def power_note(
-    estimate: float, var_seeds: float, var_items: float, n_seeds: int, n_clusters: int, margin: float | None = None
-) -> str:
-    """How many more seeds or effective (Kish) item clusters would resolve the question, from the measured
-    variance parts (n_clusters: the effective count).
-
-    var_seeds / var_items: bootstrap variance of the statistic when only seeds / only item clusters are
-    resampled. Each shrinks in proportion to its own count, so with k times the clusters the variance is about
-    var_seeds + var_items / k. The target is the variance at which a true difference of |estimate| (or the
-    margin, when the estimate is ~0) is found with 80% power.
-    """
-    effect = abs(estimate) if margin is None else max(abs(estimate), margin)
-    if effect <= 0 or not np.isfinite(effect):
-        return "no effect size to plan for"
-    target = (effect / Z_POWER) ** 2
-    out = []
-    for what, n, mine, other in (
-        ("effective item clusters", n_clusters, var_items, var_seeds),
-        ("seeds", n_seeds, var_seeds, var_items),
-    ):
-        if mine <= 0 or n < 1 or (what == "seeds" and n < 2):
-            continue
-        if target <= other:
-            out.append(f"more {what} alone cannot resolve it (the other source's noise is already too large)")
-        else:
-            k = mine / (target - other)
-            out.append(f"about {int(np.ceil(max(k, 1.0) * n))} {what} (now {n})")
-    if not out:
-        return "the variance parts could not be measured"
-    return f"for 80% power to see a difference of {effect:.3g}: " + "; or ".join(out)

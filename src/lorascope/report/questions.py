@@ -37,7 +37,7 @@ from lorascope.evals.catalog import MetricSpec
 
 from ..errors import LorascopeError
 from .bootstrap import p_one_sided, p_two_sided, percentile_interval
-from .decide import ALPHA, decide, holm, holm_interval, holm_levels, p_tost, power_note
+from .decide import ALPHA, decide, holm, holm_interval, holm_levels, p_tost
 from .frontier import common_range, fit, matched_boot, matched_difference
 from .margins import margin as margin_for
 from .measure import SplitMeasure, TestReplicates, measure_split, robust_var
@@ -432,10 +432,11 @@ def _stat(c: Comparison, pts):
     return lambda m: _matched(m, *pts)
 
 
-def settle(answers: list[Answer]) -> int:
+def settle(answers: list[Answer], alpha: float = ALPHA) -> int:
     """Decide every pending comparison of the study with Holm's correction over all of its tests (every setting
     and question; each comparison's difference test and, with a margin, its equivalence test): the family-wise
-    error of the whole report. Returns the number of tests corrected over."""
+    error of the whole report, at level alpha (lower at a repeated look: looks.py). Returns the number of tests
+    corrected over."""
     for a in answers:
         for c in a.verdicts:
             if c.verdict is None and c.p_value is None:  # no finite replicate: nothing to test
@@ -444,7 +445,7 @@ def settle(answers: list[Answer]) -> int:
     tests = [(c, "diff", c.p_value) for _, c in pending] + [(c, "tost", c.p_tost) for _, c in pending if c.p_tost]
     ps = [p for *_, p in tests]
     k = len(tests)
-    for (c, kind, _), pa, lvl in zip(tests, holm(ps), holm_levels(ps)):
+    for (c, kind, _), pa, lvl in zip(tests, holm(ps), holm_levels(ps, alpha)):
         if kind == "diff":
             c.p_holm, c.alpha_holm = pa, lvl
             c.ci_low_holm, c.ci_high_holm = holm_interval(c.estimate, c.ci_low, c.ci_high, lvl)
@@ -452,7 +453,7 @@ def settle(answers: list[Answer]) -> int:
             c.p_tost_holm = pa
     for a, c in pending:
         boot = a.work[id(c)][0]
-        c.verdict, c.reason = decide(c.estimate, boot, c.p_holm, c.margin, -1, c.p_value, k, c.p_tost_holm)
+        c.verdict, c.reason = decide(c.estimate, boot, c.p_holm, c.margin, -1, c.p_value, k, c.p_tost_holm, alpha)
         if c.question == Q2 and (c.n_seeds or 0) < FRONTIER_MIN_SEEDS and c.verdict != "not resolved":
             c.flags.append(f"{c.verdict} withheld at {c.n_seeds} seed(s)")
             c.reason = (
@@ -461,10 +462,10 @@ def settle(answers: list[Answer]) -> int:
                 f"is drawn from it; run {FRONTIER_MIN_SEEDS} seeds"
             )
             c.verdict = "not resolved"
-        c.correction = f"Holm over the {k} test{'s' * (k != 1)} of the study (all settings; equivalence tests included)"
-        if c.verdict == "not resolved":
-            n_eff = max(1, round(c.n_clusters_eff or 1))
-            c.power = power_note(c.estimate, c.var_seed, c.var_cluster, c.n_seeds or 1, n_eff, c.margin)
+        c.correction = (
+            f"Holm over the {k} test{'s' * (k != 1)} of the study at alpha {alpha:.3g} (all settings; equivalence "
+            "tests included)"
+        )
     for a in answers:
         a.work.clear()
     return k

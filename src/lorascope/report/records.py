@@ -55,7 +55,7 @@ class Comparison:
     learning_range: list[float] | None = None  # forgets_less: the common learning range compared over
     capacity: list[float | None] | None = None  # learns_less: trainable parameters per token (LoRA, full FT)
     undefined: float | None = None  # share of bootstrap replicates where the statistic is undefined
-    power: str | None = None  # what would resolve an unresolved comparison (decide.power_note)
+    whatif: dict | None = None  # unresolved: what the data exclude and what would resolve it (whatif._row)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,14 +67,18 @@ QUESTIONS = {
 }
 
 
-def verdicts_document(comparisons: list[Comparison], recommendations: list[dict]) -> dict:
+def verdicts_document(comparisons: list[Comparison], recommendations: list[dict], look: dict | None = None) -> dict:
     """verdicts.json (and results.parquet's "lorascope.verdicts" metadata): the questions, every comparison's
-    record, and each setting's recommendation ({"setting", "recommended": name or None, "sentences"})."""
-    return {
+    record, each setting's recommendation ({"setting", "recommended": name or None, "sentences"}) and, after
+    `--resolve`, the look the verdicts were tested at (looks.current_look)."""
+    doc = {
         "questions": [{"question": q, "text": t} for q, t in QUESTIONS.items()],
         "comparisons": [c.to_dict() for c in comparisons],
         "recommendations": recommendations,
     }
+    if look:
+        doc["look"] = look
+    return doc
 
 
 def dumps(doc: dict) -> str:

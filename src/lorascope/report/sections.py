@@ -38,6 +38,7 @@ from .figures import (
     truncation_figure,
 )
 from .html import render
+from .looks import current_look, look_sentence
 from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
 from .timing import timing_rows
 from .verdict_view import (
@@ -114,7 +115,8 @@ def headline_section(st: Study, hs: list[Headline], ps: list[Point] = ()) -> Mar
         if not st.runs
         else [_headline_setting(h, family, axis([p for p in ps if p.setting == h.setting])) for h in hs]
     )
-    return render("headline.html", settings=settings, capacity_rule=CAPACITY_RULE)
+    look = look_sentence(current_look(st.path))
+    return render("headline.html", settings=settings, capacity_rule=CAPACITY_RULE, look=look)
 
 
 def _fig(png: str | None, caption: str | None = None) -> dict:

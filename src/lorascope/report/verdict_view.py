@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .compare import Headline
 from .figures import colors, new_figure, outside_legend, short_task, to_png
+from .whatif import whatif_text
 
 QUESTIONS = {
     "learns_less": "Does {a} learn less than {b}{at}?",
@@ -89,9 +90,10 @@ def _interval(c) -> str:
 
 
 def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
-    """{"text", "verdict", "gist", "numbers", "tests", "capacity", "flags", "reason", "notes"} per comparison, in
-    the engine's order ("gist": the difference and interval, else the reason, for the first screen); `by`: the
-    budget's unit ("tokens" or "epoch"). Reads the records' fields only, never their sentences."""
+    """{"text", "verdict", "gist", "numbers", "tests", "capacity", "flags", "reason", "notes", "whatif"} per
+    comparison, in the engine's order ("gist": the difference and interval, else the reason, for the first screen;
+    "whatif": an unresolved one's bounds and what would resolve it); `by`: the budget's unit ("tokens" or
+    "epoch"). Reads the records' fields only, never their sentences."""
     tasks = [s.task for s in (h.learning, h.forgetting) if s]
     out = []
     for c in h.verdicts:
@@ -114,7 +116,6 @@ def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
                 f"noise: {c.noise}" if c.noise else None,
                 f"{c.split} split" if c.split else None,
                 c.correction,
-                c.power,
             )
             if x
         ]
@@ -129,6 +130,7 @@ def verdict_lines(h: Headline, by: str = "tokens") -> list[dict]:
                 "flags": list(c.flags),
                 "reason": shorten(c.reason or "", tasks),
                 "notes": notes,
+                "whatif": shorten(whatif_text(c.whatif), tasks) if c.whatif else None,
             }
         )
     return out
