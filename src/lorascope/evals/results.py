@@ -25,9 +25,7 @@ from pathlib import Path
 from ..errors import LorascopeError
 from ..fileio import atomic_write_text
 from ..splits import SPLITS, split_of
-
-# The paper's forgetting score: mean of these (task, metric) pairs.
-FORGETTING_PARTS = (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
+from .catalog import FORGETTING_PARTS
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:

@@ -24,7 +24,8 @@ from lorascope.study.config import StudyConfig
 
 def measure_evals(study: StudyConfig) -> dict:
     """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build}."""
-    from lorascope.evals.api import evaluate, uses_reference
+    from lorascope.evals.api import evaluate
+    from lorascope.evals.catalog import uses_reference
     from lorascope.models import load_model
     from lorascope.study.jobs import group_options
 
@@ -62,7 +63,7 @@ def measure_evals(study: StudyConfig) -> dict:
 def job_seconds(study: StudyConfig, job: dict, cost: dict) -> float:
     """Estimated seconds of one eval or eval-trunc job: a model load and the measured tasks of its groups
     (``eval:base`` skips kl_base: the base against itself needs no forward pass)."""
-    from lorascope.evals.api import uses_reference
+    from lorascope.evals.catalog import uses_reference
 
     groups = job.get("groups") or range(len(study.evals.groups))
     base = job["kind"] == "eval" and job.get("run") is None
