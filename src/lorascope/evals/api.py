@@ -167,6 +167,7 @@ def evaluate(
     allow_code_execution: bool = False,
     reference: Any = None,
     exclude_ids: dict[str, list] | None = None,
+    split: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
@@ -174,6 +175,8 @@ def evaluate(
     ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
     ``exclude_ids``: task -> item ids to skip, on top of those a run dir's data_manifest.json excludes (pass
     the union of a study's exclusions when evaluating the base, so base and tuned score the same items).
+    ``split``: score only that split's items (of those the limit keeps), e.g. "validation" for a configuration
+    only chosen on; results.json's "metrics" then cover those items, and "by_split" the other split as n=0.
     """
     _check_settings(tasks, limit, shots, batch_size)
     built = _build(tasks, allow_code_execution)
@@ -190,6 +193,7 @@ def evaluate(
         "allow_code_execution": allow_code_execution,
         "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
         "excluded_ids": {t: len(v) for t, v in excluded.items()},
+        "split": split,
     }
     result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
     for name, task in zip(tasks, built):
@@ -209,6 +213,7 @@ def evaluate(
             excluded_ids=excluded,
             out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")],
             progress=progress,
+            split=split,
         )
         ts = time.time()
         res = task.run(ctx)

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from .. import benchdata
 from ..errors import LorascopeError
+from . import catalog
 from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
-from .results import mean_stderr, select_items
+from .results import items_in_split, mean_stderr, select_items
 from .texts import english_texts, heldout_windows
 from .token_windows import (
     largest_batch,
@@ -119,7 +120,7 @@ class ConditionalBPB:
             raise LorascopeError(f"{self.name}: shots={k} but at most {self.max_shots} exemplars exist")
         excluded = [e for key in (self.name, *self.exclusion_keys) for e in ctx.excluded_ids.get(key, [])]
         all_docs = self.docs()
-        docs = select_items(all_docs, excluded, ctx.limit)
+        docs = items_in_split(select_items(all_docs, excluded, ctx.limit), ctx.split, catalog.info(self.name).benchmark)
         prefix = self.fewshot(k)
         pairs = [self.pair(d) for d in docs]
         reqs = [Request(prefix + c, [x], shared_prefix=prefix) for c, x in pairs]
@@ -220,7 +221,7 @@ class _TextBPB:
         raise NotImplementedError
 
     def run(self, ctx: EvalContext) -> TaskResult:
-        docs = self.texts(ctx)
+        docs = items_in_split(self.texts(ctx), ctx.split, self.name)
         res = text_nll(ctx.model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress, desc=self.name)
         samples = []
         for d, (nll, nt) in zip(docs, res):

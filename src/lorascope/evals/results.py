@@ -47,6 +47,17 @@ def select_items(docs: list[dict], excluded: Iterable, limit: int | None) -> lis
     return kept[:limit] if limit is not None else kept
 
 
+def in_split(split: str | None, cluster: str) -> bool:
+    """Whether an item of ``cluster`` is scored by an evaluation restricted to ``split`` (None: every item)."""
+    return split is None or split_of(cluster) == split
+
+
+def items_in_split(docs: list[dict], split: str | None, benchmark: str) -> list[dict]:
+    """The docs ({"id", optional "cluster"}) of ``split``, their clusters as label_splits gives them. Applied after
+    the limit, so a split's items are the same ones an unrestricted evaluation puts in that split."""
+    return [d for d in docs if in_split(split, d.get("cluster") or f"{benchmark}/{d['id']}")]
+
+
 def label_splits(samples: list[dict], benchmark: str) -> None:
     """Give every sample its cluster (default "<benchmark>/<id>": one item, one cluster) and its split."""
     for rec in samples:
