@@ -123,6 +123,7 @@ def test_report_imports_no_model_code():
         "lorascope.errors",
         "lorascope.evals.results",
         "lorascope.evals.catalog",
+        "lorascope.study.kinds",  # the job kinds' timing categories: dependency-free
     )
     for mod, deps in g.items():
         if _in(mod, "lorascope.report"):
@@ -151,3 +152,9 @@ def test_atomic_writes_keep_ordinary_file_permissions(tmp_path):
     plain.write_text("{}")
     atomic_write_json(tmp_path / "atomic.json", {})
     assert os.stat(tmp_path / "atomic.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_job_kinds_and_the_task_catalog_import_nothing_heavy():
+    """The two tables every side reads stay leaves: the report may read them without pulling in the study."""
+    g = import_graph()
+    assert g["lorascope.study.kinds"] == set() and g["lorascope.evals.catalog"] == set()

@@ -216,7 +216,7 @@ def study(
         from lorascope.study.config import load_study
         from lorascope.study.cost import dry_run as plan_text
 
-        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure))
+        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure, out=out))
         return
     if out is None:
         raise LorascopeError("--out: required (the study directory), unless --dry-run")

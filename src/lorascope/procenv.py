@@ -72,6 +72,16 @@ def with_fast_malloc(env: dict) -> dict:
     return {**env, "GLIBC_TUNABLES": f"{tun}:{TUNABLE}" if tun else TUNABLE}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Each of ``jobs`` parallel jobs' share of ``cores`` (default: the usable cores), at least one thread."""
+    return max(1, (usable_cores() if cores is None else cores) // max(1, jobs))
+
+
 def job_env(threads: int, env: dict | None = None) -> dict:
     """The environment of one job process: its share of the cores (models.load_base reads LORASCOPE_THREADS)
     and the allocator above."""

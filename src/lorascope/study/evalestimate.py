@@ -11,6 +11,11 @@ timed (the base against itself is 0 without one); it runs twice and the second r
 base model's side of the KL cache, which the study would build at its first KL job and then reuses (the cache's
 key leaves out the model's path, so this dry run's cache is the study's). A tuned checkpoint costs what the base
 costs on the same items: same architecture, its adapter merged at load (LoRA) or its own weights read (full FT).
+
+With the study directory (``--out``), each group's first run on the base model is written where the study's
+base job writes it (``evals/base/groups/<i>/``, the directory then holds this study's study.yaml), and that job
+reuses it unless its settings differ (lorascope.study.jobs.reusable: e.g. when the runs' data exclude eval items,
+which only training reveals): the base model is evaluated once, not twice.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 from lorascope.study.config import StudyConfig
 
 
-def measure_evals(study: StudyConfig) -> dict:
-    """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build}."""
+def measure_evals(study: StudyConfig, out: Path | None = None) -> dict:
+    """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build};
+    with ``out`` (the study directory) the base model's results are kept there for the study's base job."""
     from lorascope.evals.api import evaluate
     from lorascope.evals.catalog import uses_reference
     from lorascope.models import load_model
@@ -35,13 +41,14 @@ def measure_evals(study: StudyConfig) -> dict:
     kl_tasks = {x for g in study.evals.groups for x in g.tasks if uses_reference(x)}
     ref = load_model(study.model)[0] if kl_tasks else None
     task_s: dict[str, float] = {}
+    keep = _claim_base_dir(study, out) if out else None
     with tempfile.TemporaryDirectory(prefix="lorascope-eval-estimate-") as work:
 
         def run(i: int, tasks: list[str], tag: str) -> dict[str, float]:
             res = evaluate(
                 model,
                 tasks,
-                Path(work) / f"{i}-{tag}",
+                keep / "groups" / str(i) if keep and tag == "first" else Path(work) / f"{i}-{tag}",
                 tokenizer=tok,
                 reference=ref,
                 progress=False,
@@ -58,6 +65,20 @@ def measure_evals(study: StudyConfig) -> dict:
     task_s = {**first, **task_s}
     kl_cache_s = sum(max(0.0, first[k] - task_s[k]) for k in kl_tasks)
     return {"task_s": task_s, "load_s": round(load_s, 2), "kl_cache_s": round(kl_cache_s, 2)}
+
+
+def _claim_base_dir(study: StudyConfig, out: Path) -> Path:
+    """The base job's directory in study dir ``out``, which must be new or hold this study (then claimed)."""
+    import yaml
+
+    from lorascope.config import dump
+    from lorascope.fileio import atomic_write_text
+    from lorascope.study.scheduler import check_same_study
+
+    check_same_study(out, study)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(dump(study), sort_keys=False))
+    return out / "evals" / "base"
 
 
 def job_seconds(study: StudyConfig, job: dict, cost: dict) -> float:
