@@ -38,7 +38,14 @@ from .figures import (
     truncation_figure,
 )
 from .html import render
-from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
+from .spectra import (
+    by_module_figure,
+    heatmap_figure,
+    intruders_figure,
+    intruders_missing,
+    last_spectra,
+    trajectory_figure,
+)
 from .timing import timing_rows
 from .verdict_view import (
     CAPACITY_RULE,
@@ -232,6 +239,7 @@ def spectrum_section(st: Study, ps: list[Point], rows: list[dict], hs: list[Head
             "by_module": by_module_figure(items),
             "trajectory": trajectory_figure(st),
             "intruders": intruders_figure(items),
+            "intruders_missing": intruders_missing(items),
         }
     )
     return render("spectrum.html", items=items, rows=trows, truncations=_truncations(st, ps, rows, hs), **figs)
