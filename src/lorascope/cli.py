@@ -143,9 +143,9 @@ def spectrum(
     epsilon: float = typer.Option(0.5, "--epsilon", help="intruder cosine threshold"),
 ):
     """SVD of W_base, W_tuned and dW for every adapted matrix; writes OUT/spectrum.json."""
-    from lorascope.analysis.spectrum import spectrum_cli
+    from lorascope.analysis.spectrum import analyse_spectrum
 
-    spectrum_cli(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
+    analyse_spectrum(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
 
 
 @app.command()
@@ -156,9 +156,9 @@ def truncate(
     out: Path = typer.Option(..., "--out"),
 ):
     """Save W_base + best_rank_r(dW) models, one per rank, loadable like any model."""
-    from lorascope.analysis.truncate import truncate_cli
+    from lorascope.analysis.truncate import write_truncations
 
-    truncate_cli(run, ranks=ranks, out=out)
+    write_truncations(run, ranks=ranks, out=out)
 
 
 @app.command()

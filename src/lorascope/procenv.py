@@ -6,12 +6,12 @@ the largest afresh each time, paying a page fault per 4 KiB. Two remedies, chose
 
 - mimalloc (the ``cmeel-mimalloc`` wheel, Linux), preloaded, told to keep freed memory for 10 minutes before
   giving it back to the kernel (``MIMALLOC_PURGE_DELAY``: the next step reuses it without faults) and to use
-  2 MiB pages. Measured on the embedded model (2 cores, seq 256 x batch 4, chunked head loss): LoRA r16 peak
-  RSS 3.80 -> 2.59 GB and 164 -> 186-202 tokens/s (never purging); with mimalloc's default purge delay RSS is
-  the same but 82 tokens/s. The delay is finite, not "never", so that ``release_memory`` can hand everything
-  back at once between a study worker's jobs (mimalloc purges only what it scheduled for purging).
+  2 MiB pages: lower peak RSS and more tokens/s than glibc; mimalloc's default purge delay gives the RSS but
+  not the speed (bench/RESULTS.md, "The job environment's allocator"). The delay is finite, not "never", so
+  that ``release_memory`` can hand everything back at once between a study worker's jobs (mimalloc purges only
+  what it scheduled for purging).
 - else, on glibc >= 2.35, the tunable ``glibc.malloc.hugetlb=1`` (transparent huge pages for malloc's chunks):
-  full FT 122.5 -> 149.9 tokens/s, LoRA r16 162 -> 171, peak RSS unchanged.
+  faster training, peak RSS unchanged (same section).
 
 Both are read only at process start, so a process gets them through its environment: the job subprocesses
 through ``job_env``, the ``lorascope`` command by re-executing itself once (``reexec_with_fast_malloc``).

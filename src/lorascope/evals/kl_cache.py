@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
+from ..fileio import atomic_path
 from .token_windows import largest_batch, pack_width, packed_batches, reused_head_output, row_chunks, target_logits
 
 FORMAT = 1  # bump when what is stored (or how positions are ordered) changes
@@ -111,8 +111,7 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
             f"{path.parent}: kl_base's base-model cache needs {need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free (set LORASCOPE_CACHE elsewhere or ask for fewer tokens)"
         )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(off[-1], vocab))
         reference.eval()
         plan = packed_batches(rows, token_budget, pack_width(reference))
@@ -122,9 +121,6 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
                     arr[off[r] : off[r + 1]] = log_probs_f16(lg)
         arr.flush()
         del arr
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def kl_rows(p, q_logits: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
     cost = measure_evals(study)          # seconds per eval task on this machine, model load, KL cache
     seconds = job_seconds(study, job, cost)
 
-Evaluation is most of a small study's time (the ``quick`` preset: 71% of its job-seconds), and its cost depends
-on the model, the eval groups and the machine, so a constant per job misleads by a factor of 2-3. Here every
+Evaluation is most of a small study's time (bench/RESULTS.md: the ``quick`` preset's job-seconds), and its cost
+depends on the model, the eval groups and the machine, so a constant per job misleads several-fold. Here every
 eval group runs once on the study's base model, loaded as the evaluation jobs load their model, and each task's
 seconds are kept. ``kl_base`` is scored against a second copy of the base model, so its forward pass is
 timed (the base against itself is 0 without one); it runs twice and the second run counts: the first builds the

@@ -235,10 +235,10 @@ def _eval(d: Path, study: StudyConfig, job: dict) -> None:
 
 
 def _spectrum(d: Path, study: StudyConfig, job: dict) -> None:
-    from lorascope.analysis.spectrum import spectrum_cli
+    from lorascope.analysis.spectrum import analyse_spectrum
 
     sp = study.analysis.spectrum
-    spectrum_cli(
+    analyse_spectrum(
         f"{d / 'runs' / job['run']}:{job['ckpt']}",
         out=done_marker(d, job).parent,
         energy=sp.energy,
@@ -248,11 +248,10 @@ def _spectrum(d: Path, study: StudyConfig, job: dict) -> None:
 
 
 def _truncate(d: Path, study: StudyConfig, job: dict) -> None:
-    from lorascope.analysis.truncate import truncate_cli
+    from lorascope.analysis.truncate import write_truncations
 
     out = done_marker(d, job).parent
-    ranks = ",".join(str(k) for k in study.analysis.truncate.ranks)
-    truncate_cli(f"{d / 'runs' / job['run']}:{job['ckpt']}", ranks=ranks, out=out)
+    write_truncations(f"{d / 'runs' / job['run']}:{job['ckpt']}", ranks=study.analysis.truncate.ranks, out=out)
     atomic_write_text(done_marker(d, job), "ok\n")
 
 
