@@ -23,13 +23,14 @@ class JobKind:
     category: str  # "train" | "eval" | "analysis": where the report's timing table counts its seconds
     marker: Callable[[Path, dict], Path]  # the file it writes last: it exists iff the job is done
     launched: bool = False  # started by the study's launcher (accelerate launch, several processes) if any
+    tie: int = 2  # among runnable jobs on equally long chains, lower starts first (those that unlock most)
 
 
 _ALL = (
-    JobKind("train", "train", lambda d, j: d / "runs" / j["run"] / "COMPLETE", launched=True),
+    JobKind("train", "train", lambda d, j: d / "runs" / j["run"] / "COMPLETE", launched=True, tie=0),
     JobKind("eval", "eval", lambda d, j: d / "evals" / (j["run"] or "base") / (j["ckpt"] or "") / "results.json"),
     JobKind("spectrum", "analysis", lambda d, j: d / "analysis" / j["run"] / j["ckpt"] / "spectrum.json"),
-    JobKind("truncate", "analysis", lambda d, j: d / "analysis" / j["run"] / "truncate" / "DONE"),
+    JobKind("truncate", "analysis", lambda d, j: d / "analysis" / j["run"] / "truncate" / "DONE", tie=1),
     JobKind("eval-trunc", "eval", lambda d, j: d / "evals" / j["run"] / f"truncate-r{j['rank']}" / "results.json"),
 )
 KINDS: dict[str, JobKind] = {k.name: k for k in _ALL}

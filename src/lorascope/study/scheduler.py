@@ -42,9 +42,8 @@ from lorascope.fileio import atomic_write_json, atomic_write_text
 from lorascope.procenv import threads_per_job, usable_cores
 from lorascope.study.config import StudyConfig, load_study
 from lorascope.study.jobs import build_jobs, is_done
+from lorascope.study.kinds import KINDS
 from lorascope.study.plan import plan_runs
-
-_KIND_ORDER = {"train": 0, "truncate": 1}  # among equal chains: the jobs that unlock others first
 
 
 def chain_lengths(graph: dict[str, dict]) -> dict[str, int]:
@@ -69,7 +68,7 @@ def chain_lengths(graph: dict[str, dict]) -> dict[str, int]:
 def critical_first(ready: list[dict], graph: dict[str, dict]) -> list[dict]:
     """``ready`` in the order to start them: longest chain first, then training (it unlocks most), then as given."""
     chains = chain_lengths(graph)
-    return sorted(ready, key=lambda j: (-chains[j["id"]], _KIND_ORDER.get(j["kind"], 2)))
+    return sorted(ready, key=lambda j: (-chains[j["id"]], KINDS[j["kind"]].tie))
 
 
 def thread_shares(n: int, free: int) -> list[int]:
