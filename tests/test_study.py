@@ -860,7 +860,7 @@ def _scheduler(tmp_path, slots: int, cores: int, ok=()):
     g = _graph()
     sched.d, sched.ex, sched.jobs, sched.cores = tmp_path, _RecordingExecutor(slots), g, cores
     sched.pending = [j for j in g.values() if j["id"] not in ok]
-    sched.ok, sched.failed, sched.started, sched.threads = set(ok), {}, {}, {}
+    sched.ok, sched.failed, sched.started, sched.threads, sched.running = set(ok), {}, {}, {}, {}
     return sched
 
 
@@ -954,3 +954,18 @@ def test_the_dry_runs_base_evaluation_is_the_base_jobs(tmp_path, tiny_model_dir,
     other = load_study(tiny_study(tmp_path / "o", tiny_model_dir, corpus, seeds=[1]))
     with pytest.raises(LorascopeError, match="different study"):
         measure_evals(other, d)
+
+
+def test_a_search_eval_that_becomes_a_main_runs_while_running_is_run_again(tmp_path):
+    sched = _scheduler(tmp_path, slots=4, cores=4)
+    sched.submit_ready()
+    job = sched.jobs["eval:search:c"]
+    marker = tmp_path / "evals" / "search" / "c" / "results.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"split": "validation", "tasks": {}}))
+    sched.jobs[job["id"]] = {k: v for k, v in job.items() if k != "split"}  # the plan promoted its run meanwhile
+    sched.ex.poll = lambda: [(job["id"], 0)]
+    (tmp_path / "logs").mkdir()
+    sched.replan = lambda: None
+    sched.collect()
+    assert job["id"] not in sched.ok and sched.pending[-1] == sched.jobs[job["id"]]

@@ -93,6 +93,7 @@ class Scheduler:
         self.failed: dict[str, int] = {}  # job id -> return code; -1 = blocked by a failed dependency
         self.started: dict[str, float] = {}
         self.threads: dict[str, int] = {}  # threads of each submitted job
+        self.running: dict[str, dict] = {}  # the record each running job was submitted with
         self.cores = usable_cores()
         self.replan()
 
@@ -141,14 +142,20 @@ class Scheduler:
             batch.append(j)
         free = self.cores - sum(self.threads.get(jid, 0) for jid in self.ex.current())
         for j, n in zip(batch, thread_shares(len(batch), free)):
-            self.started[j["id"]], self.threads[j["id"]] = time.time(), n
+            self.started[j["id"]], self.threads[j["id"]], self.running[j["id"]] = time.time(), n, j
             self.ex.submit(j, threads=n)
 
     def collect(self) -> list[tuple[str, int, float]]:
         """(job id, return code, seconds) of the jobs that ended; each is logged to logs/jobs.jsonl."""
         ended = []
         for jid, rc in self.ex.poll():
-            (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
+            # a record that changed while its job ran (a search point's eval, now a main run's, which needs every
+            # item) runs again
+            ran = self.running.pop(jid, None)
+            if rc == 0 and ran not in (None, self.jobs[jid]) and not is_done(self.d, self.jobs[jid]):
+                self.pending.append(self.jobs[jid])
+            else:
+                (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
             took = time.time() - self.started[jid]
             with open(self.d / "logs" / "jobs.jsonl", "a") as f:
                 f.write(
