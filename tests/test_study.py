@@ -647,7 +647,7 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
     monkeypatch.setattr(
         lorascope.study.evalestimate,
         "measure_evals",  # tested in test_evalestimate.py
-        lambda study: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0},
+        lambda study, out=None: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0},
     )
     p = tmp_path / "s.yaml"
     p.write_text(
