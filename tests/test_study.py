@@ -942,7 +942,8 @@ def test_the_dry_runs_base_evaluation_is_the_base_jobs(tmp_path, tiny_model_dir,
     from lorascope.study.evalestimate import measure_evals
     from lorascope.study.jobs import evaluate_into
 
-    study = load_study(tiny_study(tmp_path, tiny_model_dir, corpus))
+    groups = [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}, {"tasks": ["arc_easy"], "limit": 2}]
+    study = load_study(tiny_study(tmp_path, tiny_model_dir, corpus, evals={"groups": groups}))
     d = tmp_path / "s"
     measure_evals(study, d)
     kept = {f: f.read_text() for f in (d / "evals" / "base" / "groups").glob("*/results.json")}
