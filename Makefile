@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STUDY_DIR ?= studies/quick
 
-.PHONY: setup study test test-integration bench clean
+.PHONY: setup study test test-all test-integration bench clean
 
 $(BIN)/lorascope: pyproject.toml requirements-data.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ study: setup
 test: setup
 	$(BIN)/ruff check -q . && $(BIN)/ruff format --check -q .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# every test: the default suite, then the slow and integration ones (what .ci/run runs)
+test-all: test
+	$(BIN)/python -m pytest -q -p no:xdist -m "slow or integration" --durations=0
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration

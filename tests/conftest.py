@@ -16,13 +16,23 @@ import torch
 def _pin_xdist_worker() -> int:
     """Under pytest-xdist (``make test`` runs 2 workers), each worker and every process it starts keep to one core
     of their own: two workers with 2 threads each on 2 cores would spin against each other (OpenMP), and the
-    study's job processes size their threads from the cores they may use (executors.job_env)."""
+    study's job processes size their threads from the cores they may use (procenv.threads_per_job)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker or not hasattr(os, "sched_setaffinity"):
         return 2
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
     return 1
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where LORASCOPE_NO_SKIPS is set (.ci/run), a skipped test fails: a test that CI skips (a missing tool such
+    as ray or a browser, a platform without a protection) checks nothing there."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and os.environ.get("LORASCOPE_NO_SKIPS") and not hasattr(rep, "wasxfail"):
+        rep.outcome, rep.longrepr = "failed", f"skipped where LORASCOPE_NO_SKIPS is set: {rep.longrepr}"
 
 
 # Keep tests from fighting over the 2 cores when several processes run them.

@@ -198,9 +198,9 @@ def test_lora_checkpoint_delta_has_rank_at_most_r(runs):
     assert q["n"] == 2 and q["delta_rank_over_lora_rank"] == pytest.approx(q["delta_rank_at_energy"] / LORA_R, abs=1e-3)
 
 
-def test_full_checkpoint_spectrum_cli_writes_records_and_values(runs, tmp_path):
+def test_full_checkpoint_analyse_spectrum_writes_records_and_values(runs, tmp_path):
     out = tmp_path / "spec"
-    sp.spectrum_cli(str(runs["full"]), out=out, energy=0.9, top_k=10, epsilon=0.5)
+    sp.analyse_spectrum(str(runs["full"]), out=out, energy=0.9, top_k=10, epsilon=0.5)
     doc, sv = sp.load_spectrum(out)
     assert doc["kind"] == "full" and doc["tokens"] == 8192 and doc["energy"] == 0.9 and "timing" in doc
     recs = {r["name"]: r for r in doc["records"]}
@@ -232,7 +232,7 @@ def test_spectrum_of_all_checkpoints_writes_a_trajectory(runs, tmp_path):
         shutil.copytree(src, ck)
         meta = json.loads((ck / "lorascope.json").read_text()) | {"tokens": tokens}
         (ck / "lorascope.json").write_text(json.dumps(meta))
-    sp.spectrum_cli(f"{run}:all", out=tmp_path / "traj", energy=0.9, top_k=10, epsilon=0.5)
+    sp.analyse_spectrum(f"{run}:all", out=tmp_path / "traj", energy=0.9, top_k=10, epsilon=0.5)
     traj = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
     assert [c["tokens"] for c in traj["checkpoints"]] == [4096, 8192]
     assert [c["intruders_total"] for c in traj["checkpoints"]] == [1, 1]
@@ -260,7 +260,7 @@ def test_mitigate_cli_saves_loadable_model_with_scaled_intruder(runs, tmp_path):
 def test_truncation_round_trip(runs, tmp_path, tiny_model_dir):
     from lorascope.models import load_model
 
-    written = tr.truncate_cli(str(runs["full"]), ranks="4,e90", out=tmp_path / "trunc")
+    written = tr.write_truncations(str(runs["full"]), ranks="4,e90", out=tmp_path / "trunc")
     assert [p.name for p in written] == ["r4", "re90"]
     model, tok = load_model(str(tmp_path / "trunc" / "r4"))
     base, _ = load_model(str(tiny_model_dir))
@@ -298,7 +298,7 @@ def test_iter_matrices_lists_every_block_linear(runs, tiny_model_dir):
 
 def test_errors_name_the_problem(runs, tmp_path):
     with pytest.raises(LorascopeError, match="energy"):
-        sp.spectrum_cli(str(runs["lora"]), out=tmp_path / "x", energy=1.0, top_k=10, epsilon=0.5)
+        sp.analyse_spectrum(str(runs["lora"]), out=tmp_path / "x", energy=1.0, top_k=10, epsilon=0.5)
     with pytest.raises(LorascopeError, match="energy"):
         sp.compute_spectrum(str(runs["lora"]), energy=0.0)
     with pytest.raises(LorascopeError, match="epsilon"):
@@ -357,7 +357,7 @@ def test_embedded_full_vs_lora_spectrum(tmp_path):
         )
         run = tmp_path / method["kind"]
         train(cfg, run)
-        sp.spectrum_cli(str(run), out=tmp_path / f"spec-{method['kind']}", energy=0.9, top_k=10, epsilon=0.5)
+        sp.analyse_spectrum(str(run), out=tmp_path / f"spec-{method['kind']}", energy=0.9, top_k=10, epsilon=0.5)
         docs[method["kind"]], _ = sp.load_spectrum(tmp_path / f"spec-{method['kind']}")
     for kind, doc in docs.items():  # shown with -s: the numbers for the report
         print(f"\n{kind}: {doc['changed_matrices']}/{doc['matrices']} changed, timing {doc['timing']}")

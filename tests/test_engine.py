@@ -133,10 +133,26 @@ def test_passes_cover_rows_in_order_within_budget():
     assert len(engine._passes(order, lengths, 1000, overhead=1)) > len(engine._passes(order, lengths, 1000, 500))
 
 
-def test_pass_overhead_is_measured_once_per_model(tiny_model):
-    a = engine.pass_overhead(tiny_model)
-    assert 1.0 <= a <= 4096.0
-    assert engine.pass_overhead(tiny_model) == a  # cached: the pass plan of a model never changes mid-run
+class _TimedModel(torch.nn.Module):
+    """A model whose pass takes fixed + per_token x tokens seconds on a fake clock."""
+
+    def __init__(self, clock: list[float], fixed: float, per_token: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.clock, self.fixed, self.per_token = clock, fixed, per_token
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=1):
+        self.clock[0] += self.fixed + self.per_token * input_ids.shape[1]
+
+
+def test_pass_overhead_is_the_fixed_cost_in_tokens_measured_once_per_model(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    cheap, dear = _TimedModel(clock, 0.010, 0.001), _TimedModel(clock, 0.100, 0.001)
+    # time = fixed + per_token x tokens: the fixed cost is 10 and 100 tokens' worth
+    assert engine.pass_overhead(cheap) == pytest.approx(10) and engine.pass_overhead(dear) == pytest.approx(100)
+    dear.fixed = 1.0
+    assert engine.pass_overhead(dear) == pytest.approx(100)  # cached: a model's pass plan never changes mid-run
 
 
 def test_shared_prefix_cache_same_numbers_and_fewer_tokens(tiny_model, tokenizer, monkeypatch):

@@ -122,7 +122,7 @@ def test_dry_run_adds_the_measured_evaluation(study, monkeypatch):
     monkeypatch.setattr(
         lorascope.study.evalestimate,
         "measure_evals",
-        lambda s: {"task_s": {bpb: 30.0, kl: 200.0}, "load_s": 10.0, "kl_cache_s": 100.0},
+        lambda s, out=None: {"task_s": {bpb: 30.0, kl: 200.0}, "load_s": 10.0, "kl_cache_s": 100.0},
     )
     out = dry_run(study, 90, 60, measure=True)
     # training 512 tokens / 8 = 64 s; evaluation 40 + 40 + 240 + the KL cache 100 = 420 s: 484 s = 8 min

@@ -94,10 +94,10 @@ def test_jobs_split_the_cores_this_process_may_use():
     """taskset / cpusets: a study kept to k cores gives each of j jobs k // j threads, whatever the machine has
     (under ``make test`` this worker is itself kept to one core; the probe widens its own mask first)."""
     probe = (
-        "import os, sys; from lorascope.study.executors import job_env\n"
+        "import os, sys; from lorascope.procenv import threads_per_job\n"
         "os.sched_setaffinity(0, set(range(os.cpu_count()))); k = int(sys.argv[1])\n"
         "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:k]))\n"
-        "print(len(os.sched_getaffinity(0)), job_env(1)['LORASCOPE_THREADS'], job_env(2)['LORASCOPE_THREADS'])"
+        "print(len(os.sched_getaffinity(0)), threads_per_job(1), threads_per_job(2))"
     )
     for k in (1, os.cpu_count()):
         out = subprocess.run([sys.executable, "-c", probe, str(k)], capture_output=True, text=True, check=True)

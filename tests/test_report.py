@@ -646,6 +646,23 @@ def test_layout_check_finds_overlaps_and_blank_panels():
     assert [p for p in layout_problems(fig)] == [f"panel '{bottom.get_title()}' is blank"]
     bottom.plot([0, 1], [1, 0])
     assert layout_problems(fig) == []
+    bars = new_figure(4, 3).add_subplot(1, 1, 1)
+    bars.bar([0, 1, 2], [0, 0, 0])
+    assert layout_problems(bars.figure) == ["panel '' is blank"]  # every bar 0: drawn, but nothing to see
+    bars.bar([3], [1])
+    assert layout_problems(bars.figure) == []
+
+
+def test_intruder_chart_says_none_found_when_every_count_is_0():
+    from lorascope.report.spectra import intruders_figure, intruders_missing
+
+    def run(name, n):
+        return name, {"aggregate": {"by_module": {"q_proj": {"intruders_total": n}, "v_proj": {"intruders_total": 0}}}}
+
+    zero = [run("full", 0), run("lora", 0)]
+    assert intruders_figure(zero) is None and intruders_missing(zero).startswith("none found")
+    assert intruders_figure([run("full", 0), run("lora", 2)]) is not None
+    assert intruders_missing([("full", {"aggregate": {"by_module": {}}})]) == "no intruder counts."
 
 
 def _comparison(**kw):

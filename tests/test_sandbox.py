@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,9 +113,24 @@ def test_opt_in_required():
     sandbox.require_opt_in(True, "humaneval")  # no error
 
 
-def test_protections_as_root():
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads the program's limits from /proc")
+def test_a_program_runs_in_another_process_under_limits():
+    """What protections() reports as always on (separate_process, rlimits), seen from inside a program."""
+    probe = (
+        f"import os\nassert os.getpid() != {os.getpid()}, 'same process'\n"
+        "lim = {l[:26].strip(): l[26:].split()[0] for l in open('/proc/self/limits').read().splitlines()[1:]}\n"
+        "assert lim['Max address space'] != 'unlimited', 'no memory limit'\n"
+        "assert lim['Max cpu time'] != 'unlimited', 'no CPU-time limit'\n"
+        "assert lim['Max file size'] != 'unlimited', 'no file-size limit'\n"
+    )
+    r = sandbox.run_program(probe)
+    assert r.passed, r.result
     p = sandbox.protections()
     assert p["separate_process"] and p["rlimits"]
+
+
+def test_protections_as_root():
+    p = sandbox.protections()
     if os.geteuid() == 0:
         assert p["throwaway_uid"]  # this machine allows it; the hostile test relies on it
     assert "not a VM" in sandbox.notice()

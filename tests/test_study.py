@@ -695,7 +695,7 @@ def test_dry_run_uses_a_measured_pace_and_the_dataset_size(tmp_path, ift_corpus,
     monkeypatch.setattr(
         lorascope.study.evalestimate,
         "measure_evals",  # tested in test_evalestimate.py
-        lambda study: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0},
+        lambda study, out=None: {"task_s": {"english_bpb": 50.0}, "load_s": 10.0, "kl_cache_s": 0.0},
     )
     p = tmp_path / "s.yaml"
     p.write_text(
@@ -777,7 +777,10 @@ def test_launcher_starts_only_training_under_accelerate(tmp_path, tiny_model_dir
     d = tmp_path / "s"
     d.mkdir()
     (d / "study.yaml").write_text(yaml.safe_dump(dump(study)))
-    train = job_command(d, "train:abc")
+    from lorascope.study.jobs import uses_launcher
+
+    assert uses_launcher(d, {"kind": "train"}) and not uses_launcher(d, {"kind": "eval"})
+    train = job_command(d, {"id": "train:abc", "kind": "train"})
     assert train[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and str(ACCEL) in train
     assert train[train.index("--num_processes") + 1] == "2" and train[-4:] == [
         "-m",
@@ -785,7 +788,7 @@ def test_launcher_starts_only_training_under_accelerate(tmp_path, tiny_model_dir
         str(d),
         "train:abc",
     ]
-    assert job_command(d, "eval:abc:tok-000000000512")[1:] == [
+    assert job_command(d, {"id": "eval:abc:tok-000000000512", "kind": "eval"})[1:] == [
         "-m",
         "lorascope.study.jobs",
         str(d),
@@ -814,3 +817,204 @@ def test_launcher_trains_on_two_processes(tmp_path, tiny_model_dir, corpus):
     assert json.loads((d / "runs" / run["run_id"] / "summary.json").read_text())["processes"] == 2
     assert (d / "evals" / run["run_id"] / "tok-000000001024" / "results.json").exists()
     assert "accelerate" not in (d / "logs" / "eval_base.log").read_text()
+
+
+# --- job kinds, divergence, the scheduler's order and threads ---------------------------------------------------
+
+
+def test_every_job_kind_has_a_runner_and_a_marker():
+    from lorascope.study.jobs import RUNNERS
+    from lorascope.study.kinds import KINDS
+
+    assert set(RUNNERS) == set(KINDS)
+    study = load_study(CONFIGS / "critique.yaml")
+    jobs = build_jobs(study, expand(study))
+    assert {j["kind"] for j in jobs} <= set(KINDS)
+
+
+def test_the_loop_raises_training_diverged_on_a_non_finite_loss():
+    from types import SimpleNamespace
+
+    from lorascope.errors import TrainingDiverged
+    from lorascope.train.loop import Trainer
+
+    me = SimpleNamespace(step=3, t=SimpleNamespace(tokens_per_step=8, log_every=1))
+    with pytest.raises(TrainingDiverged):
+        Trainer.log(me, {"loss": float("nan")}, None)
+
+
+def test_a_diverged_run_is_known_by_its_error_type_not_its_words(tmp_path, monkeypatch):
+    """Reworded, a divergence is still a result (DIVERGED, the job succeeds); another error that says
+    "diverged" is still a failed job."""
+    from types import SimpleNamespace
+
+    import lorascope.train.loop as loop
+    from lorascope.errors import TrainingDiverged
+    from lorascope.study.jobs import train_job
+
+    def blows_up(cfg, out, progress):
+        raise TrainingDiverged("the loss became NaN at step 3")
+
+    monkeypatch.setattr(loop, "train", blows_up)
+    train_job(SimpleNamespace(divergence_factor=3.0), tmp_path, None)
+    assert "NaN at step 3" in (tmp_path / "DIVERGED").read_text()
+
+    def other(cfg, out, progress):
+        raise LorascopeError("data manifest diverged from the cache")
+
+    (tmp_path / "DIVERGED").unlink()
+    monkeypatch.setattr(loop, "train", other)
+    with pytest.raises(LorascopeError, match="manifest"):
+        train_job(SimpleNamespace(divergence_factor=3.0), tmp_path, None)
+    assert not (tmp_path / "DIVERGED").exists()
+
+
+def _graph() -> dict[str, dict]:
+    """A planted job graph: train:long unlocks a chain of three; train:short one eval; an LR-search point's
+    eval unlocks the runs its choice adds; spectrum:x nothing."""
+    jobs = [
+        {"id": "spectrum:x", "kind": "spectrum", "run": "x", "ckpt": "c", "deps": []},
+        {"id": "train:short", "kind": "train", "run": "short", "deps": []},
+        {"id": "eval:short:c", "kind": "eval", "run": "short", "ckpt": "c", "deps": ["train:short"]},
+        {"id": "train:long", "kind": "train", "run": "long", "deps": []},
+        {"id": "truncate:long", "kind": "truncate", "run": "long", "ckpt": "c", "deps": ["train:long"]},
+        {"id": "eval-trunc:long:r4", "kind": "eval-trunc", "run": "long", "rank": "4", "deps": ["truncate:long"]},
+        {"id": "eval:search:c", "kind": "eval", "run": "search", "ckpt": "c", "split": "validation", "deps": []},
+    ]
+    return {j["id"]: j for j in jobs}
+
+
+class _RecordingExecutor:
+    def __init__(self, slots: int):
+        self.n, self.started = slots, []
+
+    def slots(self) -> int:
+        return self.n - len(self.started)
+
+    def current(self) -> list[str]:
+        return [j["id"] for j, _ in self.started]
+
+    def busy(self) -> bool:
+        return bool(self.started)
+
+    def submit(self, job: dict, threads: int | None = None) -> None:
+        self.started.append((job, threads))
+
+
+def _scheduler(tmp_path, slots: int, cores: int, ok=()):
+    from lorascope.study.scheduler import Scheduler
+
+    sched = Scheduler.__new__(Scheduler)  # the graph is planted, not planned from a study
+    g = _graph()
+    sched.d, sched.ex, sched.jobs, sched.cores = tmp_path, _RecordingExecutor(slots), g, cores
+    sched.pending = [j for j in g.values() if j["id"] not in ok]
+    sched.ok, sched.failed, sched.started, sched.threads, sched.running = set(ok), {}, {}, {}, {}
+    return sched
+
+
+def test_runnable_jobs_start_longest_chain_first(tmp_path):
+    from lorascope.study.scheduler import chain_lengths
+
+    assert chain_lengths(_graph())["train:long"] == 3 and chain_lengths(_graph())["train:short"] == 2
+    sched = _scheduler(tmp_path, slots=4, cores=4)
+    sched.submit_ready()
+    order = [j["id"] for j, _ in sched.ex.started]
+    # the search eval (its choice adds a train and an eval) ties with train:long; training goes first
+    assert order == ["train:long", "eval:search:c", "train:short", "spectrum:x"]
+    one = _scheduler(tmp_path, slots=1, cores=1)
+    one.submit_ready()
+    assert [j["id"] for j, _ in one.ex.started] == ["train:long"]
+
+
+def test_a_job_gets_the_free_cores_when_fewer_jobs_can_run(tmp_path):
+    from lorascope.study.scheduler import thread_shares
+
+    alone = _scheduler(tmp_path, slots=2, cores=4, ok={"train:long", "train:short", "eval:search:c", "spectrum:x"})
+    alone.pending = [j for j in alone.pending if j["id"] == "eval:short:c"]
+    alone.submit_ready()
+    assert alone.ex.started[0][1] == 4  # the only runnable job: every core, not its slot's 2
+    full = _scheduler(tmp_path, slots=2, cores=4)
+    full.submit_ready()
+    assert [t for _, t in full.ex.started] == [2, 2]
+    assert thread_shares(3, 4) == [1, 1, 2] and sum(thread_shares(3, 8)) == 8 and thread_shares(2, 0) == [1, 1]
+
+
+# --- what a verdict reads: search points on validation items, the dry run's base evaluation reused ----------------
+
+
+def test_search_points_are_evaluated_on_validation_items_and_a_promoted_one_on_all(tmp_path, corpus):
+    study = _auto_study(tmp_path, corpus, {"start": 1e-3, "factor": 10, "points": 3})
+    runs = expand(study)
+    evals = [j for j in build_jobs(study, runs) if j["kind"] == "eval" and j["run"]]
+    assert evals and all(j["split"] == "validation" for j in evals)  # before a choice: every run a search point
+    from lorascope.study.jobs import is_done
+
+    d, job = tmp_path / "s", evals[0]
+    marker = d / "evals" / job["run"] / job["ckpt"] / "results.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"split": "validation", "tasks": {}}))
+    assert is_done(d, job)
+    main = {k: v for k, v in job.items() if k != "split"}  # the same run once chosen: a main run's eval
+    assert not is_done(d, main)
+
+
+def test_a_search_points_evaluation_has_no_test_split_items(tmp_path, tiny_model_dir, corpus):
+    from lorascope.study.jobs import evaluate_into
+
+    study = load_study(tiny_study(tmp_path, tiny_model_dir, corpus))
+    evaluate_into(study, str(tiny_model_dir), tmp_path / "all", split=None)
+    evaluate_into(study, str(tiny_model_dir), tmp_path / "val", split="validation")
+    for f in sorted((tmp_path / "all" / "samples").glob("*.jsonl")):
+        full = [json.loads(x) for x in f.read_text().splitlines()]
+        val = [json.loads(x) for x in (tmp_path / "val" / "samples" / f.name).read_text().splitlines()]
+        assert {s["split"] for s in val} == {"validation"}, f.name
+        assert [s["id"] for s in val] == [s["id"] for s in full if s["split"] == "validation"], f.name
+    res = json.loads((tmp_path / "val" / "results.json").read_text())
+    assert res["split"] == "validation"
+    assert all(t["by_split"]["test"]["n"] == 0 < t["by_split"]["validation"]["n"] for t in res["tasks"].values())
+
+
+def test_a_group_result_is_reused_only_with_the_same_settings():
+    from lorascope.study.jobs import reusable
+
+    opts = {"limit": 4, "shots": None}
+    res = {"complete": True, "tasks": {"a": {}}, "settings": {**opts, "split": None, "excluded_ids": {}}}
+    assert reusable(res, ["a"], opts, None, None)
+    assert not reusable(res, ["a"], {**opts, "limit": 8}, None, None)
+    assert not reusable(res, ["a"], opts, "validation", None)
+    assert not reusable(res, ["a"], opts, None, {"a": [1]})  # the runs' data exclude an item the dry run scored
+    assert reusable(res, ["a"], opts, None, {"other": [1]}) and not reusable(res, ["a", "b"], opts, None, None)
+
+
+def test_the_dry_runs_base_evaluation_is_the_base_jobs(tmp_path, tiny_model_dir, corpus):
+    from lorascope.study.evalestimate import measure_evals
+    from lorascope.study.jobs import evaluate_into
+
+    groups = [{"tasks": [f"heldout_bpb:{corpus}"], "limit": 2}, {"tasks": ["arc_easy"], "limit": 2}]
+    study = load_study(tiny_study(tmp_path, tiny_model_dir, corpus, evals={"groups": groups}))
+    d = tmp_path / "s"
+    measure_evals(study, d)
+    kept = {f: f.read_text() for f in (d / "evals" / "base" / "groups").glob("*/results.json")}
+    assert len(kept) == len(study.evals.groups)
+    evaluate_into(study, study.model, d / "evals" / "base", exclude_ids={})
+    assert {f: f.read_text() for f in kept} == kept  # reused, not evaluated again
+    assert set(json.loads((d / "evals" / "base" / "results.json").read_text())["tasks"]) == set(study.final_tasks())
+    (tmp_path / "o").mkdir()
+    other = load_study(tiny_study(tmp_path / "o", tiny_model_dir, corpus, seeds=[1]))
+    with pytest.raises(LorascopeError, match="different study"):
+        measure_evals(other, d)
+
+
+def test_a_search_eval_that_becomes_a_main_runs_while_running_is_run_again(tmp_path):
+    sched = _scheduler(tmp_path, slots=4, cores=4)
+    sched.submit_ready()
+    job = sched.jobs["eval:search:c"]
+    marker = tmp_path / "evals" / "search" / "c" / "results.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"split": "validation", "tasks": {}}))
+    sched.jobs[job["id"]] = {k: v for k, v in job.items() if k != "split"}  # the plan promoted its run meanwhile
+    sched.ex.poll = lambda: [(job["id"], 0)]
+    (tmp_path / "logs").mkdir()
+    sched.replan = lambda: None
+    sched.collect()
+    assert job["id"] not in sched.ok and sched.pending[-1] == sched.jobs[job["id"]]

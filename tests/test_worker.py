@@ -100,21 +100,24 @@ def _wait(ex: LocalExecutor, timeout: float = 300) -> list[tuple[str, int]]:
     raise AssertionError("no job ended")
 
 
+BASE = {"id": "eval:base", "kind": "eval", "run": None, "ckpt": None}
+
+
 def test_a_failed_job_or_a_dead_worker_fails_only_its_job(tmp_path, by_workers):
     d = shutil.copytree(by_workers, tmp_path / "s")
     before = _numbers(d)
     shutil.rmtree(d / "evals" / "base")
     ex = LocalExecutor(d, jobs=1)
     try:
-        ex.submit("eval:base")  # its worker is killed while it starts: this job fails, not the next ones
+        ex.submit(BASE)  # its worker is killed while it starts: this job fails, not the next ones
         os.kill(ex.workers[0].p.pid, signal.SIGKILL)
         assert _wait(ex) == [("eval:base", -signal.SIGKILL)]
         assert "worker process ended" in log_path(d, "eval:base").read_text()
-        ex.submit("eval:nope")  # raises in the new worker (no such job) ...
+        ex.submit({"id": "eval:nope", "kind": "eval"})  # raises in the new worker (no such job) ...
         assert _wait(ex) == [("eval:nope", 2)]
         assert "error:" in log_path(d, "eval:nope").read_text()
         pid = ex.workers[0].p.pid
-        ex.submit("eval:base")  # ... which then runs the next job as if it were fresh
+        ex.submit(BASE)  # ... which then runs the next job as if it were fresh
         assert _wait(ex) == [("eval:base", 0)]
         assert [w.p.pid for w in ex.workers] == [pid]
     finally:

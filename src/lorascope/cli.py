@@ -185,9 +185,9 @@ def spectrum(
     epsilon: float = typer.Option(0.5, "--epsilon", help="intruder cosine threshold"),
 ):
     """SVD of W_base, W_tuned and dW for every adapted matrix; writes OUT/spectrum.json."""
-    from lorascope.analysis.spectrum import spectrum_cli
+    from lorascope.analysis.spectrum import analyse_spectrum
 
-    spectrum_cli(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
+    analyse_spectrum(run, out=out, energy=energy, top_k=top_k, epsilon=epsilon)
 
 
 @app.command()
@@ -198,9 +198,9 @@ def truncate(
     out: Path = typer.Option(..., "--out"),
 ):
     """Save W_base + best_rank_r(dW) models, one per rank, loadable like any model."""
-    from lorascope.analysis.truncate import truncate_cli
+    from lorascope.analysis.truncate import write_truncations
 
-    truncate_cli(run, ranks=ranks, out=out)
+    write_truncations(run, ranks=ranks, out=out)
 
 
 @app.command()
@@ -274,7 +274,7 @@ def study(
         from lorascope.study.config import load_study
         from lorascope.study.cost import dry_run as plan_text
 
-        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure))
+        typer.echo(plan_text(load_study(config, ctx.args), tokens_per_s, eval_job_s, measure=measure, out=out))
         return
     if out is None:
         raise LorascopeError("--out: required (the study directory), unless --dry-run")

@@ -7,3 +7,8 @@ class LorascopeError(Exception):
 
 class ConfigError(LorascopeError):
     """A config field is invalid; the message starts with the dotted path of the field."""
+
+
+class TrainingDiverged(LorascopeError):
+    """The training loss blew up (not finite, or far above where it started): a result of the chosen settings
+    (e.g. too high a learning rate), which a study records as a diverged run rather than a failed job."""

@@ -6,12 +6,12 @@ the largest afresh each time, paying a page fault per 4 KiB. Two remedies, chose
 
 - mimalloc (the ``cmeel-mimalloc`` wheel, Linux), preloaded, told to keep freed memory for 10 minutes before
   giving it back to the kernel (``MIMALLOC_PURGE_DELAY``: the next step reuses it without faults) and to use
-  2 MiB pages. Measured on the embedded model (2 cores, seq 256 x batch 4, chunked head loss): LoRA r16 peak
-  RSS 3.80 -> 2.59 GB and 164 -> 186-202 tokens/s (never purging); with mimalloc's default purge delay RSS is
-  the same but 82 tokens/s. The delay is finite, not "never", so that ``release_memory`` can hand everything
-  back at once between a study worker's jobs (mimalloc purges only what it scheduled for purging).
+  2 MiB pages: lower peak RSS and more tokens/s than glibc; mimalloc's default purge delay gives the RSS but
+  not the speed (bench/RESULTS.md, "The job environment's allocator"). The delay is finite, not "never", so
+  that ``release_memory`` can hand everything back at once between a study worker's jobs (mimalloc purges only
+  what it scheduled for purging).
 - else, on glibc >= 2.35, the tunable ``glibc.malloc.hugetlb=1`` (transparent huge pages for malloc's chunks):
-  full FT 122.5 -> 149.9 tokens/s, LoRA r16 162 -> 171, peak RSS unchanged.
+  faster training, peak RSS unchanged (same section).
 
 Both are read only at process start, so a process gets them through its environment: the job subprocesses
 through ``job_env``, the ``lorascope`` command by re-executing itself once (``reexec_with_fast_malloc``).
@@ -70,6 +70,16 @@ def with_fast_malloc(env: dict) -> dict:
     if "glibc.malloc.hugetlb" in tun or not _glibc_ok():
         return env
     return {**env, "GLIBC_TUNABLES": f"{tun}:{TUNABLE}" if tun else TUNABLE}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Each of ``jobs`` parallel jobs' share of ``cores`` (default: the usable cores), at least one thread."""
+    return max(1, (usable_cores() if cores is None else cores) // max(1, jobs))
 
 
 def job_env(threads: int, env: dict | None = None) -> dict:

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LorascopeError
+from ..fileio import atomic_path, atomic_write_text
 from .intruders import check_params, find_intruders
 from .svd import EPS32, left_svd, rank_at_energy, singular_values, spectrum_stats, svd_method
 from .weights import Matrix, iter_matrices, load_pair
@@ -281,17 +282,14 @@ def write_spectrum(res: SpectrumResult, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # fp32, not fp16: singular values of a young LoRA dW sit near 1e-6, inside fp16's subnormal range.
-    tmp = out / "singular_values.safetensors.tmp"
-    save_file(res.singular_values, str(tmp), metadata={"energy": str(res.header["energy"])})
-    tmp.rename(out / "singular_values.safetensors")
+    with atomic_path(out / "singular_values.safetensors") as tmp:
+        save_file(res.singular_values, str(tmp), metadata={"energy": str(res.header["energy"])})
     doc = {**res.header, "aggregate": aggregate(res.records, res.header.get("lora_rank")), "records": res.records}
-    tmp = out / "spectrum.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.rename(out / "spectrum.json")
+    atomic_write_text(out / "spectrum.json", json.dumps(doc, indent=1) + "\n")
     return out / "spectrum.json"
 
 
-def spectrum_cli(run: str, out: Path, energy: float, top_k: int, epsilon: float) -> Path:
+def analyse_spectrum(run: str, out: Path, energy: float, top_k: int, epsilon: float) -> Path:
     """Write OUT/spectrum.json (header, aggregate, one record per matrix) and OUT/singular_values.safetensors.
 
     'RUN:all' analyses every checkpoint into OUT/<checkpoint>/ and writes OUT/trajectory.json (per-checkpoint
@@ -338,15 +336,14 @@ def _spectrum_all(run_dir: str, out: Path, energy: float, top_k: int, epsilon: f
             f"intruders {rows[-1]['intruders_total']}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "trajectory.json.tmp"
-    tmp.write_text(json.dumps({"run": str(run_dir), "energy": energy, "checkpoints": rows}, indent=1) + "\n")
-    tmp.rename(out / "trajectory.json")
+    doc = {"run": str(run_dir), "energy": energy, "checkpoints": rows}
+    atomic_write_text(out / "trajectory.json", json.dumps(doc, indent=1) + "\n")
     print(str(out / "trajectory.json"))
     return out / "trajectory.json"
 
 
 def load_spectrum(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(spectrum.json as dict, singular values) from a directory written by spectrum_cli."""
+    """(spectrum.json as dict, singular values) from a directory written by analyse_spectrum."""
     from safetensors.torch import load_file
 
     out = Path(out)

@@ -28,10 +28,10 @@ from .svd import rank_at_energy, thin_svd
 from .weights import iter_matrices, load_pair, save_hf_model, set_weight
 
 
-def parse_ranks(ranks: str) -> list[int | float]:
-    """'16,64,e90' -> [16, 64, 0.9]: ints are ranks, 'eNN' is an energy percentage."""
+def parse_ranks(ranks: str | list) -> list[int | float]:
+    """'16,64,e90' (or [16, 64, "e90"]) -> [16, 64, 0.9]: ints are ranks, 'eNN' is an energy percentage."""
     out: list[int | float] = []
-    for tok in (t.strip() for t in ranks.split(",")):
+    for tok in (str(t).strip() for t in (ranks.split(",") if isinstance(ranks, str) else ranks)):
         if not tok:
             continue
         if tok.lower().startswith("e"):
@@ -87,7 +87,7 @@ def truncate_models(base: torch.nn.Module, tuned: torch.nn.Module, ranks: list[i
         set_weight(tuned, name, w)
 
 
-def truncate_cli(run: str, ranks: str, out: Path) -> list[Path]:
+def write_truncations(run: str, ranks: str | list, out: Path) -> list[Path]:
     """Write OUT/r<r>/ (HF model dir + truncation.json) for every rank in `ranks` ('16,64,e90')."""
     specs = parse_ranks(ranks)
     t0 = time.time()

@@ -143,18 +143,12 @@ def set_weight(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 def save_hf_model(model: torch.nn.Module, tokenizer, out: Path, extra: dict[str, dict] | None = None) -> Path:
     """Save a standard HF model dir atomically: written under a temp name, renamed when complete."""
-    import shutil
+    from ..fileio import atomic_dir
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for fname, obj in (extra or {}).items():
-        (tmp / fname).write_text(json.dumps(obj, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for fname, obj in (extra or {}).items():
+            (tmp / fname).write_text(json.dumps(obj, indent=1) + "\n")
     return out

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from ..assets import cache_dir, cache_lock
 from ..config import DataConfig
 from ..errors import LorascopeError
+from ..fileio import atomic_path
 from .code_data import code_cpt, code_ift
 from .decontam import decontaminate, default_decontaminator, doc_text, kept_indices
 from .files import package_version
@@ -162,11 +162,8 @@ def _cache(dcfg: DataConfig) -> Path:
 
 def _atomic(path: Path, write) -> None:
     """Write through a temp name + rename, so a reader never sees a half-written file (also under 2 processes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         write(fh)
-    tmp.replace(path)
 
 
 def _spread(items: list, k: int) -> list:

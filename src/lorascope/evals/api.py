@@ -20,8 +20,7 @@ Example::
 
 A LoRA checkpoint of a run is evaluated with its adapters merged into the (float32) base weights: the same
 function up to float32 rounding (tested for every method variant), and a plain forward pass without PEFT's
-rank-r side products: held-out BPB of a ``quick`` LoRA checkpoint (24 windows, one thread, alternated) took
-38.1 / 35.4 s merged against 38.3 / 39.8 s unmerged, total NLL equal to 2e-8 relative.
+rank-r side products (bench/RESULTS.md: merged against unmerged).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from ..errors import LorascopeError
 from ..layout import samples_filename
 from . import registry, sandbox
 from .base import EvalContext
+from .catalog import info, uses_reference
 from .results import forgetting_mean, label_splits, metrics_by_split, write_json, write_samples
 
 
@@ -111,11 +111,6 @@ def _load(model: Any, tokenizer, exclude_ids: dict | None) -> tuple[Any, Any, st
     return model, tokenizer, spec, excluded
 
 
-def uses_reference(task: str) -> bool:
-    """Whether ``task`` (a name, with or without ``:<argument>``) scores against a reference model: kl_base."""
-    return task.partition(":")[0] == "kl_base"
-
-
 def _reference(tasks: list[str], spec: str, model, reference: Any):
     """The model kl_base compares against (default: the base model of ``spec``), or None when not needed."""
     from ..models import base_of, load_model
@@ -135,18 +130,18 @@ def _reference(tasks: list[str], spec: str, model, reference: Any):
 def _build(tasks: list[str], allow_code_execution: bool) -> list:
     """Task objects, built before any model is loaded or file written: import errors and a refused code
     execution surface first, so a refused evaluation leaves nothing behind."""
-    built = [registry.build(t) for t in tasks]
-    for name, task in zip(tasks, built):
-        if getattr(task, "executes_code", False):
+    for name in tasks:
+        registry.validate(name)
+        if info(name).executes_code:
             sandbox.require_opt_in(allow_code_execution, name)
-    return built
+    return [registry.build(t) for t in tasks]
 
 
 def _task_record(name: str, task, res, shots, seconds: float) -> dict:
     """One entry of results.json's "tasks"; labels every sample with its cluster and split on the way."""
     if res.metrics_of is None:  # a task must say how its metrics follow from its samples
         raise TypeError(f"task {name} returned no metrics_of")
-    label_splits(res.samples, getattr(task, "benchmark", name))
+    label_splits(res.samples, info(name).benchmark or getattr(task, "benchmark", name))  # lm_eval: per task
     return {
         "metrics": res.metrics,
         "by_split": metrics_by_split(res.samples, res.metrics_of),
@@ -172,6 +167,7 @@ def evaluate(
     allow_code_execution: bool = False,
     reference: Any = None,
     exclude_ids: dict[str, list] | None = None,
+    split: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Run ``tasks`` on ``model`` (a spec string, or a loaded model with ``tokenizer=``) and write results.
@@ -179,6 +175,8 @@ def evaluate(
     ``reference``: model (spec or loaded) for ``kl_base``; default: the base model of ``model``.
     ``exclude_ids``: task -> item ids to skip, on top of those a run dir's data_manifest.json excludes (pass
     the union of a study's exclusions when evaluating the base, so base and tuned score the same items).
+    ``split``: score only that split's items (of those the limit keeps), e.g. "validation" for a configuration
+    only chosen on; results.json's "metrics" then cover those items, and "by_split" the other split as n=0.
     """
     _check_settings(tasks, limit, shots, batch_size)
     built = _build(tasks, allow_code_execution)
@@ -195,6 +193,7 @@ def evaluate(
         "allow_code_execution": allow_code_execution,
         "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
         "excluded_ids": {t: len(v) for t, v in excluded.items()},
+        "split": split,
     }
     result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
     for name, task in zip(tasks, built):
@@ -214,6 +213,7 @@ def evaluate(
             excluded_ids=excluded,
             out_dir=out / "artifacts" / samples_filename(name)[: -len(".jsonl")],
             progress=progress,
+            split=split,
         )
         ts = time.time()
         res = task.run(ctx)

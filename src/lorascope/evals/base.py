@@ -33,6 +33,8 @@ class EvalContext:
     """Per task, item ids to skip (e.g. GSM8K problems used as training templates)."""
     out_dir: Path | None = None
     progress: bool = True
+    split: str | None = None
+    """Score only the items of this split ("validation": a point whose test numbers no verdict reads); None: all."""
 
 
 @dataclass

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from .. import benchdata
 from ..errors import LorascopeError
+from . import catalog
 from .base import EvalContext, TaskResult
 from .engine import Request, encode_pair, max_length, score
-from .results import mean_stderr, select_items
+from .results import items_in_split, mean_stderr, select_items
 from .texts import english_texts, heldout_windows
 from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
 from .vocab_head import VocabHead
@@ -94,7 +95,6 @@ class ConditionalBPB:
     """BPB of a gold continuation given a context, via the scoring engine (shared few-shot prefix cached)."""
 
     name = ""
-    benchmark = ""  # items' clusters are "<benchmark>/<id>", as the benchmark's own task: same split
     exclusion_keys: tuple[str, ...] = ()
     max_shots = 0
 
@@ -113,7 +113,7 @@ class ConditionalBPB:
             raise LorascopeError(f"{self.name}: shots={k} but at most {self.max_shots} exemplars exist")
         excluded = [e for key in (self.name, *self.exclusion_keys) for e in ctx.excluded_ids.get(key, [])]
         all_docs = self.docs()
-        docs = select_items(all_docs, excluded, ctx.limit)
+        docs = items_in_split(select_items(all_docs, excluded, ctx.limit), ctx.split, catalog.info(self.name).benchmark)
         prefix = self.fewshot(k)
         pairs = [self.pair(d) for d in docs]
         reqs = [Request(prefix + c, [x], shared_prefix=prefix) for c, x in pairs]
@@ -147,7 +147,6 @@ class ConditionalBPB:
 
 class HumanEvalBPB(ConditionalBPB):
     name = "humaneval_bpb"
-    benchmark = "humaneval"
 
     def docs(self):
         return benchdata.humaneval()
@@ -158,7 +157,6 @@ class HumanEvalBPB(ConditionalBPB):
 
 class MbppBPB(ConditionalBPB):
     name = "mbpp_bpb"
-    benchmark = "mbpp"
 
     def docs(self):
         return benchdata.mbpp()
@@ -177,7 +175,6 @@ def gsm8k_cot_answer(answer: str) -> str:
 
 class Gsm8kBPB(ConditionalBPB):
     name = "gsm8k_bpb"
-    benchmark = "gsm8k"
     exclusion_keys = ("gsm8k",)
     max_shots = 8
 
@@ -193,7 +190,6 @@ class Gsm8kBPB(ConditionalBPB):
 
 class Math500BPB(ConditionalBPB):
     name = "math500_bpb"
-    benchmark = "math500"
     exclusion_keys = ("math500",)
     max_shots = 4
 
@@ -218,7 +214,7 @@ class _TextBPB:
         raise NotImplementedError
 
     def run(self, ctx: EvalContext) -> TaskResult:
-        docs = self.texts(ctx)
+        docs = items_in_split(self.texts(ctx), ctx.split, self.name)
         res = text_nll(ctx.model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress, desc=self.name)
         samples = []
         for d, (nll, nt) in zip(docs, res):

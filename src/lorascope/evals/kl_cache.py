@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch
 
 from ..assets import cache_dir, cache_lock
 from ..errors import LorascopeError
+from ..fileio import atomic_path
 from .token_windows import pack_width, packed_batches, target_hidden
 from .vocab_head import VocabHead
 
@@ -117,8 +117,7 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
             f"{path.parent}: kl_base's base-model cache needs {need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free (set LORASCOPE_CACHE elsewhere or ask for fewer tokens)"
         )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(off[-1], width))
         reference.eval()
         w64 = head.weight.detach().double()
@@ -140,9 +139,6 @@ def _build(reference, rows: list, pad: int, token_budget: int, path: Path, progr
                 arr[off[r] : off[r + 1]] = side[c].numpy()
         arr.flush()
         del arr
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Positions per chunk of a vocabulary-wide temporary in kl_rows: at 16 MiB or less, glibc serves it from the heap

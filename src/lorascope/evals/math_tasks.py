@@ -41,7 +41,7 @@ from .. import benchdata
 from ..errors import LorascopeError
 from .base import EvalContext, GenerativeTask, TaskResult
 from .generate import generate
-from .results import mean_stderr, select_items
+from .results import items_in_split, mean_stderr, select_items
 
 GSM8K_STOP = ["\n\nQuestion:", "Question:", "</s>", "<|im_end|>"]
 MATH_STOP = ["Problem:", "</s>", "<|im_end|>"]
@@ -93,7 +93,7 @@ def _select_and_generate(
 ) -> tuple[list[dict], list, int]:
     """The items left after exclusions and the limit, the completions of each, and how many were excluded."""
     excluded = ctx.excluded_ids.get(name, [])
-    docs = select_items(all_docs, excluded, ctx.limit)
+    docs = items_in_split(select_items(all_docs, excluded, ctx.limit), ctx.split, name)
     if not docs:
         raise LorascopeError(f"{name}: no items left to evaluate (limit/excluded ids)")
     comps = generate(

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from .. import benchdata
 from .base import EvalContext, TaskResult
 from .engine import Request, score
-from .results import mean_stderr, select_items
+from .results import in_split, mean_stderr, select_items
 
 
 @dataclass
@@ -111,7 +111,8 @@ class MultipleChoiceTask:
         docs = select_items(self.load(self.split), ctx.excluded_ids.get(self.name, []), ctx.limit)
         items = [self.to_item(d) for d in docs]
         k = ctx.shots or 0
-        prefixes = self._fewshot(items, k, ctx.seed)
+        prefixes = self._fewshot(items, k, ctx.seed)  # from every item: a split's prompts as in a full evaluation
+        items = [it for it in items if in_split(ctx.split, f"{self.name}/{it.id}")]
         reqs, spans = [], []
         for it in items:
             r = self.requests(it, prefixes[it.id])

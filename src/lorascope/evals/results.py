@@ -25,9 +25,7 @@ from pathlib import Path
 from ..errors import LorascopeError
 from ..fileio import atomic_write_text
 from ..splits import SPLITS, split_of
-
-# The paper's forgetting score: mean of these (task, metric) pairs.
-FORGETTING_PARTS = (("hellaswag", "acc_norm,none"), ("arc_challenge", "acc_norm,none"), ("winogrande", "acc,none"))
+from .catalog import FORGETTING_PARTS
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -47,6 +45,17 @@ def select_items(docs: list[dict], excluded: Iterable, limit: int | None) -> lis
     ex = {str(e) for e in excluded}
     kept = [d for d in docs if str(d["id"]) not in ex] if ex else docs
     return kept[:limit] if limit is not None else kept
+
+
+def in_split(split: str | None, cluster: str) -> bool:
+    """Whether an item of ``cluster`` is scored by an evaluation restricted to ``split`` (None: every item)."""
+    return split is None or split_of(cluster) == split
+
+
+def items_in_split(docs: list[dict], split: str | None, benchmark: str) -> list[dict]:
+    """The docs ({"id", optional "cluster"}) of ``split``, their clusters as label_splits gives them. Applied after
+    the limit, so a split's items are the same ones an unrestricted evaluation puts in that split."""
+    return [d for d in docs if in_split(split, d.get("cluster") or f"{benchmark}/{d['id']}")]
 
 
 def label_splits(samples: list[dict], benchmark: str) -> None:

@@ -48,13 +48,21 @@ def _texts(ax) -> list:
     return [t for t in out if t.get_visible() and t.get_text()]
 
 
+def _blank(ax, renderer) -> bool:
+    """Nothing drawn in the panel: no line, collection or image, and no patch with an area (a bar chart whose
+    every bar is 0 has patches, all of height 0)."""
+    if ax.lines or ax.collections or ax.images:
+        return False
+    return not any((b := p.get_window_extent(renderer)).width > 0 and b.height > 0 for p in ax.patches)
+
+
 def layout_problems(fig: Figure) -> list[str]:
     """Blank panels and text of one panel overlapping text of another, after drawing the figure."""
     FigureCanvasAgg(fig)
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
-    out = [f"panel '{a.get_title()}' is blank" for a in axes if not (a.lines or a.collections or a.patches or a.images)]
+    out = [f"panel '{a.get_title()}' is blank" for a in axes if _blank(a, r)]
     boxes = [(i, t.get_text(), t.get_window_extent(r)) for i, a in enumerate(axes) for t in _texts(a)]
     for j, (i, ta, ba) in enumerate(boxes):
         for k, tb, bb in boxes[j + 1 :]:

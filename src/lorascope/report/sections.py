@@ -39,7 +39,14 @@ from .figures import (
 )
 from .html import render
 from .looks import current_look, look_sentence
-from .spectra import by_module_figure, heatmap_figure, intruders_figure, last_spectra, trajectory_figure
+from .spectra import (
+    by_module_figure,
+    heatmap_figure,
+    intruders_figure,
+    intruders_missing,
+    last_spectra,
+    trajectory_figure,
+)
 from .timing import timing_rows
 from .verdict_view import (
     CAPACITY_RULE,
@@ -235,6 +242,7 @@ def spectrum_section(st: Study, ps: list[Point], rows: list[dict], hs: list[Head
             "by_module": by_module_figure(items),
             "trajectory": trajectory_figure(st),
             "intruders": intruders_figure(items),
+            "intruders_missing": intruders_missing(items),
         }
     )
     return render("spectrum.html", items=items, rows=trows, truncations=_truncations(st, ps, rows, hs), **figs)

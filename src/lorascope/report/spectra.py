@@ -135,10 +135,19 @@ def trajectory_figure(st: Study) -> str | None:
     return to_png(fig)
 
 
+def intruders_missing(items: list[tuple[str, dict]]) -> str:
+    """What the page says where intruders_figure draws nothing: no counts, or none found."""
+    if not _with_modules(items)[0]:
+        return "no intruder counts."
+    return "none found: no run's weight update has an intruder dimension, in any module (every count is 0)."
+
+
 def intruders_figure(items: list[tuple[str, dict]]) -> str | None:
-    """Intruder dimensions per run, stacked by module type."""
+    """Intruder dimensions per run, stacked by module type; None when there is nothing to draw (no counts, or
+    every count 0: an empty axis would look like a missing figure; intruders_missing says which)."""
     items, mods = _with_modules(items)
-    if not items:
+    counts = [sp["aggregate"]["by_module"].get(m, {}).get("intruders_total", 0) for _, sp in items for m in mods]
+    if not any(counts):
         return None
     fig = new_figure(max(5.0, 1.3 * len(items) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)

@@ -15,9 +15,10 @@ Example::
 
 from __future__ import annotations
 
+from lorascope.study.kinds import CATEGORY
+
 from .collect import BASE, Study
 
-CATEGORY = {"train": "train", "eval": "eval", "eval-trunc": "eval", "spectrum": "analysis", "truncate": "analysis"}
 CATEGORIES = ("train", "eval", "analysis")
 
 

@@ -49,7 +49,7 @@ from lorascope.config import (
     validate,
 )
 from lorascope.errors import ConfigError
-from lorascope.evals.results import FORGETTING_PARTS
+from lorascope.evals.catalog import FORGETTING_PARTS
 from lorascope.train.plan import budget_checkpoints
 from lorascope.train.plan import checkpoint_names as planned_checkpoint_names
 

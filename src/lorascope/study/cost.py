@@ -16,6 +16,7 @@ does not divide the estimate.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from lorascope.config import RunConfig
 from lorascope.study.config import (
@@ -29,6 +30,7 @@ from lorascope.study.config import (
     search_seed,
 )
 from lorascope.study.jobs import build_jobs
+from lorascope.study.kinds import CATEGORY
 from lorascope.study.plan import plan_runs
 from lorascope.train.plan import Plan
 
@@ -77,7 +79,9 @@ def measure_paces(runs: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure: bool = False) -> str:
+def dry_run(
+    study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure: bool = False, out: Path | None = None
+) -> str:
     runs, extra = planned(study)
     paces = measure_paces(runs) if measure else {}
     graph = build_jobs(study, runs)
@@ -100,9 +104,9 @@ def dry_run(study: StudyConfig, tokens_per_s: float, eval_job_s: float, measure:
         planned_tokens(RunConfig.model_validate(r["config"]), paces.get((r["setting"], r["method_name"]))) or 0
         for r in extra
     )
-    n_eval = kinds["eval"] + kinds["eval-trunc"]
+    n_eval = sum(n for k, n in kinds.items() if CATEGORY[k] == "eval")
     moved = {r["run_id"] for r in runs if _moves_head(r["config"])}
-    eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure, moved)
+    eval_s, eval_note = _eval_estimate(study, graph, eval_job_s, measure, out, moved)
     pace_note = (
         "the tokens/s MEASURED per setting and method above (trainestimate, a few steps of one job)"
         if measure
@@ -128,16 +132,21 @@ def _moves_head(config: dict) -> bool:
 
 
 def _eval_estimate(
-    study: StudyConfig, graph: list[dict], eval_job_s: float, measure: bool, moved: set = frozenset()
+    study: StudyConfig,
+    graph: list[dict],
+    eval_job_s: float,
+    measure: bool,
+    out: Path | None,
+    moved: set = frozenset(),
 ) -> tuple[float, str]:
     """(seconds of every evaluation job, how they were found): measured per eval task on the base model with
     --measure (evalestimate), else the stated seconds per job."""
-    evals = [j for j in graph if j["kind"] in ("eval", "eval-trunc")]
+    evals = [j for j in graph if CATEGORY[j["kind"]] == "eval"]
     if not measure or not evals:
         return len(evals) * eval_job_s, f"{len(evals)} x {eval_job_s:g} s (ASSUMED, --eval-job-s; --measure measures)"
     from lorascope.study.evalestimate import job_seconds, measure_evals
 
-    cost = measure_evals(study)
+    cost = measure_evals(study, out)
     per_job = [job_seconds(study, j, cost, j.get("run") in moved) for j in evals]
     tasks = ", ".join(f"{k} {v:.0f} s" for k, v in cost["task_s"].items())
     total = sum(per_job) + cost["kl_cache_s"]

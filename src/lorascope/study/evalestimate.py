@@ -3,8 +3,8 @@
     cost = measure_evals(study)          # seconds per eval task on this machine, model load, KL cache
     seconds = job_seconds(study, job, cost)
 
-Evaluation is most of a small study's time (the ``quick`` preset: 71% of its job-seconds), and its cost depends
-on the model, the eval groups and the machine, so a constant per job misleads by a factor of 2-3. Here every
+Evaluation is most of a small study's time (bench/RESULTS.md: the ``quick`` preset's job-seconds), and its cost
+depends on the model, the eval groups and the machine, so a constant per job misleads several-fold. Here every
 eval group runs once on the study's base model, loaded as the evaluation jobs load their model, and each task's
 seconds are kept. ``kl_base`` is scored against a second copy of the base model, so its forward pass is
 timed (the base against itself is 0 without one); it runs twice and the second run counts: the first builds the
@@ -14,6 +14,11 @@ costs on the same items: same architecture, its adapter merged at load (LoRA) or
 except in ``kl_base``: a checkpoint whose output head moved (full FT, a trained ``lm_head`` or tied embedding)
 also runs the base's head on the cached hidden states (kl_cache), so the KL tasks run a third time with the
 base copy's head weight moved a little, and those seconds count for such runs' jobs (``moved_head_s``).
+
+With the study directory (``--out``), each group's first run on the base model is written where the study's
+base job writes it (``evals/base/groups/<i>/``, the directory then holds this study's study.yaml), and that job
+reuses it unless its settings differ (lorascope.study.jobs.reusable: e.g. when the runs' data exclude eval items,
+which only training reveals): the base model is evaluated once, not twice.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from pathlib import Path
 from lorascope.study.config import StudyConfig
 
 
-def measure_evals(study: StudyConfig) -> dict:
-    """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build}."""
-    from lorascope.evals.api import evaluate, uses_reference
+def measure_evals(study: StudyConfig, out: Path | None = None) -> dict:
+    """{"task_s": {task: seconds}, "load_s": seconds a model load took, "kl_cache_s": the KL cache's build};
+    with ``out`` (the study directory) the base model's results are kept there for the study's base job."""
+    from lorascope.evals.api import evaluate
+    from lorascope.evals.catalog import uses_reference
     from lorascope.models import load_model
     from lorascope.study.jobs import group_options
 
@@ -38,13 +45,14 @@ def measure_evals(study: StudyConfig) -> dict:
     kl_tasks = {x for g in study.evals.groups for x in g.tasks if uses_reference(x)}
     ref = load_model(study.model)[0] if kl_tasks else None
     task_s: dict[str, float] = {}
+    keep = _claim_base_dir(study, out) if out else None
     with tempfile.TemporaryDirectory(prefix="lorascope-eval-estimate-") as work:
 
         def run(i: int, tasks: list[str], tag: str) -> dict[str, float]:
             res = evaluate(
                 model,
                 tasks,
-                Path(work) / f"{i}-{tag}",
+                keep / "groups" / str(i) if keep and tag == "first" else Path(work) / f"{i}-{tag}",
                 tokenizer=tok,
                 reference=ref,
                 progress=False,
@@ -84,11 +92,25 @@ def _head_moved(model):
         head.weight = weight
 
 
+def _claim_base_dir(study: StudyConfig, out: Path) -> Path:
+    """The base job's directory in study dir ``out``, which must be new or hold this study (then claimed)."""
+    import yaml
+
+    from lorascope.config import dump
+    from lorascope.fileio import atomic_write_text
+    from lorascope.study.scheduler import check_same_study
+
+    check_same_study(out, study)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(dump(study), sort_keys=False))
+    return out / "evals" / "base"
+
+
 def job_seconds(study: StudyConfig, job: dict, cost: dict, moved_head: bool = False) -> float:
     """Estimated seconds of one eval or eval-trunc job: a model load and the measured tasks of its groups
     (``eval:base`` skips kl_base: the base against itself needs no forward pass); ``moved_head``: the job's run
     trains the output head, so its KL tasks cost what they did with a moved head."""
-    from lorascope.evals.api import uses_reference
+    from lorascope.evals.catalog import uses_reference
 
     groups = job.get("groups") or range(len(study.evals.groups))
     base = job["kind"] == "eval" and job.get("run") is None

@@ -1,57 +1,46 @@
-"""Executors run a study's jobs: each is a small object with ``slots() / submit(job_id) / poll() / current() /
-busy()``; the scheduler (lorascope.study.scheduler) decides what to submit, the executor only runs it.
+"""Executors run a study's jobs: each is a small object with ``slots() / submit(job, threads) / poll() / current()
+/ busy()``; the scheduler (lorascope.study.scheduler) decides what to submit and with how many threads, the
+executor only runs it. ``job`` is the job's record in jobs.json: executors choose how to start it by its kind.
 
     ex = LocalExecutor(study_dir, jobs=2)       # a worker process per slot on this machine (the default)
     ex = RayExecutor(study_dir, jobs=8, address="HEAD:6379")  # Ray tasks on a cluster (lorascope.study.raycluster)
     ex = InlineExecutor(study_dir)              # in this process, one at a time (tests, debugging)
-    ex.submit("train:1a2b3c4d5e"); ... done = ex.poll()   # [(job_id, returncode)]
+    ex.submit({"id": "train:1a2b3c4d5e", "kind": "train", ...}, threads=2); ... done = ex.poll()  # [(job_id, rc)]
 
-Ray jobs are the command ``python -m lorascope.study.jobs DIR JOB_ID`` (under ``accelerate launch`` for training when
-the study has a launcher; lorascope.study.jobs.job_command). Local jobs run that same job function in a long-lived
-worker per slot (lorascope.study.worker), and launcher jobs as that command. Either way a job killed half-way leaves
-only its own partial files (which the next attempt redoes or resumes) and never the parent's state, and a
-killed study takes its job processes with it.
+Ray jobs are the command ``python -m lorascope.study.jobs DIR JOB_ID`` (under ``accelerate launch`` for the kinds
+a study's launcher starts; lorascope.study.jobs.job_command). Local jobs run that same job function in a
+long-lived worker per slot (lorascope.study.worker), and launcher jobs (jobs.uses_launcher) as that command.
+Either way a job killed half-way leaves only its own partial files (which the next attempt redoes or resumes)
+and never the parent's state, and a killed study takes its job processes with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import select
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from lorascope import procenv
 from lorascope.layout import job_log_path
 from lorascope.lifetime import die_with_parent
-from lorascope.study.jobs import job_command
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def job_env(jobs: int) -> dict:
-    """Split the usable cores between parallel jobs; see procenv.job_env."""
-    return procenv.job_env(max(1, usable_cores() // max(1, jobs)))
+from lorascope.study.jobs import job_command, run_logged, uses_launcher
 
 
 class _Worker:
     """One lorascope.study.worker process (a job slot) and the job it runs, if any."""
 
-    def __init__(self, d: Path, jobs: int, first_log):
+    def __init__(self, threads: int, first_log):
         # the worker's own output (import warnings or errors) goes to the log of the job that started it
         self.p = subprocess.Popen(
             [sys.executable, "-m", "lorascope.study.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=first_log,
-            env=job_env(jobs),
+            env=procenv.job_env(threads),
             text=True,
             preexec_fn=die_with_parent,
         )
@@ -60,9 +49,10 @@ class _Worker:
     def alive(self) -> bool:
         return self.p.poll() is None
 
-    def send(self, d: Path, job_id: str) -> None:
+    def send(self, d: Path, job_id: str, threads: int) -> None:
         self.job = job_id
-        self.p.stdin.write(json.dumps({"dir": str(d), "job": job_id, "log": str(job_log_path(d, job_id))}) + "\n")
+        req = {"dir": str(d), "job": job_id, "log": str(job_log_path(d, job_id)), "threads": threads}
+        self.p.stdin.write(json.dumps(req) + "\n")
         self.p.stdin.flush()
 
     def close(self) -> None:
@@ -98,12 +88,18 @@ class LocalExecutor:
         """Jobs submitted whose end poll() has not reported yet."""
         return bool(self.current())
 
-    def submit(self, job_id: str) -> None:
-        cmd, log = job_command(self.d, job_id), open(job_log_path(self.d, job_id), "w")
+    def submit(self, job: dict, threads: int | None = None) -> None:
+        """Start ``job`` with ``threads`` threads (default: this machine's cores split over the slots)."""
+        job_id, log = job["id"], open(job_log_path(self.d, job["id"]), "w")
+        threads = threads or procenv.threads_per_job(self.jobs)
         self.submitted[job_id] = time.time()
-        if cmd[1:3] != ["-m", "lorascope.study.jobs"] or not self.use_workers:  # e.g. a launcher: processes of its own
+        if uses_launcher(self.d, job) or not self.use_workers:  # processes of its own
             p = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(self.jobs), preexec_fn=die_with_parent
+                job_command(self.d, job),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=procenv.job_env(threads),
+                preexec_fn=die_with_parent,
             )
             self.running[job_id] = (p, log)
             return
@@ -111,9 +107,9 @@ class LocalExecutor:
             w = next((w for w in self.workers if not w.job and w.alive()), None)
             if w is None:
                 self.workers = [w for w in self.workers if w.job or w.alive()]
-                w = _Worker(self.d, self.jobs, log)
+                w = _Worker(threads, log)
                 self.workers.append(w)
-            w.send(self.d, job_id)
+            w.send(self.d, job_id, threads)
 
     def poll(self) -> list[tuple[str, int]]:
         done = []
@@ -172,21 +168,9 @@ class InlineExecutor:
     def busy(self) -> bool:
         return bool(self.done)
 
-    def submit(self, job_id: str) -> None:
-        from lorascope.errors import LorascopeError
-        from lorascope.study.jobs import run_job
-
-        rc = 0
-        with open(job_log_path(self.d, job_id), "w") as log:
-            try:
-                run_job(self.d, job_id)
-            except LorascopeError as e:
-                log.write(f"error: {e}\n")
-                rc = 2
-            except Exception:  # a failed job must not stop the others; its log says why
-                log.write(traceback.format_exc())
-                rc = 1
-        self.done.append((job_id, rc))
+    def submit(self, job: dict, threads: int | None = None) -> None:
+        with open(job_log_path(self.d, job["id"]), "w") as log:
+            self.done.append((job["id"], run_logged(self.d, job["id"], err=log)))
 
     def poll(self) -> list[tuple[str, int]]:
         done, self.done = self.done, []

@@ -31,8 +31,8 @@ from lorascope.layout import job_log_path
 from lorascope.lifetime import die_with_parent
 from lorascope.procenv import job_env
 from lorascope.study.jobs import job_command
+from lorascope.study.kinds import KINDS
 
-KINDS = ("train", "eval", "spectrum", "truncate", "eval-trunc")
 DEFAULT = {"cpus": 1.0, "gpus": 0.0, "memory": None}
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -68,18 +68,18 @@ def parse_resources(specs: list[str] | None) -> dict[str, dict]:
     return res
 
 
-def run_job_task(d: str, job_id: str, threads: int) -> dict:
+def run_job_task(d: str, job: dict, threads: int) -> dict:
     """The body of one Ray task (runs on the node Ray picked): the job as a subprocess that dies with this
     worker, so a task killed with its node leaves no job writing into the study directory behind it."""
     import ray
 
-    node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
+    node, host, job_id = ray.get_runtime_context().get_node_id(), socket.gethostname(), job["id"]
     env = job_env(threads)
     with open(job_log_path(Path(d), job_id), "a") as log:  # appended: one header per attempt stays visible
         log.write(f"== lorascope job {job_id} on ray node {node} (host {host}, pid {os.getpid()})\n")
         log.flush()
         rc = subprocess.run(
-            job_command(Path(d), job_id), env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            job_command(Path(d), job), env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         ).returncode
     return {"rc": rc, "node": node, "host": host}
 
@@ -118,8 +118,10 @@ class RayExecutor:
     def busy(self) -> bool:
         return bool(self.running)
 
-    def submit(self, job_id: str) -> None:
-        r = self.res[job_id.split(":")[0]]
+    def submit(self, job: dict, threads: int | None = None) -> None:
+        """Start ``job`` as a Ray task asking for its kind's resources (its threads: their CPUs, not ``threads``,
+        which counts this machine's cores)."""
+        r = self.res[job["kind"]]
         opts = {
             "num_cpus": r["cpus"],
             "num_gpus": r["gpus"],
@@ -127,7 +129,7 @@ class RayExecutor:
             **({"memory": r["memory"]} if r["memory"] else {}),
         }
         threads = max(1, int(r["cpus"]))
-        self.running[self._task.options(**opts).remote(str(self.d), job_id, threads)] = job_id
+        self.running[self._task.options(**opts).remote(str(self.d), job, threads)] = job["id"]
 
     def poll(self) -> list[tuple[str, int]]:
         if not self.running:

@@ -22,7 +22,8 @@ The study directory (``out``)::
     report.html  results.parquet  verdicts.json   from ``lorascope report`` (verdicts.json: every comparison's
                                         record, its what-if row when unresolved, and the look it was tested at)
 
-The scheduler here submits each job (lorascope.study.jobs) once its dependencies are done, to an executor
+The scheduler here submits each job (lorascope.study.jobs) once its dependencies are done, longest chain of
+dependent jobs first, with the idle cores' threads split over the jobs it starts, to an executor
 (lorascope.study.executors: ``local`` subprocesses, the default; ``ray``; ``inline`` in this process). Whenever a job
 finishes it re-plans (lorascope.study.plan): an LR search adds runs as its results arrive. Jobs write their outputs
 atomically with a completion marker last, so a study killed at any point is completed by running the same
@@ -43,14 +44,47 @@ from pathlib import Path
 from lorascope.config import dump
 from lorascope.errors import LorascopeError
 from lorascope.fileio import atomic_write_json, atomic_write_text
+from lorascope.procenv import threads_per_job, usable_cores
 from lorascope.study.config import StudyConfig, load_study
 from lorascope.study.jobs import build_jobs, is_done
+from lorascope.study.kinds import KINDS
 from lorascope.study.plan import plan_runs
 
 
-def _priority(job: dict) -> int:
-    """Training (and truncation) first: they unlock the other jobs, so the parallel slots stay busy to the end."""
-    return {"train": 0, "truncate": 1}.get(job["kind"], 2)
+def chain_lengths(graph: dict[str, dict]) -> dict[str, int]:
+    """Per job, the number of jobs on the longest chain from it to the end of the job graph (itself included): the
+    critical path. An LR-search point's evaluation (split "validation") also leads to the runs its choice adds
+    to the plan later (a training and its evaluation), which the graph cannot list yet: it counts 2 more."""
+    children: dict[str, list[str]] = {jid: [] for jid in graph}
+    for j in graph.values():
+        for dep in j["deps"]:
+            children.setdefault(dep, []).append(j["id"])
+    memo: dict[str, int] = {}
+
+    def length(jid: str) -> int:
+        if jid not in memo:
+            later = 2 if graph[jid].get("split") == "validation" else 0
+            memo[jid] = 1 + max([later, *(length(c) for c in children[jid])])
+        return memo[jid]
+
+    return {jid: length(jid) for jid in graph}
+
+
+def critical_first(ready: list[dict], graph: dict[str, dict]) -> list[dict]:
+    """``ready`` in the order to start them: longest chain first, then training (it unlocks most), then as given."""
+    chains = chain_lengths(graph)
+    return sorted(ready, key=lambda j: (-chains[j["id"]], KINDS[j["kind"]].tie))
+
+
+def thread_shares(n: int, free: int) -> list[int]:
+    """Threads for ``n`` jobs started together on ``free`` idle cores: the free cores split between them, at
+    least one each. When fewer jobs can run than there are cores, each gets more than its slot's share; a job
+    keeps its threads to its end, so one started later meanwhile runs on 1 thread beside it."""
+    shares = []
+    for i in range(n):
+        shares.append(threads_per_job(n - i, free))
+        free -= shares[-1]
+    return shares
 
 
 class Scheduler:
@@ -63,6 +97,9 @@ class Scheduler:
         self.ok: set[str] = set()
         self.failed: dict[str, int] = {}  # job id -> return code; -1 = blocked by a failed dependency
         self.started: dict[str, float] = {}
+        self.threads: dict[str, int] = {}  # threads of each submitted job
+        self.running: dict[str, dict] = {}  # the record each running job was submitted with
+        self.cores = usable_cores()
         self.replan()
 
     def replan(self) -> None:
@@ -74,9 +111,17 @@ class Scheduler:
         if searches:
             atomic_write_json(self.d / "lr_search.json", searches)
         for j in jobs:
-            if j["id"] not in self.jobs:
-                self.jobs[j["id"]] = j
-                (self.ok.add(j["id"]) if is_done(self.d, j) else self.pending.append(j))
+            old = self.jobs.get(j["id"])
+            if old == j:
+                continue
+            self.jobs[j["id"]] = j
+            if old in self.pending:  # e.g. a search run's eval, now a main run's: the new record runs
+                self.pending[self.pending.index(old)] = j
+            elif is_done(self.d, j):
+                self.ok.add(j["id"])
+            elif old is None or j["id"] in self.ok:
+                self.ok.discard(j["id"])
+                self.pending.append(j)
 
     def active(self) -> bool:
         return bool(self.pending) or self.ex.busy()
@@ -87,24 +132,35 @@ class Scheduler:
             self.pending.remove(j)
 
     def submit_ready(self) -> None:
-        ready = sorted((j for j in self.pending if all(dep in self.ok for dep in j["deps"])), key=_priority)
+        """Start the runnable jobs the executor has slots for, on the critical path first, sharing the idle cores."""
+        ready = critical_first([j for j in self.pending if all(dep in self.ok for dep in j["deps"])], self.jobs)
         if not ready and self.pending and not self.ex.busy():
             raise LorascopeError(
                 f"{self.d}: jobs wait on dependencies that never run: {[j['id'] for j in self.pending][:3]}"
             )
+        batch = []
         for j in ready[: max(self.ex.slots(), 0)]:
             self.pending.remove(j)
             if is_done(self.d, j):  # e.g. the evals of a run that just diverged
                 self.ok.add(j["id"])
                 continue
-            self.started[j["id"]] = time.time()
-            self.ex.submit(j["id"])
+            batch.append(j)
+        free = self.cores - sum(self.threads.get(jid, 0) for jid in self.ex.current())
+        for j, n in zip(batch, thread_shares(len(batch), free)):
+            self.started[j["id"]], self.threads[j["id"]], self.running[j["id"]] = time.time(), n, j
+            self.ex.submit(j, threads=n)
 
     def collect(self) -> list[tuple[str, int, float]]:
         """(job id, return code, seconds) of the jobs that ended; each is logged to logs/jobs.jsonl."""
         ended = []
         for jid, rc in self.ex.poll():
-            (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
+            # a record that changed while its job ran (a search point's eval, now a main run's, which needs every
+            # item) runs again
+            ran = self.running.pop(jid, None)
+            if rc == 0 and ran not in (None, self.jobs[jid]) and not is_done(self.d, self.jobs[jid]):
+                self.pending.append(self.jobs[jid])
+            else:
+                (self.ok.add(jid) if rc == 0 else self.failed.__setitem__(jid, rc))
             took = time.time() - self.started[jid]
             with open(self.d / "logs" / "jobs.jsonl", "a") as f:
                 f.write(
@@ -113,6 +169,7 @@ class Scheduler:
                             "job": jid,
                             "rc": rc,
                             "elapsed_s": round(took, 2),
+                            "threads": self.threads.get(jid),
                             **getattr(self.ex, "timing", {}).pop(jid, {}),  # startup_s, if measured
                             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         }
@@ -177,7 +234,7 @@ def run_study(
     if jobs < 1:
         raise LorascopeError(f"--jobs: must be >= 1 (got {jobs})")
     study, out = load_study(config, overrides), Path(out)
-    _check_same_study(out, study)
+    check_same_study(out, study)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with study_lock(out):
         _claim(out, study)
@@ -191,7 +248,8 @@ def run_study(
     return out
 
 
-def _check_same_study(out: Path, study: StudyConfig) -> None:
+def check_same_study(out: Path, study: StudyConfig) -> None:
+    """Refuse a study directory that holds another study."""
     import yaml
 
     if (out / "study.yaml").exists() and yaml.safe_load((out / "study.yaml").read_text()) != dump(study):
@@ -201,7 +259,7 @@ def _check_same_study(out: Path, study: StudyConfig) -> None:
 def _claim(out: Path, study: StudyConfig) -> None:
     import yaml
 
-    _check_same_study(out, study)  # again, now under the lock
+    check_same_study(out, study)  # again, now under the lock
     atomic_write_text(out / "study.yaml", yaml.safe_dump(dump(study), sort_keys=False))
     with open(out / "commands.txt", "a") as f:  # every invocation, for the provenance appendix
         f.write(" ".join(sys.argv) + "\n")

@@ -2,7 +2,7 @@
 interpreter start and the imports (torch, transformers, peft: most of a fresh job's fixed cost) are paid once
 per slot instead of once per job. lorascope.study.executors.LocalExecutor starts it and talks to it over a pipe::
 
-    python -m lorascope.study.worker       # stdin: one JSON line per job {"dir", "job", "log"}
+    python -m lorascope.study.worker       # stdin: one JSON line per job {"dir", "job", "log", "threads"}
                                      # stdout: one JSON line per finished job {"job", "rc", "started"}
 
 Each job runs through the same lorascope.study.jobs.run_job as a one-process job, with its output (fd 1 and 2,
@@ -38,13 +38,16 @@ def warm_up() -> None:
         importlib.import_module(name)
 
 
-def run_to_log(d: str, job_id: str, log_file: str) -> int:
-    """Run one job with fd 1/2 sent to its log; its return code as a one-process job would give it."""
+def run_to_log(d: str, job_id: str, log_file: str, threads: int | None = None) -> int:
+    """Run one job with fd 1/2 sent to its log, on ``threads`` threads (the scheduler's share of the free cores;
+    models.load_base reads LORASCOPE_THREADS); its return code as a one-process job would give it."""
     from pathlib import Path
 
     from lorascope.study.jobs import run_logged
 
     env, cwd = dict(os.environ), os.getcwd()
+    if threads:
+        os.environ.update(LORASCOPE_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     saved = os.dup(1), os.dup(2)
     with open(log_file, "a") as log:
         os.dup2(log.fileno(), 1)
@@ -84,7 +87,7 @@ def serve(requests, replies) -> None:
     for line in requests:
         req = json.loads(line)
         started = time.time()
-        rc = run_to_log(req["dir"], req["job"], req["log"])
+        rc = run_to_log(req["dir"], req["job"], req["log"], req.get("threads"))
         replies.write(json.dumps({"job": req["job"], "rc": rc, "started": started}) + "\n")
         replies.flush()
 

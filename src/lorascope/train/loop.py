@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from lorascope.config import RunConfig, TrainConfig, dump
-from lorascope.errors import LorascopeError
+from lorascope.errors import LorascopeError, TrainingDiverged
 from lorascope.fileio import atomic_write_text
 from lorascope.train import runlog, tracking
 from lorascope.train.headloss import HeadLoss, n_targets
@@ -404,7 +404,7 @@ class Trainer:
         """Refuse a diverged loss; append the step's line to loss.jsonl (main process, every log_every steps)."""
         step, tps = self.step, self.t.tokens_per_step
         if not math.isfinite(rec["loss"]):
-            raise LorascopeError(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
+            raise TrainingDiverged(f"training diverged at step {step} (loss {rec['loss']}); lower train.lr")
         if loss_file and (step % self.t.log_every == 0 or step == self.plan.total):
             session = time.time() - self.t_start
             line = {
