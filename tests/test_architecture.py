@@ -157,7 +157,8 @@ def test_atomic_writes_keep_ordinary_file_permissions(tmp_path):
 def test_job_kinds_and_the_task_catalog_import_nothing_heavy():
     """The two tables every side reads stay leaves: the report may read them without pulling in the study."""
     g = import_graph()
-    assert g["lorascope.study.kinds"] == set() and g["lorascope.evals.catalog"] == set()
+    assert g["lorascope.study.kinds"] == set() and g["lorascope.evals.catalog"] <= {"lorascope.evals.lm_eval_spec"}
+    assert g["lorascope.evals.lm_eval_spec"] <= {"lorascope.errors"}  # what an lm_eval: name means, torch-free
 
 
 def test_every_rename_writer_goes_through_fileio():

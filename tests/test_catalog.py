@@ -13,6 +13,8 @@ from lorascope.evals.catalog import GENERATION, TASKS, info, spec, uses_referenc
 
 def _example(name: str) -> str:
     arg = TASKS[name].argument
+    if name == "lm_eval":  # a task lm-eval ships (its config only is read when the task is built)
+        return "lm_eval:arc_easy@forgetting"
     return name if not arg or arg.startswith("[") else f"{name}:code-cpt"
 
 

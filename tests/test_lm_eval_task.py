@@ -179,5 +179,5 @@ def test_lm_eval_task_is_a_study_headline_metric(task_dir, tmp_path, tiny_model_
     rows = metric_rows(st)
     [h] = headlines(st, points(st, rows), rows)
     assert h.learning.task == task and h.learning.metric == "acc,none"
-    assert h.verdicts and all(v["verdict"] for v in h.verdicts)
+    assert h.verdicts and all(v.verdict for v in h.verdicts)
     assert task in html and '<div class="verdict">' in html

@@ -127,7 +127,7 @@ class MetricSpec:
 def spec(task: str) -> MetricSpec | None:
     """The headline metric of a task, or None for a task the report does not know (still in the parquet)."""
     if task.startswith("lm_eval:"):
-        from .lm_eval_task import catalog_entry
+        from .lm_eval_spec import catalog_entry
 
         entry = catalog_entry(task)
         return MetricSpec(task, *entry) if entry else None
