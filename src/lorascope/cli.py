@@ -93,7 +93,7 @@ def train(
         from lorascope.train.estimate import format_dry_run
 
         # measuring steps that would not fit is what the estimate is there to prevent
-        typer.echo(format_dry_run(plan_run(cfg, measure_steps=2 if fits else 0)))
+        typer.echo(format_dry_run(plan_run(cfg) if fits else plan_run(cfg, measure_steps=0)))
         typer.echo(format_memory(memory) + ("" if fits else "; would be refused, so no step was measured"))
         return
     from lorascope.train.loop import train as run_train
