@@ -434,7 +434,7 @@ def _ends(s: Setting) -> list[int]:
 
 
 def _by_epoch(s: Setting) -> bool:
-    return s.train.epochs is not None  # the training plan's rule (trainplan.budget_checkpoints)
+    return s.train.epochs is not None  # the training plan's rule (train.plan.budget_checkpoints)
 
 
 def _budget_override(s: Setting, value: int) -> dict:

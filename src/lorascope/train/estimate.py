@@ -28,7 +28,7 @@ FIRST_STEPS = 2  # steps timed as they are (the transient); the pace is the medi
 
 
 def dry_run(cfg: RunConfig, measure_steps: int = 3) -> dict:
-    """The run's plan (trainplan.Plan.describe), parameter counts and, if measure_steps > 0, its measured pace
+    """The run's plan (train.plan.Plan.describe), parameter counts and, if measure_steps > 0, its measured pace
     and the estimated training time (tokens_processed / measured tokens per second)."""
     from lorascope.train.loop import Trainer
 

@@ -7,7 +7,7 @@ The recipe is a `Trainer` whose named steps run in this order: setup (accelerato
 optimizer) -> write_record -> resume -> run (run_step per optimizer step; save_checkpoint, save_state and
 cooldown_branch where the plan says) -> finish (summary.json, COMPLETE). Every method goes through the same steps.
 
-Fair comparison by construction: the data order is a function of (seed, step) only (trainplan.Plan), the
+Fair comparison by construction: the data order is a function of (seed, step) only (train.plan.Plan), the
 schedule and token budget come from TrainConfig, so swapping the method changes nothing else.
 ``batch_size`` is the GLOBAL micro-batch, split across processes under ``accelerate launch``; the loss is the
 mean over every predicted token of the optimizer step (``num_items_in_batch``, as HF Trainer does), so 1 and N
