@@ -25,8 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +33,7 @@ from ..errors import LorascopeError
 from .base import EvalContext, TaskResult
 from .engine import max_length
 from .kl_cache import base_side, kl_rows, kl_same_head, row_offsets, worth_caching
-from .results import items_in_split, mean_stderr
+from .results import items_in_split, mean_stderr, token_weighted_mean
 from .texts import english_texts
 from .token_windows import pack_width, packed_batches, pad_id, target_hidden, windows
 from .vocab_head import VocabHead, blockable, kl_between
@@ -125,22 +123,10 @@ def _kl_logits(head_p: VocabHead, h_p: torch.Tensor, head_q: VocabHead, h_q: tor
     return out
 
 
-def _ratio(sums: list[float], counts: list[int]) -> tuple[float, float]:
-    """Token-weighted mean sum(s)/sum(n) and its standard error with texts as clusters (ratio estimator)."""
-    total = sum(counts)
-    if not total:
-        return math.nan, math.nan
-    r, m = sum(sums) / total, len(counts)
-    if m < 2:
-        return r, math.nan
-    var = sum((s - r * n) ** 2 for s, n in zip(sums, counts)) / (m * (m - 1))
-    return r, math.sqrt(var) / (total / m)
-
-
 def kl_metrics(samples: list[dict]) -> dict[str, float]:
     """kl / kl_first (token-weighted, with stderr) and kl_text_mean from kl_base sample lines."""
-    kl, se = _ratio([s["kl_sum"] for s in samples], [s["tokens"] for s in samples])
-    kf, sef = _ratio([s["kl_first_sum"] for s in samples], [s["first_tokens"] for s in samples])
+    kl, se = token_weighted_mean([s["kl_sum"] for s in samples], [s["tokens"] for s in samples])
+    kf, sef = token_weighted_mean([s["kl_first_sum"] for s in samples], [s["first_tokens"] for s in samples])
     tm, _ = mean_stderr([s["kl_sum"] / s["tokens"] for s in samples if s["tokens"]])
     return {"kl": kl, "kl_stderr": se, "kl_first": kf, "kl_first_stderr": sef, "kl_text_mean": tm}
 

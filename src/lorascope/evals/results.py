@@ -40,6 +40,18 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mu, math.sqrt(var) / math.sqrt(n)
 
 
+def token_weighted_mean(sums: list[float], counts: list[int]) -> tuple[float, float]:
+    """Token-weighted mean sum(s)/sum(n) and its standard error with texts as clusters (ratio estimator)."""
+    total = sum(counts)
+    if not total:
+        return math.nan, math.nan
+    r, m = sum(sums) / total, len(counts)
+    if m < 2:
+        return r, math.nan
+    var = sum((s - r * n) ** 2 for s, n in zip(sums, counts)) / (m * (m - 1))
+    return r, math.sqrt(var) / (total / m)
+
+
 def select_items(docs: list[dict], excluded: Iterable, limit: int | None) -> list[dict]:
     """Drop excluded ids (compared as strings, so JSON round-trips match), then keep the first ``limit``."""
     ex = {str(e) for e in excluded}

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..evals.results import mean_stderr, metrics_by_split, write_json, write_samples
+from ..evals.results import mean_stderr, metrics_by_split, token_weighted_mean, write_json, write_samples
 from ..fileio import atomic_write_json, atomic_write_text
 from ..layout import CKPT_META, checkpoint_name, samples_filename
 
@@ -178,9 +178,8 @@ def _bpb_metrics(recs: list[dict]) -> dict:
 
 
 def _kl_metrics(recs: list[dict]) -> dict:
-    # token-weighted, as evals/kl.py's kl_metrics (which imports torch, so it cannot be used here)
-    total = sum(r["tokens"] for r in recs)
-    return {"kl": sum(r["kl_sum"] for r in recs) / total if total else float("nan")}
+    """The KL a real kl_base reports: token-weighted over texts (evals.results, as evals/kl.py uses it)."""
+    return {"kl": token_weighted_mean([r["kl_sum"] for r in recs], [r["tokens"] for r in recs])[0]}
 
 
 def _values(w: _World, truth: Truth, method: str, fam: str, gain: float, seed: int, run_eff: dict) -> dict:
