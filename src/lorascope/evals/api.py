@@ -152,6 +152,16 @@ def _task_record(name: str, task, res, shots, seconds: float) -> dict:
     }
 
 
+def _settings(reference: Any, excluded: dict, split: str | None, **options) -> dict:
+    """What results.json records of an evaluation's settings (a study reuses results only when these match)."""
+    return {
+        **options,
+        "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
+        "excluded_ids": {t: len(v) for t, v in excluded.items()},
+        "split": split,
+    }
+
+
 def evaluate(
     model: Any,
     tasks: list[str],
@@ -183,18 +193,10 @@ def evaluate(
     out, t0 = Path(out), time.time()
     model, tokenizer, spec, excluded = _load(model, tokenizer, exclude_ids)
     ref_model = _reference(tasks, spec, model, reference)
-    settings = {
-        "limit": limit,
-        "shots": shots,
-        "samples": samples,
-        "temperature": temperature,
-        "seed": seed,
-        "batch_size": batch_size,
-        "allow_code_execution": allow_code_execution,
-        "reference": reference if isinstance(reference, str) or reference is None else "<in-memory>",
-        "excluded_ids": {t: len(v) for t, v in excluded.items()},
-        "split": split,
-    }
+    options = dict(limit=limit, shots=shots, samples=samples, temperature=temperature, seed=seed)
+    settings = _settings(
+        reference, excluded, split, **options, batch_size=batch_size, allow_code_execution=allow_code_execution
+    )
     result: dict = {"model": spec, "settings": settings, "versions": _versions(), "tasks": {}, "complete": False}
     for name, task in zip(tasks, built):
         torch.manual_seed(seed)
@@ -203,11 +205,7 @@ def evaluate(
             tokenizer=tokenizer,
             model_spec=spec,
             batch_size=batch_size,
-            seed=seed,
-            limit=limit,
-            shots=shots,
-            samples=samples,
-            temperature=temperature,
+            **options,
             allow_code_execution=allow_code_execution,
             reference_model=ref_model,
             excluded_ids=excluded,
