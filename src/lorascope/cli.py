@@ -261,12 +261,7 @@ def study(
     budget: str = typer.Option("2h", "--budget", help="with --resolve: the wall time the step may take at --jobs"),
 ):
     """Run a whole study grid: train, evaluate, analyse. Skips what is done, resumes what was interrupted."""
-    if config.is_dir():
-        if out is not None and out.resolve() != config.resolve():
-            raise LorascopeError(f"--out: a study directory ({config}) is its own output")
-        config, out = config / "study.yaml", config
-    elif resolve:
-        raise LorascopeError(f"--resolve: needs a study directory (got {config})")
+    config, out = _study_paths(config, out, resolve)
     if resolve:
         typer.echo(_resolve(out, budget, jobs, executor, dry_run, _executor_opts(executor, address, resources)))
         return
@@ -282,6 +277,17 @@ def study(
 
     opts = _executor_opts(executor, address, resources)
     run_study(config, ctx.args, out, jobs=jobs, executor=executor, executor_opts=opts)
+
+
+def _study_paths(config: Path, out: Path | None, resolve: bool) -> tuple[Path, Path | None]:
+    """(study file, study directory): a study directory given as CONFIG is its own output and holds its file."""
+    if config.is_dir():
+        if out is not None and out.resolve() != config.resolve():
+            raise LorascopeError(f"--out: a study directory ({config}) is its own output")
+        return config / "study.yaml", config
+    if resolve:
+        raise LorascopeError(f"--resolve: needs a study directory (got {config})")
+    return config, out
 
 
 def _resolve(d: Path, budget: str, jobs: int, executor: str, dry_run: bool, opts: dict | None) -> str:
